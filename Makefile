@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make run    start local Kafka + a worker on embedded ClickHouse (installs what it needs)
+#   make test   run the whole test suite against a real broker and real ClickHouse
+# Both create .venv on first use; Kafka jars are cached under ~/.cache/flywheel.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench sample stop lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/flywheel kafka start
+	$(BIN)/flywheel worker
+
+test: $(STAMP)
+	scripts/ensure-clickhouse-server
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline.py
+
+sample: $(STAMP)
+	$(BIN)/flywheel sample
+
+stop: $(STAMP)
+	$(BIN)/flywheel kafka stop
+
+lint: $(STAMP)
+	$(BIN)/ruff check streams tests bench
+
+clean:
+	rm -rf .flywheel

@@ -1,0 +1,3 @@
+"""Flywheel: real-time product analytics. Segment-shaped events → Kafka/Faust → ClickHouse."""
+
+__version__ = "0.1.0"

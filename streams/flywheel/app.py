@@ -1,0 +1,142 @@
+"""The Faust application: topics, tables and thin agents around the pure stages.
+
+Stages, in the order data flows (DESIGN §1):
+
+    events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
+                              └──────▶ events.invalid
+    events.identified ──sink_events──▶ flywheel.events
+    events.invalid    ──sink_invalid─▶ flywheel.invalid_events
+
+Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py and
+sink.py. Delivery is at-least-once with idempotent application: the dedup table remembers where a
+messageId was first seen, so a redelivered record is forwarded again (and collapses in ClickHouse)
+while an SDK retry (same messageId, another record) is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import faust
+import orjson
+
+from flywheel import identity
+from flywheel import observability as obs
+from flywheel.clickhouse import ClickHouse
+from flywheel.clickhouse.rows import event_row, invalid_row
+from flywheel.config import Settings
+from flywheel.plan import load_plan
+from flywheel.sink import Sink
+from flywheel.validate import Invalid, Limits, Raw, validate
+
+log = logging.getLogger(__name__)
+
+HEADER_SOURCE = "flywheel-source"
+HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms, stamped by the collector / producer
+
+
+def raw_from_message(message, *, topic: str) -> Raw:
+    """Where a raw record came from: source and receivedAt from headers, else the Kafka timestamp."""
+    headers = dict(message.headers or ())
+    source = headers.get(HEADER_SOURCE, b"kafka").decode("utf-8", "replace")
+    stamped = headers.get(HEADER_RECEIVED_AT)
+    try:
+        received_ms = int(stamped) if stamped is not None else int(message.timestamp * 1000)
+    except ValueError:
+        received_ms = int(message.timestamp * 1000)
+    return Raw(
+        value=message.value if isinstance(message.value, bytes) else bytes(message.value or b""),
+        source=source,
+        received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
+        topic=topic, partition=message.partition, offset=message.offset,
+    )
+
+
+def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
+    plan = load_plan(settings.tracking_plan)
+    limits = Limits(
+        max_event_bytes=settings.max_event_bytes, max_future=timedelta(seconds=settings.max_future_seconds)
+    )
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store=settings.store,
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        producer_acks=-1,
+        web_port=settings.http_port,
+        web_bind="0.0.0.0",
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+    )
+    names = settings.topics
+    raw_topic = app.topic(names.raw, key_type=bytes, value_type=bytes)
+    invalid_topic = app.topic(names.invalid, key_type=bytes, value_type=bytes)
+    identified_topic = app.topic(names.identified, key_type=bytes, value_type=bytes)
+
+    # messageId → "partition:offset" of the raw record that first carried it. Co-partitioned with
+    # events.raw (an SDK retry has the same key, so the same partition).
+    first_seen = app.Table(
+        "message-ids", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+
+    # chdb calls are synchronous C++: one dedicated thread keeps them off the event loop.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+
+    async def dead_letter(table: str, row: dict, reason: str) -> None:
+        if table == "flywheel.invalid_events":
+            log.error("dropping a DLQ row ClickHouse refuses (%s): %r", reason, row)
+            return
+        record = {
+            "receivedAt": int(datetime.now(UTC).timestamp() * 1000),
+            "source": str(row.get("source", "")),
+            "reasons": [reason],
+            "payload": orjson.dumps(row, default=str).decode(),
+            "payloadEncoding": "utf-8",
+            "origin": f"sink:{table}:{row.get('message_id', '')}",
+        }
+        await invalid_topic.send(value=orjson.dumps(record))
+
+    sink = Sink(ch, executor, dead_letter=dead_letter, max_backoff=settings.sink_max_backoff_seconds)
+
+    @app.agent(raw_topic)
+    async def ingest(stream):
+        async for event in stream.events():
+            raw = raw_from_message(event.message, topic=names.raw)
+            obs.RECEIVED.labels(raw.source).inc()
+            outcome = validate(raw, plan, limits)
+            if isinstance(outcome, Invalid):
+                obs.INVALID.labels(raw.source).inc()
+                await invalid_topic.send(key=event.key, value=orjson.dumps(outcome.dlq_record()))
+                continue
+            obs.VALID.labels(raw.source).inc()
+            ev = outcome.event
+            mid = ev["messageId"].encode()
+            here = f"{raw.partition}:{raw.offset}".encode()
+            seen = first_seen.get(mid)
+            if seen is None:
+                first_seen[mid] = here
+            elif seen != here:
+                obs.DUPLICATES.labels(raw.source).inc()
+                continue
+            ev["personId"] = identity.person_id(ev)
+            await identified_topic.send(key=ev["personId"].encode(), value=orjson.dumps(ev))
+
+    @app.agent(identified_topic)
+    async def sink_events(stream):
+        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
+            await sink.write("flywheel.events", [event_row(orjson.loads(v)) for v in batch])
+
+    @app.agent(invalid_topic)
+    async def sink_invalid(stream):
+        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
+            await sink.write("flywheel.invalid_events", [invalid_row(orjson.loads(v)) for v in batch])
+
+    from flywheel.web import register_routes
+
+    register_routes(app, settings=settings, ch=ch, executor=executor)
+    return app

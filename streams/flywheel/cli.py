@@ -1,0 +1,167 @@
+"""`flywheel`: the command line. Every command reads the same configuration (FLYWHEEL_* / flywheel.yaml)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flywheel import config as config_mod
+
+cli = typer.Typer(
+    help="Flywheel: real-time product analytics on Kafka and ClickHouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+kafka_cli = typer.Typer(help="A local single-node Kafka for development and tests (jars from Maven Central).")
+cli.add_typer(kafka_cli, name="kafka")
+
+
+def _settings() -> config_mod.Settings:
+    try:
+        return config_mod.load()
+    except Exception as exc:
+        _fail(f"configuration error: {exc}")
+
+
+def _fail(message: str, code: int = 1):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@cli.command()
+def worker() -> None:
+    """Run the pipeline: apply migrations, create topics, then validate → identity → sink until stopped.
+
+    Also serves /health, /metrics and /sql on FLYWHEEL_HTTP_PORT. Several workers may run with the
+    same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one worker owns the
+    data directory.
+    """
+    from flywheel.worker import run
+
+    run(_settings())
+
+
+@cli.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM flywheel.events\"")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | tsv | json (one object per row)")] = "table",
+) -> None:
+    """Run a query on the configured ClickHouse (embedded included, also while a worker holds it)."""
+    from flywheel.query import QueryError, format_table, run
+
+    if fmt not in ("table", "tsv", "json"):
+        _fail(f"--format must be table, tsv or json, not {fmt!r}", 2)
+    try:
+        columns, rows = run(_settings(), query)
+    except QueryError as exc:
+        _fail(str(exc))
+    if columns:
+        typer.echo(format_table(columns, rows, fmt))
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply pending ClickHouse migrations from sql/migrations (the worker also does this at start)."""
+    from flywheel import clickhouse, paths
+    from flywheel.clickhouse import migrate as migrations
+
+    settings = _settings()
+    ch = clickhouse.connect(url=settings.clickhouse_url, data_dir=settings.clickhouse_dir)
+    try:
+        applied = migrations.apply(ch, paths.sql_dir() / "migrations")
+    finally:
+        ch.close()
+    typer.echo(f"applied: {', '.join(applied)}" if applied else f"{ch.label} is up to date")
+
+
+@cli.command()
+def sample(
+    events: Annotated[int, typer.Option(help="how many events to send")] = 3000,
+    days: Annotated[int, typer.Option(help="spread event times over the last N days")] = 3,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same events)")] = 7,
+) -> None:
+    """Send a realistic e-commerce event stream to events.raw (page views, products, sign-ups, orders)."""
+    from flywheel.producer import Producer
+    from flywheel.sample import journeys
+    from flywheel.topics import ensure_topics
+
+    settings = _settings()
+    ensure_topics(settings)
+    n = 0
+    with Producer(settings.kafka_bootstrap, topic=settings.topics.raw, source="sample") as producer:
+        for message in journeys(events, seed=seed, days=days):
+            producer.send(message)
+            n += 1
+    typer.echo(f"sent {n} events to {settings.topics.raw} at {settings.kafka_bootstrap}")
+
+
+@cli.command("config")
+def show_config() -> None:
+    """Print the effective configuration (defaults < flywheel.yaml / FLYWHEEL_CONFIG < FLYWHEEL_* env)."""
+    settings = _settings()
+    for name, value in settings.model_dump().items():
+        typer.echo(f"{name}: {value}")
+
+
+def _broker(data_dir: Path | None, port: int | None) -> "devkafka.Broker":  # noqa: F821
+    from flywheel import devkafka
+
+    settings = _settings()
+    default_port = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+    return devkafka.Broker(data_dir=data_dir or settings.data_dir / "kafka", port=port or default_port)
+
+
+@kafka_cli.command("start")
+def kafka_start(
+    data_dir: Annotated[Path | None, typer.Option(help="broker files; default <FLYWHEEL_DATA_DIR>/kafka")] = None,
+    port: Annotated[int | None, typer.Option(help="listener port; default from FLYWHEEL_KAFKA_BOOTSTRAP")] = None,
+) -> None:
+    """Start the broker in the background (no-op if running); return once it answers metadata requests."""
+    from flywheel import devkafka
+
+    broker = _broker(data_dir, port)
+    try:
+        pid = devkafka.start(broker)
+    except devkafka.KafkaError as exc:
+        _fail(str(exc))
+    typer.echo(f"Kafka {devkafka.kafka_version()} ready at {broker.bootstrap} (pid {pid}, files in {broker.data_dir})")
+
+
+@kafka_cli.command("stop")
+def kafka_stop(
+    data_dir: Annotated[Path | None, typer.Option(help="broker files; default <FLYWHEEL_DATA_DIR>/kafka")] = None,
+    port: Annotated[int | None, typer.Option(help="listener port; default from FLYWHEEL_KAFKA_BOOTSTRAP")] = None,
+) -> None:
+    """Stop the broker (SIGTERM, then SIGKILL after 30 s)."""
+    from flywheel import devkafka
+
+    stopped = devkafka.stop(_broker(data_dir, port))
+    typer.echo("Kafka stopped" if stopped else "Kafka was not running")
+
+
+@kafka_cli.command("status")
+def kafka_status(
+    data_dir: Annotated[Path | None, typer.Option(help="broker files; default <FLYWHEEL_DATA_DIR>/kafka")] = None,
+    port: Annotated[int | None, typer.Option(help="listener port; default from FLYWHEEL_KAFKA_BOOTSTRAP")] = None,
+) -> None:
+    """Say whether the local broker runs; exit 1 if not."""
+    from flywheel import devkafka
+
+    broker = _broker(data_dir, port)
+    pid = devkafka.running_pid(broker)
+    if pid is None:
+        typer.echo("Kafka is not running")
+        raise typer.Exit(1)
+    typer.echo(f"Kafka running at {broker.bootstrap} (pid {pid})")
+
+
+def main() -> None:
+    cli(prog_name="flywheel")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""ClickHouse behind one interface, two backends (DESIGN §5).
+
+- `EmbeddedClickHouse`: chdb, the ClickHouse engine in-process, data under FLYWHEEL_DATA_DIR. Default.
+- `ServerClickHouse`: a server over the native protocol (clickhouse-driver), when FLYWHEEL_CLICKHOUSE_URL
+  is set.
+
+Both take the same SQL and the same rows (dicts of Python values), so the sink, migrations and `flywheel sql` do not
+know which one they talk to. Calls are synchronous: async callers run them in an executor.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from flywheel.clickhouse.errors import ClickHouseUnavailable, is_bad_data
+
+__all__ = ["ClickHouse", "ClickHouseUnavailable", "connect", "is_bad_data"]
+
+
+class ClickHouse(Protocol):
+    label: str
+
+    def command(self, sql: str) -> None:
+        """Run a statement whose result is not needed (DDL, INSERT … SELECT)."""
+
+    def rows(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Run a query; return column names and rows of Python values."""
+
+    def insert(self, table: str, rows: list[dict]) -> None:
+        """Insert rows (same keys = column names; Python values, aware datetimes) into `table`."""
+
+    def close(self) -> None: ...
+
+
+def connect(*, url: str | None, data_dir) -> ClickHouse:
+    if url:
+        from flywheel.clickhouse.server import ServerClickHouse
+
+        return ServerClickHouse(url)
+    from flywheel.clickhouse.embedded import EmbeddedClickHouse
+
+    return EmbeddedClickHouse(data_dir)

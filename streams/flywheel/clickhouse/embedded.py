@@ -1,0 +1,60 @@
+"""Embedded ClickHouse: chdb, one process per data directory.
+
+chdb locks its data directory, so while a worker runs, `flywheel sql` reaches this engine through the
+worker's /sql endpoint (see flywheel.query) instead of opening the directory itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import orjson
+
+from flywheel.clickhouse.errors import ClickHouseUnavailable
+
+
+class EmbeddedClickHouse:
+    def __init__(self, data_dir: Path):
+        from chdb import session
+
+        self.path = Path(data_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.label = f"embedded ClickHouse (chdb) at {self.path}"
+        try:
+            self._session = session.Session(str(self.path))
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise ClickHouseUnavailable(
+                    f"{self.path} is held by another process (a running worker?): "
+                    "query through `flywheel sql`, which goes through the worker"
+                ) from exc
+            raise
+        # One engine, many threads (sink executor, /sql requests): chdb sessions are not re-entrant.
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, fmt: str = "CSV"):
+        with self._lock:
+            return self._session.query(sql, fmt)
+
+    def command(self, sql: str) -> None:
+        self._query(sql)
+
+    def rows(self, sql: str) -> tuple[list[str], list[tuple]]:
+        result = self._query(sql, "JSONCompact")
+        data = result.bytes()
+        if not data:
+            return [], []
+        doc = orjson.loads(data)
+        names = [c["name"] for c in doc.get("meta", [])]
+        return names, [tuple(r) for r in doc.get("data", [])]
+
+    def insert(self, table: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        lines = b"\n".join(orjson.dumps(r, option=orjson.OPT_UTC_Z) for r in rows)
+        self._query(f"INSERT INTO {table} SETTINGS date_time_input_format = 'best_effort' FORMAT JSONEachRow\n" + lines.decode())
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()

@@ -1,0 +1,111 @@
+"""Configuration: environment variables (FLYWHEEL_*) over a YAML config file over defaults.
+
+The defaults run locally with nothing set: Kafka on 127.0.0.1:9092, embedded ClickHouse under
+./.flywheel, the collector on :8088 with the development write key. The config file is
+FLYWHEEL_CONFIG, else ./flywheel.yaml if present; it uses the same names without the prefix, in lower
+case (`kafka_bootstrap: ...`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from flywheel import paths
+
+DEV_WRITE_KEY = "flywheel-dev-key"
+
+
+class Topics(BaseSettings):
+    """Kafka topic names (DESIGN §1). Override one with e.g. FLYWHEEL_TOPIC_RAW."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_TOPIC_")
+
+    raw: str = "events.raw"
+    invalid: str = "events.invalid"
+    identified: str = "events.identified"
+    identity_changes: str = "identity.changes"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    clickhouse_url: str | None = Field(
+        None, description="clickhouse://user:pass@host:9000/flywheel for a server; unset = embedded (chdb)"
+    )
+    data_dir: Path = Field(Path(".flywheel"), description="embedded ClickHouse, local Kafka and state stores")
+    http_port: int = Field(8088, description="worker HTTP: Segment collector /v1/*, /health, /metrics, /sql")
+    write_keys: str = Field(DEV_WRITE_KEY, description="comma-separated write keys accepted by the collector")
+    metrics: Path | None = Field(None, description="funnel/retention definitions (YAML)")
+    tracking_plan: Path = Field(
+        default_factory=lambda: paths.schemas_dir() / "tracking_plan.yaml",
+        description="tracking plan (YAML): event names, property types, unknown-event policy",
+    )
+    app_id: str = Field("flywheel", description="Faust application id = Kafka consumer group")
+    partitions: int = Field(8, description="partitions for topics Flywheel creates")
+    replication: int = Field(1, description="replication factor for topics Flywheel creates")
+    store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+    sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
+    sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")
+    sink_max_backoff_seconds: float = Field(30.0, description="cap of the retry back-off when ClickHouse fails")
+    max_future_seconds: int = Field(86_400, description="event times further ahead of receivedAt are invalid")
+    max_event_bytes: int = Field(32 * 1024, description="a single event above this size is invalid")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    topics: Topics = Field(default_factory=Topics)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _strip_scheme(cls, v: str) -> str:
+        return v.removeprefix("kafka://")
+
+    @property
+    def write_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.write_keys.split(",") if k.strip())
+
+    @property
+    def clickhouse_dir(self) -> Path:
+        return self.data_dir / "clickhouse"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFile(settings_cls))
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """Values from FLYWHEEL_CONFIG (or ./flywheel.yaml): lowest priority above the defaults."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        explicit = os.environ.get("FLYWHEEL_CONFIG")
+        path = Path(explicit) if explicit else Path("flywheel.yaml")
+        self._values: dict[str, Any] = {}
+        if explicit and not path.exists():
+            raise FileNotFoundError(f"FLYWHEEL_CONFIG={explicit}: no such file")
+        if path.exists():
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of setting: value")
+            self._values = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if k in self.settings_cls.model_fields}
+
+
+def load() -> Settings:
+    return Settings()

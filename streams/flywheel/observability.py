@@ -1,0 +1,35 @@
+"""Logging set-up and the Prometheus metrics every stage reports (served at /metrics)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECEIVED = Counter("flywheel_events_received_total", "Raw records read from events.raw", ["source"])
+VALID = Counter("flywheel_events_valid_total", "Records that passed validation", ["source"])
+INVALID = Counter("flywheel_events_invalid_total", "Records sent to the DLQ", ["source"])
+DUPLICATES = Counter(
+    "flywheel_events_duplicate_total", "Valid records dropped as SDK retries of a seen messageId", ["source"]
+)
+SINK_ROWS = Counter("flywheel_sink_rows_total", "Rows inserted into ClickHouse", ["table"])
+SINK_BATCHES = Histogram(
+    "flywheel_sink_insert_seconds", "Duration of one successful ClickHouse insert", ["table"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SINK_FAILURES = Counter(
+    "flywheel_sink_failures_total", "Failed ClickHouse inserts, by kind (retry | bad_data)", ["table", "kind"]
+)
+SINK_BLOCKED = Gauge(
+    "flywheel_sink_blocked", "1 while a sink waits for ClickHouse (consumption of its topic is paused)", ["table"]
+)
+SINK_REJECTED = Counter(
+    "flywheel_sink_rejected_rows_total", "Rows ClickHouse refused as bad data, dead-lettered", ["table"]
+)
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

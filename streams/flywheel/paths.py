@@ -1,0 +1,34 @@
+"""Where Flywheel's data files live: the repo's `sql/`, `schemas/`, `config/` and `kafka/` folders.
+
+They are data, not code, so they stay at the top of the repository where operators edit them. An
+installed (non-editable) copy points at them with FLYWHEEL_HOME; a checkout finds them next to
+`streams/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    explicit = os.environ.get("FLYWHEEL_HOME")
+    if explicit:
+        return Path(explicit)
+    return Path(__file__).resolve().parents[2]
+
+
+def sql_dir() -> Path:
+    return home() / "sql"
+
+
+def schemas_dir() -> Path:
+    return home() / "schemas"
+
+
+def config_dir() -> Path:
+    return home() / "config"
+
+
+def kafka_pom() -> Path:
+    return home() / "kafka" / "pom.xml"
