@@ -19,7 +19,9 @@ def home() -> Path:
 
 
 def sql_dir() -> Path:
-    return home() / "sql"
+    """FLYWHEEL_SQL_DIR overrides it (e.g. a schema shaped for an older server in tests)."""
+    explicit = os.environ.get("FLYWHEEL_SQL_DIR")
+    return Path(explicit) if explicit else home() / "sql"
 
 
 def schemas_dir() -> Path:
