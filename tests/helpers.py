@@ -122,10 +122,12 @@ class WorkerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """Value of one Prometheus sample from /metrics (0 if absent)."""
-        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-        for line in self.get("/metrics").decode().splitlines():
-            if line.startswith(want + " "):
-                return float(line.rsplit(" ", 1)[1])
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics").decode()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
         return 0.0
 
     def sql(self, sql: str) -> list[list]:

@@ -92,7 +92,7 @@ def _validate(raw: Raw, plan: TrackingPlan, limits: Limits) -> Valid | Invalid:
     mtype = msg.get("type")
     if mtype is None:
         reasons.append("missing 'type'")
-    elif mtype not in MESSAGE_TYPES:
+    elif not isinstance(mtype, str) or mtype not in MESSAGE_TYPES:
         reasons.append(f"unknown type {str(mtype)[:40]!r} (expected one of {', '.join(sorted(MESSAGE_TYPES))})")
 
     ids = {}

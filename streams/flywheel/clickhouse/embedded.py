@@ -6,12 +6,28 @@ worker's /sql endpoint (see flywheel.query) instead of opening the directory its
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from pathlib import Path
 
 import orjson
 
 from flywheel.clickhouse.errors import ClickHouseUnavailable
+
+
+def _held_by_another_process(path: Path) -> bool:
+    """ClickHouse flocks <path>/status while an engine owns the directory; chdb only reports a
+    generic start-up error (the cause goes to stderr), so look at the lock first."""
+    status = path / "status"
+    if not status.exists():
+        return False
+    with open(status, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 class EmbeddedClickHouse:
@@ -21,15 +37,15 @@ class EmbeddedClickHouse:
         self.path = Path(data_dir)
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = f"embedded ClickHouse (chdb) at {self.path}"
+        if _held_by_another_process(self.path):
+            raise ClickHouseUnavailable(
+                f"{self.path} is held by another process (a running worker?): "
+                "query through `flywheel sql`, which goes through the worker"
+            )
         try:
             self._session = session.Session(str(self.path))
         except Exception as exc:
-            if "lock" in str(exc).lower():
-                raise ClickHouseUnavailable(
-                    f"{self.path} is held by another process (a running worker?): "
-                    "query through `flywheel sql`, which goes through the worker"
-                ) from exc
-            raise
+            raise ClickHouseUnavailable(f"could not open {self.label}: {exc} (chdb prints the cause on stderr)") from exc
         # One engine, many threads (sink executor, /sql requests): chdb sessions are not re-entrant.
         self._lock = threading.Lock()
 

@@ -1,0 +1,79 @@
+"""Migrations and the embedded backend, on real chdb in a temporary directory."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from flywheel import paths
+from flywheel.clickhouse import ClickHouseUnavailable, is_bad_data
+from flywheel.clickhouse.embedded import EmbeddedClickHouse
+from flywheel.clickhouse.errors import error_code
+from flywheel.clickhouse.migrate import apply, migration_files, statements
+from flywheel.clickhouse.rows import event_row
+
+
+@pytest.fixture(scope="module")
+def ch(tmp_path_factory):
+    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb"))
+    yield engine
+    engine.close()
+
+
+def test_migrations_apply_once_and_are_idempotent(ch):
+    first = apply(ch, paths.sql_dir() / "migrations")
+    assert first == [f"{v:04d}_{n}" for v, n, _ in migration_files(paths.sql_dir() / "migrations")]
+    assert apply(ch, paths.sql_dir() / "migrations") == []
+    tables = {r[0] for r in ch.rows("SELECT name FROM system.tables WHERE database = 'flywheel'")[1]}
+    assert {"events", "invalid_events", "schema_migrations"} <= tables
+
+
+def test_event_rows_round_trip_with_millisecond_times(ch):
+    apply(ch, paths.sql_dir() / "migrations")
+    event = {
+        "messageId": "m-rt", "type": "track", "event": "Viewed", "anonymousId": "a", "userId": "", "personId": "a",
+        "previousId": "", "groupId": "", "timestamp": 1_700_000_000_123, "receivedAt": 1_700_000_001_000,
+        "sentAt": None, "properties": {"price": 9.5, "tags": ["x"]}, "traits": {}, "context": {"ip": "1.2.3.4"},
+        "source": "test",
+    }
+    ch.insert("flywheel.events", [event_row(event)])
+    _, rows = ch.rows(
+        "SELECT toUnixTimestamp64Milli(timestamp), sent_at, JSONExtractFloat(properties, 'price'), late "
+        "FROM flywheel.events WHERE message_id = 'm-rt'"
+    )
+    assert rows == [(1_700_000_000_123, None, 9.5, 0)]
+
+
+def test_a_redelivered_row_collapses_under_final(ch):
+    apply(ch, paths.sql_dir() / "migrations")
+    row = {"received_at": datetime(2026, 1, 1, tzinfo=UTC), "source": "s", "reasons": ["r"], "payload": "{",
+           "payload_encoding": "utf-8", "origin": "events.raw/0@7"}
+    ch.insert("flywheel.invalid_events", [row])
+    ch.insert("flywheel.invalid_events", [row])
+    assert ch.rows("SELECT count() FROM flywheel.invalid_events FINAL WHERE origin = 'events.raw/0@7'")[1] == [(1,)]
+
+
+def test_bad_data_is_classified_as_not_retryable(ch):
+    ch.command("CREATE TABLE IF NOT EXISTS default.nums (n UInt32) ENGINE = MergeTree ORDER BY n")
+    with pytest.raises(Exception) as err:
+        ch.insert("default.nums", [{"n": "not a number"}])
+    assert is_bad_data(err.value)
+    assert not is_bad_data(ClickHouseUnavailable("Connection refused"))
+    assert error_code(Exception("Code: 117. DB::Exception")) == 117
+
+
+def test_a_second_process_gets_a_clear_error_while_the_directory_is_held(ch):
+    import subprocess
+    import sys
+
+    code = (
+        "from flywheel.clickhouse.embedded import EmbeddedClickHouse\n"
+        "from flywheel.clickhouse import ClickHouseUnavailable\n"
+        f"try:\n    EmbeddedClickHouse({str(ch.path)!r})\nexcept ClickHouseUnavailable as e:\n    print('HELD', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HELD" in out.stdout and "flywheel sql" in out.stdout, out.stdout + out.stderr
+
+
+def test_statements_split_on_semicolons_at_line_ends_and_drop_comments():
+    sql = "-- c;\nCREATE TABLE a (x String COMMENT 'a;b');\n\nCREATE VIEW v AS SELECT 1;\n"
+    assert statements(sql) == ["CREATE TABLE a (x String COMMENT 'a;b')", "CREATE VIEW v AS SELECT 1"]
