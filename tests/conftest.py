@@ -17,7 +17,7 @@ def kafka(tmp_path_factory) -> str:
     external = os.environ.get("FLYWHEEL_TEST_KAFKA")
     if external:
         try:
-            devkafka.wait_ready(external, timeout=30)
+            devkafka.wait_ready(external, timeout=15)
         except devkafka.KafkaError as exc:
             service_missing("Kafka", str(exc))
         yield external

@@ -188,6 +188,9 @@ CLICKHOUSE_USERS = """<?xml version="1.0"?>
 
 
 def clickhouse_server_binary() -> str | None:
+    explicit = os.environ.get("FLYWHEEL_TEST_CLICKHOUSE_SERVER")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
     for candidate in ("clickhouse-server", "/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"):
         if os.path.isabs(candidate) and os.access(candidate, os.X_OK):
             return candidate
