@@ -24,18 +24,18 @@ def as_id(value: Any) -> str | None:
 
 
 def kafka_key(message: dict[str, Any]) -> str | None:
-    """events.raw key: anonymousId, else previousId (alias), else userId.
+    """events.raw key: anonymousId (an alias: its previousId), else userId.
 
     An anonymous id's events and the call that links it land on one partition, in order, so the
     identity lookup stays partition-local.
     """
-    anon = as_id(message.get("anonymousId"))
-    if anon:
-        return anon
-    if message.get("type") == "alias":
+    if message.get("type") == "alias":  # the id being linked decides on its own partition
         prev = as_id(message.get("previousId"))
         if prev:
             return prev
+    anon = as_id(message.get("anonymousId"))
+    if anon:
+        return anon
     return as_id(message.get("userId")) or None
 
 

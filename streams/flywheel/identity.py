@@ -1,14 +1,118 @@
-"""Identity resolution (DESIGN §3).
+"""Identity resolution (DESIGN §3): pure functions, no Faust.
 
-`person_id` = the user id once known, until then the anonymous id. This first version resolves from
-the event's own ids; linking anonymous ids seen earlier to a user (the identity table, merges) builds
-on it.
+- `person_id` = the user id once known; until then the anonymous id.
+- identify (anonymousId A + userId U), alias (previousId A → userId U) and any event carrying both ids
+  link A to U. The first link of A wins: a later link of A to another user is a conflict, counted and
+  recorded, and A does not move. One user may own many anonymous ids (devices).
+- events.raw is keyed by A (an alias by its previousId), so every link of A is decided on A's
+  partition, in order: the outcome never depends on how partitions interleave.
+- Junk ids ('null', 'undefined', '0', …) never become persons: `junk_id_reason` names them so the
+  validate stage can send such events to the DLQ.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+# Values SDKs and broken integrations send when they have no id (compared stripped, case-insensitive).
+JUNK_IDS = frozenset({
+    "", "null", "undefined", "none", "nil", "nan", "0", "-1", "anonymous", "guest", "unknown", "n/a", "na",
+    "true", "false", "[object object]", "object", "id", "user_id", "userid", "anonymous_id", "anonymousid",
+    "distinct_id", "distinctid", "not_authenticated", "email", "{}", "[]", '""', "''",
+})
+ID_FIELDS = ("userId", "anonymousId", "previousId")
+
+
+def is_junk_id(value: str) -> bool:
+    return value.strip().lower() in JUNK_IDS
+
+
+def junk_id_reason(event: dict[str, Any]) -> str | None:
+    """A reason if any id field holds a placeholder instead of a real id, else None."""
+    junk = [f"{field} {event[field]!r}" for field in ID_FIELDS if event.get(field) and is_junk_id(event[field])]
+    if not junk:
+        return None
+    return f"not a real id (placeholder values never become persons): {', '.join(junk)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A first link of an anonymous id to a user: the record of identity.changes and a merge."""
+
+    anonymous_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A later link of an already-linked anonymous id to another user: refused."""
+
+    anonymous_id: str
+    linked_to: str
+    refused: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    person_id: str
+    link: Link | None = None
+    conflict: Conflict | None = None
+
+
+def linked_ids(event: dict[str, Any]) -> tuple[str, str] | None:
+    """(anonymous id, user id) that this event links, if it carries both."""
+    user = event.get("userId") or ""
+    if not user:
+        return None
+    anon = event.get("previousId") if event.get("type") == "alias" else event.get("anonymousId")
+    if not anon or anon == user:
+        return None
+    return anon, user
+
+
+def resolve(event: dict[str, Any], linked_user: str | None) -> Resolution:
+    """Person of `event` and what it changes, given the user its anonymous id is linked to (if any).
+
+    `linked_user` is the identity table's entry for the event's anonymous id (previousId for alias).
+    """
+    pair = linked_ids(event)
+    user = event.get("userId") or ""
+    if pair is None:
+        if user:
+            return Resolution(person_id=user)
+        anon = event.get("anonymousId") or event.get("previousId") or ""
+        return Resolution(person_id=linked_user or anon)
+    anon, user = pair
+    if linked_user is None:
+        return Resolution(person_id=user, link=Link(anon, user))
+    if linked_user != user:
+        return Resolution(person_id=user, conflict=Conflict(anon, linked_user, user))
+    return Resolution(person_id=user)
+
+
+class IdentityMap:
+    """The identity table's semantics over a plain dict: what the agent does with a Faust table.
+    Used by the property tests and by anyone replaying identity outside the stream."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, str] = {}
+        self.conflicts: list[Conflict] = []
+
+    def apply(self, event: dict[str, Any]) -> Resolution:
+        pair = linked_ids(event)
+        key = pair[0] if pair else (event.get("anonymousId") or event.get("previousId") or "")
+        result = resolve(event, self.links.get(key))
+        if result.link is not None:
+            self.links[result.link.anonymous_id] = result.link.user_id
+        if result.conflict is not None:
+            self.conflicts.append(result.conflict)
+        return result
+
+    def person_of(self, distinct_id: str) -> str:
+        return self.links.get(distinct_id, distinct_id)
 
 
 def person_id(event: dict[str, Any]) -> str:
-    return event["userId"] or event["anonymousId"]
+    """Person of an event from its own ids alone (no identity table)."""
+    return resolve(event, None).person_id

@@ -11,7 +11,7 @@ RECEIVED = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
     ({"type": "track", "anonymousId": "a", "userId": "u"}, "a"),
     ({"type": "track", "userId": "u"}, "u"),
     ({"type": "alias", "previousId": "a", "userId": "u"}, "a"),
-    ({"type": "alias", "anonymousId": "x", "previousId": "a", "userId": "u"}, "x"),
+    ({"type": "alias", "anonymousId": "x", "previousId": "a", "userId": "u"}, "a"),
     ({"type": "identify", "userId": 42}, "42"),
     ({"type": "track"}, None),
     ({"type": "track", "anonymousId": "", "userId": "u"}, "u"),
