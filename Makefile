@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench sample stop lint clean
+.PHONY: run test bench bench-collector sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+
+bench-collector: $(STAMP)
+	$(BIN)/python bench/collector.py
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

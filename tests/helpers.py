@@ -251,3 +251,79 @@ class ClickHouseServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class CollectorProcess:
+    """`flywheel collector` (the standalone Segment HTTP collector) as a child process."""
+
+    def __init__(self, settings: Settings, *, port: int | None = None,
+                 extra_env: dict[str, str] | None = None):
+        self.settings = settings
+        self.port = port or free_port()
+        self.env = settings_env(settings) | (extra_env or {})
+        self.log_path = settings.data_dir / f"collector-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> CollectorProcess:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flywheel.cli", "collector", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+            )
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"collector exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+
+        wait_until(ready, timeout=timeout, what="the collector to answer /health", interval=0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no collector log)"
+
+
+def read_topic(bootstrap: str, topic: str, *, isolation_level: str = "read_uncommitted") -> list:
+    """Every record of `topic` now (to its end offsets), with a real consumer: ConsumerRecords.
+
+    read_uncommitted (the default) also shows records of open or aborted transactions: the strictest
+    check that nothing of a request was written at all.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level,
+                             enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records = []
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end offsets {end}")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()

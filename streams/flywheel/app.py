@@ -28,6 +28,7 @@ from flywheel.clickhouse import ClickHouse
 from flywheel.clickhouse.rows import event_row, invalid_row
 from flywheel.config import Settings
 from flywheel.plan import load_plan
+from flywheel.read_committed import ReadCommittedTransport
 from flywheel.sink import Sink
 from flywheel.validate import Invalid, Limits, Raw, validate
 
@@ -72,7 +73,12 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        # The collector (/v1/*) decodes gzip bodies itself, bounded: aiohttp must not (collector/server.py).
+        web_application_options={"handler_args": {"auto_decompress": False}},
     )
+    # The collector writes events.raw in Kafka transactions: read only committed ones, so a request
+    # the collector rejected (aborted) is never processed. Faust alone would not (read_committed.py).
+    app.transport = ReadCommittedTransport(app.conf.broker_consumer, app)
     names = settings.topics
     raw_topic = app.topic(names.raw, key_type=bytes, value_type=bytes)
     invalid_topic = app.topic(names.invalid, key_type=bytes, value_type=bytes)
@@ -136,7 +142,9 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
             await sink.write("flywheel.invalid_events", [invalid_row(orjson.loads(v)) for v in batch])
 
+    from flywheel.collector.server import register_collector
     from flywheel.web import register_routes
 
     register_routes(app, settings=settings, ch=ch, executor=executor)
+    register_collector(app, settings=settings)  # Segment HTTP API /v1/* on the same port
     return app

@@ -46,6 +46,26 @@ def worker() -> None:
 
 
 @cli.command()
+def collector(
+    port: Annotated[int | None, typer.Option(help="listen port; default FLYWHEEL_HTTP_PORT")] = None,
+    host: Annotated[str, typer.Option(help="listen address")] = "0.0.0.0",
+) -> None:
+    """Run the Segment HTTP collector alone (/v1/*, /health, /metrics), to scale it apart from workers.
+
+    `flywheel worker` serves the same endpoints; this is for running more collectors than workers.
+    Events go to events.raw in Kafka transactions (topics are created by the worker), answered 200 once
+    committed, 503 + Retry-After when Kafka is unavailable. Write keys: FLYWHEEL_WRITE_KEYS; events
+    record their source as writekey:<first 12 hex digits of the key's SHA-256>, never the key.
+    """
+    from flywheel.collector.server import run_standalone
+    from flywheel.observability import setup_logging
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    run_standalone(settings, host=host, port=port)
+
+
+@cli.command()
 def sql(
     query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM flywheel.events\"")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | tsv | json (one object per row)")] = "table",

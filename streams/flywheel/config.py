@@ -56,7 +56,20 @@ class Settings(BaseSettings):
     sink_max_backoff_seconds: float = Field(30.0, description="cap of the retry back-off when ClickHouse fails")
     max_future_seconds: int = Field(86_400, description="event times further ahead of receivedAt are invalid")
     max_event_bytes: int = Field(32 * 1024, description="a single event above this size is invalid")
+    collector_max_request_bytes: int = Field(
+        500 * 1024, description="collector: a request body (after decompression) above this size gets 400"
+    )
+    collector_timeout_seconds: float = Field(
+        10.0, description="collector: how long a request waits for Kafka to commit its events before 503"
+    )
+    collector_retry_after_seconds: int = Field(5, description="collector: Retry-After sent with a 503")
+    collector_transaction_lanes: int = Field(
+        2, description="collector: Kafka transactions in flight at once (one transactional producer each)"
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
+    profile: Path | None = Field(
+        None, description="profile the worker with pyinstrument, saved to this file at shutdown (bench)"
+    )
     topics: Topics = Field(default_factory=Topics)
 
     @field_validator("kafka_bootstrap")

@@ -27,6 +27,33 @@ SINK_REJECTED = Counter(
     "flywheel_sink_rejected_rows_total", "Rows ClickHouse refused as bad data, dead-lettered", ["table"]
 )
 
+COLLECTOR_REQUESTS = Counter(
+    "flywheel_collector_requests_total", "Collector HTTP requests, by path (/v1/<path>) and status",
+    ["path", "status"],
+)
+COLLECTOR_EVENTS = Counter(
+    "flywheel_collector_events_accepted_total", "Events committed to events.raw by the collector", ["source"]
+)
+COLLECTOR_REJECTS = Counter(
+    "flywheel_collector_rejects_total",
+    "Collector requests refused as a whole, by reason (unauthorized, request_too_large, event_too_large, "
+    "malformed_json, invalid_batch, bad_encoding, kafka_unavailable)",
+    ["reason"],
+)
+COLLECTOR_PRODUCE_SECONDS = Histogram(
+    "flywheel_collector_produce_seconds",
+    "From a request's events queued to their Kafka transaction committed (or failed)",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+COLLECTOR_TRANSACTIONS = Counter(
+    "flywheel_collector_transactions_total", "Collector Kafka transactions, by outcome (committed | aborted)",
+    ["outcome"],
+)
+COLLECTOR_GROUP_EVENTS = Histogram(
+    "flywheel_collector_transaction_events", "Events per committed collector transaction (group commit)",
+    buckets=(1, 10, 100, 250, 500, 1000, 2500, 5000, 10000, 20000),
+)
+
 
 def setup_logging(level: str = "info") -> None:
     logging.basicConfig(

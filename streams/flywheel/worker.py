@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from flywheel import clickhouse, paths
 from flywheel.clickhouse import migrate
@@ -27,4 +30,26 @@ def run(settings: Settings) -> None:
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
     app = create_app(settings, ch)
-    Worker(app, loglevel=settings.log_level.upper()).execute_from_commandline()
+    worker = Worker(app, loglevel=settings.log_level.upper())
+    with _profiled(settings.profile):
+        worker.execute_from_commandline()
+
+
+@contextmanager
+def _profiled(path: Path | None) -> Iterator[None]:
+    """FLYWHEEL_PROFILE=<file>: sample the worker's main thread (event loop included) with pyinstrument
+    and save the session there when the worker stops (SIGTERM/SIGINT; a SIGKILL writes nothing).
+    Render it with `pyinstrument --load <file>`; bench/pipeline.py uses this."""
+    if path is None:
+        yield
+        return
+    from pyinstrument import Profiler  # the `bench` extra
+
+    profiler = Profiler(interval=0.001, async_mode="disabled")
+    profiler.start()
+    try:
+        yield
+    finally:
+        session = profiler.stop()
+        session.save(str(path))
+        log.info("profile of the worker written to %s (pyinstrument --load %s)", path, path)

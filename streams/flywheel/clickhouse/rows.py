@@ -44,3 +44,17 @@ def invalid_row(record: dict[str, Any]) -> dict[str, Any]:
         "payload_encoding": record["payloadEncoding"],
         "origin": record["origin"],
     }
+
+
+def identity_rows(change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An identity.changes record → (table, row)."""
+    at = from_ms(change["timestamp"])
+    if change["type"] == "link":
+        return "flywheel.identity_map", {
+            "distinct_id": change["anonymousId"], "person_id": change["userId"], "version": change["timestamp"],
+            "message_id": change["messageId"], "linked_at": at,
+        }
+    return "flywheel.identity_conflicts", {
+        "anonymous_id": change["anonymousId"], "linked_to": change["linkedTo"], "refused": change["refused"],
+        "message_id": change["messageId"], "at": at,
+    }

@@ -1,0 +1,191 @@
+"""Segment SDKs → the worker's collector → Kafka → flywheel.events, on a real broker and embedded ClickHouse.
+
+The real `segment-analytics-python` client is pointed at the worker with `host=`; nothing is mocked.
+One worker serves the whole module (its start-up dominates the cost); every test tags its ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+import requests
+from flywheel.collector.auth import source_label
+from helpers import WorkerProcess, unique_settings, wait_until
+from segment.analytics import Client
+
+pytestmark = pytest.mark.integration
+
+KEY = "sdk-test-key"
+
+
+@pytest.fixture(scope="module")
+def worker(kafka, tmp_path_factory):
+    settings = unique_settings(kafka, tmp_path_factory.mktemp("collector-sdk") / "flywheel",
+                               write_keys=f"{KEY},another-key")
+    worker = WorkerProcess(settings).start()
+    wait_until(lambda: worker.get("/health"), timeout=60, what="the worker's web server")
+    yield worker
+    worker.stop()
+
+
+def url(worker: WorkerProcess) -> str:
+    return f"http://127.0.0.1:{worker.settings.http_port}"
+
+
+def sdk(worker: WorkerProcess, *, gzip: bool, sync: bool, errors: list) -> Client:
+    return Client(
+        KEY, host=url(worker), gzip=gzip, sync_mode=sync, max_retries=1, upload_size=100,
+        on_error=lambda exc, batch: errors.append(exc),
+    )
+
+
+def rows(worker: WorkerProcess, where: str) -> list[dict]:
+    columns = ["message_id", "type", "event", "anonymous_id", "user_id", "previous_id", "group_id",
+               "toUnixTimestamp64Milli(timestamp)", "toUnixTimestamp64Milli(received_at)", "properties",
+               "traits", "context", "source"]
+    found = worker.sql(f"SELECT {', '.join(columns)} FROM flywheel.events WHERE {where} ORDER BY message_id")
+    names = [c.split("(")[-1].rstrip(")") for c in columns]
+    return [dict(zip(names, r, strict=True)) for r in found]
+
+
+def ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+@pytest.mark.parametrize(("gzip", "sync"), [(False, True), (True, True), (False, False), (True, False)],
+                         ids=["plain-per-call", "gzip-per-call", "plain-batched", "gzip-batched"])
+def test_every_call_type_lands_with_its_type_ids_time_and_properties(worker, gzip, sync):
+    tag = uuid.uuid4().hex[:10]
+    anon, anon2, user, org = f"{tag}-anon", f"{tag}-anon2", f"{tag}-user", f"{tag}-org"
+    t0 = datetime.now(UTC).replace(microsecond=123_000) - timedelta(hours=3)
+    at = [t0 + timedelta(minutes=i) for i in range(6)]
+    errors: list = []
+    client = sdk(worker, gzip=gzip, sync=sync, errors=errors)
+    client.track(anonymous_id=anon, event="Product Viewed", properties={"product_id": "p1", "price": 9.5},
+                 timestamp=at[0], message_id=f"{tag}-1")
+    client.identify(user_id=user, anonymous_id=anon, traits={"email": "a@example.com"}, timestamp=at[1],
+                    message_id=f"{tag}-2")
+    client.alias(previous_id=anon2, user_id=user, timestamp=at[2], message_id=f"{tag}-3")
+    client.page(anonymous_id=anon, name="Home", properties={"path": "/"}, timestamp=at[3],
+                message_id=f"{tag}-4")
+    client.screen(user_id=user, name="Dashboard", properties={"tab": 2}, timestamp=at[4],
+                  message_id=f"{tag}-5")
+    client.group(user_id=user, group_id=org, traits={"plan": "pro"}, timestamp=at[5], message_id=f"{tag}-6")
+    if not sync:
+        client.flush()  # one /v1/batch request with the 6 calls
+        client.join()
+    assert errors == []
+
+    where = f"message_id LIKE '{tag}-%'"
+    wait_until(lambda: len(rows(worker, where)) == 6, timeout=120, what="the 6 SDK calls in flywheel.events")
+    got = {r["message_id"]: r for r in rows(worker, where)}
+    expected = {
+        f"{tag}-1": ("track", "Product Viewed", anon, "", "", ""),
+        f"{tag}-2": ("identify", "", anon, user, "", ""),
+        f"{tag}-3": ("alias", "", "", user, anon2, ""),
+        f"{tag}-4": ("page", "Home", anon, "", "", ""),
+        f"{tag}-5": ("screen", "Dashboard", "", user, "", ""),
+        f"{tag}-6": ("group", "", "", user, "", org),
+    }
+    for i, (mid, (mtype, event, anonymous_id, user_id, previous_id, group_id)) in enumerate(expected.items()):
+        row = got[mid]
+        assert (row["type"], row["event"], row["anonymous_id"], row["user_id"], row["previous_id"],
+                row["group_id"]) == (mtype, event, anonymous_id, user_id, previous_id, group_id), row
+        assert row["timestamp"] == ms(at[i]), "server SDKs send an explicit timestamp: taken as sent"
+        assert row["source"] == source_label(KEY)
+        context = orjson.loads(row["context"])
+        assert context["ip"] == "127.0.0.1" and context["library"]["name"] == "analytics-python"
+    assert orjson.loads(got[f"{tag}-1"]["properties"]) == {"product_id": "p1", "price": 9.5}
+    assert orjson.loads(got[f"{tag}-4"]["properties"]) == {"path": "/"}
+    assert orjson.loads(got[f"{tag}-5"]["properties"]) == {"tab": 2}
+    assert orjson.loads(got[f"{tag}-2"]["traits"]) == {"email": "a@example.com"}
+    assert orjson.loads(got[f"{tag}-6"]["traits"]) == {"plan": "pro"}
+    # Every event of one request shares one receivedAt.
+    if not sync:
+        assert len({r["received_at"] for r in got.values()}) == 1
+
+
+def test_a_call_retried_with_the_same_message_id_lands_once(worker):
+    tag = uuid.uuid4().hex[:10]
+    anon = f"{tag}-anon"
+    errors: list = []
+    client = sdk(worker, gzip=False, sync=True, errors=errors)
+    for _ in range(3):  # the original and two retries of it, as an SDK sends them
+        client.track(anonymous_id=anon, event="Signed Up", properties={"method": "email"},
+                     message_id=f"{tag}-once")
+    # Same key → same partition, after the retries: once it is in, the retries were handled.
+    client.track(anonymous_id=anon, event="Signed Up", message_id=f"{tag}-later")
+    assert errors == []
+    count = "SELECT count() FROM flywheel.events WHERE message_id = '{}'"
+    wait_until(lambda: worker.scalar(count.format(f"{tag}-later")) == 1, timeout=120, what="the marker event")
+    assert worker.scalar(count.format(f"{tag}-once")) == 1
+
+
+def test_browser_events_get_clock_skew_corrected_from_the_batch_sent_at(worker):
+    """analytics.js shape: originalTimestamp per item, sentAt per batch, device clock 1 h fast."""
+    tag = uuid.uuid4().hex[:10]
+    skew = timedelta(hours=1)
+    device_now = datetime.now(UTC) + skew
+    sent_at = device_now.isoformat(timespec="milliseconds")
+    items = [
+        {"type": "track", "event": "Products Searched", "anonymousId": f"{tag}-anon",
+         "messageId": f"{tag}-{i}",
+         "originalTimestamp": (device_now - timedelta(seconds=10 * i)).isoformat(timespec="milliseconds"),
+         "properties": {"query": "shoes"}}
+        for i in range(3)
+    ]
+    body = {"batch": items, "sentAt": sent_at, "writeKey": KEY,
+            "context": {"library": {"name": "analytics.js"}, "userAgent": "test"}}
+    response = requests.post(f"{url(worker)}/v1/batch", data=orjson.dumps(body),
+                             headers={"Content-Type": "text/plain"}, timeout=30)
+    assert response.status_code == 200 and response.json() == {"success": True}
+
+    where = f"message_id LIKE '{tag}-%'"
+    wait_until(lambda: len(rows(worker, where)) == 3, timeout=120, what="the browser batch")
+    for row in rows(worker, where):
+        i = int(row["message_id"].rsplit("-", 1)[1])
+        # timestamp = receivedAt − (sentAt − originalTimestamp), to the millisecond
+        assert row["timestamp"] == row["received_at"] - 10_000 * i
+        assert abs(row["timestamp"] - ms(datetime.now(UTC))) < 120_000 + 10_000 * i  # the skew is gone
+        context = orjson.loads(row["context"])
+        assert context["library"]["name"] == "analytics.js" and context["ip"] == "127.0.0.1"
+
+
+def test_an_invalid_event_in_an_accepted_batch_goes_to_the_dlq_with_a_reason(worker):
+    tag = uuid.uuid4().hex[:10]
+    auth = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
+    body = {"batch": [
+        {"type": "track", "event": "Order Completed", "anonymousId": f"{tag}-a", "messageId": f"{tag}-bad",
+         "properties": {"order_id": 42, "revenue": 1.0}},
+        {"type": "track", "event": "Page Loaded", "anonymousId": f"{tag}-a", "messageId": f"{tag}-good"},
+    ]}
+    response = requests.post(f"{url(worker)}/v1/batch", data=orjson.dumps(body),
+                             headers={"Authorization": auth}, timeout=30)
+    assert response.status_code == 200
+
+    def dlq() -> list:
+        return worker.sql("SELECT reasons, source FROM flywheel.invalid_events "
+                          f"WHERE position(payload, '{tag}-bad') > 0")
+
+    wait_until(lambda: dlq() and rows(worker, f"message_id = '{tag}-good'"), timeout=120,
+               what="the DLQ row and the valid row")
+    ((reasons, source),) = dlq()
+    assert any("property 'order_id' must be string" in r for r in reasons) and source == source_label(KEY)
+    assert rows(worker, f"message_id = '{tag}-bad'") == []
+
+
+def test_collector_metrics_on_the_worker(worker):
+    ok = requests.post(f"{url(worker)}/v1/track", auth=(KEY, ""), timeout=30,
+                       data=orjson.dumps({"event": "Signed Up", "userId": "metrics-user"}))
+    bad = requests.post(f"{url(worker)}/v1/track", data=b"{", auth=(KEY, ""), timeout=30)
+    assert (ok.status_code, bad.status_code) == (200, 400)
+    assert worker.metric("flywheel_collector_rejects_total", reason="malformed_json") >= 1
+    assert worker.metric("flywheel_collector_requests_total", path="track", status="400") >= 1
+    assert worker.metric("flywheel_collector_requests_total", path="track", status="200") >= 1
+    assert worker.metric("flywheel_collector_events_accepted_total", source=source_label(KEY)) >= 1
+    assert worker.metric("flywheel_collector_transactions_total", outcome="committed") >= 1
+    assert worker.metric("flywheel_collector_produce_seconds_count") >= 1
