@@ -3,9 +3,11 @@
 Stages, in the order data flows (DESIGN §1):
 
     events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
-                              └──────▶ events.invalid
-    events.identified ──sink_events──▶ flywheel.events
-    events.invalid    ──sink_invalid─▶ flywheel.invalid_events
+                              │                                   ├──▶ identity.changes
+                              └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
+    events.identified ──sink_events───▶ flywheel.events
+    events.invalid    ──sink_invalid──▶ flywheel.invalid_events
+    identity.changes  ──sink_identity─▶ flywheel.identity_map / identity_conflicts
 
 Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py and
 sink.py. Delivery is at-least-once with idempotent application: the dedup table remembers where a
@@ -25,7 +27,7 @@ import orjson
 from flywheel import identity
 from flywheel import observability as obs
 from flywheel.clickhouse import ClickHouse
-from flywheel.clickhouse.rows import event_row, invalid_row
+from flywheel.clickhouse.rows import event_row, identity_rows, invalid_row
 from flywheel.config import Settings
 from flywheel.plan import load_plan
 from flywheel.read_committed import ReadCommittedTransport
@@ -68,6 +70,10 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         producer_acks=-1,
+        # Batch produce requests (events.identified + the table changelog: two sends per event). With
+        # Faust's default 0 s every send became its own tiny request and the socket writes were ~20% of
+        # the worker's CPU (bench/pipeline.py profile); 50 ms adds at most that to a hop's latency.
+        producer_linger=0.05,
         web_port=settings.http_port,
         web_bind="0.0.0.0",
         key_serializer="raw",
@@ -83,11 +89,18 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     raw_topic = app.topic(names.raw, key_type=bytes, value_type=bytes)
     invalid_topic = app.topic(names.invalid, key_type=bytes, value_type=bytes)
     identified_topic = app.topic(names.identified, key_type=bytes, value_type=bytes)
+    changes_topic = app.topic(names.identity_changes, key_type=bytes, value_type=bytes)
 
     # messageId → "partition:offset" of the raw record that first carried it. Co-partitioned with
     # events.raw (an SDK retry has the same key, so the same partition).
     first_seen = app.Table(
         "message-ids", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+    # anonymous id → the user it was first linked to (DESIGN §3). Co-partitioned with events.raw, which
+    # is keyed by the anonymous id (an alias by its previousId): every link of an id is decided on
+    # its own partition, in order.
+    linked_users = app.Table(
+        "identity", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
 
     # chdb calls are synchronous C++: one dedicated thread keeps them off the event loop.
@@ -129,13 +142,53 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
             elif seen != here:
                 obs.DUPLICATES.labels(raw.source).inc()
                 continue
-            ev["personId"] = identity.person_id(ev)
+            await resolve_identity(ev, raw.source)
             await identified_topic.send(key=ev["personId"].encode(), value=orjson.dumps(ev))
+
+    async def resolve_identity(ev: dict, source: str) -> None:
+        """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""
+        pair = identity.linked_ids(ev)
+        lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
+        linked = linked_users.get(lookup.encode()) if lookup else None
+        result = identity.resolve(ev, linked.decode() if linked is not None else None)
+        ev["personId"] = result.person_id
+        if result.link is not None:
+            anon, user = result.link.anonymous_id, result.link.user_id
+            linked_users[anon.encode()] = user.encode()
+            obs.IDENTITY_LINKS.inc()
+            change = {"type": "link", "anonymousId": anon, "userId": user,
+                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            await changes_topic.send(key=anon.encode(), value=orjson.dumps(change))
+            # Keyed by the anonymous id: it follows all of that id's earlier events on its partition
+            # of events.identified, so their owner hands the state over only after applying them.
+            marker = {"type": "merge", "from": anon, "into": user,
+                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            await identified_topic.send(key=anon.encode(), value=orjson.dumps(marker))
+        elif result.conflict is not None:
+            c = result.conflict
+            obs.IDENTITY_CONFLICTS.labels(source).inc()
+            log.info("identity conflict: %s stays with %s, refused %s (messageId %s)",
+                     c.anonymous_id, c.linked_to, c.refused, ev["messageId"])
+            change = {"type": "conflict", "anonymousId": c.anonymous_id, "linkedTo": c.linked_to,
+                      "refused": c.refused, "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            await changes_topic.send(key=c.anonymous_id.encode(), value=orjson.dumps(change))
 
     @app.agent(identified_topic)
     async def sink_events(stream):
         async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
-            await sink.write("flywheel.events", [event_row(orjson.loads(v)) for v in batch])
+            records = (orjson.loads(v) for v in batch)
+            # Merge markers are for the person-partitioned aggregates, not rows.
+            await sink.write("flywheel.events", [event_row(r) for r in records if r["type"] != "merge"])
+
+    @app.agent(changes_topic)
+    async def sink_identity(stream):
+        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
+            by_table: dict[str, list[dict]] = {}
+            for value in batch:
+                table, row = identity_rows(orjson.loads(value))
+                by_table.setdefault(table, []).append(row)
+            for table, rows in by_table.items():
+                await sink.write(table, rows)
 
     @app.agent(invalid_topic)
     async def sink_invalid(stream):

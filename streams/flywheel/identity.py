@@ -111,8 +111,3 @@ class IdentityMap:
 
     def person_of(self, distinct_id: str) -> str:
         return self.links.get(distinct_id, distinct_id)
-
-
-def person_id(event: dict[str, Any]) -> str:
-    """Person of an event from its own ids alone (no identity table)."""
-    return resolve(event, None).person_id

@@ -12,6 +12,10 @@ INVALID = Counter("flywheel_events_invalid_total", "Records sent to the DLQ", ["
 DUPLICATES = Counter(
     "flywheel_events_duplicate_total", "Valid records dropped as SDK retries of a seen messageId", ["source"]
 )
+IDENTITY_LINKS = Counter("flywheel_identity_links_total", "First links of an anonymous id to a user")
+IDENTITY_CONFLICTS = Counter(
+    "flywheel_identity_conflicts_total", "Refused links: the anonymous id already belongs to another user", ["source"]
+)
 SINK_ROWS = Counter("flywheel_sink_rows_total", "Rows inserted into ClickHouse", ["table"])
 SINK_BATCHES = Histogram(
     "flywheel_sink_insert_seconds", "Duration of one successful ClickHouse insert", ["table"],

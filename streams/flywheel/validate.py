@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from flywheel import envelope
+from flywheel import envelope, identity
 from flywheel.envelope import MESSAGE_TYPES, BadTimestamp
 from flywheel.plan import TrackingPlan
 
@@ -114,6 +114,9 @@ def _validate(raw: Raw, plan: TrackingPlan, limits: Limits) -> Valid | Invalid:
             reasons.append("alias needs 'userId'")
     elif not ids["userId"] and not ids["anonymousId"]:
         reasons.append("neither 'userId' nor 'anonymousId' is set")
+    junk = identity.junk_id_reason(ids)
+    if junk:
+        reasons.append(junk)
     if mtype == "group" and not ids["groupId"]:
         reasons.append("group needs 'groupId'")
 

@@ -55,6 +55,10 @@ def test_a_valid_track_event_is_normalised():
     (ok(timestamp="2026-11-25T12:00:00Z"), "after receivedAt"),
     (ok(timestamp="1969-12-31T00:00:00Z"), "before 1970"),
     (ok(messageId=["m"]), "messageId must be a string, got list"),
+    (ok(userId="undefined"), "not a real id"),
+    (ok(anonymousId="null"), "not a real id"),
+    ({"type": "alias", "previousId": "0", "userId": "u"}, "not a real id"),
+    (ok(anonymousId="  "), "not a real id"),
     (ok(event="Order Completed", properties={"order_id": 1}), "property 'order_id' must be string"),
     (ok(event="Order Completed"), "property 'order_id' is required"),
 ])

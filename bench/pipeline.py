@@ -1,0 +1,567 @@
+"""Pipeline throughput benchmark (issue 2): events.raw → rows in ClickHouse vs. a bare Kafka consumer.
+
+    make bench                                    # = .venv/bin/python bench/pipeline.py
+    .venv/bin/python bench/pipeline.py --events 200000 --runs 2 --budget 1200
+
+One invocation, one machine, one topic:
+
+1. starts a local Kafka (flywheel.devkafka) on free ports in a temporary directory (removed at the end);
+2. pre-loads N realistic, valid events (flywheel.sample.journeys) into a fresh events.raw through
+   flywheel.producer.Producer and checks the topic holds exactly N records;
+3. per run:
+   - ceiling: a bare AIOKafkaConsumer (fresh group id, earliest, read_committed like the worker,
+     getmany loop, no decoding) reads the same N records; rate = N / (first record → N-th record);
+   - pipeline: one `flywheel worker` subprocess (embedded ClickHouse, its own data dir, group id and
+     downstream topics) consumes the same events.raw; rate = N / ("Worker ready" in its log → count()
+     in flywheel.events reaches N), count() polled through flywheel.query.run (the worker's /sql)
+     every --poll s. At the end: N distinct message ids, no invalid rows;
+4. a profiled pipeline run (FLYWHEEL_PROFILE: pyinstrument, worker main thread, 1 ms samples) on a
+   separate events.raw holding --profile-events events of the same generator (pyinstrument's
+   per-call hook slows the worker several-fold, so it does not run on the measured topic); its
+   samples are cut to the consumption window and summarised by pipeline stage, package and function;
+5. writes bench/results/pipeline-<time>.json, .txt and .pyisession, and prints the text.
+
+--budget bounds the whole invocation: a pipeline run still short of N rows when the budget runs out
+is stopped and reported as incomplete (its rate = rows so far / seconds), and the profiled run is
+skipped when too little time is left. The machine may be shared: each run records the worker's and
+the broker's CPU use and how busy the whole machine was, so a noisy number can be recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flywheel import devkafka, query
+from flywheel.config import Settings, Topics
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+TARGET_RATIO = 0.5
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- machine measurements
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+class Usage:
+    """CPU used by some processes and by the whole machine between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+
+    def start(self) -> Usage:
+        self.t0 = time.monotonic()
+        self.cpu0 = {name: proc_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.m0 = machine_ticks()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        busy1, total1 = machine_ticks()
+        out: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            used = proc_cpu_seconds(pid) - self.cpu0[name]
+            out[f"{name}_cpu_seconds"] = round(used, 2)
+            out[f"{name}_cores"] = round(used / wall, 3)
+        out["machine_busy"] = round((busy1 - self.m0[0]) / max(1, total1 - self.m0[1]), 3)
+        return out
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def topics_for(tag: str, raw: str | None = None) -> Topics:
+    return Topics(
+        raw=raw or f"bench-{tag}.events.raw", invalid=f"bench-{tag}.events.invalid",
+        identified=f"bench-{tag}.events.identified", identity_changes=f"bench-{tag}.identity.changes",
+    )
+
+
+def run_settings(bootstrap: str, partitions: int, raw_topic: str, tag: str, data_dir: Path) -> Settings:
+    """One pipeline run: the given events.raw, everything else its own (group, topics, data, port)."""
+    return Settings(
+        kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-{tag}", data_dir=data_dir,
+        http_port=free_port(), topics=topics_for(tag, raw_topic),
+    )
+
+
+def preload(bootstrap: str, topic: str, partitions: int, n: int, seed: int) -> dict[str, float]:
+    """Send n valid sample events to a new topic through the project's Producer."""
+    from flywheel.producer import Producer
+    from flywheel.sample import journeys
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        admin.close()
+    started = time.monotonic()
+    with Producer(bootstrap, topic=topic, source="bench",
+                  linger_ms=50, batch_size=512 * 1024, max_in_flight_requests_per_connection=5) as producer:
+        for message in journeys(n, seed=seed, days=7):
+            producer.send(message)
+    seconds = time.monotonic() - started
+    held = topic_size(bootstrap, topic)
+    if held != n:
+        raise SystemExit(f"{topic} holds {held} records, expected {n}")
+    return {"seconds": round(seconds, 2), "events_per_s": round(n / seconds)}
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = consumer.end_offsets(parts)
+        starts = consumer.beginning_offsets(parts)
+        return sum(ends[p] - starts[p] for p in parts)
+    finally:
+        consumer.close()
+
+
+# --------------------------------------------------------------------------- the ceiling
+
+
+async def _bare_consume(bootstrap: str, topic: str, n: int, timeout: float) -> dict[str, float]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"bench-ceiling-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest", enable_auto_commit=False, isolation_level="read_committed",
+    )
+    started = time.monotonic()
+    await consumer.start()
+    try:
+        seen = nbytes = 0
+        first = None
+        while seen < n:
+            if time.monotonic() > started + timeout:
+                raise SystemExit(f"bare consumer read only {seen} of {n} records in {timeout:.0f}s")
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                if records and first is None:
+                    first = time.monotonic()
+                seen += len(records)
+                nbytes += sum(len(r.value) for r in records)
+        done = time.monotonic()
+    finally:
+        await consumer.stop()
+    return {
+        "events_per_s": round(n / (done - first)),
+        "seconds": round(done - first, 3),
+        "seconds_with_group_join": round(done - started, 3),
+        "mb_per_s": round(nbytes / (done - first) / 1e6, 2),
+    }
+
+
+def ceiling(settings: Settings, n: int, timeout: float) -> dict[str, Any]:
+    usage = Usage({"consumer": os.getpid()}).start()
+    result = asyncio.run(_bare_consume(settings.kafka_bootstrap, settings.topics.raw, n, timeout))
+    result.update(usage.stop())
+    result["cpu_us_per_event"] = round(result.pop("consumer_cpu_seconds") / n * 1e6, 1)
+    return result
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def worker_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    for name, value in settings.model_dump(exclude={"topics"}).items():
+        if value is not None:
+            env[f"FLYWHEEL_{name.upper()}"] = str(value)
+    for name, value in settings.topics.model_dump().items():
+        env[f"FLYWHEEL_TOPIC_{name.upper()}"] = value
+    return env | extra
+
+
+def scalar(settings: Settings, sql: str) -> Any:
+    return query.run(settings, sql, timeout=60)[1][0][0]
+
+
+def metric_values(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("flywheel_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def metric_sum(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
+             profile: Path | None = None) -> dict[str, Any]:
+    """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.data_dir / "worker.log"
+    extra = {"FLYWHEEL_PROFILE": str(profile)} if profile else {}
+    spawned = time.monotonic()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", "worker"], env=worker_env(settings, extra),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+        )
+
+    def fail(why: str) -> SystemExit:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        return SystemExit(f"{why}\n--- worker log ({log_path}) ---\n{tail}")
+
+    try:
+        while "Worker ready" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise fail(f"the worker exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise fail("the worker was not ready before the bench's budget ran out")
+            time.sleep(0.05)
+        ready, ready_wall = time.monotonic(), time.time()
+        usage = Usage({"worker": proc.pid, "broker": broker_pid}).start()
+        series: list[tuple[float, int, int]] = []  # (s since ready, raw records ingested, rows)
+        first_row = ingested_at = None
+        count = 0
+        while count < n and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise fail(f"the worker exited with {proc.returncode} during the run")
+            try:
+                count = scalar(settings, "SELECT count() FROM flywheel.events")
+                metrics = metric_values(settings.http_port)
+                received = int(metric_sum(metrics, "flywheel_events_received_total"))
+            except (query.QueryError, OSError):  # /sql not advertised yet
+                count = received = 0
+            now = time.monotonic()
+            series.append((round(now - ready, 2), received, count))
+            if count and first_row is None:
+                first_row = (now, count)
+            if received >= n and ingested_at is None:
+                ingested_at = now
+            if count < n:
+                time.sleep(poll)
+        done, done_wall = time.monotonic(), time.time()
+        cpu = usage.stop()
+        exact = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
+        invalid = scalar(settings, "SELECT count() FROM flywheel.invalid_events")
+        metrics = metric_values(settings.http_port)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # a profiled worker writes its profile now
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    complete = count >= n
+    if count > n or exact != count or invalid:
+        raise fail(f"expected {n} distinct valid rows; got {count} rows, {exact} distinct, {invalid} invalid")
+    inserts = metrics.get('flywheel_sink_insert_seconds_count{table="flywheel.events"}', 0.0)
+    insert_s = metrics.get('flywheel_sink_insert_seconds_sum{table="flywheel.events"}', 0.0)
+    seconds = done - ready
+    steady = None
+    if first_row is not None and done > first_row[0]:
+        steady = round((count - first_row[1]) / (done - first_row[0]))
+    return {
+        "complete": complete,
+        "rows": count,
+        "events_per_s": round(count / seconds),
+        "seconds": round(seconds, 2),
+        "startup_seconds": round(ready - spawned, 2),
+        "first_row_after_s": round(first_row[0] - ready, 2) if first_row else None,
+        "all_ingested_after_s": round(ingested_at - ready, 2) if ingested_at else None,
+        "steady_events_per_s": steady,
+        **cpu,
+        "worker_cpu_ms_per_event": round(cpu["worker_cpu_seconds"] / max(1, count) * 1e3, 3),
+        "inserts": int(inserts),
+        "rows_per_insert": round(count / inserts) if inserts else None,
+        "insert_seconds_total": round(insert_s, 2),
+        "insert_share_of_window": round(insert_s / seconds, 3),
+        "duplicates_dropped": int(metric_sum(metrics, "flywheel_events_duplicate_total")),
+        "window_wall": [ready_wall, done_wall],
+        "series": series,
+        "log": str(log_path),
+    }
+
+
+# --------------------------------------------------------------------------- the profile
+
+Frame = tuple[str, str]  # (function, file path) of one pyinstrument frame
+
+
+def _frame(identifier: str) -> Frame:
+    """pyinstrument frame id "function\\0file\\0line[\\1attributes]" → (function, file)."""
+    parts = identifier.split("\x01", 1)[0].split("\x00")
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def package_of(path: str) -> str:
+    """flywheel/<module>, a third-party package's name, stdlib:<module> or <built-in>."""
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if "/streams/flywheel/" in path:
+        return "flywheel/" + path.split("/streams/flywheel/", 1)[1]
+    if "/lib/python3" in path:
+        rest = path.split("/lib/python3", 1)[1].split("/", 2)
+        return "stdlib:" + (rest[1].removesuffix(".py") if len(rest) > 1 else path)
+    return path
+
+
+def _has(func: str | tuple[str, ...], file_part: str) -> Callable[[list[Frame]], bool]:
+    funcs = (func,) if isinstance(func, str) else func
+    return lambda stack: any(f in funcs and file_part in p for f, p in stack)
+
+
+def _idle(stack: list[Frame]) -> bool:
+    func, path = stack[-1]
+    return path.startswith("<") and func.endswith((".poll", ".select"))
+
+
+# Where the worker's main thread spends its time; an indented stage is part of the one above it.
+STAGES: list[tuple[str, Callable[[list[Frame]], bool]]] = [
+    ("ingest agent (flywheel/app.py ingest)", _has("ingest", "flywheel/app.py")),
+    ("  validate", _has("validate", "flywheel/validate.py")),
+    ("  dedup table get/set + changelog", lambda s: any("/faust/tables/" in p or "/faust/stores/" in p
+                                                          or "mode/utils/collections" in p for _, p in s)),
+    ("  send to events.identified (faust Topic.send)", _has("send", "/faust/topics.py")),
+    ("  Faust stream iteration (events(), acks)", _has(("_c_aiter", "events", "__anext__"), "/faust/")),
+    ("sink agents (rows + ClickHouse insert hand-off)",
+     _has(("sink_events", "sink_invalid"), "flywheel/app.py")),
+    ("Faust fetcher: consumer → streams", _has(("_drain_messages", "on_message", "getmany"), "/faust/")),
+    ("producer: Faust buffer + aiokafka sender", lambda s: any(
+        ("/aiokafka/producer/" in p) or (f in ("_handle_pending", "_on_published") and "/faust/" in p)
+        for f, p in s)),
+    ("HTTP (the bench polling /sql and /metrics)", _has("_handle_request", "/aiohttp/")),
+    ("event loop idle (epoll)", _idle),
+]
+
+
+def summarise_profile(path: Path, window: list[float], top: int = 15) -> dict[str, Any]:
+    """Stage shares, self time per package and function, in the consumption window only."""
+    from pyinstrument.session import Session
+
+    session = Session.load(path)
+    at = session.start_time
+    selfs: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    total = 0.0
+    for identifiers, seconds in session.frame_records:
+        at += seconds
+        if not window[0] <= at <= window[1]:
+            continue
+        total += seconds
+        stack = [_frame(i) for i in identifiers]
+        func, file = stack[-1]
+        selfs[f"{func} ({package_of(file)})"] += seconds
+        packages[package_of(file)] += seconds
+        matched = False
+        for name, matches in STAGES:
+            top_level = not name.startswith(" ")
+            if top_level and matched:
+                continue
+            if matches(stack):
+                stages[name] += seconds
+                matched = matched or top_level
+        if not matched:
+            stages["other: asyncio/mode scheduling, commits, timers"] += seconds
+
+    def table(counter: Counter[str], k: int | None) -> list[list[Any]]:
+        return [[name, round(s, 3), round(s / total, 3)] for name, s in counter.most_common(k)]
+
+    order = [name for name, _ in STAGES] + ["other: asyncio/mode scheduling, commits, timers"]
+    return {
+        "sampled_seconds": round(total, 2),
+        "stages": [[name, round(stages[name], 3), round(stages[name] / total, 3)] for name in order if total],
+        "top_packages_self": table(packages, 12),
+        "top_self": table(selfs, top),
+        "file": str(path),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    lines = [
+        f"Flywheel pipeline bench {doc['started']}: {cfg['events']} events, {cfg['partitions']} partitions, "
+        f"{os.cpu_count()} CPUs, load average at start {doc['loadavg_start']}",
+        f"pre-load through flywheel.producer.Producer: {doc['preload']['events_per_s']} ev/s",
+        "",
+        "run  pipeline ev/s  ceiling ev/s   ratio  | worker CPU ms/ev  ceiling CPU us/ev | pipeline s, "
+        "worker cores, broker cores, machine busy",
+    ]
+    for i, run in enumerate(doc["runs"], 1):
+        p, c = run["pipeline"], run["ceiling"]
+        flag = "" if p["complete"] else f"  INCOMPLETE: {p['rows']} rows when the budget ran out"
+        lines.append(
+            f"{i:>3}  {p['events_per_s']:>13,}  {c['events_per_s']:>12,}  {run['ratio']:>6.2%} "
+            f"| {p['worker_cpu_ms_per_event']:>16} {c['cpu_us_per_event']:>18} | "
+            f"{p['seconds']} s, {p['worker_cores']}, {p['broker_cores']}, {p['machine_busy']:.0%}{flag}"
+        )
+    ratios = [r["ratio"] for r in doc["runs"]]
+    if ratios:
+        verdict = "meets it" if min(ratios) >= TARGET_RATIO else "BELOW"
+        lines.append(f"target: pipeline >= {TARGET_RATIO:.0%} of the ceiling -> {verdict} "
+                     f"(ratios {', '.join(f'{r:.2%}' for r in ratios)})")
+        p = doc["runs"][-1]["pipeline"]
+        lines.append(
+            f"last run: all raw records ingested {p['all_ingested_after_s']} s after ready, first row "
+            f"{p['first_row_after_s']} s; {p['inserts']} inserts of ~{p['rows_per_insert']} rows took "
+            f"{p['insert_seconds_total']} s ({p['insert_share_of_window']:.0%} of the window, on the "
+            "ClickHouse thread)"
+        )
+    prof = doc.get("profile")
+    if prof and "summary" in prof:
+        s, pp = prof["summary"], prof["pipeline"]
+        lines += [
+            "",
+            f"profile: worker main thread, consumption window only, {pp['rows']} events on a separate topic "
+            f"(under pyinstrument: {pp['events_per_s']:,} ev/s, {s['sampled_seconds']} s sampled)",
+            "  by stage (share of main-thread wall time; indented = part of the line above):",
+            *[f"    {share:6.1%}  {name}" for name, _, share in s["stages"]],
+            "  self time by package:",
+            *[f"    {share:6.1%}  {name}" for name, _, share in s["top_packages_self"]],
+            "  top functions by self time:",
+            *[f"    {share:6.1%}  {name}" for name, _, share in s["top_self"]],
+            f"  whole profile: .venv/bin/pyinstrument --load {s['file']}",
+        ]
+    elif prof:
+        lines += ["", f"profile: {prof['skipped']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=50_000, help="records pre-loaded into events.raw")
+    parser.add_argument("--runs", type=int, default=2, help="ceiling + pipeline measurements")
+    parser.add_argument("--partitions", type=int, default=8, help="partitions of the bench topics")
+    parser.add_argument("--profile-events", type=int, default=15_000,
+                        help="events for the profiled run (0: no profile)")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole invocation")
+    parser.add_argument("--poll", type=float, default=0.25, help="seconds between count() polls")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    args = parser.parse_args()
+
+    started = datetime.now(UTC)
+    budget_end = time.monotonic() + args.budget
+    tmp = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    broker = devkafka.Broker(data_dir=tmp / "kafka", port=free_port(), controller_port=free_port())
+    tag = uuid.uuid4().hex[:6]
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw_topic = f"bench-{tag}.events.raw"
+    doc: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+        "config": {"events": args.events, "partitions": args.partitions, "topic": raw_topic,
+                   "budget_s": args.budget, "sink_batch_size": Settings().sink_batch_size},
+        "runs": [],
+    }
+    try:
+        log(f"starting Kafka at {broker.bootstrap} in {tmp}")
+        broker_pid = devkafka.start(broker)
+        doc["config"]["kafka"] = devkafka.kafka_version()
+        log(f"pre-loading {args.events} events into {raw_topic}")
+        doc["preload"] = preload(broker.bootstrap, raw_topic, args.partitions, args.events, args.seed)
+        log(f"pre-loaded at {doc['preload']['events_per_s']} ev/s")
+        profile_reserve = 90 if args.profile_events else 0
+        for i in range(1, args.runs + 1):
+            settings = run_settings(broker.bootstrap, args.partitions, raw_topic, f"{tag}r{i}",
+                                    tmp / f"run{i}")
+            c = ceiling(settings, args.events, timeout=60)
+            log(f"run {i}: bare consumer {c['events_per_s']:,} ev/s")
+            p = pipeline(settings, args.events, deadline=budget_end - profile_reserve, poll=args.poll,
+                         broker_pid=broker_pid)
+            ratio = p["events_per_s"] / c["events_per_s"]
+            log(f"run {i}: pipeline {p['events_per_s']:,} ev/s ({p['rows']} rows in {p['seconds']} s, "
+                f"{p['worker_cpu_ms_per_event']} ms worker CPU per event) -> {ratio:.2%} of the ceiling")
+            doc["runs"].append({"ceiling": c, "pipeline": p, "ratio": round(ratio, 5)})
+            if not p["complete"]:
+                log("the budget ran out: no further runs")
+                break
+        if args.profile_events:
+            left = budget_end - time.monotonic()
+            if left < 60:
+                doc["profile"] = {"skipped": f"skipped: only {left:.0f} s of the --budget left"}
+            else:
+                prof_topic = f"bench-{tag}.profile.events.raw"
+                preload(broker.bootstrap, prof_topic, args.partitions, args.profile_events, args.seed + 1)
+                prof_path = RESULTS / f"pipeline-{stamp}.pyisession"
+                settings = run_settings(broker.bootstrap, args.partitions, prof_topic, f"{tag}prof",
+                                        tmp / "profiled")
+                p = pipeline(settings, args.profile_events, deadline=budget_end - 15, poll=args.poll,
+                             broker_pid=broker_pid, profile=prof_path)
+                log(f"profiled run: {p['events_per_s']:,} ev/s under pyinstrument")
+                doc["profile"] = {"pipeline": p, "summary": summarise_profile(prof_path, p["window_wall"])}
+    finally:
+        log("stopping Kafka")
+        devkafka.stop(broker)
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    doc["seconds_total"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    text = render(doc)
+    (RESULTS / f"pipeline-{stamp}.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / f"pipeline-{stamp}.txt").write_text(text + "\n")
+    print()
+    print(text)
+    print(f"\nresults: {RESULTS}/pipeline-{stamp}.json and .txt ({doc['seconds_total']} s in all)")
+
+
+if __name__ == "__main__":
+    main()
