@@ -42,6 +42,7 @@ def free_port() -> int:
 def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
+    value: Any = None
     while time.monotonic() < deadline:
         try:
             value = predicate()
@@ -50,7 +51,9 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, inter
         except Exception as exc:  # the service may not be up yet
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})")
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what} (last value: {value!r}, last error: {last_exc})"
+    )
 
 
 def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> Settings:

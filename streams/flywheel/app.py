@@ -142,19 +142,21 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
             elif seen != here:
                 obs.DUPLICATES.labels(raw.source).inc()
                 continue
-            await resolve_identity(ev, raw.source)
+            await resolve_identity(ev, raw)
             await identified_topic.send(key=ev["personId"].encode(), value=orjson.dumps(ev))
 
-    async def resolve_identity(ev: dict, source: str) -> None:
+    async def resolve_identity(ev: dict, raw: Raw) -> None:
         """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""
         pair = identity.linked_ids(ev)
         lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
-        linked = linked_users.get(lookup.encode()) if lookup else None
-        result = identity.resolve(ev, linked.decode() if linked is not None else None)
+        entry = linked_users.get(lookup.encode()) if lookup else None
+        # Table value: b"<user>\x00<origin of the linking record>".
+        linked_user, _, linked_by = entry.decode().partition("\x00") if entry is not None else (None, "", None)
+        result = identity.resolve(ev, linked_user, linked_by=linked_by, origin=raw.origin)
         ev["personId"] = result.person_id
         if result.link is not None:
             anon, user = result.link.anonymous_id, result.link.user_id
-            linked_users[anon.encode()] = user.encode()
+            linked_users[anon.encode()] = f"{user}\x00{raw.origin}".encode()
             obs.IDENTITY_LINKS.inc()
             change = {"type": "link", "anonymousId": anon, "userId": user,
                       "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
@@ -166,7 +168,7 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
             await identified_topic.send(key=anon.encode(), value=orjson.dumps(marker))
         elif result.conflict is not None:
             c = result.conflict
-            obs.IDENTITY_CONFLICTS.labels(source).inc()
+            obs.IDENTITY_CONFLICTS.labels(raw.source).inc()
             log.info("identity conflict: %s stays with %s, refused %s (messageId %s)",
                      c.anonymous_id, c.linked_to, c.refused, ev["messageId"])
             change = {"type": "conflict", "anonymousId": c.anonymous_id, "linkedTo": c.linked_to,

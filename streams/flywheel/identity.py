@@ -71,10 +71,16 @@ def linked_ids(event: dict[str, Any]) -> tuple[str, str] | None:
     return anon, user
 
 
-def resolve(event: dict[str, Any], linked_user: str | None) -> Resolution:
+def resolve(
+    event: dict[str, Any], linked_user: str | None, *, linked_by: str | None = None, origin: str | None = None
+) -> Resolution:
     """Person of `event` and what it changes, given the user its anonymous id is linked to (if any).
 
-    `linked_user` is the identity table's entry for the event's anonymous id (previousId for alias).
+    `linked_user` is the identity table's entry for the event's anonymous id (previousId for alias);
+    `linked_by` the origin (raw partition@offset) of the record that made that link, `origin` this
+    record's. Delivery is at-least-once and the table can be ahead of what was published (a crash
+    after the table write, before the commit): a redelivery of the linking record itself re-emits its
+    link, so the link reaches identity.changes and the merge at least once.
     """
     pair = linked_ids(event)
     user = event.get("userId") or ""
@@ -88,6 +94,8 @@ def resolve(event: dict[str, Any], linked_user: str | None) -> Resolution:
         return Resolution(person_id=user, link=Link(anon, user))
     if linked_user != user:
         return Resolution(person_id=user, conflict=Conflict(anon, linked_user, user))
+    if origin is not None and linked_by == origin:
+        return Resolution(person_id=user, link=Link(anon, user))
     return Resolution(person_id=user)
 
 

@@ -91,3 +91,94 @@ def test_junk_ids_never_become_persons(pipeline_settings):
         assert worker.sql("SELECT person_id FROM flywheel.events_resolved") == [["anon-1"]]
     finally:
         worker.stop()
+
+
+def identify_burst(n_anon: int = 400, seed: int = 5) -> list[dict]:
+    """Per anonymous id: browsing, an identify (two devices per user), more browsing; 10% later try to
+    identify as someone else. Ids interleave at random; each id's own calls stay in order."""
+    import random
+    import uuid
+
+    rng = random.Random(seed)
+    per_anon = []
+    for i in range(n_anon):
+        anon, user = f"anon-{i}", f"user-{i // 2}"
+        props = {"product_id": f"p{i}"}  # required by the shipped tracking plan
+        calls = [{"type": "track", "anonymousId": anon, "event": "Product Viewed", "timestamp": at(j),
+                  "properties": props} for j in range(3)]
+        calls.append({"type": "identify", "anonymousId": anon, "userId": user, "timestamp": at(3)})
+        calls += [{"type": "track", "anonymousId": anon, "event": "Product Added", "timestamp": at(4 + j),
+                   "properties": props} for j in range(2)]
+        if rng.random() < 0.1:
+            calls.append({"type": "identify", "anonymousId": anon, "userId": f"user-x{i}", "timestamp": at(9)})
+        for c in calls:
+            c["messageId"] = str(uuid.UUID(int=rng.getrandbits(128)))
+        per_anon.append(calls)
+    out = []
+    while any(per_anon):
+        q = rng.choice([q for q in per_anon if q])
+        out.append(q.pop(0))
+    return out
+
+
+def _counts(worker: WorkerProcess) -> tuple:
+    return tuple(worker.scalar(f"SELECT count() FROM flywheel.{t} FINAL")
+                 for t in ("events", "identity_map", "identity_conflicts", "invalid_events"))
+
+
+def _identity_state(worker: WorkerProcess) -> tuple[set, set, set]:
+    return (
+        {tuple(r) for r in worker.sql("SELECT distinct_id, person_id FROM flywheel.identity_map FINAL")},
+        {tuple(r) for r in worker.sql("SELECT anonymous_id, linked_to, refused FROM flywheel.identity_conflicts FINAL")},
+        {tuple(r) for r in worker.sql("SELECT message_id, person_id FROM flywheel.events_resolved")},
+    )
+
+
+def test_sigkill_during_a_burst_of_identifies_matches_an_uninterrupted_run(kafka, tmp_path):
+    import threading
+
+    from helpers import unique_settings
+
+    from flywheel.identity import IdentityMap
+
+    calls = identify_burst()
+    model = IdentityMap()
+    for c in calls:
+        model.apply(c)
+    expected_links = set(model.links.items())
+    expected_conflicts = {(c.anonymous_id, c.linked_to, c.refused) for c in model.conflicts}
+
+    def run(name: str, *, kill: bool) -> tuple[set, set, set]:
+        settings = unique_settings(kafka, tmp_path / name)
+        worker = WorkerProcess(settings).start()
+
+        def send() -> None:
+            with Producer(settings.kafka_bootstrap, topic=settings.topics.raw, source="test") as p:
+                for c in calls:
+                    p.send(c)
+
+        sender = threading.Thread(target=send)
+        try:
+            sender.start()
+            if kill:
+                wait_until(lambda: worker.scalar("SELECT count() FROM flywheel.identity_map") >= 60,
+                           timeout=120, what="the first links", interval=0.2)
+                worker.kill()
+                sender.join()
+                worker.start()
+            sender.join()
+            expected = (len(calls), len(expected_links), len(expected_conflicts))
+
+            try:
+                wait_until(lambda: _counts(worker)[:3] == expected, timeout=300, what=f"{name}: {expected} events, links, conflicts")
+            except AssertionError:
+                raise AssertionError(f"{name}: expected {expected}, got {_counts(worker)}\n{worker.log_tail(30)}")
+            return _identity_state(worker)
+        finally:
+            sender.join()
+            worker.stop()
+
+    uninterrupted = run("uninterrupted", kill=False)
+    killed = run("killed", kill=True)
+    assert uninterrupted[0] == expected_links and uninterrupted[1] == expected_conflicts
+    assert killed == uninterrupted

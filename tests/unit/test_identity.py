@@ -111,3 +111,13 @@ def test_junk_ids_never_map(events):
         if junk_id_reason(e) is None:  # what the validate stage lets through
             ids.apply(e)
     assert not any(is_junk_id(k) or is_junk_id(v) for k, v in ids.links.items())
+
+
+def test_a_redelivered_linking_record_re_emits_its_link_and_nothing_else_does():
+    identify = {"type": "identify", "anonymousId": "a", "userId": "u"}
+    # The table already holds the link this very record made (crash after the table write).
+    again = resolve(identify, "u", linked_by="events.raw/0@5", origin="events.raw/0@5")
+    assert again.link == Link("a", "u") and again.conflict is None
+    # Another record confirming the same link changes nothing.
+    other = resolve(identify, "u", linked_by="events.raw/0@5", origin="events.raw/0@9")
+    assert other.link is None and other.conflict is None
