@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import ClickHouseServer, free_port, service_missing, unique_settings
-
 from flywheel import devkafka
+from helpers import ClickHouseServer, free_port, service_missing, unique_settings
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from flywheel import query
 from flywheel.config import Settings, Topics
 
@@ -209,7 +208,9 @@ class ClickHouseServer:
     def __init__(self, directory: Path):
         binary = clickhouse_server_binary()
         if binary is None:
-            service_missing("clickhouse-server", "install Debian's package (make test does: scripts/ensure-clickhouse-server)")
+            service_missing(
+                "clickhouse-server", "install Debian's package (make test does: scripts/ensure-clickhouse-server)"
+            )
         self.binary = binary
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def show_config() -> None:
         typer.echo(f"{name}: {value}")
 
 
-def _broker(data_dir: Path | None, port: int | None) -> "devkafka.Broker":  # noqa: F821
+def _broker(data_dir: Path | None, port: int | None) -> devkafka.Broker:  # noqa: F821
     from flywheel import devkafka
 
     settings = _settings()

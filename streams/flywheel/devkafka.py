@@ -45,7 +45,9 @@ def ensure_jars() -> Path:
         return target
     if shutil.which("mvn") is None:
         raise KafkaError("Maven (mvn) is needed to fetch the Kafka broker jars: install it (apt-get install maven)")
-    staging = Path(tempfile.mkdtemp(prefix="kafka-libs-", dir=target.parent.parent if target.parent.parent.exists() else None))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Stage next to the target so the final rename is atomic (same filesystem).
+    staging = Path(tempfile.mkdtemp(prefix="libs-staging-", dir=target.parent))
     cmd = [
         "mvn", "-q", "-B", "-f", str(paths.kafka_pom()), "dependency:copy-dependencies",
         f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
@@ -55,7 +57,6 @@ def ensure_jars() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise KafkaError(f"fetching Kafka jars failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     (staging / ".complete").touch()
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(target)
     except OSError:  # another process won the race: use its copy
@@ -143,8 +144,9 @@ def _port_open(host: str, port: int) -> bool:
 
 def wait_ready(bootstrap: str, timeout: float = 60.0, pid: int | None = None) -> None:
     """Wait until a real metadata request succeeds (an open port is not a ready broker)."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError as ClientError
+
+    from kafka import KafkaAdminClient
 
     host, port = bootstrap.rsplit(":", 1)
     deadline = time.monotonic() + timeout
@@ -178,7 +180,9 @@ def start(broker: Broker, *, timeout: float = 90.0) -> int:
             "(FLYWHEEL_KAFKA_BOOTSTRAP / --port)"
         )
     if shutil.which("java") is None:
-        raise KafkaError("Java 17+ is needed to run the local Kafka broker: install a JDK (apt-get install default-jdk)")
+        raise KafkaError(
+            "Java 17+ is needed to run the local Kafka broker: install a JDK (apt-get install default-jdk)"
+        )
     libs = ensure_jars()
     broker.data_dir.mkdir(parents=True, exist_ok=True)
     props = broker.data_dir / "server.properties"

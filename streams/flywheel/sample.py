@@ -34,7 +34,7 @@ def journeys(n_events: int, *, seed: int = 7, days: int = 3, start: datetime | N
         device = rng.choice(["ios", "android", "web"])
         context = {"library": {"name": "flywheel-sample", "version": "1"}, "os": {"name": device}}
 
-        def msg(kind: str, **fields: Any) -> dict[str, Any]:
+        def msg(kind: str, anon: str = anon, context: dict = context, **fields: Any) -> dict[str, Any]:
             nonlocal t
             t += timedelta(seconds=rng.uniform(2, 240))
             return {"type": kind, "anonymousId": anon, "timestamp": _iso(t),

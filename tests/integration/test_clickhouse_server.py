@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from events_gen import generate
+from flywheel.clickhouse.server import ServerClickHouse
 from helpers import WorkerProcess, wait_until
 from test_pipeline import send
-
-from flywheel.clickhouse.server import ServerClickHouse
 
 pytestmark = pytest.mark.integration
 

@@ -56,7 +56,8 @@ def test_a_test_whose_service_is_missing_fails_under_ci(missing, tmp_path):
     env = os.environ | {"CI": "true"}
     if missing == "kafka":
         env["FLYWHEEL_TEST_KAFKA"] = f"127.0.0.1:{free_port()}"  # nothing listens there
-        target = "tests/integration/test_pipeline.py::test_exactly_the_distinct_valid_events_land_and_every_invalid_one_has_a_reason"
+        target = ("tests/integration/test_pipeline.py::"
+                  "test_exactly_the_distinct_valid_events_land_and_every_invalid_one_has_a_reason")
     else:
         env["FLYWHEEL_TEST_CLICKHOUSE_SERVER"] = str(tmp_path / "no-such-clickhouse-server")
         target = "tests/integration/test_clickhouse_server.py"

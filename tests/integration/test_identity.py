@@ -6,9 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import WorkerProcess, wait_until
-
 from flywheel.producer import Producer
+from helpers import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +128,8 @@ def _counts(worker: WorkerProcess) -> tuple:
 def _identity_state(worker: WorkerProcess) -> tuple[set, set, set]:
     return (
         {tuple(r) for r in worker.sql("SELECT distinct_id, person_id FROM flywheel.identity_map FINAL")},
-        {tuple(r) for r in worker.sql("SELECT anonymous_id, linked_to, refused FROM flywheel.identity_conflicts FINAL")},
+        {tuple(r) for r in worker.sql(
+            "SELECT anonymous_id, linked_to, refused FROM flywheel.identity_conflicts FINAL")},
         {tuple(r) for r in worker.sql("SELECT message_id, person_id FROM flywheel.events_resolved")},
     )
 
@@ -137,9 +137,8 @@ def _identity_state(worker: WorkerProcess) -> tuple[set, set, set]:
 def test_sigkill_during_a_burst_of_identifies_matches_an_uninterrupted_run(kafka, tmp_path):
     import threading
 
-    from helpers import unique_settings
-
     from flywheel.identity import IdentityMap
+    from helpers import unique_settings
 
     calls = identify_burst()
     model = IdentityMap()
@@ -170,9 +169,12 @@ def test_sigkill_during_a_burst_of_identifies_matches_an_uninterrupted_run(kafka
             expected = (len(calls), len(expected_links), len(expected_conflicts))
 
             try:
-                wait_until(lambda: _counts(worker)[:3] == expected, timeout=300, what=f"{name}: {expected} events, links, conflicts")
-            except AssertionError:
-                raise AssertionError(f"{name}: expected {expected}, got {_counts(worker)}\n{worker.log_tail(30)}")
+                wait_until(lambda: _counts(worker)[:3] == expected, timeout=300,
+                           what=f"{name}: {expected} events, links, conflicts")
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"{name}: expected {expected}, got {_counts(worker)}\n{worker.log_tail(30)}"
+                ) from exc
             return _identity_state(worker)
         finally:
             sender.join()

@@ -6,9 +6,8 @@ import threading
 
 import pytest
 from events_gen import generate
-from helpers import WorkerProcess, wait_until
-
 from flywheel.producer import Producer
+from helpers import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

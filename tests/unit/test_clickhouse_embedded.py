@@ -3,7 +3,6 @@
 from datetime import UTC, datetime
 
 import pytest
-
 from flywheel import paths
 from flywheel.clickhouse import ClickHouseUnavailable, is_bad_data
 from flywheel.clickhouse.embedded import EmbeddedClickHouse

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import yaml
-
 from flywheel.config import Settings
 from flywheel.paths import home
 

@@ -1,7 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from flywheel.envelope import BadTimestamp, event_time, kafka_key, to_ms
 
 RECEIVED = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)

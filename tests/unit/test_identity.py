@@ -4,11 +4,10 @@ import random
 import zlib
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from flywheel.envelope import kafka_key
 from flywheel.identity import JUNK_IDS, Conflict, IdentityMap, Link, is_junk_id, junk_id_reason, resolve
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(("event", "linked", "person", "link", "conflict"), [
@@ -67,6 +66,10 @@ def event_strategy(with_junk: bool):
     )
 
 
+def identity_key(e):
+    return e.get("previousId") if e["type"] == "alias" else e.get("anonymousId")
+
+
 def partitions(events, n=3):
     parts = [[] for _ in range(n)]
     for e in events:
@@ -99,7 +102,7 @@ def test_final_mapping_does_not_depend_on_partition_interleaving(events, seed):
     # First link wins: each anonymous id maps to the first user its own partition linked it to.
     for anon, user in outcomes[0][0].items():
         first = next(e["userId"] for e in events
-                     if e.get("userId") and (e.get("previousId") if e["type"] == "alias" else e.get("anonymousId")) == anon)
+                     if e.get("userId") and identity_key(e) == anon)
         assert user == first
 
 

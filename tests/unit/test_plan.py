@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from flywheel import paths
 from flywheel.plan import PlanError, compile_plan, load_plan
 

@@ -4,7 +4,6 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from flywheel.clickhouse import ClickHouseUnavailable
 from flywheel.sink import Sink
 

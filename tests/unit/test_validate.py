@@ -4,11 +4,10 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from flywheel.plan import compile_plan
 from flywheel.validate import Invalid, Limits, Raw, Valid, validate
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PLAN = compile_plan({"events": {"Order Completed": {"properties": {"order_id": {"type": "string", "required": True}}}}})
 RECEIVED = datetime(2026, 11, 21, 12, tzinfo=UTC)

@@ -45,7 +45,9 @@ class EmbeddedClickHouse:
         try:
             self._session = session.Session(str(self.path))
         except Exception as exc:
-            raise ClickHouseUnavailable(f"could not open {self.label}: {exc} (chdb prints the cause on stderr)") from exc
+            raise ClickHouseUnavailable(
+                f"could not open {self.label}: {exc} (chdb prints the cause on stderr)"
+            ) from exc
         # One engine, many threads (sink executor, /sql requests): chdb sessions are not re-entrant.
         self._lock = threading.Lock()
 
@@ -69,7 +71,8 @@ class EmbeddedClickHouse:
         if not rows:
             return
         lines = b"\n".join(orjson.dumps(r, option=orjson.OPT_UTC_Z) for r in rows)
-        self._query(f"INSERT INTO {table} SETTINGS date_time_input_format = 'best_effort' FORMAT JSONEachRow\n" + lines.decode())
+        sql = f"INSERT INTO {table} SETTINGS date_time_input_format = 'best_effort' FORMAT JSONEachRow\n"
+        self._query(sql + lines.decode())
 
     def close(self) -> None:
         with self._lock:
