@@ -214,12 +214,7 @@ def ceiling(settings: Settings, n: int, timeout: float) -> dict[str, Any]:
 
 def worker_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    for name, value in settings.model_dump(exclude={"topics"}).items():
-        if value is not None:
-            env[f"FLYWHEEL_{name.upper()}"] = str(value)
-    for name, value in settings.topics.model_dump().items():
-        env[f"FLYWHEEL_TOPIC_{name.upper()}"] = value
-    return env | extra
+    return env | settings.as_env() | extra
 
 
 def scalar(settings: Settings, sql: str) -> Any:

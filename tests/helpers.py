@@ -73,13 +73,7 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as FLYWHEEL_* environment variables, for a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    for name, value in settings.model_dump(exclude={"topics"}).items():
-        if value is not None:
-            env[f"FLYWHEEL_{name.upper()}"] = str(value)
-    for name, value in settings.topics.model_dump().items():
-        env[f"FLYWHEEL_TOPIC_{name.upper()}"] = value
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | settings.as_env()
 
 
 class WorkerProcess:

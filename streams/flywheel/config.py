@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     def _strip_scheme(cls, v: str) -> str:
         return v.removeprefix("kafka://")
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as FLYWHEEL_* environment variables (for starting a child process)."""
+        env = {f"FLYWHEEL_{k.upper()}": str(v) for k, v in self.model_dump(exclude={"topics"}).items() if v is not None}
+        env.update({f"FLYWHEEL_TOPIC_{k.upper()}": v for k, v in self.topics.model_dump().items()})
+        return env
+
     @property
     def write_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.write_keys.split(",") if k.strip())

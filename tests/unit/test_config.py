@@ -46,3 +46,11 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (home() / "README.md").read_text()
     missing = [f for f in Settings.model_fields if f != "topics" and f"`FLYWHEEL_{f.upper()}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_as_env_round_trips(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    original = Settings(http_port=1234, partitions=3, clickhouse_url="clickhouse://h:9000/default")
+    for key, value in original.as_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
