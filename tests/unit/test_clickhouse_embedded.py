@@ -76,3 +76,14 @@ def test_a_second_process_gets_a_clear_error_while_the_directory_is_held(ch):
 def test_statements_split_on_semicolons_at_line_ends_and_drop_comments():
     sql = "-- c;\nCREATE TABLE a (x String COMMENT 'a;b');\n\nCREATE VIEW v AS SELECT 1;\n"
     assert statements(sql) == ["CREATE TABLE a (x String COMMENT 'a;b')", "CREATE VIEW v AS SELECT 1"]
+
+
+def test_every_sql_example_in_the_readme_runs(ch):
+    import re
+
+    apply(ch, paths.sql_dir() / "migrations")
+    readme = (paths.home() / "README.md").read_text()
+    queries = [q for block in re.findall(r"```sql\n(.*?)```", readme, re.S) for q in statements(block)]
+    assert len(queries) >= 5
+    for query in queries:
+        ch.rows(query)  # raises with ClickHouse's message if an example is wrong
