@@ -32,6 +32,7 @@ class MemoryCommitter:
     def __init__(self):
         self.requests: list[tuple[list, list]] = []
         self.down = False
+        self.closed = False
 
     async def submit(self, records, headers) -> None:
         if self.down:
@@ -39,7 +40,7 @@ class MemoryCommitter:
         self.requests.append((list(records), headers))
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class Harness:
