@@ -55,6 +55,25 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, inter
     )
 
 
+def terminate(proc: subprocess.Popen | None, *, grace: float = 60.0) -> None:
+    """Stop a child cleanly (SIGTERM), SIGKILL it if it is still there after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def tail(path: Path, n: int, what: str) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no {what} log)"
+
+
 def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> Settings:
     """Settings for one isolated pipeline: own app id (consumer group), topics, data dir and port."""
     tag = f"t{os.getpid()}x{next(_counter)}x{uuid.uuid4().hex[:6]}"
@@ -139,21 +158,10 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        terminate(self.proc)
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no worker log)"
-        return "\n".join(lines[-n:])
+        return tail(self.log_path, n, "worker")
 
 
 CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
@@ -242,13 +250,7 @@ class ClickHouseServer:
         wait_until(answers, timeout=timeout, what=f"clickhouse-server on port {self.tcp_port}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class CollectorProcess:
@@ -285,19 +287,10 @@ class CollectorProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        terminate(self.proc, grace=30)
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no collector log)"
+        return tail(self.log_path, n, "collector")
 
 
 def read_topic(bootstrap: str, topic: str, *, isolation_level: str = "read_uncommitted") -> list:

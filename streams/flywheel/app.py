@@ -91,7 +91,7 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     identified_topic = app.topic(names.identified, key_type=bytes, value_type=bytes)
     changes_topic = app.topic(names.identity_changes, key_type=bytes, value_type=bytes)
 
-    # messageId → "partition:offset" of the raw record that first carried it. Co-partitioned with
+    # messageId → origin (topic/partition@offset) of the raw record that first carried it. Co-partitioned with
     # events.raw (an SDK retry has the same key, so the same partition).
     first_seen = app.Table(
         "message-ids", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
@@ -135,7 +135,7 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
             obs.VALID.labels(raw.source).inc()
             ev = outcome.event
             mid = ev["messageId"].encode()
-            here = f"{raw.partition}:{raw.offset}".encode()
+            here = raw.origin.encode()
             seen = first_seen.get(mid)
             if seen is None:
                 first_seen[mid] = here

@@ -11,7 +11,6 @@ resending the same one is an idempotent retry) and the receivedAt/source headers
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -85,7 +84,3 @@ def _iso(ts: datetime) -> str:
 
 def _compact(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
