@@ -80,6 +80,8 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
     topics = Topics(
         raw=f"{tag}.events.raw", invalid=f"{tag}.events.invalid",
         identified=f"{tag}.events.identified", identity_changes=f"{tag}.identity.changes",
+        funnels=f"{tag}.metrics.funnels", retention=f"{tag}.metrics.retention",
+        active_users=f"{tag}.metrics.active_users",
     )
     values: dict[str, Any] = {
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(),

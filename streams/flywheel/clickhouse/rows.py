@@ -58,3 +58,14 @@ def identity_rows(change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "anonymous_id": change["anonymousId"], "linked_to": change["linkedTo"], "refused": change["refused"],
         "message_id": change["messageId"], "at": at,
     }
+
+
+def partial_row(kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.* record (metrics/partials.py) → a row of its *_partials table."""
+    common = {"kafka_partition": record["partition"], "persons": record["persons"], "version": record["version"]}
+    if kind == "funnels":
+        return {"funnel": record["funnel"], "day": record["day"], "step": record["step"], **common}
+    if kind == "retention":
+        return {"retention": record["retention"], "cohort_day": record["cohortDay"], "period": record["period"],
+                **common}
+    return {"day": record["day"], "kind": record["kind"], **common}
