@@ -144,8 +144,8 @@ class AggregateStage:
                 slot[2] = state
                 ts, mid = rec["timestamp"], rec["messageId"]
                 late = None
-                if mid in state.funnel:
-                    pass  # applied before (redelivery): not late, nothing to do
+                if state.has_applied(mid):
+                    pass  # applied before (a redelivery): not late, nothing to do
                 elif is_late(state, ts, self.metrics):
                     late = "person"
                 else:

@@ -93,3 +93,13 @@ def test_state_is_bounded_by_the_horizon():
 def test_serialization_round_trips(events):
     state = build(events)
     assert same(PersonState.from_json(orjson.loads(orjson.dumps(state.to_json())), METRICS), state)
+
+
+def test_a_redelivered_event_is_recognised_after_newer_events_made_it_look_late():
+    from flywheel.metrics.person import is_late
+
+    state = PersonState.empty(METRICS)
+    apply(state, "old", BASE * DAY_MS, METRICS.mask("C", {}), METRICS)  # no funnel step: only the hash remembers
+    apply(state, "new", (BASE + 3) * DAY_MS, METRICS.mask("C", {}), METRICS)
+    assert is_late(state, BASE * DAY_MS, METRICS)  # lateness 1d: it would be late now...
+    assert state.has_applied("old") and not state.has_applied("other")  # ...but it was applied

@@ -3,7 +3,9 @@
 It is the single source of truth for a person's contribution to every metric; partition partials are
 derived from it (partials.py). Everything here is pure and mergeable:
 
-- apply(event) is idempotent: sets, max and min, and funnel events keyed by messageId;
+- apply(event) is idempotent: sets, max and min, and funnel events keyed by messageId; the state also
+  remembers which events it applied (a 63-bit hash of the messageId, per day), so a redelivered event
+  is recognised as applied even after newer events made it look late;
 - join(a, b) — used when an anonymous id's state is handed to its user — is commutative, associative
   and idempotent (union of active days and funnel history, min of first-seen, max of newest), followed
   by the same pruning;
@@ -13,12 +15,14 @@ derived from it (partials.py). Everything here is pure and mergeable:
 
 Serialized compactly (orjson) into the Faust table `persons`:
     {"n": newest_ms, "d": [active days], "f": {messageId: [ts_ms, step_bits]},
-     "c": [first cohort-event ms or null per retention], "r": [[return period days] per retention]}
+     "c": [first cohort-event ms or null per retention], "r": [[return period days] per retention],
+     "m": [[messageId hash, day], ...]}
 Days are UTC day numbers (days since 1970-01-01); a week period is its Monday's day number.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +44,10 @@ class PersonState:
     funnel: dict[str, tuple[int, int]] = field(default_factory=dict)
     first: list[int | None] = field(default_factory=list)
     returns: list[set[int]] = field(default_factory=list)
+    applied: dict[int, int] = field(default_factory=dict)  # message_hash(messageId) → day
+
+    def has_applied(self, message_id: str) -> bool:
+        return message_hash(message_id) in self.applied
 
     @classmethod
     def empty(cls, metrics: Metrics) -> PersonState:
@@ -48,12 +56,13 @@ class PersonState:
 
     def copy(self) -> PersonState:
         return PersonState(self.newest, set(self.days), dict(self.funnel), list(self.first),
-                           [set(r) for r in self.returns])
+                           [set(r) for r in self.returns], dict(self.applied))
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"n": self.newest, "d": sorted(self.days), "f": {k: list(v) for k, v in self.funnel.items()},
-                "c": self.first, "r": [sorted(r) for r in self.returns]}
+                "c": self.first, "r": [sorted(r) for r in self.returns],
+                "m": sorted([h, d] for h, d in self.applied.items())}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -62,7 +71,13 @@ class PersonState:
         returns = [set(r) for r in data.get("r", [])][:n]
         returns += [set() for _ in range(n - len(returns))]
         return cls(int(data.get("n", -1)), set(data.get("d", ())),
-                   {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, first, returns)
+                   {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, first, returns,
+                   {int(h): int(d) for h, d in data.get("m", ())})
+
+
+def message_hash(message_id: str) -> int:
+    """63 bits of BLAKE2b: a compact, collision-safe enough fingerprint (fits a signed JSON integer)."""
+    return int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def is_late(state: PersonState, ts_ms: int, metrics: Metrics) -> bool:
@@ -77,6 +92,7 @@ def apply(
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
     state.days.add(day)
+    state.applied[message_hash(message_id)] = day
     fbits = mask & metrics.funnel_mask
     if fbits:
         state.funnel[message_id] = (ts_ms, fbits)
@@ -95,6 +111,7 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
         max(a.newest, b.newest), a.days | b.days, {**a.funnel, **b.funnel},
         [_min(x, y) for x, y in zip(a.first, b.first, strict=True)],
         [x | y for x, y in zip(a.returns, b.returns, strict=True)],
+        {**a.applied, **b.applied},
     )
     return prune(out, metrics)
 
@@ -116,6 +133,9 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
         old = [k for k, (ts, _) in state.funnel.items() if ts // DAY_MS < bound]
         for k in old:
             del state.funnel[k]
+    if state.applied:
+        for h in [h for h, d in state.applied.items() if d < bound]:
+            del state.applied[h]
     for i, r in enumerate(metrics.retention):
         rs = state.returns[i]
         if rs and min(rs) + r.period_days - 1 < bound:
