@@ -195,20 +195,23 @@ def _session(rng: random.Random, out: list, uid, t: datetime, *, anon: str, user
     return t
 
 
+Record = tuple[int, bytes, bytes]  # (partition of events.identified, value, key): one identified record
+
+
 def _sized(data: bytes) -> bytes:
     """A right-sized copy: orjson ≥ 3.12 returns bytes whose allocation is at least 4 KiB (its write
     buffer, not shrunk), so a million kept records would take 4+ GB instead of ~0.5."""
     return bytes(memoryview(data))
 
 
-def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[list[tuple[int, bytes]], dict[str, int]]:
+def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[list[Record], dict[str, int]]:
     """What the ingest agent writes to events.identified: validated events with their person, and a merge
     marker (keyed by the anonymous id) after each first link; (partition, value) in arrival order."""
     plan = load_plan(REPO / "schemas" / "tracking_plan.yaml")
     limits = Limits()
     ids = IdentityMap()
     now = datetime.now(UTC)
-    out: list[tuple[int, bytes]] = []
+    out: list[Record] = []
     counts: Counter[str] = Counter()
     persons: set[str] = set()
     for offset, message in enumerate(messages):
@@ -217,13 +220,14 @@ def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[lis
         result = ids.apply(ev)
         ev["personId"] = result.person_id
         persons.add(result.person_id)
-        out.append((partition_of(result.person_id.encode(), partitions), _sized(orjson.dumps(ev))))
+        key = result.person_id.encode()
+        out.append((partition_of(key, partitions), _sized(orjson.dumps(ev)), key))
         counts["events"] += 1
         if result.link is not None:
             anon = result.link.anonymous_id
             marker = {"type": "merge", "from": anon, "into": result.link.user_id,
                       "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            out.append((partition_of(anon.encode(), partitions), _sized(orjson.dumps(marker))))
+            out.append((partition_of(anon.encode(), partitions), _sized(orjson.dumps(marker)), anon.encode()))
             counts["merge_markers"] += 1
     counts["distinct_person_ids"] = len(persons)
     return out, dict(counts)
@@ -262,20 +266,56 @@ def stage_topics() -> Topics:
     return Topics()
 
 
-async def _drive(stage: AggregateStage, records: list[tuple[int, bytes]], batch: int,
-                 handoffs: deque) -> int:
-    i = batches = 0
+def distinct_batches(window: list[Record]) -> list[list[Record]]:
+    """The records of a window as batches that hold each person at most once, in rounds: the first record of
+    every person, then every second one... Each person's records keep their order, so does every key
+    (merge markers still follow their anonymous id's events); only different persons' records swap within
+    the window. This is what a live worker sees: a 1-second batch of a busy stream rarely holds one
+    person twice, so every event costs a person touch (state read, contributions before and after, write)."""
+    groups: dict[tuple[int, bytes], list[Record]] = {}
+    for r in window:
+        groups.setdefault((r[0], r[2]), []).append(r)
+    out: list[list[Record]] = []
+    depth = 0
+    while True:
+        batch = [g[depth] for g in groups.values() if len(g) > depth]
+        if not batch:
+            return out
+        out.append(batch)
+        depth += 1
+
+
+async def _drive(stage: AggregateStage, records: list[Record], batch: int, handoffs: deque,
+                 sink: NullSink, batching: str) -> tuple[int, int, list[float]]:
+    """Feed the records in windows of `batch` (hand-offs first, as Kafka delivered them meanwhile): one batch
+    per window ("fixed"), or the window split by distinct_batches ("distinct"). Returns (batches, person
+    touches: the sum over batches of the distinct persons in each, CPU us per event in each tenth of the
+    input)."""
+    i = batches = touches = 0
+    tenths: list[float] = []
+    mark, cpu0, events0 = len(records) / 10, time.process_time(), 0
+    last = (cpu0, events0)
     while i < len(records) or handoffs:
-        chunk = [FakeEvent(*handoffs.popleft()) for _ in range(min(batch, len(handoffs)))]
-        take = batch - len(chunk)
-        chunk += [FakeEvent(p, v) for p, v in records[i:i + take]]
+        window = [handoffs.popleft() for _ in range(min(batch, len(handoffs)))]
+        take = batch - len(window)
+        window += records[i:i + take]
         i += take
-        await stage.process(chunk)
-        batches += 1
-    return batches
+        for chunk in (distinct_batches(window) if batching == "distinct" else [window]):
+            touches += len({(p, k) for p, _, k in chunk})
+            await stage.process([FakeEvent(p, v) for p, v, _ in chunk])
+            batches += 1
+        if i >= mark or not (i < len(records) or handoffs):
+            if i < mark and tenths:  # the last hand-offs, after the input ran out: part of the last tenth
+                tenths.pop()
+                cpu0, events0 = last
+            cpu = time.process_time()
+            tenths.append(round((cpu - cpu0) / max(1, sink.rows - events0) * 1e6, 1))
+            last = (cpu0, events0)
+            mark, cpu0, events0 = mark + len(records) / 10, cpu, sink.rows
+    return batches, touches, tenths
 
 
-def stage_pass(records: list[tuple[int, bytes]], metrics: Metrics, *, partitions: int, batch: int,
+def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batch: int, batching: str,
                profile: cProfile.Profile | None = None) -> tuple[dict[str, Any], AggregateStage]:
     """One pass of `records` through a fresh AggregateStage; wall and CPU time of the whole pass."""
     topics = stage_topics()
@@ -285,7 +325,7 @@ def stage_pass(records: list[tuple[int, bytes]], metrics: Metrics, *, partitions
     async def send(topic: str, key: bytes, value: bytes) -> None:
         published[topic] += 1
         if topic == topics.identified:  # a state hand-off: Kafka delivers it on the user's partition later
-            handoffs.append((partition_of(key, partitions), value))
+            handoffs.append((partition_of(key, partitions), value, key))
 
     sink = NullSink()
     stage = AggregateStage(metrics=metrics, persons={}, partitions=partitions, sink=sink,
@@ -294,13 +334,14 @@ def stage_pass(records: list[tuple[int, bytes]], metrics: Metrics, *, partitions
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if profile is not None:
         profile.enable()
-    batches = asyncio.run(_drive(stage, records, batch, handoffs))
+    batches, touches, tenths = asyncio.run(_drive(stage, records, batch, handoffs, sink, batching))
     if profile is not None:
         profile.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     events = sink.rows
     return {
         "events": events, "records": len(records) + published[topics.identified], "batches": batches,
+        "touches_per_event": round(touches / events, 3), "cpu_us_per_event_by_tenth": tenths,
         "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
         "events_per_s": round(events / wall), "cpu_us_per_event": round(cpu / events * 1e6, 1),
         "handoffs": published[topics.identified],
@@ -310,7 +351,7 @@ def stage_pass(records: list[tuple[int, bytes]], metrics: Metrics, *, partitions
     }, stage
 
 
-def run_stage(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, args) -> tuple[dict, AggregateStage]:
+def run_stage(records: list[Record], on: Metrics, off: Metrics, args) -> tuple[dict, AggregateStage]:
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     last_on: AggregateStage | None = None
     for r in range(args.stage_repeats):
@@ -319,13 +360,15 @@ def run_stage(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, args)
             la = loadavg()
             busy0 = pl.machine_ticks()
             result, stage = stage_pass(records, on if mode == "on" else off, partitions=args.partitions,
-                                       batch=args.batch)
+                                       batch=args.batch, batching=args.batching)
             busy1 = pl.machine_ticks()
             result["loadavg"] = la
             result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3)
             runs[mode].append(result)
             log(f"stage {mode:>3} pass {r + 1}: {result['events_per_s']:,} ev/s "
-                f"({result['cpu_us_per_event']} us CPU/event, {result['seconds']} s, load {la[0]}, "
+                f"({result['cpu_us_per_event']} us CPU/event; by tenth of the stream "
+                f"{result['cpu_us_per_event_by_tenth']}; "
+                f"{result['touches_per_event']} person touches/event; {result['seconds']} s, load {la[0]}, "
                 f"machine busy {result['machine_busy']:.0%})")
             if mode == "on":
                 last_on = stage
@@ -371,11 +414,12 @@ def cached_metric_properties() -> Iterator[None]:
             setattr(Metrics, name, prop)
 
 
-def what_if_cached(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, args) -> dict[str, Any]:
+def what_if_cached(records: list[Record], on: Metrics, off: Metrics, args) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with cached_metric_properties():
         for mode, metrics in (("on", on), ("off", off)):
-            result, stage = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch)
+            result, stage = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch,
+                                       batching=args.batching)
             out[mode] = {k: result[k] for k in ("events_per_s", "cpu_us_per_event", "seconds")}
             log(f"what-if (Metrics day bounds cached) {mode:>3}: {result['events_per_s']:,} ev/s, "
                 f"{result['cpu_us_per_event']} us CPU/event")
@@ -383,10 +427,11 @@ def what_if_cached(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, 
     return out
 
 
-def profile_stage(records: list[tuple[int, bytes]], metrics: Metrics, args, top: int = 18) -> dict[str, Any]:
+def profile_stage(records: list[Record], metrics: Metrics, args, top: int = 18) -> dict[str, Any]:
     """cProfile of one "on" pass: the stage's own functions by cumulative and self time."""
     prof = cProfile.Profile()
-    result, _ = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch, profile=prof)
+    result, _ = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch,
+                               batching=args.batching, profile=prof)
     stats = pstats.Stats(prof)
     total = max(v[3] for v in stats.stats.values())  # cumulative of the outermost frame ≈ profiled time
 
@@ -962,7 +1007,8 @@ def render(doc: dict[str, Any]) -> str:
     if st:
         lines += [
             "",
-            f"1. aggregate stage in-process (AggregateStage.process, batches of {cfg['batch']}, dict table, no I/O), "
+            f"1. aggregate stage in-process (AggregateStage.process, windows of {cfg['batch']} records, batching "
+            f"{cfg['batching']}, dict table, no I/O), "
             f"{len(st['runs']['on'])} pass(es) each:",
             *[f"   metrics {m:<3}: {_range(st[m]['events_per_s'])} ev/s, "
               f"{_range(st[m]['cpu_us_per_event'])} us CPU/event" for m in ("on", "off")],
@@ -971,8 +1017,13 @@ def render(doc: dict[str, Any]) -> str:
         ]
         r = st["runs"]["on"][-1]
         busy = ", ".join(f"{m} {x['machine_busy']:.0%}" for m in ("on", "off") for x in st["runs"][m])
-        lines.append(f"   per pass: {r['records']:,} records ({r['handoffs']:,} hand-offs), {r['batches']} batches; "
-                     f"published with metrics on: {r['published']}; machine busy: {busy}")
+        lines.append(f"   per pass: {r['records']:,} records ({r['handoffs']:,} hand-offs), {r['batches']} batches, "
+                     f"{r['touches_per_event']} person touches per event (live 1-s batches: ~1); published with "
+                     f"metrics on: {r['published']}; machine busy: {busy}")
+        for m in ("on", "off"):
+            lines.append(f"   us CPU/event by tenth of the stream, {m:<3}: "
+                         + " | ".join("/".join(str(x["cpu_us_per_event_by_tenth"][t]) for x in st["runs"][m])
+                                      for t in range(len(st["runs"][m][0]["cpu_us_per_event_by_tenth"]))))
         wi = st.get("what_if_cached_day_bounds")
         if wi:
             lines.append(f"   what-if, Metrics.reach_days/horizon_days/lateness_days computed once (bench-only patch): "
@@ -1083,6 +1134,9 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=28, help="days the streams span (ending now)")
     parser.add_argument("--partitions", type=int, default=8, help="partitions of events.raw / events.identified")
     parser.add_argument("--batch", type=int, default=1000, help="records per AggregateStage.process call (stage)")
+    parser.add_argument("--batching", choices=("distinct", "fixed"), default="distinct",
+                        help="stage: split each window of --batch records into batches of distinct persons, as a "
+                             "live worker's 1-second batches are (default), or process each window as one batch")
     parser.add_argument("--stage-repeats", type=int, default=2, help="on+off passes of the stage")
     parser.add_argument("--profile-records", type=int, default=20000, help="records of the profiled pass (0: none)")
     parser.add_argument("--what-if-cache", action="store_true",
@@ -1125,7 +1179,8 @@ def main() -> None:
         "started": started.isoformat(timespec="seconds"), "commit": git_commit(), "loadavg_start": loadavg(),
         "argv": sys.argv[1:],
         "config": {"persons": args.persons, "days": args.days, "seed": args.seed, "partitions": args.partitions,
-                   "batch": args.batch, "metrics_on": str(METRICS_ON.relative_to(REPO)), "parts": parts,
+                   "batch": args.batch, "batching": args.batching, "metrics_on": str(METRICS_ON.relative_to(REPO)),
+                   "parts": parts,
                    "sink_batch_size": Settings().sink_batch_size, "stream": {}},
     }
     broker = None
