@@ -292,26 +292,25 @@ async def _drive(stage: AggregateStage, records: list[Record], batch: int, hando
     touches: the sum over batches of the distinct persons in each, CPU us per event in each tenth of the
     input)."""
     i = batches = touches = 0
-    tenths: list[float] = []
-    mark, cpu0, events0 = len(records) / 10, time.process_time(), 0
-    last = (cpu0, events0)
+    progress = [(0, time.process_time(), 0)]  # (records consumed, CPU s, events) after each window
     while i < len(records) or handoffs:
         window = [handoffs.popleft() for _ in range(min(batch, len(handoffs)))]
         take = batch - len(window)
         window += records[i:i + take]
-        i += take
+        i = min(len(records), i + take)
         for chunk in (distinct_batches(window) if batching == "distinct" else [window]):
             touches += len({(p, k) for p, _, k in chunk})
             await stage.process([FakeEvent(p, v) for p, v, _ in chunk])
             batches += 1
-        if i >= mark or not (i < len(records) or handoffs):
-            if i < mark and tenths:  # the last hand-offs, after the input ran out: part of the last tenth
-                tenths.pop()
-                cpu0, events0 = last
-            cpu = time.process_time()
-            tenths.append(round((cpu - cpu0) / max(1, sink.rows - events0) * 1e6, 1))
-            last = (cpu0, events0)
-            mark, cpu0, events0 = mark + len(records) / 10, cpu, sink.rows
+        progress.append((i, time.process_time(), sink.rows))
+    progress[-1] = (len(records) + 1, *progress[-1][1:])  # the last hand-offs belong to the last tenth
+    tenths: list[float] = []
+    prev = progress[0]
+    for t in range(1, 11):
+        point = next(x for x in progress if x[0] >= t * len(records) / 10)
+        if point[2] > prev[2]:
+            tenths.append(round((point[1] - prev[1]) / (point[2] - prev[2]) * 1e6, 1))
+            prev = point
     return batches, touches, tenths
 
 
@@ -351,7 +350,8 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
     }, stage
 
 
-def run_stage(records: list[Record], on: Metrics, off: Metrics, args) -> tuple[dict, AggregateStage]:
+def run_stage(records: list[Record], on: Metrics, off: Metrics, args, batching: str,
+              profile: bool) -> tuple[dict, AggregateStage]:
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     last_on: AggregateStage | None = None
     for r in range(args.stage_repeats):
@@ -360,12 +360,12 @@ def run_stage(records: list[Record], on: Metrics, off: Metrics, args) -> tuple[d
             la = loadavg()
             busy0 = pl.machine_ticks()
             result, stage = stage_pass(records, on if mode == "on" else off, partitions=args.partitions,
-                                       batch=args.batch, batching=args.batching)
+                                       batch=args.batch, batching=batching)
             busy1 = pl.machine_ticks()
             result["loadavg"] = la
             result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3)
             runs[mode].append(result)
-            log(f"stage {mode:>3} pass {r + 1}: {result['events_per_s']:,} ev/s "
+            log(f"stage ({batching}) {mode:>3} pass {r + 1}: {result['events_per_s']:,} ev/s "
                 f"({result['cpu_us_per_event']} us CPU/event; by tenth of the stream "
                 f"{result['cpu_us_per_event_by_tenth']}; "
                 f"{result['touches_per_event']} person touches/event; {result['seconds']} s, load {la[0]}, "
@@ -383,10 +383,10 @@ def run_stage(records: list[Record], on: Metrics, off: Metrics, args) -> tuple[d
                                              / out["off"]["events_per_s"]["median"], 3)
     out["ratio_on_off_cpu"] = round(out["on"]["cpu_us_per_event"]["median"]
                                     / out["off"]["cpu_us_per_event"]["median"], 3)
-    if args.profile_records:
-        out["profile"] = profile_stage(records[:args.profile_records], on, args)
+    if profile and args.profile_records:
+        out["profile"] = profile_stage(records[:args.profile_records], on, args, batching)
     if args.what_if_cache:
-        out["what_if_cached_day_bounds"] = what_if_cached(records, on, off, args)
+        out["what_if_cached_day_bounds"] = what_if_cached(records, on, off, args, batching)
     assert last_on is not None
     return out, last_on
 
@@ -414,24 +414,24 @@ def cached_metric_properties() -> Iterator[None]:
             setattr(Metrics, name, prop)
 
 
-def what_if_cached(records: list[Record], on: Metrics, off: Metrics, args) -> dict[str, Any]:
+def what_if_cached(records: list[Record], on: Metrics, off: Metrics, args, batching: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with cached_metric_properties():
         for mode, metrics in (("on", on), ("off", off)):
             result, stage = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch,
-                                       batching=args.batching)
+                                       batching=batching)
             out[mode] = {k: result[k] for k in ("events_per_s", "cpu_us_per_event", "seconds")}
-            log(f"what-if (Metrics day bounds cached) {mode:>3}: {result['events_per_s']:,} ev/s, "
+            log(f"what-if ({batching}, Metrics day bounds cached) {mode:>3}: {result['events_per_s']:,} ev/s, "
                 f"{result['cpu_us_per_event']} us CPU/event")
             del stage
     return out
 
 
-def profile_stage(records: list[Record], metrics: Metrics, args, top: int = 18) -> dict[str, Any]:
+def profile_stage(records: list[Record], metrics: Metrics, args, batching: str, top: int = 18) -> dict[str, Any]:
     """cProfile of one "on" pass: the stage's own functions by cumulative and self time."""
     prof = cProfile.Profile()
     result, _ = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch,
-                               batching=args.batching, profile=prof)
+                           batching=batching, profile=prof)
     stats = pstats.Stats(prof)
     total = max(v[3] for v in stats.stats.values())  # cumulative of the outermost frame ≈ profiled time
 
@@ -447,7 +447,7 @@ def profile_stage(records: list[Record], metrics: Metrics, args, top: int = 18) 
     by_cum = sorted(ours, key=lambda r: -r[3])[:top]
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
-    path = RESULTS / f"metrics-stage-{args.stamp}.pstats"
+    path = RESULTS / f"metrics-stage-{args.stamp}-{batching}.pstats"
     stats.dump_stats(path)
     return {
         "records": len(records), "events_per_s_under_cprofile": result["events_per_s"],
@@ -1003,12 +1003,11 @@ def render(doc: dict[str, Any]) -> str:
     if stream:
         lines.append(f"in-process stream: {cfg['persons']:,} persons over {cfg['days']} days (seed {cfg['seed']}) = "
                      f"{stream['events']:,} events, {stream['merge_markers']:,} links (merge markers)")
-    st = doc.get("stage")
-    if st:
+    for batching, st in (doc.get("stage") or {}).items():
         lines += [
             "",
             f"1. aggregate stage in-process (AggregateStage.process, windows of {cfg['batch']} records, batching "
-            f"{cfg['batching']}, dict table, no I/O), "
+            f"{batching}, dict table, no I/O), "
             f"{len(st['runs']['on'])} pass(es) each:",
             *[f"   metrics {m:<3}: {_range(st[m]['events_per_s'])} ev/s, "
               f"{_range(st[m]['cpu_us_per_event'])} us CPU/event" for m in ("on", "off")],
@@ -1134,10 +1133,11 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=28, help="days the streams span (ending now)")
     parser.add_argument("--partitions", type=int, default=8, help="partitions of events.raw / events.identified")
     parser.add_argument("--batch", type=int, default=1000, help="records per AggregateStage.process call (stage)")
-    parser.add_argument("--batching", choices=("distinct", "fixed"), default="distinct",
-                        help="stage: split each window of --batch records into batches of distinct persons, as a "
-                             "live worker's 1-second batches are (default), or process each window as one batch")
-    parser.add_argument("--stage-repeats", type=int, default=2, help="on+off passes of the stage")
+    parser.add_argument("--batching", default="distinct,fixed",
+                        help="stage, comma-separated: distinct = split each window of --batch records into batches "
+                             "of distinct persons, as a live worker's 1-second batches are; fixed = each window is "
+                             "one batch (a backfill: a person's session often in one batch)")
+    parser.add_argument("--stage-repeats", type=int, default=1, help="on+off passes of the stage")
     parser.add_argument("--profile-records", type=int, default=20000, help="records of the profiled pass (0: none)")
     parser.add_argument("--what-if-cache", action="store_true",
                         help="stage: one more on+off pass with Metrics' day bounds computed once (bench-only patch)")
@@ -1158,6 +1158,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if set(args.batching.split(",")) - {"distinct", "fixed"}:
+        parser.error("--batching: distinct, fixed or both (comma-separated)")
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
@@ -1193,7 +1195,9 @@ def main() -> None:
                                        "events_per_person": round(counts["events"] / args.persons, 2)}
             log(f"{counts['events']:,} events, {counts['merge_markers']:,} merge markers "
                 f"({time.monotonic() - t0:.0f} s to prepare)")
-            doc["stage"], last_on = run_stage(records, on, off, args)
+            doc["stage"] = {}
+            for i, batching in enumerate(args.batching.split(",")):
+                doc["stage"][batching], last_on = run_stage(records, on, off, args, batching, profile=i == 0)
             del records
             if "state" in parts:
                 log("measuring the person state")
