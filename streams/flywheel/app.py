@@ -9,10 +9,11 @@ Stages, in the order data flows (DESIGN §1):
     events.invalid    ──sink_invalid──▶ flywheel.invalid_events
     identity.changes  ──sink_identity─▶ flywheel.identity_map / identity_conflicts
 
-Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py and
-sink.py. Delivery is at-least-once with idempotent application: the dedup table remembers where a
-messageId was first seen, so a redelivered record is forwarded again (and collapses in ClickHouse)
-while an SDK retry (same messageId, another record) is dropped.
+Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py,
+ingest.py (the ingest stage, a batch of raw records at a time) and sink.py. Delivery is at-least-once
+with idempotent application: the dedup table remembers where a messageId was first seen, so a
+redelivered record is forwarded again (and collapses in ClickHouse) while an SDK retry (same messageId,
+another record) is dropped.
 """
 
 from __future__ import annotations
@@ -24,37 +25,22 @@ from datetime import UTC, datetime, timedelta
 import faust
 import orjson
 
-from flywheel import identity
-from flywheel import observability as obs
 from flywheel.clickhouse import ClickHouse
 from flywheel.clickhouse.rows import event_row, identity_rows, invalid_row
 from flywheel.config import Settings
+from flywheel.ingest import HEADER_RECEIVED_AT as HEADER_RECEIVED_AT  # imported from here by the collector
+from flywheel.ingest import HEADER_SOURCE as HEADER_SOURCE  # and flywheel.producer
+from flywheel.ingest import Ingest
 from flywheel.plan import load_plan
 from flywheel.read_committed import ReadCommittedTransport
 from flywheel.sink import Sink
-from flywheel.validate import Invalid, Limits, Raw, validate
+from flywheel.validate import Limits
 
 log = logging.getLogger(__name__)
 
-HEADER_SOURCE = "flywheel-source"
-HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms, stamped by the collector / producer
-
-
-def raw_from_message(message, *, topic: str) -> Raw:
-    """Where a raw record came from: source and receivedAt from headers, else the Kafka timestamp."""
-    headers = dict(message.headers or ())
-    source = headers.get(HEADER_SOURCE, b"kafka").decode("utf-8", "replace")
-    stamped = headers.get(HEADER_RECEIVED_AT)
-    try:
-        received_ms = int(stamped) if stamped is not None else int(message.timestamp * 1000)
-    except ValueError:
-        received_ms = int(message.timestamp * 1000)
-    return Raw(
-        value=message.value if isinstance(message.value, bytes) else bytes(message.value or b""),
-        source=source,
-        received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
-        topic=topic, partition=message.partition, offset=message.offset,
-    )
+# Raw records per ingest batch, and how long a batch waits to fill (the latency added when traffic is light).
+INGEST_BATCH_SIZE = 2000
+INGEST_BATCH_SECONDS = 0.1
 
 
 def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
@@ -74,6 +60,9 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         # Faust's default 0 s every send became its own tiny request and the socket writes were ~20% of
         # the worker's CPU (bench/pipeline.py profile); 50 ms adds at most that to a hop's latency.
         producer_linger=0.05,
+        # Ingest sends each batch's outputs as one record batch per partition (ingest.Outbox); with the
+        # default 16 KB a batch of events.identified records needs a dozen, each queued behind the last.
+        producer_max_batch_size=512 * 1024,
         web_port=settings.http_port,
         web_bind="0.0.0.0",
         key_serializer="raw",
@@ -122,58 +111,14 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
 
     sink = Sink(ch, executor, dead_letter=dead_letter, max_backoff=settings.sink_max_backoff_seconds)
 
+    stage = Ingest(plan=plan, limits=limits, topics=names, first_seen=first_seen, linked_users=linked_users)
+
     @app.agent(raw_topic)
     async def ingest(stream):
-        async for event in stream.events():
-            raw = raw_from_message(event.message, topic=names.raw)
-            obs.RECEIVED.labels(raw.source).inc()
-            outcome = validate(raw, plan, limits)
-            if isinstance(outcome, Invalid):
-                obs.INVALID.labels(raw.source).inc()
-                await invalid_topic.send(key=event.key, value=orjson.dumps(outcome.dlq_record()))
-                continue
-            obs.VALID.labels(raw.source).inc()
-            ev = outcome.event
-            mid = ev["messageId"].encode()
-            here = raw.origin.encode()
-            seen = first_seen.get(mid)
-            if seen is None:
-                first_seen[mid] = here
-            elif seen != here:
-                obs.DUPLICATES.labels(raw.source).inc()
-                continue
-            await resolve_identity(ev, raw)
-            await identified_topic.send(key=ev["personId"].encode(), value=orjson.dumps(ev))
-
-    async def resolve_identity(ev: dict, raw: Raw) -> None:
-        """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""
-        pair = identity.linked_ids(ev)
-        lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
-        entry = linked_users.get(lookup.encode()) if lookup else None
-        # Table value: b"<user>\x00<origin of the linking record>".
-        linked_user, _, linked_by = entry.decode().partition("\x00") if entry is not None else (None, "", None)
-        result = identity.resolve(ev, linked_user, linked_by=linked_by, origin=raw.origin)
-        ev["personId"] = result.person_id
-        if result.link is not None:
-            anon, user = result.link.anonymous_id, result.link.user_id
-            linked_users[anon.encode()] = f"{user}\x00{raw.origin}".encode()
-            obs.IDENTITY_LINKS.inc()
-            change = {"type": "link", "anonymousId": anon, "userId": user,
-                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await changes_topic.send(key=anon.encode(), value=orjson.dumps(change))
-            # Keyed by the anonymous id: it follows all of that id's earlier events on its partition
-            # of events.identified, so their owner hands the state over only after applying them.
-            marker = {"type": "merge", "from": anon, "into": user,
-                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await identified_topic.send(key=anon.encode(), value=orjson.dumps(marker))
-        elif result.conflict is not None:
-            c = result.conflict
-            obs.IDENTITY_CONFLICTS.labels(raw.source).inc()
-            log.info("identity conflict: %s stays with %s, refused %s (messageId %s)",
-                     c.anonymous_id, c.linked_to, c.refused, ev["messageId"])
-            change = {"type": "conflict", "anonymousId": c.anonymous_id, "linkedTo": c.linked_to,
-                      "refused": c.refused, "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await changes_topic.send(key=c.anonymous_id.encode(), value=orjson.dumps(change))
+        # A batch at a time (ingest.py): its outputs are in Kafka before take_events acks its records.
+        producer = (await app.maybe_start_producer())._ensure_producer()  # Faust's aiokafka producer
+        async for events in stream.take_events(INGEST_BATCH_SIZE, within=INGEST_BATCH_SECONDS):
+            await stage.handle(events, producer)
 
     @app.agent(identified_topic)
     async def sink_events(stream):
