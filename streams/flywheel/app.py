@@ -28,6 +28,7 @@ import orjson
 from flywheel.clickhouse import ClickHouse
 from flywheel.clickhouse.rows import event_row, identity_rows, invalid_row
 from flywheel.config import Settings
+from flywheel.fastpath import LeanMonitor
 from flywheel.ingest import HEADER_RECEIVED_AT as HEADER_RECEIVED_AT  # imported from here by the collector
 from flywheel.ingest import HEADER_SOURCE as HEADER_SOURCE  # and flywheel.producer
 from flywheel.ingest import Ingest
@@ -70,6 +71,11 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # The collector (/v1/*) decodes gzip bodies itself, bounded: aiohttp must not (collector/server.py).
         web_application_options={"handler_args": {"auto_decompress": False}},
+        # Records a stream may hold before its partitions are paused. Faust's 4096 kept the raw stream's
+        # buffer full while ingest worked on a batch, so the fetcher blocked on every record (a task and
+        # a wait each); a fetch's worth fits in 32k. Memory: ~32k raw events per stream at most.
+        stream_buffer_maxsize=32768,
+        monitor=LeanMonitor(),  # Faust's per-event statistics cost CPU and nothing reads them (fastpath.py)
     )
     # The collector writes events.raw in Kafka transactions: read only committed ones, so a request
     # the collector rejected (aborted) is never processed. Faust alone would not (read_committed.py).

@@ -172,7 +172,7 @@ class Ingest:
         ev = outcome.event
         mid = ev["messageId"].encode()
         here = raw.origin.encode()
-        seen = self.first_seen.get(mid)
+        seen = self.first_seen.data.get(mid)  # the store itself: Table.get looks the key up twice
         if seen is None:
             self._put(self.first_seen, mid, here, event, outbox)
         elif seen != here:
@@ -186,7 +186,7 @@ class Ingest:
         names = self.topics
         pair = identity.linked_ids(ev)
         lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
-        entry = self.linked_users.get(lookup.encode()) if lookup else None
+        entry = self.linked_users.data.get(lookup.encode()) if lookup else None
         # Table value: b"<user>\x00<origin of the linking record>".
         linked_user, _, linked_by = entry.decode().partition("\x00") if entry is not None else (None, "", None)
         result = identity.resolve(ev, linked_user, linked_by=linked_by, origin=raw.origin)

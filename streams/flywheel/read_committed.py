@@ -22,7 +22,7 @@ from __future__ import annotations
 import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from flywheel.handoff import DirectHandoff
+from flywheel.fastpath import DirectHandoff
 
 READ_COMMITTED = "read_committed"
 
@@ -41,7 +41,7 @@ class ReadCommittedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 class ReadCommittedConsumer(DirectHandoff, faust_aiokafka.Consumer):
     """The worker's consumer: read_committed, and fetched records handed to the streams without a task
-    per record (handoff.py)."""
+    per record (fastpath.py)."""
 
     def _new_consumer_thread(self) -> ReadCommittedConsumerThread:
         return ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -1,4 +1,4 @@
-"""The fetcher's hand-off without a task per record (handoff.py): same loop as Faust's, same outcomes."""
+"""The fetcher's hand-off without a task per record (fastpath.py): same loop as Faust's, same outcomes."""
 
 import asyncio
 import inspect
@@ -6,7 +6,7 @@ import re
 
 import faust
 from faust.transport.consumer import Consumer as FaustConsumer
-from flywheel.handoff import DirectHandoff
+from flywheel.fastpath import DirectHandoff
 from flywheel.read_committed import ReadCommittedTransport
 
 
@@ -21,7 +21,7 @@ def _code(fn) -> list[str]:
 
 
 def test_drain_messages_is_fausts_loop_but_for_the_delivery():
-    """If this fails, faust-streaming changed its loop: re-copy it into handoff.py (or drop the module)."""
+    """If this fails, faust-streaming changed its loop: re-copy it into fastpath.py (or drop the module)."""
     ours = [line.replace("faust_consumer.CONSUMER_FETCHING", "CONSUMER_FETCHING")
             .replace("await deliver(callback(message))",
                      "await self.wait_first(\n callback(message), self.suspend_flow.wait()\n )")
@@ -117,3 +117,14 @@ def test_a_delivery_error_propagates():
             return str(exc)
 
     assert asyncio.run(main()) == "decode failed"
+
+
+def test_lean_monitor_keeps_what_faust_reads():
+    from faust.types import TP
+    from flywheel.fastpath import LeanMonitor
+
+    monitor, tp = LeanMonitor(), TP("events.raw", 3)
+    assert monitor.on_stream_event_in(tp, 7, object(), object()) is None  # no per-event state dict
+    assert monitor.stream_inbound_time[tp] > 0  # read by Faust's slow-processing warnings
+    assert monitor.events_total == 1
+    monitor.on_stream_event_out(tp, 7, object(), object(), None)

@@ -1,19 +1,21 @@
-"""Faust's fetcher hands each fetched record to the streams without a task and an asyncio.wait per record.
+"""Faust per-record overheads the worker does without; each found in the pipeline bench's profile.
 
-Why: faust-streaming 0.15.3 (`Consumer._drain_messages`) delivers every record with
-`await self.wait_first(callback(message), self.suspend_flow.wait())`: mode's `wait_first` wraps the
-delivery and three events (suspend, stopped, crashed) in four new tasks, waits on them and cancels the
-losers. That race only matters while the delivery is blocked (a stream's buffer is full) and a
-rebalance suspends the flow; otherwise the delivery (decode, put on the stream's queue) completes
-without suspending. In the pipeline bench that per-record machinery was the largest single cost of
-the worker (bench/pipeline.py profile: the fetcher and asyncio scheduling).
+1. `DirectHandoff` (a Consumer mixin): the fetcher hands each fetched record to the streams without a
+   task and an asyncio.wait per record. faust-streaming 0.15.3 (`Consumer._drain_messages`) delivers
+   every record with `await self.wait_first(callback(message), self.suspend_flow.wait())`: mode's
+   `wait_first` wraps the delivery and three events (suspend, stopped, crashed) in four new tasks,
+   waits on them and cancels the losers. That race only matters while a delivery is blocked (a
+   stream's buffer is full) and a rebalance suspends the flow; otherwise the delivery (decode, put on
+   the stream's queue) completes without suspending. `_drain_messages` below is Faust's, line for
+   line, except that the delivery coroutine is first stepped in place; only if it suspends does the
+   rest of it go to Faust's `wait_first` race, as before. Order and flow control are unchanged: the
+   fetcher still waits for each record's delivery before taking the next.
 
-How: `_drain_messages` below is Faust's, line for line, except that the delivery coroutine is first
-stepped in place; only if it suspends is the rest of it handed to Faust's `wait_first` race, exactly
-as before. Delivery order and flow control are unchanged: the fetcher waits for each record's
-delivery before taking the next, as Faust does.
+2. `LeanMonitor`: Faust's Monitor sensor keeps per-event statistics (events by stream and by task,
+   runtimes: weak-dict lookups and a state dict per event) that nothing here reads. It keeps what
+   Faust itself reads (`stream_inbound_time`, for its slow-processing warnings) and the counters.
 
-Revisit when upgrading faust-streaming (pinned in pyproject.toml): tests/unit/test_handoff.py checks
+Revisit when upgrading faust-streaming (pinned in pyproject.toml): tests/unit/test_fastpath.py checks
 that Faust's loop is still the one copied here.
 """
 
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine, Generator
+from time import monotonic
 from typing import Any, cast
 
+from faust.sensors.monitor import Monitor
 from faust.transport import consumer as faust_consumer
 from mode import Service, ServiceT
 
@@ -145,3 +149,14 @@ class DirectHandoff(faust_consumer.Consumer):
             raise
         finally:
             unset_flag(flag_consumer_fetching)
+
+
+class LeanMonitor(Monitor):
+    """Faust's Monitor without the per-event bookkeeping (see the module docstring)."""
+
+    def on_stream_event_in(self, tp, offset, stream, event) -> None:
+        self.events_total += 1
+        self.stream_inbound_time[tp] = monotonic()
+
+    def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
+        pass
