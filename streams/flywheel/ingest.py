@@ -2,14 +2,16 @@
 
 The agent takes a batch of raw records (`stream.take_events`) and `Ingest.handle` treats it in one pass:
 the pure stages (validate.py, identity.py) decide each record's outputs, the dedup and identity tables
-are read and written per record, and the outputs are appended in order to one Kafka record batch per
-topic-partition (`Outbox`), sent together and awaited. Faust acks a take batch's records only when the
-agent asks for the next batch (faust/streams.py `take_events`: the acks sit in the `finally` after the
-`yield`), so offsets never pass a record whose outputs are not yet acknowledged by Kafka.
+are read and written per record, and every output — events.identified, events.invalid,
+identity.changes, merge markers and the tables' changelog records — is appended in order to one Kafka
+record batch per topic-partition (`Outbox`), sent together and awaited. Faust acks a take batch's
+records only when the agent asks for the next batch (faust/streams.py `take_events`: the acks sit in
+the `finally` after the `yield`), so offsets never pass a record whose outputs, and table changes,
+are not yet acknowledged by Kafka (the producer's acks=all).
 
-Why batches: `Topic.send` per output went through Faust's publish path, its sensors and aiokafka's
-per-message `send` (partitioner, accumulator lookup) — about a third of the worker's CPU in the
-bench profile (bench/pipeline.py), for two or three sends per event.
+Why: per record, `Topic.send` and each table write's changelog send went through Faust's publish path
+(its producer buffer, sensors, a coroutine each) and aiokafka's per-message `send` — about a third of
+the worker's CPU in the bench profile (bench/pipeline.py).
 
 Order: a batch holds each partition's records in offset order and they are handled in that order;
 outputs are appended in the same order to one record batch per partition, and a batch's outputs are
@@ -20,6 +22,7 @@ marker of an anonymous id follows all of that id's earlier events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections import Counter
@@ -44,6 +47,10 @@ if TYPE_CHECKING:
     from faust.types import EventT, TableT
 
 log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+STOP_GRACE_SECONDS = 30.0  # a stopping agent waits this long for its batch's outputs
 
 HEADER_SOURCE = "flywheel-source"
 HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms, stamped by the collector / producer
@@ -85,8 +92,7 @@ class Outbox:
             builders = self._batches[(topic, partition)] = [self._producer.create_batch()]
         if builders[-1].append(key=key, value=value, timestamp=None) is None:  # full: start the next one
             builders.append(self._producer.create_batch())
-            if builders[-1].append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"a {len(value)}-byte record for {topic} does not fit in a record batch")
+            builders[-1].append(key=key, value=value, timestamp=None)  # a batch's first record always fits
 
     async def send(self) -> dict[tuple[str, int], int]:
         """Send every batch; return once Kafka has acknowledged all of them (the producer's acks=all),
@@ -125,13 +131,41 @@ class Ingest:
         self.linked_users = linked_users
 
     async def handle(self, events: Sequence[EventT], producer: AIOKafkaProducer) -> None:
-        """Process a batch; returns once its outputs are in Kafka."""
+        """Process a batch; return only once all of its outputs are in Kafka.
+
+        If that fails (Kafka unreachable past the producer's own retries), the batch is processed again
+        after a back-off, as a redelivery would be (the tables recognise the records that wrote them),
+        for as long as it takes: Faust would ack the records if this raised (take_events acks in a
+        `finally`), and the next commit would pass them."""
+        backoff = FIRST_BACKOFF_SECONDS
+        attempt = 0
+        while True:
+            work = asyncio.ensure_future(self._handle(events, producer))
+            try:
+                await asyncio.shield(work)
+                if attempt:
+                    log.warning("ingest batch of %d records done after %d failed attempts", len(events), attempt)
+                return
+            except asyncio.CancelledError:
+                # The agent is stopping (shutdown, rebalance) and Faust acks the batch's records as it
+                # unwinds: let the outputs reach Kafka first, within reason.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(work), STOP_GRACE_SECONDS)
+                raise
+            except Exception as exc:  # Kafka errors mostly; retried like a redelivery, never acked unsent
+                attempt += 1
+                log.error("ingest batch of %d records failed (attempt %d, retrying in %.1fs; its partitions "
+                          "wait): %r", len(events), attempt, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _handle(self, events: Sequence[EventT], producer: AIOKafkaProducer) -> None:
         names = self.topics
         outbox = Outbox(producer, {
             topic: sorted(await producer.partitions_for(topic))
             for topic in (names.identified, names.invalid, names.identity_changes)
         })
-        counts: Counter[tuple[Any, str]] = Counter()
+        counts: Counter[tuple[Any, str | None]] = Counter()
         try:
             for event in events:
                 # Faust stores pick the partition (the RocksDB instance) from the current event; in a take
@@ -140,8 +174,6 @@ class Ingest:
                 self._one(event, outbox, counts)
         finally:
             _current_event.set(None)
-            for (metric, source), n in counts.items():
-                (metric.labels(source) if source is not None else metric).inc(n)
         last_offsets = await outbox.send()
         # What Faust's Table does when a changelog record is acknowledged: a RocksDB store remembers the
         # changelog offset it holds, so a restart replays the changelog only from there.
@@ -150,6 +182,8 @@ class Ingest:
             for (topic, partition), offset in last_offsets.items():
                 if topic == changelog:
                     table.data.set_persisted_offset(TP(topic, partition), offset)
+        for (metric, source), n in counts.items():  # once, for the attempt that landed
+            (metric.labels(source) if source is not None else metric).inc(n)
 
     @staticmethod
     def _put(table: TableT, key: bytes, value: bytes, event: EventT, outbox: Outbox) -> None:
