@@ -57,9 +57,10 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         producer_acks=-1,
-        # Batch produce requests (events.identified + the table changelog: two sends per event). With
-        # Faust's default 0 s every send became its own tiny request and the socket writes were ~20% of
-        # the worker's CPU (bench/pipeline.py profile); 50 ms adds at most that to a hop's latency.
+        # Batch the produce requests of Faust's own per-record sends (Topic.send, Table writes outside
+        # ingest, which batches its own). With Faust's default 0 s each send was its own tiny request (the
+        # socket writes were ~20% of the worker's CPU when ingest still sent per event); 50 ms adds at
+        # most that to a hop's latency.
         producer_linger=0.05,
         # Ingest sends each batch's outputs as one record batch per partition (ingest.Outbox); with the
         # default 16 KB a batch of events.identified records needs a dozen, each queued behind the last.
