@@ -363,12 +363,13 @@ def _idle(stack: list[Frame]) -> bool:
 
 # Where the worker's main thread spends its time; an indented stage is part of the one above it.
 STAGES: list[tuple[str, Callable[[list[Frame]], bool]]] = [
-    ("ingest agent (flywheel/app.py ingest)", _has("ingest", "flywheel/app.py")),
+    ("ingest agent (app.py ingest, ingest.py)", lambda s: _has("ingest", "flywheel/app.py")(s)
+     or any("/streams/flywheel/ingest.py" in p for _, p in s)),
     ("  validate", _has("validate", "flywheel/validate.py")),
     ("  dedup + identity tables (stores)", lambda s: any(
         "/faust/tables/" in p or "/faust/stores/" in p or "mode/utils/collections" in p for _, p in s)),
     ("  outputs: record batches (ingest.py Outbox)", _has(("add", "send"), "flywheel/ingest.py")),
-    ("  Faust take_events (batch acks)", _has(("_c_aiter", "events", "take_events", "__anext__"), "/faust/")),
+    ("  Faust take_events (batch acks)", _has("take_events", "/faust/streams.py")),
     ("sink agents (rows + ClickHouse insert hand-off)",
      _has(("sink_events", "sink_invalid"), "flywheel/app.py")),
     ("Faust streams feeding take() buffers (iteration, sensors)", _has("_passive_drainer", "/faust/streams.py")),
