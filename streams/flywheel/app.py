@@ -118,14 +118,14 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
 
     sink = Sink(ch, executor, dead_letter=dead_letter, max_backoff=settings.sink_max_backoff_seconds)
 
-    stage = Ingest(plan=plan, limits=limits, topics=names, first_seen=first_seen, linked_users=linked_users)
+    ingest_stage = Ingest(plan=plan, limits=limits, topics=names, first_seen=first_seen, linked_users=linked_users)
 
     @app.agent(raw_topic)
     async def ingest(stream):
         # A batch at a time (ingest.py): its outputs are in Kafka before take_events acks its records.
         producer = (await app.maybe_start_producer())._ensure_producer()  # Faust's aiokafka producer
         async for events in stream.take_events(INGEST_BATCH_SIZE, within=INGEST_BATCH_SECONDS):
-            await stage.handle(events, producer)
+            await ingest_stage.handle(events, producer)
 
     @app.agent(identified_topic)
     async def sink_events(stream):
