@@ -62,10 +62,10 @@ def as_event(event):
 
 
 class AggregateStage:
-    def __init__(self, *, metrics: Metrics, persons, partitions: int, sink, producer_send, topics):
+    def __init__(self, *, metrics: Metrics, persons, partitions, sink, producer_send, topics):
         self.metrics = metrics
         self.persons = persons  # Faust Table: person id → PersonState JSON
-        self.partitions = partitions
+        self.partitions = partitions  # () -> partition count of events.identified
         self.sink = sink
         self.send = producer_send  # async (topic, key, value) -> awaitable delivery
         self.topics = topics
@@ -74,6 +74,7 @@ class AggregateStage:
 
     # ---- rebuild ------------------------------------------------------------------------------------
     def rebuild(self, wanted: set[int]) -> None:
+        n_partitions = self.partitions()
         states: dict[int, list[PersonState]] = {p: [] for p in wanted}
         meta: dict[int, dict] = {}
         for key, value in self.persons.items():
@@ -84,7 +85,7 @@ class AggregateStage:
                 if p in wanted:
                     meta[p] = orjson.loads(value)
                 continue
-            p = partition_of(key, self.partitions)
+            p = partition_of(key, n_partitions)
             if p in wanted:
                 states[p].append(PersonState.from_json(orjson.loads(value), self.metrics))
         for p in wanted:
@@ -122,6 +123,8 @@ class AggregateStage:
             return slot
 
         rows, handoffs = [], []
+        # Snapshot of what the table's bookkeeping records; the partials may be forgotten (rebalance)
+        # while this batch awaits Kafka and ClickHouse below.
         for event, rec in batch:
             part = event.message.partition
             kind = rec.get("type")
@@ -180,6 +183,8 @@ class AggregateStage:
                     deliveries.append(self.send(topic, record_key(kind, r), orjson.dumps(r)))
                 if recs:
                     obs.PARTIALS_PUBLISHED.labels(kind).inc(len(recs))
+        meta = {part: {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
+                for part in last_event}
         if deliveries:
             await asyncio.gather(*deliveries)
         # 3. rows
@@ -194,6 +199,4 @@ class AggregateStage:
                     self.persons[key] = orjson.dumps(new.to_json())
         for part, event in last_event.items():
             with as_event(event):
-                self.persons[META_PREFIX + str(part).encode()] = orjson.dumps(
-                    {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
-                )
+                self.persons[META_PREFIX + str(part).encode()] = orjson.dumps(meta[part])

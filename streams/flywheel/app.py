@@ -195,7 +195,12 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         # Delivery is awaited (not left to Faust's commit): the person table is written only after this.
         return await (await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None))
 
-    stage = AggregateStage(metrics=metrics, persons=persons, partitions=settings.partitions, sink=sink,
+    def identified_partitions() -> int:
+        # Rebuilding partials maps each person to its partition as the producer did: the topic's real
+        # partition count matters (a topic created before with another FLYWHEEL_PARTITIONS).
+        return app.consumer.topic_partitions(names.identified) or settings.partitions
+
+    stage = AggregateStage(metrics=metrics, persons=persons, partitions=identified_partitions, sink=sink,
                            producer_send=send_acked, topics=names)
 
     @app.on_partitions_revoked.connect
