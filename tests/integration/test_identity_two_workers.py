@@ -18,7 +18,6 @@ test_worker_topics.py). The check keeps such a failure fast and named.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,7 @@ from flywheel.identity import IdentityMap
 from flywheel.plan import load_plan
 from flywheel.producer import Producer
 from flywheel.validate import Invalid, Limits, Raw, validate
-from helpers import WorkerProcess, free_port, unique_settings, wait_until
+from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
 from union_store import UnionStore, union_of
 
 pytestmark = pytest.mark.integration
@@ -114,50 +113,6 @@ def sunk(workers: list[WorkerProcess]) -> tuple[tuple[int, int, int, int], list[
             counts.append(len(rows))
         own.append(tuple(counts))
     return tuple(len(s) for s in together), own
-
-
-def group_assignment(bootstrap: str, group: str) -> list[dict[str, list[int]]] | None:
-    """Each member's partitions per topic in a Stable consumer group (None while it rebalances)."""
-    from kafka import KafkaAdminClient
-
-    # kafka-python cannot decode Faust's member metadata (it says so at length, per member): not needed.
-    logging.getLogger("kafka.admin").setLevel(logging.ERROR)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    try:
-        group_info = admin.describe_groups([group])[group]
-    finally:
-        admin.close()
-    if group_info["group_state"] != "Stable":
-        return None
-    members = []
-    for member in group_info["members"]:
-        assignment = member["member_assignment"] or {"assigned_partitions": []}
-        members.append({tp["topic"]: sorted(tp["partitions"]) for tp in assignment["assigned_partitions"]})
-    return members
-
-
-def changelog_topics(bootstrap: str, app_id: str) -> list[str]:
-    """The changelog topics Faust created for the app's tables ({app id}-{table}-changelog)."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    try:
-        return sorted(t for t in admin.list_topics() if t.startswith(f"{app_id}-") and t.endswith("-changelog"))
-    finally:
-        admin.close()
-
-
-def settled(bootstrap: str, settings, n_workers: int) -> dict[str, list[list[int]]] | None:
-    """Partitions of events.raw and of each table changelog per worker, once all n workers are in the
-    group and every partition of events.raw is owned (else None)."""
-    members = group_assignment(bootstrap, settings.app_id)
-    if members is None or len(members) != n_workers:
-        return None
-    raw = [m.get(settings.topics.raw, []) for m in members]
-    if not all(raw) or sorted(p for ps in raw for p in ps) != list(range(settings.partitions)):
-        return None
-    topics = [settings.topics.raw, *changelog_topics(bootstrap, settings.app_id)]
-    return {t: [m.get(t, []) for m in members] for t in topics}
 
 
 def assert_tables_are_owned(assignment: dict[str, list[list[int]]], settings, log_tail: str) -> None:

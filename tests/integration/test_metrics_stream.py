@@ -14,7 +14,7 @@ import yaml
 from flywheel.metrics import verify
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.producer import Producer
-from helpers import WorkerProcess, free_port, unique_settings, wait_until
+from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
 from metrics_gen import COHORT_DAY, JOURNEY_DAY, METRICS_YAML, journeys
 
 METRICS = parse_metrics(yaml.safe_load(METRICS_YAML))
@@ -104,7 +104,6 @@ def test_two_workers_give_the_same_views_as_one(kafka, tmp_path):
     partitions move (rebalance: partials rebuilt from the person table by the new owner)."""
     import functools
 
-    from test_identity_two_workers import settled
     from union_store import union_of
 
     messages, late = journeys()
