@@ -5,15 +5,17 @@ Stages, in the order data flows (DESIGN §1):
     events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
                               │                                   ├──▶ identity.changes
                               └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
-    events.identified ──sink_events───▶ flywheel.events
+    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users
+                              └─────────▶ flywheel.events (with the late flag)
+    metrics.*         ──sink_partials─▶ flywheel.{funnel,retention,active_user}_partials
     events.invalid    ──sink_invalid──▶ flywheel.invalid_events
     identity.changes  ──sink_identity─▶ flywheel.identity_map / identity_conflicts
 
 Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py,
-ingest.py (the ingest stage, a batch of raw records at a time) and sink.py. Delivery is at-least-once
-with idempotent application: the dedup table remembers where a messageId was first seen, so a
-redelivered record is forwarded again (and collapses in ClickHouse) while an SDK retry (same messageId,
-another record) is dropped.
+metrics/ (person state, partials; wired by aggregates.py), ingest.py (the ingest stage, a batch of raw
+records at a time) and sink.py. Delivery is at-least-once with idempotent application: the dedup table
+remembers where a messageId was first seen, so a redelivered record is forwarded again (and collapses
+in ClickHouse) while an SDK retry (same messageId, another record) is dropped.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from datetime import UTC, datetime, timedelta
 import faust
 import orjson
 
+from flywheel.aggregates import AggregateStage
 from flywheel.clickhouse import ClickHouse
-from flywheel.clickhouse.rows import event_row, identity_rows, invalid_row
+from flywheel.clickhouse.rows import identity_rows, invalid_row, partial_row
 from flywheel.config import Settings
 from flywheel.fastpath import LeanMonitor
 from flywheel.ingest import HEADER_RECEIVED_AT as HEADER_RECEIVED_AT  # imported from here by the collector
 from flywheel.ingest import HEADER_SOURCE as HEADER_SOURCE  # and flywheel.producer
 from flywheel.ingest import Ingest
+from flywheel.metrics.definitions import load_metrics
 from flywheel.plan import load_plan
 from flywheel.read_committed import ReadCommittedTransport
 from flywheel.sink import Sink
@@ -42,10 +46,13 @@ log = logging.getLogger(__name__)
 # Raw records per ingest batch, and how long a batch waits to fill (the latency added when traffic is light).
 INGEST_BATCH_SIZE = 2000
 INGEST_BATCH_SECONDS = 0.1
+PARTIAL_TABLES = {"funnels": "funnel_partials", "retention": "retention_partials",
+                  "active_users": "active_user_partials"}
 
 
 def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     plan = load_plan(settings.tracking_plan)
+    metrics = load_metrics(settings.metrics)
     limits = Limits(
         max_event_bytes=settings.max_event_bytes, max_future=timedelta(seconds=settings.max_future_seconds)
     )
@@ -86,6 +93,10 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     invalid_topic = app.topic(names.invalid, key_type=bytes, value_type=bytes)
     identified_topic = app.topic(names.identified, key_type=bytes, value_type=bytes)
     changes_topic = app.topic(names.identity_changes, key_type=bytes, value_type=bytes)
+    metric_topics = {
+        kind: app.topic(getattr(names, kind), key_type=bytes, value_type=bytes)
+        for kind in ("funnels", "retention", "active_users")
+    }
 
     # messageId → origin (topic/partition@offset) of the raw record that first carried it. Co-partitioned with
     # events.raw (an SDK retry has the same key, so the same partition).
@@ -98,6 +109,10 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     linked_users = app.Table(
         "identity", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
+
+    # person id → the person's state (metrics/person.py), co-partitioned with events.identified. The single
+    # source of truth for funnels, retention and active users (DESIGN §4).
+    persons = app.Table("persons", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
 
     # chdb calls are synchronous C++: one dedicated thread keeps them off the event loop.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -127,12 +142,38 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         async for events in stream.take_events(INGEST_BATCH_SIZE, within=INGEST_BATCH_SECONDS):
             await ingest_stage.handle(events, producer)
 
+    async def send_acked(topic: str, key: bytes, value: bytes):
+        # Delivery is awaited (not left to Faust's commit): the person table is written only after this.
+        return await (await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None))
+
+    def identified_partitions() -> int:
+        # Rebuilding partials maps each person to its partition as the producer did: the topic's real
+        # partition count matters (a topic created before with another FLYWHEEL_PARTITIONS).
+        return app.consumer.topic_partitions(names.identified) or settings.partitions
+
+    stage = AggregateStage(metrics=metrics, persons=persons, partitions=identified_partitions, sink=sink,
+                           producer_send=send_acked, topics=names)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(*args, **kwargs) -> None:
+        stage.forget()  # partials are rebuilt from the person table for the next assignment
+
     @app.agent(identified_topic)
-    async def sink_events(stream):
-        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
-            records = (orjson.loads(v) for v in batch)
-            # Merge markers are for the person-partitioned aggregates, not rows.
-            await sink.write("flywheel.events", [event_row(r) for r in records if r["type"] != "merge"])
+    async def aggregate(stream):
+        async for batch in stream.take_events(settings.sink_batch_size, within=settings.sink_flush_seconds):
+            await stage.process(batch)
+
+    def partial_sink(kind: str):
+        async def sink_partials(stream):
+            async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
+                rows = [partial_row(kind, orjson.loads(v)) for v in batch]
+                await sink.write(f"flywheel.{PARTIAL_TABLES[kind]}", rows)
+        sink_partials.__name__ = f"sink_{kind}"
+        sink_partials.__qualname__ = f"sink_{kind}"
+        return sink_partials
+
+    for kind, topic in metric_topics.items():
+        app.agent(topic, name=f"flywheel.app.sink_{kind}")(partial_sink(kind))
 
     @app.agent(changes_topic)
     async def sink_identity(stream):

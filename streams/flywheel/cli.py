@@ -34,15 +34,21 @@ def _fail(message: str, code: int = 1):
 
 @cli.command()
 def worker() -> None:
-    """Run the pipeline: apply migrations, create topics, then validate → identity → sink until stopped.
+    """Run the pipeline: apply migrations, create topics, then validate → identity → funnels, retention,
+    active users → ClickHouse until stopped.
 
     Also serves /health, /metrics and /sql on FLYWHEEL_HTTP_PORT. Several workers may run with the
     same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one worker owns the
     data directory.
     """
+    from flywheel.metrics.definitions import MetricsError
+    from flywheel.plan import PlanError
     from flywheel.worker import run
 
-    run(_settings())
+    try:
+        run(_settings())
+    except (PlanError, MetricsError) as exc:
+        _fail(str(exc))
 
 
 @cli.command()
@@ -117,6 +123,61 @@ def sample(
             producer.send(message)
             n += 1
     typer.echo(f"sent {n} events to {settings.topics.raw} at {settings.kafka_bootstrap}")
+
+
+metrics_cli = typer.Typer(help="Funnel / retention definitions (FLYWHEEL_METRICS) and their oracle check.")
+cli.add_typer(metrics_cli, name="metrics")
+
+
+@metrics_cli.command("check")
+def metrics_check(
+    path: Annotated[Path | None, typer.Argument(help="metrics file; default FLYWHEEL_METRICS")] = None,
+) -> None:
+    """Validate a metrics file and print what it defines (the worker does the same at start)."""
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+
+    path = path or _settings().metrics
+    try:
+        m = load_metrics(path)
+    except MetricsError as exc:
+        _fail(str(exc))
+    for f in m.funnels:
+        steps = " → ".join(s.event + (f" {dict(s.where)}" if s.where else "") for s in f.steps)
+        typer.echo(f"funnel {f.name}: {steps} within {f.window_ms // 1000} s")
+    for r in m.retention:
+        typer.echo(f"retention {r.name}: cohort {r.cohort.event or 'any'}, return {r.returning.event or 'any'}, "
+                   f"{r.horizon} {r.period}s")
+    typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
+
+
+@metrics_cli.command("verify")
+def metrics_verify() -> None:
+    """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).
+
+    funnel_daily vs windowFunnel(W, 'strict_once'), retention_daily vs retention(...),
+    active_users_daily vs uniqExact, over events_resolved (non-late). Scans all events: run it to
+    check, not on a schedule. Exit 1 and the differing cells when they differ (allow for events still
+    in flight on a busy pipeline).
+    """
+    from flywheel.metrics import verify
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.query import QueryError, run
+
+    settings = _settings()
+    try:
+        metrics = load_metrics(settings.metrics)
+        diffs = verify.compare(lambda q: run(settings, q)[1], metrics)
+    except (MetricsError, QueryError) as exc:
+        _fail(str(exc))
+    for name, (view_only, oracle_only) in diffs.items():
+        typer.echo(f"{name}: {len(view_only)} cells only in the view, {len(oracle_only)} only in the oracle")
+        for cell in sorted(view_only)[:5]:
+            typer.echo(f"  view   {cell}")
+        for cell in sorted(oracle_only)[:5]:
+            typer.echo(f"  oracle {cell}")
+    if diffs:
+        raise typer.Exit(1)
+    typer.echo("funnel_daily, retention_daily and active_users_daily equal the oracles")
 
 
 @cli.command("config")

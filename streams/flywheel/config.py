@@ -30,6 +30,9 @@ class Topics(BaseSettings):
     invalid: str = "events.invalid"
     identified: str = "events.identified"
     identity_changes: str = "identity.changes"
+    funnels: str = "metrics.funnels"
+    retention: str = "metrics.retention"
+    active_users: str = "metrics.active_users"
 
 
 class Settings(BaseSettings):
@@ -42,7 +45,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".flywheel"), description="embedded ClickHouse, local Kafka and state stores")
     http_port: int = Field(8088, description="worker HTTP: Segment collector /v1/*, /health, /metrics, /sql")
     write_keys: str = Field(DEV_WRITE_KEY, description="comma-separated write keys accepted by the collector")
-    metrics: Path | None = Field(None, description="funnel/retention definitions (YAML)")
+    metrics: Path = Field(
+        default_factory=lambda: paths.schemas_dir() / "metrics.yaml",
+        description="funnel/retention definitions (YAML); the default is the e-commerce example in schemas/",
+    )
     tracking_plan: Path = Field(
         default_factory=lambda: paths.schemas_dir() / "tracking_plan.yaml",
         description="tracking plan (YAML): event names, property types, unknown-event policy",

@@ -64,3 +64,16 @@ def setup_logging(level: str = "info") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+LATE_EVENTS = Counter(
+    "flywheel_events_late_total", "Events older than their lateness bound: stored with late=1, not in aggregates",
+    ["rule"],
+)
+PERSON_HANDOFFS = Counter("flywheel_person_handoffs_total", "Anonymous person states handed to their user")
+PARTIALS_PUBLISHED = Counter(
+    "flywheel_partials_published_total", "Metric cells published (absolute per-partition values)", ["metric"]
+)
+PARTIAL_REBUILDS = Counter("flywheel_partial_rebuilds_total", "Partitions whose partials were rebuilt from state")
+CLOSED_CELL_UPDATES = Counter(
+    "flywheel_closed_cell_updates_total", "Events whose effect on already-closed metric cells was not published"
+)

@@ -9,6 +9,13 @@ from flywheel.config import Settings
 log = logging.getLogger(__name__)
 
 
+TABLES = ("message-ids", "identity", "persons")  # the Faust tables of app.py
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"  # Faust's naming
+
+
 def ensure_topics(settings: Settings) -> list[str]:
     """Create every pipeline topic that does not exist yet; return the names created."""
     from kafka.admin import NewTopic
@@ -19,12 +26,21 @@ def ensure_topics(settings: Settings) -> list[str]:
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
     try:
         existing = set(admin.list_topics())
-        wanted = [t for t in settings.topics.model_dump().values() if t not in existing]
+        names = settings.topics
+        # metrics.* hold absolute values keyed by (cell, partition): compaction keeps the latest of each.
+        compacted = {names.funnels, names.retention, names.active_users}
+        # Faust creates its tables' changelogs itself, but a changelog created while the consumer group
+        # forms can be missing from the first assignment (faust then crashes the agent with
+        # PartitionsMismatch "changelog has 0 partitions"): create them up front, like Faust would.
+        changelogs = [changelog_topic(settings, table) for table in TABLES]
+        compacted |= set(changelogs)
+        wanted = [t for t in [*names.model_dump().values(), *changelogs] if t not in existing]
         created = []
         for name in wanted:
             try:
                 admin.create_topics([
-                    NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication)
+                    NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication,
+                             topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
                 ])
                 created.append(name)
             except TopicAlreadyExistsError:  # another worker was faster

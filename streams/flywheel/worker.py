@@ -20,10 +20,13 @@ def run(settings: Settings) -> None:
     from faust import Worker
 
     from flywheel.app import create_app
+    from flywheel.metrics.definitions import load_metrics
     from flywheel.plan import load_plan
     from flywheel.topics import ensure_topics
 
-    load_plan(settings.tracking_plan)  # fail before touching anything if the plan is wrong
+    # fail before touching anything if the tracking plan or the metric definitions are wrong
+    load_plan(settings.tracking_plan)
+    load_metrics(settings.metrics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ch = clickhouse.connect(url=settings.clickhouse_url, data_dir=settings.clickhouse_dir)
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")

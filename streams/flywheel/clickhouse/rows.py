@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 import orjson
@@ -58,3 +59,18 @@ def identity_rows(change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "anonymous_id": change["anonymousId"], "linked_to": change["linkedTo"], "refused": change["refused"],
         "message_id": change["messageId"], "at": at,
     }
+
+
+def partial_row(kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.* record (metrics/partials.py) → a row of its *_partials table."""
+    common = {"kafka_partition": record["partition"], "persons": record["persons"], "version": record["version"]}
+    if kind == "funnels":
+        return {"funnel": record["funnel"], "day": _date(record["day"]), "step": record["step"], **common}
+    if kind == "retention":
+        return {"retention": record["retention"], "cohort_day": _date(record["cohortDay"]),
+                "period": record["period"], **common}
+    return {"day": _date(record["day"]), "kind": record["kind"], **common}
+
+
+def _date(text: str) -> date:
+    return date.fromisoformat(text)  # clickhouse-driver wants a date for a Date column

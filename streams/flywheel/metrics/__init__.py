@@ -1,0 +1,1 @@
+"""Funnels, retention and active users: definitions, the person state, and partition partials."""

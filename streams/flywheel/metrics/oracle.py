@@ -1,0 +1,129 @@
+"""The oracle queries (DESIGN §4): each metric recomputed by ClickHouse itself from the sunk events.
+
+`windowFunnel(W, 'strict_once')`, `retention(...)` and `uniqExact` over `events_resolved` (non-late
+events, each with today's person). The stream's views must equal these, cell by cell; tests use them, and
+`flywheel verify` runs them against a live store. They scan every event: fine for checking, not for
+dashboards (that is what the views are for).
+"""
+
+from __future__ import annotations
+
+from flywheel.metrics.definitions import Funnel, Metrics, Predicate, Retention
+
+
+def quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def condition(p: Predicate) -> str:
+    """A predicate as SQL over events' `event` and `properties` columns (same rules as same_json_value)."""
+    parts = [] if p.event is None else [f"event = {quote(p.event)}"]
+    for key, want in p.where:
+        k = quote(key)
+        if isinstance(want, bool):
+            parts.append(
+                f"(JSONType(properties, {k}) = 'Bool' AND JSONExtractBool(properties, {k}) = {int(want)})"
+            )
+        elif isinstance(want, str):
+            parts.append(
+                f"(JSONType(properties, {k}) = 'String' AND JSONExtractString(properties, {k}) = {quote(want)})"
+            )
+        else:
+            parts.append(
+                f"(JSONType(properties, {k}) IN ('Int64', 'UInt64', 'Double') "
+                f"AND JSONExtractFloat(properties, {k}) = toFloat64({float(want)!r}))"
+            )
+    return "(" + " AND ".join(parts) + ")" if parts else "1"
+
+
+def _events(source: str) -> str:
+    return f"(SELECT person_id, timestamp, event, properties FROM {source} WHERE late = 0)"
+
+
+def funnel_sql(f: Funnel, source: str = "flywheel.events_resolved") -> str:
+    """(funnel, day, step, persons) for steps 1..level, days with at least one person at level ≥ 1."""
+    first = condition(f.steps[0])
+    conds = ", ".join([f"{first} AND toDate(e.timestamp) = p.day"] + [condition(s) for s in f.steps[1:]])
+    return f"""
+SELECT {quote(f.name)} AS funnel, day, step, count() AS persons
+FROM (
+    SELECT p.person_id, p.day AS day,
+           windowFunnel({f.window_ms}, 'strict_once')(toUInt64(toUnixTimestamp64Milli(e.timestamp)), {conds}) AS level
+    FROM (SELECT DISTINCT person_id, toDate(timestamp) AS day FROM {_events(source)} WHERE {first}) AS p
+    INNER JOIN {_events(source)} AS e ON e.person_id = p.person_id
+    GROUP BY p.person_id, p.day
+)
+ARRAY JOIN range(1, level + 1) AS step
+GROUP BY day, step
+ORDER BY day, step"""
+
+
+def retention_sql(r: Retention, source: str = "flywheel.events_resolved") -> str:
+    """(retention, cohort_day, period, persons, cohort_size) for periods with at least one person."""
+    per = "toDate(e.timestamp)" if r.period == "day" else "toMonday(e.timestamp)"
+    cohort, ret = condition(r.cohort), condition(r.returning)
+    conds = [f"{per} = f.cohort AND {cohort}"] + [
+        f"{per} = f.cohort + {n * r.period_days} AND {ret}" for n in range(1, r.horizon + 1)
+    ]
+    first = "toDate(min_ts)" if r.period == "day" else "toMonday(min_ts)"
+    return f"""
+SELECT {quote(r.name)} AS retention, cohort AS cohort_day, period, persons, cohort_size
+FROM (
+    SELECT cohort, n AS period, countIf(flags[n + 1] = 1) AS persons, countIf(flags[1] = 1) AS cohort_size
+    FROM (
+        SELECT f.cohort AS cohort, retention({", ".join(conds)}) AS flags
+        FROM {_events(source)} AS e
+        INNER JOIN (
+            SELECT person_id, {first} AS cohort
+            FROM (SELECT person_id, minIf(timestamp, {cohort}) AS min_ts, countIf({cohort}) AS c
+                  FROM {_events(source)} GROUP BY person_id)
+            WHERE c > 0
+        ) AS f ON f.person_id = e.person_id
+        GROUP BY e.person_id, f.cohort
+    )
+    ARRAY JOIN range(1, {r.horizon + 1}) AS n
+    GROUP BY cohort, n
+)
+WHERE persons > 0
+ORDER BY cohort_day, period"""
+
+
+def cohort_sizes_sql(r: Retention, source: str = "flywheel.events_resolved") -> str:
+    cohort = condition(r.cohort)
+    first = "toDate(min_ts)" if r.period == "day" else "toMonday(min_ts)"
+    return f"""
+SELECT {quote(r.name)} AS retention, {first} AS cohort_day, count() AS cohort_size
+FROM (SELECT person_id, minIf(timestamp, {cohort}) AS min_ts, countIf({cohort}) AS c
+      FROM {_events(source)} GROUP BY person_id)
+WHERE c > 0
+GROUP BY cohort_day
+ORDER BY cohort_day"""
+
+
+def active_users_sql(source: str = "flywheel.events_resolved") -> str:
+    """(day, dau, wau, mau, stickiness) for every day from the first to the last active day with mau > 0."""
+    return f"""
+SELECT day, dau, wau, mau, if(mau = 0, 0, dau / mau) AS stickiness
+FROM (
+    SELECT d AS day,
+           uniqExactIf(person_id, dt = d) AS dau,
+           uniqExactIf(person_id, dt > d - 7 AND dt <= d) AS wau,
+           uniqExactIf(person_id, dt > d - 30 AND dt <= d) AS mau
+    FROM (SELECT person_id, toDate(timestamp) AS dt FROM {_events(source)}) AS e
+    CROSS JOIN (
+        SELECT arrayJoin(arrayMap(x -> toDate(x), range(toUInt32(min(toDate(timestamp))),
+                                                        toUInt32(max(toDate(timestamp))) + 1))) AS d
+        FROM {_events(source)}
+    ) AS days
+    GROUP BY d
+)
+WHERE mau > 0
+ORDER BY day"""
+
+
+def all_queries(metrics: Metrics, source: str = "flywheel.events_resolved") -> dict[str, str]:
+    out = {f"funnel:{f.name}": funnel_sql(f, source) for f in metrics.funnels}
+    out.update({f"retention:{r.name}": retention_sql(r, source) for r in metrics.retention})
+    out.update({f"cohorts:{r.name}": cohort_sizes_sql(r, source) for r in metrics.retention})
+    out["active_users"] = active_users_sql(source)
+    return out

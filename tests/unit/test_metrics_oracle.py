@@ -1,0 +1,166 @@
+"""The pure person state against ClickHouse's own functions, in chdb (DESIGN §4; issues 5 and 6).
+
+For random streams — equal timestamps, out-of-order arrival, late events, repeated steps, chains across
+midnight, windows exceeded, several devices per person handed over to their user — the sum of the
+persons' contributions equals windowFunnel(W, 'strict_once'), retention(...) and uniqExact run by chdb
+over the same (non-late) events, resolved through identity_map exactly as the stream resolves them.
+Exact, every cell.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, date, datetime
+
+import pytest
+from flywheel import paths
+from flywheel.clickhouse.embedded import EmbeddedClickHouse
+from flywheel.clickhouse.migrate import apply as migrate
+from flywheel.metrics import oracle
+from flywheel.metrics.definitions import DAY_MS, parse_metrics
+from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+METRICS = parse_metrics({
+    "lateness": "2d",
+    "funnels": [
+        {"name": "checkout", "window": "3h", "steps": [
+            {"event": "View"}, {"event": "Add", "where": {"category": "shoes"}}, {"event": "Buy"}]},
+        # a repeated step: one event satisfies at most one step, a second occurrence is needed
+        {"name": "twice", "window": "1d", "steps": [{"event": "View"}, {"event": "View"}, {"event": "Buy"}]},
+        {"name": "typed", "window": "90m", "steps": [
+            {"event": "Add", "where": {"qty": 2}}, {"event": "Add", "where": {"gift": True}}]},
+        {"name": "single", "window": "1h", "steps": [{"event": "Buy"}]},
+    ],
+    "retention": [
+        {"name": "daily", "cohort_event": "any", "return_event": "any", "period": "day", "horizon": 5},
+        {"name": "buyers", "cohort_event": "View", "return_event": "Buy", "period": "day", "horizon": 3},
+        {"name": "weekly", "cohort_event": "any", "return_event": "View", "period": "week", "horizon": 2},
+    ],
+})
+
+BASE_DAY = 20_400  # 2025-11-08 (a Saturday): weeks and midnights are crossed
+NAMES = ["View", "Add", "Buy", "Other"]
+PROPS = [{}, {"category": "shoes"}, {"category": "hats"}, {"category": 1}, {"qty": 2}, {"qty": 2.0},
+         {"qty": "2"}, {"gift": True}, {"gift": 1}, {"qty": 2, "gift": True, "category": "shoes"}]
+
+# an event: (person, device (0 = the user id itself), day offset, coarse time of day, name, properties)
+event_st = st.tuples(
+    st.integers(0, 3), st.integers(0, 2), st.integers(0, 9),
+    st.sampled_from([0, 1, 3_599_999, 3_600_000, 7_200_000, 10_800_000, 10_800_001, 43_200_000,
+                     79_200_000, 86_399_999]),
+    st.sampled_from(NAMES), st.sampled_from(range(len(PROPS))),
+)
+
+
+@pytest.fixture(scope="module")
+def ch(tmp_path_factory):
+    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-oracle"))
+    migrate(engine, paths.sql_dir() / "migrations")
+    yield engine
+    engine.close()
+
+
+def _day(value: str) -> int:
+    return date.fromisoformat(value).toordinal() - date(1970, 1, 1).toordinal()
+
+
+def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict]]:
+    """The stream's semantics, in arrival order: each device keeps its own state (late verdicts against
+    its own newest event) until it is handed to its user, whose state joins it."""
+    states: dict[str, PersonState] = {}
+    rows = []
+    for i, (person, device, day, tod, name, props) in enumerate(events):
+        ts = (BASE_DAY + day) * DAY_MS + tod
+        owner = f"u{person}" if device == 0 else f"u{person}-d{device}"
+        state = states.setdefault(owner, PersonState.empty(METRICS))
+        late = is_late(state, ts, METRICS)
+        if not late:
+            apply(state, f"m{i}", ts, METRICS.mask(name, PROPS[props]), METRICS)
+        rows.append({
+            "message_id": f"m{i}", "type": "track", "event": name,
+            "anonymous_id": owner if device else "", "user_id": owner if not device else "",
+            "person_id": owner, "previous_id": "", "group_id": "",
+            "timestamp": datetime.fromtimestamp(ts / 1000, tz=UTC), "received_at": datetime(2026, 1, 1, tzinfo=UTC),
+            "sent_at": None, "properties": __import__("orjson").dumps(PROPS[props]).decode(), "traits": "{}",
+            "context": "{}", "source": "test", "late": int(late),
+        })
+    # identify: every device is handed over to its user (join order: the order devices appear)
+    persons: dict[str, PersonState] = {}
+    for owner, state in states.items():
+        user = owner.split("-")[0]
+        persons[user] = join(persons[user], state, METRICS) if user in persons else state
+    return persons, rows
+
+
+def expected_from_state(persons: dict[str, PersonState]) -> Counter:
+    total: Counter = Counter()
+    for state in persons.values():
+        total.update(contributions(state, METRICS, open_from=-(10**6)))
+    return total
+
+
+def load(ch, rows: list[dict]) -> None:
+    ch.command("TRUNCATE TABLE flywheel.events")
+    ch.command("TRUNCATE TABLE flywheel.identity_map")
+    ch.insert("flywheel.events", rows)
+    links = {r["anonymous_id"] for r in rows if r["anonymous_id"]}
+    ch.insert("flywheel.identity_map", [
+        {"distinct_id": a, "person_id": a.split("-")[0], "version": 1, "message_id": f"link-{a}",
+         "linked_at": datetime(2026, 1, 1, tzinfo=UTC)} for a in sorted(links)
+    ])
+
+
+def oracle_cells(ch) -> Counter:
+    got: Counter = Counter()
+    for f in METRICS.funnels:
+        for name, day, step, persons in ch.rows(oracle.funnel_sql(f))[1]:
+            got[("f", name, _day(day), int(step))] = int(persons)
+    for r in METRICS.retention:
+        for name, cohort, n, persons, _size in ch.rows(oracle.retention_sql(r))[1]:
+            got[("r", name, _day(cohort), int(n))] = int(persons)
+        for name, cohort, size in ch.rows(oracle.cohort_sizes_sql(r))[1]:
+            got[("r", name, _day(cohort), 0)] = int(size)
+    for day, dau, wau, mau, _ in ch.rows(oracle.active_users_sql())[1]:
+        for kind, value in (("dau", dau), ("wau", wau), ("mau", mau)):
+            if int(value):
+                got[("a", kind, _day(day))] = int(value)
+    return got
+
+
+def state_cells(persons: dict[str, PersonState]) -> Counter:
+    cells = expected_from_state(persons)
+    # the views show activity up to the last active day (rolling windows would run into the future)
+    last = max((k[2] for k in cells if k[:2] == ("a", "dau")), default=None)
+    return Counter({k: v for k, v in cells.items() if v and not (k[0] == "a" and k[2] > last)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(event_st, min_size=1, max_size=45))
+def test_state_equals_clickhouse_on_random_streams(ch, events):
+    persons, rows = run_stream(events)
+    load(ch, rows)
+    assert state_cells(persons) == oracle_cells(ch)
+
+
+def test_a_known_stream_cell_by_cell(ch):
+    """Readable anchor: one person, a chain across midnight, a repeated step, an exceeded window."""
+    d = 0
+    events = [
+        (0, 1, d, 79_200_000, "View", 0),          # 22:00 day 0, anonymous device
+        (0, 1, d + 1, 0, "Add", 1),                # 00:00 day 1: within 3h, shoes
+        (0, 0, d + 1, 3_600_000, "Buy", 0),        # 01:00 day 1 as the user: 3h after the view — inclusive
+        (0, 0, d + 3, 0, "View", 0),
+        (0, 0, d + 3, 43_200_000, "Buy", 0),       # twice: needs a second View
+    ]
+    persons, rows = run_stream(events)
+    load(ch, rows)
+    cells = state_cells(persons)
+    assert cells[("f", "checkout", BASE_DAY, 3)] == 1
+    assert cells[("f", "twice", BASE_DAY, 1)] == 1 and cells[("f", "twice", BASE_DAY, 2)] == 0
+    assert cells[("r", "daily", BASE_DAY, 0)] == 1
+    assert cells[("r", "daily", BASE_DAY, 1)] == 1 and cells[("r", "daily", BASE_DAY, 3)] == 1
+    assert cells[("r", "daily", BASE_DAY, 2)] == 0
+    assert cells[("a", "mau", BASE_DAY + 3)] == 1 and cells[("a", "dau", BASE_DAY + 2)] == 0
+    assert cells == oracle_cells(ch)
