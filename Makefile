@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench-collector: $(STAMP)
 
 bench-identity: $(STAMP)
 	$(BIN)/python bench/identity.py
+
+# Funnels/retention/active users: stage in-process, state size, pipeline on vs off, latency, 1 vs 2 workers.
+# Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"
+bench-metrics: $(STAMP)
+	$(BIN)/python bench/metrics.py $(BENCH_ARGS)
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

@@ -1,0 +1,1193 @@
+"""Metrics benchmark (issues 5 and 6): what funnels, retention and active users cost in the stream.
+
+    make bench-metrics                       # = .venv/bin/python bench/metrics.py (default: ~8-10 min)
+    .venv/bin/python bench/metrics.py --parts stage,state --persons 100000
+    .venv/bin/python bench/metrics.py --pipeline-events 60000 --pipeline-runs 2 --latency-reps 20
+
+Measurements, chosen with --parts (default: all):
+
+stage     The aggregate stage alone, in-process (no Kafka, no ClickHouse): identified records go through
+          the real AggregateStage.process in batches, with a dict as the `persons` table, a sink stub
+          that keeps nothing and a producer stub (hand-offs are fed back as later records, as Kafka
+          would deliver them). Events/s with the metrics of schemas/metrics.yaml ("on") vs an empty
+          metrics file ("off": active users only), alternating, --stage-repeats times; plus a cProfile
+          of one "on" pass over the first --profile-records records.
+state     After the "on" pass: bytes of each person's stored value (orjson of PersonState.to_json),
+          the Python memory (tracemalloc) of the person states, the same values written to RocksDB
+          with Faust's options (on-disk size), and the time to rebuild partials from the whole table
+          (what a worker does when a partition is assigned). Projected per million persons.
+pipeline  A local Kafka and one `flywheel worker` (embedded ClickHouse), metrics on vs off, same
+          events.raw: events/s until flywheel.events holds every event, worker CPU per event.
+latency   A worker idle on a running pipeline: a 4-step checkout journey of a fresh person (timestamps
+          now) is sent; flywheel.funnel_daily is polled until step 4 of today grows. Per
+          --latency-flush value (FLYWHEEL_SINK_FLUSH_SECONDS), --latency-reps times.
+scale     1 worker vs 2 workers (same app id and topics, own data dir, port and embedded ClickHouse):
+          events/s until the stores together hold every event (count() FINAL summed over the workers).
+
+The stream (all parts): --persons persons over --days days; each has 1-3 devices, about half return on
+later days, 40% sign up (identify + Signed Up) and log in on their other devices later (each first login
+of a device is a link: a merge marker and a state hand-off). Sessions look like flywheel.sample's:
+page, product views, adds to cart, checkout and order once signed up. Seeded: same arguments, same stream.
+
+Results: bench/results/metrics-<time>.json and .txt. The machine may be shared: every part records the
+load average and how busy the machine was, so a noisy number can be recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from flywheel import devkafka, query
+from flywheel.aggregates import META_PREFIX, AggregateStage, partition_of
+from flywheel.config import Settings, Topics
+from flywheel.identity import IdentityMap
+from flywheel.metrics.definitions import Metrics, load_metrics, parse_metrics
+from flywheel.metrics.person import PersonState
+from flywheel.plan import load_plan
+from flywheel.validate import Limits, Raw, validate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pipeline as pl  # noqa: E402  (bench/pipeline.py: Kafka, worker and CPU machinery)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+METRICS_ON = REPO / "schemas" / "metrics.yaml"
+PARTS = ("stage", "state", "pipeline", "latency", "scale")
+CATEGORIES = ["shoes", "shirts", "bags", "hats"]
+PAGES = ["Home", "Category", "Search", "Help"]
+log = pl.log
+
+
+def loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3),
+            "max": round(max(values), 3)}
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def population(n_persons: int, *, days: int, seed: int, now: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Segment messages of `n_persons` persons over the last `days` days, in time order (day by day).
+
+    Per person: 1-3 devices (60/30/10%); one session (55%) or a first session and ~1+Exp(4) more on
+    later days (45%); sign-up (40%) in one of its sessions: identify (links the device) + Signed Up;
+    later sessions on another device start with an identify (a login: one more link). Every timestamp is
+    before `now` (the worker refuses events more than a day ahead of their arrival).
+    """
+    rng = random.Random(seed)
+    now = now or datetime.now(UTC)
+    start = now - timedelta(days=days, hours=2)
+    run = f"{seed:x}{rng.getrandbits(32):08x}"
+    by_day: list[list[tuple[int, int]]] = [[] for _ in range(days)]
+    plans: list[tuple[int, int]] = []  # (devices, sign-up session index or -1)
+    for p in range(n_persons):
+        devices = rng.choices((1, 2, 3), weights=(6, 3, 1))[0]
+        first = rng.randrange(days)
+        sessions = [first]
+        if rng.random() < 0.45:
+            sessions += sorted(rng.randrange(first, days) for _ in range(1 + int(rng.expovariate(1 / 4))))
+        plans.append((devices, rng.randrange(len(sessions)) if rng.random() < 0.4 else -1))
+        for j, day in enumerate(sessions):
+            by_day[day].append((p, j))
+    anon_ids: dict[tuple[int, int], str] = {}
+    linked: dict[int, set[int]] = {}
+    last_t: dict[int, datetime] = {}
+
+    def uid() -> str:
+        return str(uuid.UUID(int=rng.getrandbits(128)))
+
+    for day, sessions in enumerate(by_day):
+        out: list[tuple[datetime, int, dict[str, Any]]] = []
+        for p, j in sessions:
+            devices, signup = plans[p]
+            device = 0 if j == 0 else rng.randrange(devices)
+            t = start + timedelta(days=day, seconds=rng.uniform(0, 86_400 - 3_600))
+            if p in last_t and last_t[p] > t:
+                t = last_t[p] + timedelta(minutes=rng.uniform(5, 60))
+            last_t[p] = _session(
+                rng, out, uid, t, anon=anon_ids.get((p, device)) or anon_ids.setdefault((p, device), uid()),
+                user=f"u-{run}-{p}", device=device, linked=linked.setdefault(p, set()),
+                known=signup >= 0 and j >= signup, signs_up=j == signup, order_id=f"o-{run}-{p}-{j}")
+        out.sort(key=lambda x: (x[0], x[1]))
+        for _, _, message in out:
+            yield message
+
+
+def _session(rng: random.Random, out: list, uid, t: datetime, *, anon: str, user: str, device: int,
+             linked: set[int], known: bool, signs_up: bool, order_id: str) -> datetime:
+    """One visit on one device: appends (time, seq, message) to `out`, returns the time of its last event."""
+    context = {"library": {"name": "flywheel-bench", "version": "1"}, "os": {"name": ("ios", "android", "web")[device]}}
+
+    def emit(kind: str, with_user: bool, **fields: Any) -> None:
+        nonlocal t
+        t += timedelta(seconds=rng.uniform(2, 240))
+        ids = {"anonymousId": anon, **({"userId": user} if with_user else {})}
+        out.append((t, len(out), {"type": kind, **ids, "timestamp": _iso(t), "messageId": uid(),
+                                  "context": context, **fields}))
+
+    def login() -> None:
+        emit("identify", True, traits={"plan": rng.choice(["free", "pro"])})
+        linked.add(device)
+
+    emit("page", device in linked, name=rng.choice(PAGES), properties={"path": "/"})
+    if known and not signs_up and device not in linked:
+        login()  # another device of a user: its first login links it
+    added = False
+    for _ in range(rng.randint(1, 5)):
+        category, product = rng.choice(CATEGORIES), f"p-{rng.randint(1, 200)}"
+        price = round(rng.uniform(5, 200), 2)
+        emit("track", device in linked, event="Product Viewed",
+             properties={"product_id": product, "category": category, "price": price})
+        if rng.random() < 0.35:
+            added = True
+            emit("track", device in linked, event="Product Added",
+                 properties={"product_id": product, "category": category, "price": price, "quantity": 1})
+    if signs_up:
+        login()
+        emit("track", True, event="Signed Up", properties={"method": "email"})
+    if known and added and rng.random() < 0.6:
+        emit("track", True, event="Checkout Started", properties={"items": 1})
+        if rng.random() < 0.7:
+            emit("track", True, event="Order Completed", properties={
+                "order_id": order_id, "revenue": round(rng.uniform(10, 400), 2), "currency": "EUR"})
+    return t
+
+
+def _sized(data: bytes) -> bytes:
+    """A right-sized copy: orjson ≥ 3.12 returns bytes whose allocation is at least 4 KiB (its write
+    buffer, not shrunk), so a million kept records would take 4+ GB instead of ~0.5."""
+    return bytes(memoryview(data))
+
+
+def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[list[tuple[int, bytes]], dict[str, int]]:
+    """What the ingest agent writes to events.identified: validated events with their person, and a merge
+    marker (keyed by the anonymous id) after each first link; (partition, value) in arrival order."""
+    plan = load_plan(REPO / "schemas" / "tracking_plan.yaml")
+    limits = Limits()
+    ids = IdentityMap()
+    now = datetime.now(UTC)
+    out: list[tuple[int, bytes]] = []
+    counts: Counter[str] = Counter()
+    persons: set[str] = set()
+    for offset, message in enumerate(messages):
+        outcome = validate(Raw(orjson.dumps(message), "bench", now, "raw", 0, offset), plan, limits)
+        ev = outcome.event  # type: ignore[union-attr]  (the generator only makes valid events)
+        result = ids.apply(ev)
+        ev["personId"] = result.person_id
+        persons.add(result.person_id)
+        out.append((partition_of(result.person_id.encode(), partitions), _sized(orjson.dumps(ev))))
+        counts["events"] += 1
+        if result.link is not None:
+            anon = result.link.anonymous_id
+            marker = {"type": "merge", "from": anon, "into": result.link.user_id,
+                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            out.append((partition_of(anon.encode(), partitions), _sized(orjson.dumps(marker))))
+            counts["merge_markers"] += 1
+    counts["distinct_person_ids"] = len(persons)
+    return out, dict(counts)
+
+
+# --------------------------------------------------------------------------- stage (in-process)
+
+
+class _Message:
+    __slots__ = ("partition",)
+
+    def __init__(self, partition: int):
+        self.partition = partition
+
+
+class FakeEvent:
+    """What AggregateStage.process reads of a Faust event: .value and .message.partition (weak-referencable
+    for flywheel.aggregates.as_event, which works unchanged on it)."""
+
+    __slots__ = ("value", "message", "__weakref__")
+
+    def __init__(self, partition: int, value: bytes):
+        self.value = value
+        self.message = _Message(partition)
+
+
+class NullSink:
+    def __init__(self) -> None:
+        self.rows = 0
+
+    async def write(self, table: str, rows: list[dict]) -> None:
+        self.rows += len(rows)
+
+
+def stage_topics() -> Topics:
+    return Topics()
+
+
+async def _drive(stage: AggregateStage, records: list[tuple[int, bytes]], batch: int,
+                 handoffs: deque) -> int:
+    i = batches = 0
+    while i < len(records) or handoffs:
+        chunk = [FakeEvent(*handoffs.popleft()) for _ in range(min(batch, len(handoffs)))]
+        take = batch - len(chunk)
+        chunk += [FakeEvent(p, v) for p, v in records[i:i + take]]
+        i += take
+        await stage.process(chunk)
+        batches += 1
+    return batches
+
+
+def stage_pass(records: list[tuple[int, bytes]], metrics: Metrics, *, partitions: int, batch: int,
+               profile: cProfile.Profile | None = None) -> tuple[dict[str, Any], AggregateStage]:
+    """One pass of `records` through a fresh AggregateStage; wall and CPU time of the whole pass."""
+    topics = stage_topics()
+    handoffs: deque = deque()
+    published: Counter[str] = Counter()
+
+    async def send(topic: str, key: bytes, value: bytes) -> None:
+        published[topic] += 1
+        if topic == topics.identified:  # a state hand-off: Kafka delivers it on the user's partition later
+            handoffs.append((partition_of(key, partitions), value))
+
+    sink = NullSink()
+    stage = AggregateStage(metrics=metrics, persons={}, partitions=partitions, sink=sink,
+                           producer_send=send, topics=topics)
+    gc.collect()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    if profile is not None:
+        profile.enable()
+    batches = asyncio.run(_drive(stage, records, batch, handoffs))
+    if profile is not None:
+        profile.disable()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    events = sink.rows
+    return {
+        "events": events, "records": len(records) + published[topics.identified], "batches": batches,
+        "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+        "events_per_s": round(events / wall), "cpu_us_per_event": round(cpu / events * 1e6, 1),
+        "handoffs": published[topics.identified],
+        "published": {"funnels": published[topics.funnels], "retention": published[topics.retention],
+                      "active_users": published[topics.active_users]},
+        "persons_stored": sum(1 for k in stage.persons if not k.startswith(META_PREFIX)),
+    }, stage
+
+
+def run_stage(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, args) -> tuple[dict, AggregateStage]:
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    last_on: AggregateStage | None = None
+    for r in range(args.stage_repeats):
+        order = ("on", "off") if r % 2 == 0 else ("off", "on")
+        for mode in order:
+            la = loadavg()
+            busy0 = pl.machine_ticks()
+            result, stage = stage_pass(records, on if mode == "on" else off, partitions=args.partitions,
+                                       batch=args.batch)
+            busy1 = pl.machine_ticks()
+            result["loadavg"] = la
+            result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3)
+            runs[mode].append(result)
+            log(f"stage {mode:>3} pass {r + 1}: {result['events_per_s']:,} ev/s "
+                f"({result['cpu_us_per_event']} us CPU/event, {result['seconds']} s, load {la[0]}, "
+                f"machine busy {result['machine_busy']:.0%})")
+            if mode == "on":
+                last_on = stage
+            del stage
+            gc.collect()
+    out: dict[str, Any] = {"runs": runs}
+    for mode in runs:
+        out[mode] = {"events_per_s": spread([x["events_per_s"] for x in runs[mode]]),
+                     "cpu_us_per_event": spread([x["cpu_us_per_event"] for x in runs[mode]])}
+    # CPU time is the steadier basis on a shared machine: on/off ratio of the medians of both
+    out["ratio_on_off_events_per_s"] = round(out["on"]["events_per_s"]["median"]
+                                             / out["off"]["events_per_s"]["median"], 3)
+    out["ratio_on_off_cpu"] = round(out["on"]["cpu_us_per_event"]["median"]
+                                    / out["off"]["cpu_us_per_event"]["median"], 3)
+    if args.profile_records:
+        out["profile"] = profile_stage(records[:args.profile_records], on, args)
+    if args.what_if_cache:
+        out["what_if_cached_day_bounds"] = what_if_cached(records, on, off, args)
+    assert last_on is not None
+    return out, last_on
+
+
+@contextmanager
+def cached_metric_properties() -> Iterator[None]:
+    """Bench-only what-if (not a change of streams/): Metrics.reach_days / horizon_days / lateness_days are
+    properties recomputed at every call (a max over the funnels and retentions); here each is computed
+    once per Metrics object. Same values, so the same results: only the cost changes."""
+    names = ("reach_days", "horizon_days", "lateness_days")
+    originals = {name: Metrics.__dict__[name] for name in names}
+    cache: dict[tuple[int, str], int] = {}
+    for name, prop in originals.items():
+        def getter(self, prop=prop, name=name):
+            key = (id(self), name)
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = prop.fget(self)
+            return value
+        setattr(Metrics, name, property(getter))
+    try:
+        yield
+    finally:
+        for name, prop in originals.items():
+            setattr(Metrics, name, prop)
+
+
+def what_if_cached(records: list[tuple[int, bytes]], on: Metrics, off: Metrics, args) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with cached_metric_properties():
+        for mode, metrics in (("on", on), ("off", off)):
+            result, stage = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch)
+            out[mode] = {k: result[k] for k in ("events_per_s", "cpu_us_per_event", "seconds")}
+            log(f"what-if (Metrics day bounds cached) {mode:>3}: {result['events_per_s']:,} ev/s, "
+                f"{result['cpu_us_per_event']} us CPU/event")
+            del stage
+    return out
+
+
+def profile_stage(records: list[tuple[int, bytes]], metrics: Metrics, args, top: int = 18) -> dict[str, Any]:
+    """cProfile of one "on" pass: the stage's own functions by cumulative and self time."""
+    prof = cProfile.Profile()
+    result, _ = stage_pass(records, metrics, partitions=args.partitions, batch=args.batch, profile=prof)
+    stats = pstats.Stats(prof)
+    total = max(v[3] for v in stats.stats.values())  # cumulative of the outermost frame ≈ profiled time
+
+    def name(func: tuple[str, int, str]) -> str:
+        path, line, fn = func
+        short = path.split("/streams/flywheel/", 1)[-1] if "/streams/flywheel/" in path else Path(path).name
+        return f"{fn} ({short}:{line})"
+
+    rows = [(name(f), v[1], v[2], v[3]) for f, v in stats.stats.items()]  # (name, calls, self, cumulative)
+    by_self = sorted(rows, key=lambda r: -r[2])[:top]
+    ours = [r for r in rows if "flywheel" in r[0] or ".py:" in r[0] and any(
+        m in r[0] for m in ("person.py", "partials.py", "funnel.py", "aggregates.py", "definitions.py", "rows.py"))]
+    by_cum = sorted(ours, key=lambda r: -r[3])[:top]
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+    path = RESULTS / f"metrics-stage-{args.stamp}.pstats"
+    stats.dump_stats(path)
+    return {
+        "records": len(records), "events_per_s_under_cprofile": result["events_per_s"],
+        "profiled_seconds": round(total, 3), "file": str(path),
+        "top_self": [[n, c, round(s, 3), round(s / total, 3)] for n, c, s, _ in by_self],
+        "top_cumulative_flywheel": [[n, c, round(cu, 3), round(cu / total, 3)] for n, c, _, cu in by_cum],
+    }
+
+
+# --------------------------------------------------------------------------- state size
+
+
+def measure_state(stage: AggregateStage, metrics: Metrics, args, tmp: Path) -> dict[str, Any]:
+    table: dict[bytes, bytes] = stage.persons  # type: ignore[assignment]
+    items = [(k, v) for k, v in table.items() if not k.startswith(META_PREFIX)]
+    sizes = [len(v) for _, v in items]
+    keys = [len(k) for k, _ in items]
+    n = len(items)
+    parsed = [orjson.loads(v) for _, v in items]
+    events_kept = [len(d["m"]) for d in parsed]
+    funnel_kept = [len(d["f"]) for d in parsed]
+    days_kept = [len(d["d"]) for d in parsed]
+    share = Counter()
+    for d in parsed:
+        for field in d:
+            share[field] += len(orjson.dumps(d[field])) + len(field) + 4
+    total_bytes = sum(sizes)
+    out: dict[str, Any] = {
+        "persons": n,
+        "value_bytes": {"mean": round(total_bytes / n, 1), "p50": pct(sizes, 50), "p99": pct(sizes, 99),
+                        "max": max(sizes)},
+        "key_bytes_mean": round(sum(keys) / n, 1),
+        "field_share_of_bytes": {k: round(v / total_bytes, 3) for k, v in share.most_common()},
+        "applied_events_kept": {"mean": round(sum(events_kept) / n, 2), "p50": pct(events_kept, 50),
+                                "p99": pct(events_kept, 99)},
+        "funnel_events_kept": {"mean": round(sum(funnel_kept) / n, 2), "p99": pct(funnel_kept, 99)},
+        "active_days_kept": {"mean": round(sum(days_kept) / n, 2), "p99": pct(days_kept, 99)},
+    }
+    del parsed
+    gc.collect()
+    # Python memory: the states as objects, and the table as a dict of bytes (a memory:// store)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    states = [PersonState.from_json(orjson.loads(v), metrics) for _, v in items]
+    objects = tracemalloc.get_traced_memory()[0] - base
+    del states
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    as_bytes = {_sized(k): _sized(v) for k, v in items}  # right-sized copies, not the same objects
+    dict_bytes = tracemalloc.get_traced_memory()[0] - base
+    del as_bytes
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    as_written = {_sized(k): orjson.dumps(orjson.loads(v)) for k, v in items}  # as the stage writes them
+    written_bytes = tracemalloc.get_traced_memory()[0] - base
+    del as_written
+    tracemalloc.stop()
+    out["python_bytes_per_person"] = {"PersonState objects": round(objects / n),
+                                      "dict of right-sized key/value bytes": round(dict_bytes / n),
+                                      "dict of values as orjson.dumps returns them": round(written_bytes / n)}
+    out["rocksdb"] = rocksdb_size(items, tmp / "rocksdb")
+    # what a worker does on assignment: read every person of its partitions, rebuild the partials
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    stage.rebuild(set(range(args.partitions)))
+    out["rebuild_partials"] = {"seconds": round(time.perf_counter() - t0, 2),
+                               "cpu_seconds": round(time.process_time() - c0, 2),
+                               "us_per_person": round((time.process_time() - c0) / n * 1e6, 1),
+                               "cells": sum(len(p.counts) for p in stage.partials.parts.values())}
+    per_m = 1_000_000
+    out["projection_per_million_persons"] = {
+        "stored_key_plus_value_MB": round((total_bytes + sum(keys)) / n * per_m / 1e6),
+        "rocksdb_on_disk_MB": round(out["rocksdb"]["bytes_on_disk"] / n * per_m / 1e6),
+        "rocksdb_rss_after_reading_all_MB": round(out["rocksdb"]["rss_growth_per_person"] * per_m / 1e6),
+        "memory_store_MB": round(dict_bytes / n * per_m / 1e6),
+        "memory_store_orjson_as_returned_MB": round(written_bytes / n * per_m / 1e6),
+        "all_states_as_python_objects_MB": round(objects / n * per_m / 1e6),
+        "rebuild_partials_cpu_s": round(out["rebuild_partials"]["cpu_seconds"] / n * per_m),
+        "how": ("measured per person at this population, times 1e6 (linear: each person's state depends on "
+                "its own events only, not on the population); the rocksdb figure is the SST files after a "
+                "flush and full compaction with Faust's RocksDB options (one DB, not one per partition; no "
+                "WAL); the changelog topic in Kafka holds ~the stored key+value bytes again after compaction"),
+    }
+    return out
+
+
+_READ_ALL = """
+import sys, time
+from faust.stores.rocksdb import RocksDBOptions
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+db = RocksDBOptions(use_rocksdict=True).open(sys.argv[1])
+before = rss()
+n = nbytes = 0
+for k, v in db.items():
+    n += 1
+    nbytes += len(v)
+print(before, rss(), n, nbytes)
+"""
+
+
+def rocksdb_size(items: list[tuple[bytes, bytes]], path: Path) -> dict[str, Any]:
+    """The values written as a Faust RocksDB store would (rocksdict, Faust's options), flushed and compacted;
+    then, in a fresh process, every value read once (what a partial rebuild does): its RSS growth is
+    the block cache filling up (Faust's default cache: 2 GiB per partition DB, so it holds all of it)."""
+    from faust.stores.rocksdb import RocksDBOptions
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    db = RocksDBOptions(use_rocksdict=True).open(path)
+    try:
+        for k, v in items:
+            db[k] = v
+        db.flush()
+        db.compact_range(None, None)
+    finally:
+        db.close()
+    sst = sum(f.stat().st_size for f in path.rglob("*.sst"))
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.name.endswith(".log"))
+    out = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True, text=True, check=True)
+    before, after, n, _ = (int(x) for x in out.stdout.split())
+    shutil.rmtree(path, ignore_errors=True)
+    return {"bytes_on_disk": total, "sst_bytes": sst, "bytes_per_person": round(total / len(items), 1),
+            "rss_growth_reading_all_bytes": after - before,
+            "rss_growth_per_person": round((after - before) / max(1, n), 1)}
+
+
+# --------------------------------------------------------------------------- workers on a local Kafka
+
+
+def topics_for(tag: str, raw: str | None = None) -> Topics:
+    """Every topic of one pipeline its own (pipeline.topics_for shares metrics.*, which the partial sinks
+    of different runs would then all read)."""
+    return Topics(raw=raw or f"mb-{tag}.events.raw", invalid=f"mb-{tag}.events.invalid",
+                  identified=f"mb-{tag}.events.identified", identity_changes=f"mb-{tag}.identity.changes",
+                  funnels=f"mb-{tag}.metrics.funnels", retention=f"mb-{tag}.metrics.retention",
+                  active_users=f"mb-{tag}.metrics.active_users")
+
+
+def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,
+                    metrics: Path, app_tag: str | None = None, **extra: Any) -> Settings:
+    return Settings(kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"mb-{app_tag or tag}",
+                    data_dir=data_dir, http_port=pl.free_port(), topics=topics_for(app_tag or tag, raw_topic),
+                    metrics=metrics, **extra)
+
+
+def preload(bootstrap: str, topic: str, partitions: int, messages: list[dict]) -> dict[str, float]:
+    """Send the messages to a new topic through the project's Producer (as bench/pipeline.py does)."""
+    from flywheel.producer import Producer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        admin.close()
+    started = time.monotonic()
+    with Producer(bootstrap, topic=topic, source="bench",
+                  linger_ms=50, batch_size=512 * 1024, max_in_flight_requests_per_connection=5) as producer:
+        for message in messages:
+            producer.send(message)
+    seconds = time.monotonic() - started
+    held = pl.topic_size(bootstrap, topic)
+    if held != len(messages):
+        raise SystemExit(f"{topic} holds {held} records, expected {len(messages)}")
+    return {"events": len(messages), "seconds": round(seconds, 2), "events_per_s": round(len(messages) / seconds)}
+
+
+class Worker:
+    """One `flywheel worker` child (this venv's python: its command line names this worktree)."""
+
+    def __init__(self, settings: Settings, extra_env: dict[str, str] | None = None):
+        self.settings = settings
+        self.extra_env = extra_env or {}
+        self.log_path = settings.data_dir / "worker.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Worker:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spawned = time.monotonic()
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flywheel.cli", "worker"], env=pl.worker_env(self.settings, self.extra_env),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SystemExit(f"worker {self.settings.data_dir} exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        self.check()
+        return "Worker ready" in self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, deadline: float) -> float:
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"worker {self.settings.data_dir} not ready in time:\n{self.tail()}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def sql(self, text: str, timeout: float = 60) -> list[list]:
+        return query.run(self.settings, text, timeout=timeout)[1]
+
+    def scalar(self, text: str) -> Any:
+        return self.sql(text)[0][0]
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def wait_for(predicate, *, deadline: float, what: str, interval: float = 0.25) -> Any:
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (query.QueryError, OSError) as exc:  # /sql not advertised yet
+            last = exc
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what} (last error: {last})")
+
+
+# --------------------------------------------------------------------------- pipeline: metrics on vs off
+
+
+def run_pipeline(broker: devkafka.Broker, broker_pid: int, raw_topic: str, n: int, files: dict[str, Path],
+                 tmp: Path, args, deadline: float) -> dict[str, Any]:
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for r in range(args.pipeline_runs):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            tag = f"{args.tag}p{r}{mode}"
+            settings = worker_settings(broker.bootstrap, args.partitions, raw_topic, tag, tmp / tag,
+                                       metrics=files[mode])
+            la = loadavg()
+            p = pl.pipeline(settings, n, deadline=deadline, poll=0.5, broker_pid=broker_pid)
+            p.pop("series", None)
+            p["loadavg_start"] = la
+            p["late_events"] = stopped_store_scalar(settings, "SELECT countIf(late = 1) FROM flywheel.events FINAL")
+            runs[mode].append(p)
+            log(f"pipeline {mode:>3} run {r + 1}: {p['events_per_s']:,} ev/s (steady {p['steady_events_per_s']}), "
+                f"{p['worker_cpu_ms_per_event']} ms worker CPU/event, worker {p['worker_cores']} cores, "
+                f"broker {p['broker_cores']}, machine busy {p['machine_busy']:.0%}, load {la[0]}"
+                + ("" if p["complete"] else "  INCOMPLETE"))
+            if not p["complete"]:
+                return {"runs": runs, "incomplete": True}
+    out: dict[str, Any] = {"events": n, "runs": runs}
+    for mode in runs:
+        out[mode] = {k: spread([x[k] for x in runs[mode]])
+                     for k in ("events_per_s", "steady_events_per_s", "worker_cpu_ms_per_event")}
+    out["ratio_on_off_events_per_s"] = round(out["on"]["events_per_s"]["median"]
+                                             / out["off"]["events_per_s"]["median"], 3)
+    out["ratio_on_off_cpu"] = round(out["on"]["worker_cpu_ms_per_event"]["median"]
+                                    / out["off"]["worker_cpu_ms_per_event"]["median"], 3)
+    return out
+
+
+def stopped_store_scalar(settings: Settings, sql: str) -> Any:
+    """A query on the embedded ClickHouse of a stopped worker, in a child process (chdb: one data dir per
+    process)."""
+    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "sql", "--format", "tsv", sql], cwd=REPO,
+                         env=pl.worker_env(settings, {}), capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        return f"unavailable: {out.stderr.strip()[-300:]}"
+    return int(out.stdout.split()[-1])
+
+
+# --------------------------------------------------------------------------- latency to funnel_daily
+
+
+def journey(now: datetime) -> tuple[list[dict], str]:
+    """Product Viewed → Product Added → Checkout Started → Order Completed of a fresh person, ending now."""
+    anon = f"lat-{uuid.uuid4()}"
+    steps = [("Product Viewed", {"product_id": "p-1", "category": "hats", "price": 10.0}),
+             ("Product Added", {"product_id": "p-1", "category": "hats", "price": 10.0, "quantity": 1}),
+             ("Checkout Started", {"items": 1}),
+             ("Order Completed", {"order_id": f"o-{anon}", "revenue": 10.0, "currency": "EUR"})]
+    first = now - timedelta(seconds=3)
+    msgs = [{"type": "track", "anonymousId": anon, "event": name, "properties": props,
+             "timestamp": _iso(first + timedelta(seconds=i)), "messageId": str(uuid.uuid4())}
+            for i, (name, props) in enumerate(steps)]
+    return msgs, first.date().isoformat()
+
+
+def run_latency(broker: devkafka.Broker, tmp: Path, flush: float, args, deadline: float) -> dict[str, Any]:
+    from flywheel.producer import Producer
+
+    tag = f"{args.tag}lat{str(flush).replace('.', '_')}"
+    settings = worker_settings(broker.bootstrap, args.partitions, None, tag, tmp / tag, metrics=METRICS_ON,
+                               sink_flush_seconds=flush)
+    worker = Worker(settings).start()
+    try:
+        worker.wait_ready(deadline)
+        rng = random.Random(args.seed)
+
+        def step4(day: str) -> int:
+            rows = worker.sql("SELECT persons FROM flywheel.funnel_daily WHERE funnel = 'checkout' AND "
+                              f"day = toDate('{day}') AND step = 4")
+            return int(rows[0][0]) if rows else 0
+
+        samples: list[dict[str, float]] = []
+        with Producer(broker.bootstrap, topic=settings.topics.raw, source="bench", linger_ms=0) as producer:
+            for rep in range(args.latency_reps + 1):  # the first one warms the worker up (not counted)
+                msgs, day = journey(datetime.now(UTC))
+                before = wait_for(lambda day=day: (step4(day),), deadline=deadline, what="/sql")[0]
+                t0 = time.monotonic()
+                for m in msgs:
+                    producer.send(m)
+                producer.flush()
+                acked = time.monotonic()
+                polls = 0
+                while True:
+                    polls += 1
+                    if step4(day) > before:
+                        break
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"latency: step 4 of {day} never grew:\n{worker.tail()}")
+                    time.sleep(args.latency_poll)
+                seen = time.monotonic()
+                if rep:
+                    samples.append({"from_ack_s": round(seen - acked, 3), "from_send_s": round(seen - t0, 3),
+                                    "polls": polls})
+                    log(f"latency (flush {flush} s) {rep}/{args.latency_reps}: {seen - acked:.2f} s "
+                        f"after Kafka acked the journey")
+                time.sleep(rng.uniform(0.2, 1.5))  # no phase lock with the flush timers
+    finally:
+        worker.stop()
+    lat = [s["from_ack_s"] for s in samples]
+    return {"sink_flush_seconds": flush, "reps": len(samples), "poll_s": args.latency_poll,
+            "p50_s": round(statistics.median(lat), 3), "max_s": max(lat), "min_s": min(lat),
+            "samples": samples, "loadavg_end": loadavg()}
+
+
+# --------------------------------------------------------------------------- scaling: 1 vs 2 workers
+
+
+def run_workers(broker: devkafka.Broker, broker_pid: int, messages: list[dict], k: int, tmp: Path, args,
+                deadline: float, run: int, *, backlog_topic: str | None = None) -> dict[str, Any]:
+    """k workers, one app id (consumer group) and one set of topics; each its own data dir, port and
+    embedded ClickHouse. Rate = n / (t0 → the stores together hold all n distinct events).
+
+    Default (warm): the workers start on an empty events.raw and settle (no new assignment for
+    --scale-settle s); then the bench sends the n events itself, t0 = the first send. With
+    `backlog_topic` (--scale-backlog): the events are already there, t0 = the first worker ready, so
+    the group's start-up rebalances happen during consumption."""
+    from flywheel.producer import Producer
+
+    n = len(messages)
+    app_tag = f"{args.tag}s{run}w{k}{'b' if backlog_topic else ''}"
+    workers = [Worker(worker_settings(broker.bootstrap, args.partitions, backlog_topic, app_tag,
+                                      tmp / f"{app_tag}-{i}", metrics=METRICS_ON, app_tag=app_tag))
+               for i in range(k)]
+    raw_topic = workers[0].settings.topics.raw
+
+    def assignments() -> list[int]:
+        return [w.log_path.read_text(errors="replace").count("Worker ready") for w in workers]
+
+    try:
+        for w in workers:
+            w.start()
+        while not any(w.ready() for w in workers):
+            if time.monotonic() > deadline:
+                raise SystemExit("scale: no worker ready in time:\n" + workers[0].tail())
+            time.sleep(0.05)
+        settled = None
+        if backlog_topic is None:
+            seen, since = assignments(), time.monotonic()
+            while not (all(seen) and time.monotonic() - since >= args.scale_settle):
+                for w in workers:
+                    w.check()
+                if time.monotonic() > deadline:
+                    raise SystemExit("scale: the workers did not settle in time:\n" + workers[-1].tail())
+                time.sleep(0.2)
+                now = assignments()
+                if now != seen:
+                    seen, since = now, time.monotonic()
+            settled = seen
+        t0, la = time.monotonic(), loadavg()
+        usage = pl.Usage({**{f"worker{i}": w.pid for i, w in enumerate(workers)}, "broker": broker_pid}).start()
+        sent_s = None
+        if backlog_topic is None:
+            with Producer(broker.bootstrap, topic=raw_topic, source="bench", linger_ms=50, batch_size=512 * 1024,
+                          max_in_flight_requests_per_connection=5) as producer:
+                for m in messages:
+                    producer.send(m)
+            sent_s = round(time.monotonic() - t0, 2)
+        all_ready = None
+        series: list[tuple[float, list[int]]] = []
+        total = union = 0
+        progress_at, last_total, stalled = time.monotonic(), -1, False
+        while time.monotonic() < deadline:
+            if all_ready is None and all(w.ready() for w in workers):
+                all_ready = round(time.monotonic() - t0, 2)
+            counts = []
+            for w in workers:
+                try:
+                    counts.append(int(w.scalar("SELECT count() FROM flywheel.events FINAL")))
+                except (query.QueryError, OSError):
+                    counts.append(0)
+                w.check()
+            now = time.monotonic()
+            series.append((round(now - t0, 2), counts))
+            total = sum(counts)
+            if total != last_total:
+                progress_at, last_total = now, total
+            if total >= n:
+                union = distinct_union(workers)
+                if union >= n:
+                    break
+            if now - progress_at > args.scale_stall:
+                stalled = True  # nothing new for a while: whatever is missing is not coming
+                break
+            time.sleep(0.5)
+        done = progress_at if stalled else time.monotonic()
+        cpu = usage.stop()
+        union = distinct_union(workers)
+        lag = group_lag(broker.bootstrap, workers[0].settings.app_id)
+        late = 0
+        for w in workers:
+            try:
+                late += int(w.scalar("SELECT countIf(late = 1) FROM flywheel.events FINAL"))
+            except (query.QueryError, OSError):
+                pass
+    finally:
+        for w in workers:
+            w.stop()
+    seconds = done - t0
+    return {
+        "workers": k, "mode": "backlog" if backlog_topic else "warm", "complete": union >= n, "events": n,
+        "rows_in_stores": total, "distinct_in_stores": union, "missing": n - union, "stalled": stalled,
+        "events_per_s": round(union / seconds), "seconds": round(seconds, 2), "send_seconds": sent_s,
+        "steady_events_per_s": steady_rate(series, n), "all_ready_after_s": all_ready,
+        "assignments_before_t0": settled, "rows_per_worker": series[-1][1] if series else [],
+        "group_lag_at_end": lag, "late_events": late, **cpu, "loadavg_start": la,
+        "worker_cpu_ms_per_event": round(sum(v for key, v in cpu.items() if key.startswith("worker")
+                                             and key.endswith("_cpu_seconds")) / max(1, union) * 1e3, 3),
+    }
+
+
+def group_lag(bootstrap: str, group: str) -> dict[str, int] | str:
+    """Records not yet committed by the consumer group, per topic (0 everywhere = all consumed)."""
+    try:
+        from kafka import KafkaAdminClient, KafkaConsumer
+
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+        try:
+            committed = admin.list_group_offsets(group)[group]
+            ends = consumer.end_offsets(list(committed))
+        finally:
+            consumer.close()
+            admin.close()
+        lag: Counter[str] = Counter()
+        for tp, meta in committed.items():
+            lag[tp.topic.split(".", 1)[-1]] += ends[tp] - meta.offset
+        return dict(lag)
+    except Exception as exc:  # diagnostics only
+        return f"unavailable: {exc}"
+
+
+def distinct_union(workers: list[Worker]) -> int:
+    ids: set[str] = set()
+    for w in workers:
+        try:
+            ids.update(r[0] for r in w.sql("SELECT DISTINCT message_id FROM flywheel.events"))
+        except (query.QueryError, OSError):
+            pass
+    return len(ids)
+
+
+def steady_rate(series: list[tuple[float, list[int]]], n: int) -> int | None:
+    """Rows/s between the first poll at ≥10% and the first at ≥90% of n (leaves out start-up and tail)."""
+    lo = next(((t, sum(c)) for t, c in series if sum(c) >= 0.1 * n), None)
+    hi = next(((t, sum(c)) for t, c in series if sum(c) >= 0.9 * n), None)
+    if lo is None or hi is None or hi[0] <= lo[0]:
+        return None
+    return round((hi[1] - lo[1]) / (hi[0] - lo[0]))
+
+
+def run_scale(broker: devkafka.Broker, broker_pid: int, messages: list[dict], backlog_topic: str | None,
+              tmp: Path, args, deadline: float) -> dict[str, Any]:
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for r in range(args.scale_runs):
+        for k in ((1, 2) if r % 2 == 0 else (2, 1)):
+            res = run_workers(broker, broker_pid, messages, k, tmp, args, deadline, r, backlog_topic=backlog_topic)
+            runs[k].append(res)
+            workers_cores = ", ".join(f"{res[f'worker{i}_cores']}" for i in range(k))
+            log(f"scale run {r + 1}, {k} worker(s): {res['events_per_s']:,} ev/s (steady {res['steady_events_per_s']}) "
+                f"in {res['seconds']} s, rows per worker {res['rows_per_worker']}, worker cores [{workers_cores}], "
+                f"broker {res['broker_cores']}, machine busy {res['machine_busy']:.0%}, load {res['loadavg_start'][0]}"
+                + ("" if res["complete"] else f"  INCOMPLETE: {res['missing']} events never reached a store "
+                   f"(group lag at the end: {res['group_lag_at_end']})"))
+    out: dict[str, Any] = {"events": len(messages), "mode": "backlog" if backlog_topic else "warm",
+                           "runs": {str(k): v for k, v in runs.items()},
+                           "missing_events": {str(k): [x["missing"] for x in v] for k, v in runs.items()}}
+    for k in runs:
+        for x in runs[k]:
+            x["worker_cores_total"] = round(sum(x[f"worker{i}_cores"] for i in range(k)), 3)
+            ms = x["worker_cpu_ms_per_event"]
+            x["events_per_worker_cpu_s"] = round(1000 / ms) if ms else None
+        out[f"{k}_worker"] = {key: spread([x[key] for x in runs[k]])
+                              for key in ("events_per_s", "steady_events_per_s", "machine_busy", "worker_cores_total",
+                                          "events_per_worker_cpu_s")}
+    out["ratio_2_over_1"] = round(out["2_worker"]["events_per_s"]["median"]
+                                  / out["1_worker"]["events_per_s"]["median"], 3)
+    steady1, steady2 = out["1_worker"]["steady_events_per_s"], out["2_worker"]["steady_events_per_s"]
+    if steady1 and steady2:
+        out["ratio_2_over_1_steady"] = round(steady2["median"] / steady1["median"], 3)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _r(d: dict | None, key: str = "median") -> str:
+    return "-" if not d else f"{d[key]:,}"
+
+
+def _range(d: dict | None) -> str:
+    return "-" if not d else f"{d['median']:,} (range {d['min']:,}–{d['max']:,})"
+
+
+def render(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    lines = [
+        f"Flywheel metrics bench {doc['started']} ({doc.get('commit', '?')}): {os.cpu_count()} CPUs, load average "
+        f"at start {doc['loadavg_start']}, at end {doc.get('loadavg_end')}",
+        f"metrics on = {cfg['metrics_on']}, off = an empty metrics file (active users only); "
+        f"{cfg['partitions']} partitions",
+    ]
+    stream = cfg["stream"]
+    if stream:
+        lines.append(f"in-process stream: {cfg['persons']:,} persons over {cfg['days']} days (seed {cfg['seed']}) = "
+                     f"{stream['events']:,} events, {stream['merge_markers']:,} links (merge markers)")
+    st = doc.get("stage")
+    if st:
+        lines += [
+            "",
+            f"1. aggregate stage in-process (AggregateStage.process, batches of {cfg['batch']}, dict table, no I/O), "
+            f"{len(st['runs']['on'])} pass(es) each:",
+            *[f"   metrics {m:<3}: {_range(st[m]['events_per_s'])} ev/s, "
+              f"{_range(st[m]['cpu_us_per_event'])} us CPU/event" for m in ("on", "off")],
+            f"   on/off: {st['ratio_on_off_events_per_s']:.2f}x the rate (wall), {st['ratio_on_off_cpu']:.2f}x the CPU "
+            f"per event",
+        ]
+        r = st["runs"]["on"][-1]
+        busy = ", ".join(f"{m} {x['machine_busy']:.0%}" for m in ("on", "off") for x in st["runs"][m])
+        lines.append(f"   per pass: {r['records']:,} records ({r['handoffs']:,} hand-offs), {r['batches']} batches; "
+                     f"published with metrics on: {r['published']}; machine busy: {busy}")
+        wi = st.get("what_if_cached_day_bounds")
+        if wi:
+            lines.append(f"   what-if, Metrics.reach_days/horizon_days/lateness_days computed once (bench-only patch): "
+                         f"on {wi['on']['cpu_us_per_event']} us CPU/event ({wi['on']['events_per_s']:,} ev/s), "
+                         f"off {wi['off']['cpu_us_per_event']} us ({wi['off']['events_per_s']:,} ev/s)")
+        prof = st.get("profile")
+        if prof:
+            lines += [f"   cProfile of one 'on' pass over {prof['records']:,} records "
+                      f"({prof['profiled_seconds']} s profiled; {prof['file']}):",
+                      "     cumulative (flywheel functions):"]
+            lines += [f"       {share:6.1%}  {name}  [{calls:,} calls]"
+                      for name, calls, _, share in prof["top_cumulative_flywheel"][:12]]
+            lines += ["     self time:"]
+            lines += [f"       {share:6.1%}  {name}  [{calls:,} calls]"
+                      for name, calls, _, share in prof["top_self"][:12]]
+    s = doc.get("state")
+    if s:
+        v = s["value_bytes"]
+        proj = s["projection_per_million_persons"]
+        lines += [
+            "",
+            f"2. person state after the stream ({s['persons']:,} stored persons, metrics on):",
+            f"   stored value (orjson of PersonState.to_json): mean {v['mean']} B, p50 {v['p50']} B, p99 {v['p99']} B, "
+            f"max {v['max']} B; key {s['key_bytes_mean']} B",
+            f"   share of the bytes by field: {s['field_share_of_bytes']}",
+            f"   kept per person: applied-event hashes mean {s['applied_events_kept']['mean']} (p99 "
+            f"{s['applied_events_kept']['p99']}), funnel events mean {s['funnel_events_kept']['mean']}, "
+            f"active days mean {s['active_days_kept']['mean']}",
+            f"   Python memory per person: {s['python_bytes_per_person']}",
+            f"   RocksDB (Faust options, flushed + compacted): {s['rocksdb']['bytes_per_person']} B/person on disk; "
+            f"reading every value once grows a fresh process by {s['rocksdb']['rss_growth_per_person']} B/person",
+            f"   rebuild of all partials from the table: {s['rebuild_partials']['cpu_seconds']} s CPU "
+            f"({s['rebuild_partials']['us_per_person']} us/person, {s['rebuild_partials']['cells']:,} cells)",
+            f"   per million persons: stored key+value {proj['stored_key_plus_value_MB']} MB, RocksDB on disk "
+            f"{proj['rocksdb_on_disk_MB']} MB (worker RSS after reading it all: "
+            f"+{proj['rocksdb_rss_after_reading_all_MB']} MB), memory:// store {proj['memory_store_MB']} MB "
+            f"({proj['memory_store_orjson_as_returned_MB']} MB holding orjson.dumps' own buffers), "
+            f"all states as Python objects {proj['all_states_as_python_objects_MB']} MB, partial rebuild "
+            f"{proj['rebuild_partials_cpu_s']} s CPU",
+        ]
+    p = doc.get("pipeline")
+    if p and "on" in p:
+        lines += [
+            "",
+            f"3. pipeline, one worker, {p['events']:,} events in events.raw → rows in flywheel.events "
+            f"({len(p['runs']['on'])} run(s) each):",
+            f"   metrics on : {_range(p['on']['events_per_s'])} ev/s (steady {_r(p['on']['steady_events_per_s'])}), "
+            f"{_range(p['on']['worker_cpu_ms_per_event'])} ms worker CPU/event",
+            f"   metrics off: {_range(p['off']['events_per_s'])} ev/s (steady {_r(p['off']['steady_events_per_s'])}), "
+            f"{_range(p['off']['worker_cpu_ms_per_event'])} ms worker CPU/event",
+            f"   on/off: {p['ratio_on_off_events_per_s']:.2f}x the rate, {p['ratio_on_off_cpu']:.2f}x the worker "
+            "CPU per event",
+        ]
+        for mode in ("on", "off"):
+            for x in p["runs"][mode]:
+                lines.append(f"     {mode:>3}: {x['seconds']} s, worker {x['worker_cores']} cores, broker "
+                             f"{x['broker_cores']}, machine busy {x['machine_busy']:.0%}, "
+                             f"load {x['loadavg_start'][0]}; {x.get('late_events')} events late")
+    elif p:
+        lines += ["", "3. pipeline: INCOMPLETE (budget)"]
+    lat = doc.get("latency")
+    if lat:
+        lines += ["", "4. latency: journey acked by Kafka → step 4 of its day grows in flywheel.funnel_daily "
+                      "(idle worker, metrics on):"]
+        for x in lat:
+            lines.append(f"   FLYWHEEL_SINK_FLUSH_SECONDS={x['sink_flush_seconds']}: p50 {x['p50_s']} s, "
+                         f"max {x['max_s']} s, min {x['min_s']} s ({x['reps']} journeys, polled every {x['poll_s']} s)")
+    sc = doc.get("scale")
+    if sc and "1_worker" in sc:
+        lines += [
+            "",
+            f"5. scaling, {sc['events']:,} events, metrics on, same app id and topics, one embedded ClickHouse "
+            f"per worker; {sc['mode']} start "
+            + ("(workers settled, then the events sent; t0 = first send):" if sc["mode"] == "warm"
+               else "(events pre-loaded; t0 = first worker ready):"),
+            *[f"   {k} worker(s): {_range(sc[f'{k}_worker']['events_per_s'])} ev/s "
+              f"(steady {_r(sc[f'{k}_worker']['steady_events_per_s'])}); workers used "
+              f"{_r(sc[f'{k}_worker']['worker_cores_total'])} cores in all, "
+              f"{_r(sc[f'{k}_worker']['events_per_worker_cpu_s'])} events per worker CPU-second" for k in (1, 2)],
+            f"   2/1: {sc['ratio_2_over_1']:.2f}x" + (f" (steady {sc['ratio_2_over_1_steady']:.2f}x)"
+                                                    if "ratio_2_over_1_steady" in sc else ""),
+        ]
+        for k in ("1", "2"):
+            for x in sc["runs"][k]:
+                cores = ", ".join(str(x[f"worker{i}_cores"]) for i in range(int(k)))
+                lines.append(f"     {k} worker(s): {x['seconds']} s, rows per store {x['rows_per_worker']}, worker "
+                             f"cores [{cores}], broker {x['broker_cores']}, machine busy {x['machine_busy']:.0%}, "
+                             f"load {x['loadavg_start'][0]}; {x.get('late_events')} late"
+                             + (f"; MISSING {x['missing']} events (group lag {x['group_lag_at_end']})"
+                                if x["missing"] else ""))
+    elif sc:
+        lines += ["", "5. scaling: INCOMPLETE (budget)"]
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--persons", type=int, default=5000, help="persons of the in-process stream (stage, state)")
+    parser.add_argument("--days", type=int, default=28, help="days the streams span (ending now)")
+    parser.add_argument("--partitions", type=int, default=8, help="partitions of events.raw / events.identified")
+    parser.add_argument("--batch", type=int, default=1000, help="records per AggregateStage.process call (stage)")
+    parser.add_argument("--stage-repeats", type=int, default=2, help="on+off passes of the stage")
+    parser.add_argument("--profile-records", type=int, default=20000, help="records of the profiled pass (0: none)")
+    parser.add_argument("--what-if-cache", action="store_true",
+                        help="stage: one more on+off pass with Metrics' day bounds computed once (bench-only patch)")
+    parser.add_argument("--pipeline-events", type=int, default=15000, help="events in events.raw (pipeline, scale)")
+    parser.add_argument("--pipeline-runs", type=int, default=2, help="on+off worker runs")
+    parser.add_argument("--latency-reps", type=int, default=10, help="journeys per flush setting")
+    parser.add_argument("--latency-flush", default="1.0,0.1", help="FLYWHEEL_SINK_FLUSH_SECONDS values to measure")
+    parser.add_argument("--latency-poll", type=float, default=0.1, help="seconds between funnel_daily polls")
+    parser.add_argument("--scale-runs", type=int, default=1, help="1-worker + 2-worker runs")
+    parser.add_argument("--scale-settle", type=float, default=5.0,
+                        help="seconds without a new assignment before the scale run sends its events")
+    parser.add_argument("--scale-stall", type=float, default=60.0,
+                        help="seconds without a new row after which a scale run stops and reports what is missing")
+    parser.add_argument("--scale-backlog", action="store_true",
+                        help="scale: workers start on the pre-loaded events (start-up rebalances during consumption)")
+    parser.add_argument("--budget", type=float, default=1500, help="seconds before Kafka parts give up")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    args = parser.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    if "state" in parts and "stage" not in parts:
+        parser.error("the state part measures the person table the stage part leaves: add stage")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops Kafka and the workers
+    started = datetime.now(UTC)
+    budget_end = time.monotonic() + args.budget
+    args.stamp = started.strftime("%Y%m%d-%H%M%S")
+    args.tag = uuid.uuid4().hex[:6]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="flywheel-metrics-bench-"))
+    on = load_metrics(METRICS_ON)
+    off = parse_metrics({})
+    files = {"on": METRICS_ON, "off": tmp / "metrics-off.yaml"}
+    files["off"].write_text(yaml.safe_dump({}))
+    doc: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"), "commit": git_commit(), "loadavg_start": loadavg(),
+        "argv": sys.argv[1:],
+        "config": {"persons": args.persons, "days": args.days, "seed": args.seed, "partitions": args.partitions,
+                   "batch": args.batch, "metrics_on": str(METRICS_ON.relative_to(REPO)), "parts": parts,
+                   "sink_batch_size": Settings().sink_batch_size, "stream": {}},
+    }
+    broker = None
+    try:
+        if "stage" in parts:
+            log(f"generating {args.persons:,} persons over {args.days} days and their identified records")
+            t0 = time.monotonic()
+            records, counts = identified(population(args.persons, days=args.days, seed=args.seed), args.partitions)
+            doc["config"]["stream"] = {**counts, "prepare_seconds": round(time.monotonic() - t0, 1),
+                                       "events_per_person": round(counts["events"] / args.persons, 2)}
+            log(f"{counts['events']:,} events, {counts['merge_markers']:,} merge markers "
+                f"({time.monotonic() - t0:.0f} s to prepare)")
+            doc["stage"], last_on = run_stage(records, on, off, args)
+            del records
+            if "state" in parts:
+                log("measuring the person state")
+                doc["state"] = measure_state(last_on, on, args, tmp)
+            del last_on
+            gc.collect()
+        kafka_parts = [p for p in parts if p in ("pipeline", "latency", "scale")]
+        if kafka_parts:
+            broker = devkafka.Broker(data_dir=tmp / "kafka", port=pl.free_port(), controller_port=pl.free_port())
+            log(f"starting Kafka at {broker.bootstrap} in {tmp}")
+            broker_pid = devkafka.start(broker)
+            doc["config"]["kafka"] = devkafka.kafka_version()
+            raw_topic = f"mb-{args.tag}.events.raw"
+            messages: list[dict] = []
+            if "pipeline" in kafka_parts or "scale" in kafka_parts:
+                persons = max(1, round(args.pipeline_events / 16))
+                messages = list(population(persons, days=args.days, seed=args.seed + 1))[:args.pipeline_events]
+                while len(messages) < args.pipeline_events:  # the estimate of events per person was short
+                    persons = round(persons * 1.2) + 1
+                    messages = list(population(persons, days=args.days, seed=args.seed + 1))[:args.pipeline_events]
+                log(f"pre-loading {len(messages):,} events ({persons:,} persons) into {raw_topic}")
+                doc["preload"] = preload(broker.bootstrap, raw_topic, args.partitions, messages)
+                doc["preload"]["persons"] = persons
+                n = len(messages)
+            if "pipeline" in kafka_parts:
+                doc["pipeline"] = run_pipeline(broker, broker_pid, raw_topic, n, files, tmp, args, budget_end)
+            if "latency" in kafka_parts:
+                doc["latency"] = [run_latency(broker, tmp, float(f), args, budget_end)
+                                  for f in args.latency_flush.split(",") if f.strip()]
+            if "scale" in kafka_parts:
+                doc["scale"] = run_scale(broker, broker_pid, messages, raw_topic if args.scale_backlog else None,
+                                         tmp, args, budget_end)
+    finally:
+        if broker is not None:
+            log("stopping Kafka")
+            devkafka.stop(broker)
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    doc["loadavg_end"] = loadavg()
+    doc["seconds_total"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    text = render(doc)
+    (RESULTS / f"metrics-{args.stamp}.json").write_text(json.dumps(doc, indent=1, default=str))
+    (RESULTS / f"metrics-{args.stamp}.txt").write_text(text + "\n")
+    print()
+    print(text)
+    print(f"\nresults: {RESULTS}/metrics-{args.stamp}.json and .txt ({doc['seconds_total']} s in all)")
+
+
+if __name__ == "__main__":
+    main()
