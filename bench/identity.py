@@ -3,7 +3,7 @@
     make bench-identity                        # = .venv/bin/python bench/identity.py
     .venv/bin/python bench/identity.py --events 50000 --ids 10000 --repeat 3
 
-1. Pure identity stage: the ingest agent's identity step (flywheel/app.py resolve_identity) without
+1. Pure identity stage: the ingest agent's identity step (flywheel/ingest.py Ingest._resolve_identity) without
    Kafka: lookup key, table value b"<user>\\0<origin>", flywheel.identity.resolve, the first link
    written to the table, the identity.changes record and merge marker built and serialised (not
    sent), over the validated events of flywheel.sample.journeys with a dict as the identity table.
@@ -94,7 +94,7 @@ def raw_stream(n: int, seed: int) -> list[Raw]:
 
 
 def identity_step(ev: dict, origin: str, table: dict[bytes, bytes]) -> int:
-    """app.resolve_identity without the sends: 1 if a link was made."""
+    """Ingest._resolve_identity (ingest.py) without the sends: 1 if a link was made."""
     pair = identity.linked_ids(ev)
     lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
     entry = table.get(lookup.encode()) if lookup else None
