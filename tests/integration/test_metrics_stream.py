@@ -66,6 +66,9 @@ def run_pipeline(kafka, tmp_path, name: str, *, kill: bool) -> tuple[WorkerProce
                                  f"{worker.log_tail(30)}") from None
         return worker, final[0], {"late": worker.scalar("SELECT count() FROM flywheel.events FINAL WHERE late = 1"),
                                   "expected_late": len(late)}
+    except BaseException:
+        worker.stop()  # on success the caller stops it (it still asks it questions)
+        raise
     finally:
         sender.join()
 
