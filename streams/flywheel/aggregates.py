@@ -123,8 +123,6 @@ class AggregateStage:
             return slot
 
         rows, handoffs = [], []
-        # Snapshot of what the table's bookkeeping records; the partials may be forgotten (rebalance)
-        # while this batch awaits Kafka and ClickHouse below.
         for event, rec in batch:
             part = event.message.partition
             kind = rec.get("type")
@@ -183,6 +181,8 @@ class AggregateStage:
                     deliveries.append(self.send(topic, record_key(kind, r), orjson.dumps(r)))
                 if recs:
                     obs.PARTIALS_PUBLISHED.labels(kind).inc(len(recs))
+        # What the table's per-partition record will say, taken now: the partials may be forgotten (a
+        # rebalance) while this batch awaits Kafka and ClickHouse below.
         meta = {part: {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
                 for part in last_event}
         if deliveries:
