@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-metrics sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)
 
 bench-collector: $(STAMP)
 	$(BIN)/python bench/collector.py
+
+bench-identity: $(STAMP)
+	$(BIN)/python bench/identity.py
 
 # Funnels/retention/active users: stage in-process, state size, pipeline on vs off, latency, 1 vs 2 workers.
 # Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"

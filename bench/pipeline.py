@@ -363,15 +363,18 @@ def _idle(stack: list[Frame]) -> bool:
 
 # Where the worker's main thread spends its time; an indented stage is part of the one above it.
 STAGES: list[tuple[str, Callable[[list[Frame]], bool]]] = [
-    ("ingest agent (flywheel/app.py ingest)", _has("ingest", "flywheel/app.py")),
+    ("ingest agent (app.py ingest, ingest.py)", lambda s: _has("ingest", "flywheel/app.py")(s)
+     or any("/streams/flywheel/ingest.py" in p for _, p in s)),
     ("  validate", _has("validate", "flywheel/validate.py")),
-    ("  dedup table get/set + changelog", lambda s: any("/faust/tables/" in p or "/faust/stores/" in p
-                                                          or "mode/utils/collections" in p for _, p in s)),
-    ("  send to events.identified (faust Topic.send)", _has("send", "/faust/topics.py")),
-    ("  Faust stream iteration (events(), acks)", _has(("_c_aiter", "events", "__anext__"), "/faust/")),
+    ("  dedup + identity tables (stores)", lambda s: any(
+        "/faust/tables/" in p or "/faust/stores/" in p or "mode/utils/collections" in p for _, p in s)),
+    ("  outputs: record batches (ingest.py Outbox)", _has(("add", "send"), "flywheel/ingest.py")),
+    ("  Faust take_events (batch acks)", _has("take_events", "/faust/streams.py")),
     ("sink agents (rows + ClickHouse insert hand-off)",
      _has(("sink_events", "sink_invalid"), "flywheel/app.py")),
-    ("Faust fetcher: consumer → streams", _has(("_drain_messages", "on_message", "getmany"), "/faust/")),
+    ("Faust streams feeding take() buffers (iteration, sensors)", _has("_passive_drainer", "/faust/streams.py")),
+    ("Faust fetcher: consumer → streams", lambda s: _has(("on_message", "getmany"), "/faust/")(s)
+     or _has(("_drain_messages", "_deliver"), "flywheel/fastpath.py")(s)),
     ("producer: Faust buffer + aiokafka sender", lambda s: any(
         ("/aiokafka/producer/" in p) or (f in ("_handle_pending", "_on_published") and "/faust/" in p)
         for f, p in s)),

@@ -62,10 +62,10 @@ def as_event(event):
 
 
 class AggregateStage:
-    def __init__(self, *, metrics: Metrics, persons, partitions: int, sink, producer_send, topics):
+    def __init__(self, *, metrics: Metrics, persons, partitions, sink, producer_send, topics):
         self.metrics = metrics
         self.persons = persons  # Faust Table: person id → PersonState JSON
-        self.partitions = partitions
+        self.partitions = partitions  # () -> partition count of events.identified
         self.sink = sink
         self.send = producer_send  # async (topic, key, value) -> awaitable delivery
         self.topics = topics
@@ -74,6 +74,7 @@ class AggregateStage:
 
     # ---- rebuild ------------------------------------------------------------------------------------
     def rebuild(self, wanted: set[int]) -> None:
+        n_partitions = self.partitions()
         states: dict[int, list[PersonState]] = {p: [] for p in wanted}
         meta: dict[int, dict] = {}
         for key, value in self.persons.items():
@@ -84,7 +85,7 @@ class AggregateStage:
                 if p in wanted:
                     meta[p] = orjson.loads(value)
                 continue
-            p = partition_of(key, self.partitions)
+            p = partition_of(key, n_partitions)
             if p in wanted:
                 states[p].append(PersonState.from_json(orjson.loads(value), self.metrics))
         for p in wanted:
@@ -96,6 +97,17 @@ class AggregateStage:
 
     def forget(self) -> None:
         self.partials.forget()
+
+    async def _counted(self, message_ids: list[str]) -> set[str]:
+        ids = ", ".join("'" + m.replace("\\", "\\\\").replace("'", "\\'") + "'" for m in message_ids)
+        sql = f"SELECT DISTINCT message_id FROM flywheel.events WHERE late = 0 AND message_id IN ({ids})"
+        loop = asyncio.get_running_loop()
+        try:
+            _, found = await loop.run_in_executor(self.sink.executor, self.sink.ch.rows, sql)
+        except Exception as exc:  # ClickHouse down: the insert below waits for it; the flags stay as judged
+            log.warning("could not check %d late-looking events against stored rows: %s", len(message_ids), exc)
+            return set()
+        return {r[0] for r in found}
 
     def _version(self, partition: int) -> int:
         v = max(time.time_ns(), self.versions.get(partition, 0) + 1)
@@ -162,6 +174,17 @@ class AggregateStage:
                 rec["late"] = bool(late)
                 rows.append(event_row(rec))
 
+        # A redelivered event can arrive under another person than the one that applied it (its
+        # anonymous id got linked in between: the identity stage now keys it by the user, whose state
+        # has not joined the anonymous one yet) and look late there. A row already stored as counted
+        # proves it was applied to some person, whose state carries it: keep the row counted.
+        suspects = [r["message_id"] for r in rows if r["late"]]
+        if suspects:
+            counted = await self._counted(suspects)
+            for r in rows:
+                if r["late"] and r["message_id"] in counted:
+                    r["late"] = 0
+
         # 2. partials and hand-offs, acknowledged before the state that explains them is written
         for (part, _key), (_event, old, new) in touched.items():
             self.partials.update(part, old, new)
@@ -180,6 +203,10 @@ class AggregateStage:
                     deliveries.append(self.send(topic, record_key(kind, r), orjson.dumps(r)))
                 if recs:
                     obs.PARTIALS_PUBLISHED.labels(kind).inc(len(recs))
+        # What the table's per-partition record will say, taken now: the partials may be forgotten (a
+        # rebalance) while this batch awaits Kafka and ClickHouse below.
+        meta = {part: {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
+                for part in last_event}
         if deliveries:
             await asyncio.gather(*deliveries)
         # 3. rows
@@ -194,6 +221,4 @@ class AggregateStage:
                     self.persons[key] = orjson.dumps(new.to_json())
         for part, event in last_event.items():
             with as_event(event):
-                self.persons[META_PREFIX + str(part).encode()] = orjson.dumps(
-                    {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
-                )
+                self.persons[META_PREFIX + str(part).encode()] = orjson.dumps(meta[part])

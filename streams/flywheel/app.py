@@ -12,10 +12,10 @@ Stages, in the order data flows (DESIGN §1):
     identity.changes  ──sink_identity─▶ flywheel.identity_map / identity_conflicts
 
 Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py,
-metrics/ (person state, partials; wired by aggregates.py) and sink.py. Delivery is at-least-once
-with idempotent application: the dedup table remembers where a messageId was first seen, so a
-redelivered record is forwarded again (and collapses in ClickHouse) while an SDK retry (same
-messageId, another record) is dropped.
+metrics/ (person state, partials; wired by aggregates.py), ingest.py (the ingest stage, a batch of raw
+records at a time) and sink.py. Delivery is at-least-once with idempotent application: the dedup table
+remembers where a messageId was first seen, so a redelivered record is forwarded again (and collapses
+in ClickHouse) while an SDK retry (same messageId, another record) is dropped.
 """
 
 from __future__ import annotations
@@ -27,41 +27,27 @@ from datetime import UTC, datetime, timedelta
 import faust
 import orjson
 
-from flywheel import identity
-from flywheel import observability as obs
 from flywheel.aggregates import AggregateStage
 from flywheel.clickhouse import ClickHouse
 from flywheel.clickhouse.rows import identity_rows, invalid_row, partial_row
 from flywheel.config import Settings
+from flywheel.fastpath import LeanMonitor
+from flywheel.ingest import HEADER_RECEIVED_AT as HEADER_RECEIVED_AT  # imported from here by the collector
+from flywheel.ingest import HEADER_SOURCE as HEADER_SOURCE  # and flywheel.producer
+from flywheel.ingest import Ingest
 from flywheel.metrics.definitions import load_metrics
 from flywheel.plan import load_plan
 from flywheel.read_committed import ReadCommittedTransport
 from flywheel.sink import Sink
-from flywheel.validate import Invalid, Limits, Raw, validate
+from flywheel.validate import Limits
 
 log = logging.getLogger(__name__)
 
-HEADER_SOURCE = "flywheel-source"
-HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms, stamped by the collector / producer
+# Raw records per ingest batch, and how long a batch waits to fill (the latency added when traffic is light).
+INGEST_BATCH_SIZE = 2000
+INGEST_BATCH_SECONDS = 0.1
 PARTIAL_TABLES = {"funnels": "funnel_partials", "retention": "retention_partials",
                   "active_users": "active_user_partials"}
-
-
-def raw_from_message(message, *, topic: str) -> Raw:
-    """Where a raw record came from: source and receivedAt from headers, else the Kafka timestamp."""
-    headers = dict(message.headers or ())
-    source = headers.get(HEADER_SOURCE, b"kafka").decode("utf-8", "replace")
-    stamped = headers.get(HEADER_RECEIVED_AT)
-    try:
-        received_ms = int(stamped) if stamped is not None else int(message.timestamp * 1000)
-    except ValueError:
-        received_ms = int(message.timestamp * 1000)
-    return Raw(
-        value=message.value if isinstance(message.value, bytes) else bytes(message.value or b""),
-        source=source,
-        received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
-        topic=topic, partition=message.partition, offset=message.offset,
-    )
 
 
 def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
@@ -78,10 +64,14 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         producer_acks=-1,
-        # Batch produce requests (events.identified + the table changelog: two sends per event). With
-        # Faust's default 0 s every send became its own tiny request and the socket writes were ~20% of
-        # the worker's CPU (bench/pipeline.py profile); 50 ms adds at most that to a hop's latency.
+        # Batch the produce requests of Faust's own per-record sends (Topic.send, Table writes outside
+        # ingest, which batches its own). With Faust's default 0 s each send was its own tiny request (the
+        # socket writes were ~20% of the worker's CPU when ingest still sent per event); 50 ms adds at
+        # most that to a hop's latency.
         producer_linger=0.05,
+        # Ingest sends each batch's outputs as one record batch per partition (ingest.Outbox); with the
+        # default 16 KB a batch of events.identified records needs a dozen, each queued behind the last.
+        producer_max_batch_size=512 * 1024,
         web_port=settings.http_port,
         web_bind="0.0.0.0",
         key_serializer="raw",
@@ -89,6 +79,11 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # The collector (/v1/*) decodes gzip bodies itself, bounded: aiohttp must not (collector/server.py).
         web_application_options={"handler_args": {"auto_decompress": False}},
+        # Records a stream may hold before its partitions are paused. Faust's 4096 kept the raw stream's
+        # buffer full while ingest worked on a batch, so the fetcher blocked on every record (a task and
+        # a wait each); a fetch's worth fits in 32k. Memory: ~32k raw events per stream at most.
+        stream_buffer_maxsize=32768,
+        monitor=LeanMonitor(),  # Faust's per-event statistics cost CPU and nothing reads them (fastpath.py)
     )
     # The collector writes events.raw in Kafka transactions: read only committed ones, so a request
     # the collector rejected (aborted) is never processed. Faust alone would not (read_committed.py).
@@ -138,64 +133,25 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
 
     sink = Sink(ch, executor, dead_letter=dead_letter, max_backoff=settings.sink_max_backoff_seconds)
 
+    ingest_stage = Ingest(plan=plan, limits=limits, topics=names, first_seen=first_seen, linked_users=linked_users)
+
     @app.agent(raw_topic)
     async def ingest(stream):
-        async for event in stream.events():
-            raw = raw_from_message(event.message, topic=names.raw)
-            obs.RECEIVED.labels(raw.source).inc()
-            outcome = validate(raw, plan, limits)
-            if isinstance(outcome, Invalid):
-                obs.INVALID.labels(raw.source).inc()
-                await invalid_topic.send(key=event.key, value=orjson.dumps(outcome.dlq_record()))
-                continue
-            obs.VALID.labels(raw.source).inc()
-            ev = outcome.event
-            mid = ev["messageId"].encode()
-            here = raw.origin.encode()
-            seen = first_seen.get(mid)
-            if seen is None:
-                first_seen[mid] = here
-            elif seen != here:
-                obs.DUPLICATES.labels(raw.source).inc()
-                continue
-            await resolve_identity(ev, raw)
-            await identified_topic.send(key=ev["personId"].encode(), value=orjson.dumps(ev))
-
-    async def resolve_identity(ev: dict, raw: Raw) -> None:
-        """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""
-        pair = identity.linked_ids(ev)
-        lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
-        entry = linked_users.get(lookup.encode()) if lookup else None
-        # Table value: b"<user>\x00<origin of the linking record>".
-        linked_user, _, linked_by = entry.decode().partition("\x00") if entry is not None else (None, "", None)
-        result = identity.resolve(ev, linked_user, linked_by=linked_by, origin=raw.origin)
-        ev["personId"] = result.person_id
-        if result.link is not None:
-            anon, user = result.link.anonymous_id, result.link.user_id
-            linked_users[anon.encode()] = f"{user}\x00{raw.origin}".encode()
-            obs.IDENTITY_LINKS.inc()
-            change = {"type": "link", "anonymousId": anon, "userId": user,
-                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await changes_topic.send(key=anon.encode(), value=orjson.dumps(change))
-            # Keyed by the anonymous id: it follows all of that id's earlier events on its partition
-            # of events.identified, so their owner hands the state over only after applying them.
-            marker = {"type": "merge", "from": anon, "into": user,
-                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await identified_topic.send(key=anon.encode(), value=orjson.dumps(marker))
-        elif result.conflict is not None:
-            c = result.conflict
-            obs.IDENTITY_CONFLICTS.labels(raw.source).inc()
-            log.info("identity conflict: %s stays with %s, refused %s (messageId %s)",
-                     c.anonymous_id, c.linked_to, c.refused, ev["messageId"])
-            change = {"type": "conflict", "anonymousId": c.anonymous_id, "linkedTo": c.linked_to,
-                      "refused": c.refused, "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
-            await changes_topic.send(key=c.anonymous_id.encode(), value=orjson.dumps(change))
+        # A batch at a time (ingest.py): its outputs are in Kafka before take_events acks its records.
+        producer = (await app.maybe_start_producer())._ensure_producer()  # Faust's aiokafka producer
+        async for events in stream.take_events(INGEST_BATCH_SIZE, within=INGEST_BATCH_SECONDS):
+            await ingest_stage.handle(events, producer)
 
     async def send_acked(topic: str, key: bytes, value: bytes):
         # Delivery is awaited (not left to Faust's commit): the person table is written only after this.
         return await (await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None))
 
-    stage = AggregateStage(metrics=metrics, persons=persons, partitions=settings.partitions, sink=sink,
+    def identified_partitions() -> int:
+        # Rebuilding partials maps each person to its partition as the producer did: the topic's real
+        # partition count matters (a topic created before with another FLYWHEEL_PARTITIONS).
+        return app.consumer.topic_partitions(names.identified) or settings.partitions
+
+    stage = AggregateStage(metrics=metrics, persons=persons, partitions=identified_partitions, sink=sink,
                            producer_send=send_acked, topics=names)
 
     @app.on_partitions_revoked.connect

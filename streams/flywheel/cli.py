@@ -34,7 +34,8 @@ def _fail(message: str, code: int = 1):
 
 @cli.command()
 def worker() -> None:
-    """Run the pipeline: apply migrations, create topics, then validate → identity → sink until stopped.
+    """Run the pipeline: apply migrations, create topics, then validate → identity → funnels, retention,
+    active users → ClickHouse until stopped.
 
     Also serves /health, /metrics and /sql on FLYWHEEL_HTTP_PORT. Several workers may run with the
     same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one worker owns the

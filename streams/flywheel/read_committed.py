@@ -22,6 +22,8 @@ from __future__ import annotations
 import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from flywheel.fastpath import DirectHandoff
+
 READ_COMMITTED = "read_committed"
 
 
@@ -37,7 +39,10 @@ class ReadCommittedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
-class ReadCommittedConsumer(faust_aiokafka.Consumer):
+class ReadCommittedConsumer(DirectHandoff, faust_aiokafka.Consumer):
+    """The worker's consumer: read_committed, and fetched records handed to the streams without a task
+    per record (fastpath.py)."""
+
     def _new_consumer_thread(self) -> ReadCommittedConsumerThread:
         return ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

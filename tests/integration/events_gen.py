@@ -77,3 +77,100 @@ def _invalid(kind: str, j: int, base: datetime) -> tuple[str | None, bytes]:
     if kind == "bad_timestamp":
         return anon, orjson.dumps(good | {"timestamp": "yesterday at noon"})
     raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- identity-heavy traffic
+
+JUNK_CALLS = (
+    {"type": "identify", "userId": "undefined"},
+    {"type": "track", "anonymousId": "null", "event": "Product Viewed", "properties": {"product_id": "p0"}},
+    {"type": "alias", "previousId": "0", "userId": "user-0"},
+    {"type": "identify", "anonymousId": "anonymous", "userId": "user-1"},
+    {"type": "page", "anonymousId": "a-ok", "userId": "[object Object]", "name": "Home"},
+)
+
+
+def identity_stream(n_persons: int = 250, *, seed: int = 11, start: datetime | None = None) -> list[dict]:
+    """Segment messages (explicit messageId and timestamp) in send order, for the identity tests.
+
+    Per person (user id `user-<i>`, or an e-mail for some): 1-4 devices (anonymous ids). Per device:
+    anonymous browsing, then (85%) a link to the person: identify, login (a track carrying both ids)
+    or a backend alias (previousId); more browsing after it, some of it with both ids; 10% of the
+    devices are later claimed by someone else (identify, login or alias naming another user: a
+    conflict). Per person, server-side events with only the user id. Also: identifies whose
+    anonymousId equals the userId (no link), SDK retries (the same message again, later), and junk
+    ids (DLQ). Each device's own calls stay in order (they share its Kafka key); devices interleave
+    at random.
+    """
+    rng = random.Random(seed)
+    t0 = start or datetime(2026, 11, 10, tzinfo=UTC)
+    queues: list[list[dict]] = []
+
+    def browse(anon: str, t: datetime, n: int, user: str = "") -> list[dict]:
+        calls = []
+        for _ in range(n):
+            t += timedelta(seconds=rng.uniform(1, 300))
+            product = f"p{rng.randrange(100)}"
+            kind = rng.random()
+            if kind < 0.2:
+                call = {"type": "page", "name": rng.choice(["Home", "Search", "Help"]), "properties": {"path": "/"}}
+            elif kind < 0.7:
+                call = {"type": "track", "event": "Product Viewed", "properties": {"product_id": product}}
+            else:
+                call = {"type": "track", "event": "Product Added", "properties": {"product_id": product, "quantity": 1}}
+            call |= {"anonymousId": anon, "timestamp": t.isoformat()}
+            if user:
+                call["userId"] = user
+            calls.append(call)
+        return calls
+
+    def link(kind: str, anon: str, user: str, t: datetime) -> dict:
+        if kind == "identify":
+            return {"type": "identify", "anonymousId": anon, "userId": user, "timestamp": t.isoformat(),
+                    "traits": {"plan": rng.choice(["free", "pro"])}}
+        if kind == "login":
+            return {"type": "track", "event": "Signed In", "anonymousId": anon, "userId": user,
+                    "timestamp": t.isoformat()}
+        return {"type": "alias", "previousId": anon, "userId": user, "timestamp": t.isoformat()}
+
+    users = [f"user-{i}" if i % 5 else f"person{i}@example.com" for i in range(n_persons)]
+    for i, user in enumerate(users):
+        for _ in range(rng.choice((1, 1, 2, 2, 3, 4))):
+            anon = str(uuid.UUID(int=rng.getrandbits(128)))
+            t = t0 + timedelta(seconds=rng.uniform(0, 3 * 86_400))
+            calls = browse(anon, t, rng.randint(1, 5))
+            t += timedelta(hours=1)
+            if rng.random() < 0.85:
+                calls.append(link(rng.choice(("identify", "identify", "login", "alias")), anon, user, t))
+                calls += browse(anon, t, rng.randint(0, 3))
+                calls += browse(anon, t + timedelta(minutes=30), rng.randint(0, 2), user=user)
+            if rng.random() < 0.10:
+                other = rng.choice([u for u in users if u != user])
+                t += timedelta(hours=2)
+                calls.append(link(rng.choice(("identify", "login", "alias")), anon, other, t))
+                calls += browse(anon, t, rng.randint(1, 2))
+            queues.append(calls)
+        t = t0 + timedelta(days=3, seconds=rng.uniform(0, 86_400))
+        server = [{"type": "track", "event": "Order Completed", "userId": user, "timestamp": t.isoformat(),
+                   "properties": {"order_id": f"o-{i}-{j}", "revenue": round(rng.uniform(5, 500), 2)}}
+                  for j in range(rng.randint(0, 2))]
+        if i % 25 == 0:
+            server.append({"type": "identify", "anonymousId": user, "userId": user, "timestamp": t.isoformat()})
+        queues.append(server)
+    queues.append([dict(c, timestamp=t0.isoformat()) for c in JUNK_CALLS])
+    for calls in queues:
+        for call in calls:
+            call["messageId"] = str(uuid.UUID(int=rng.getrandbits(128)))
+    # SDK retries: a call again (same messageId and bytes) a little later in its own queue.
+    for calls in queues:
+        for j in range(len(calls) - 1, -1, -1):
+            if rng.random() < 0.03:
+                calls.insert(rng.randint(j + 1, len(calls)), dict(calls[j]))
+    out: list[dict] = []
+    live = [q for q in queues if q]
+    while live:
+        q = rng.choice(live)
+        out.append(q.pop(0))
+        if not q:
+            live.remove(q)
+    return out

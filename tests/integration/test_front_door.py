@@ -41,6 +41,18 @@ def test_make_run_starts_kafka_and_a_worker_that_answers_flywheel_sql(tmp_path):
             return out.returncode == 0 and out.stdout.splitlines()[-1] == "500"
 
         wait_until(answered, timeout=120, what="flywheel sql to count the 500 sample events")
+
+        # the default metrics file (schemas/metrics.yaml) is live on the same sample: views fill and the
+        # operator's check agrees with ClickHouse's own functions
+        def views_filled() -> bool:
+            out = flywheel("sql", "SELECT (SELECT count() FROM flywheel.funnel_daily) > 0 AND "
+                           "(SELECT count() FROM flywheel.active_users_daily) > 0", "--format", "tsv")
+            return out.returncode == 0 and out.stdout.splitlines()[-1] == "1"
+
+        wait_until(views_filled, timeout=120, what="funnel_daily and active_users_daily to fill")
+        verified = wait_until(lambda: (lambda r: r if r.returncode == 0 else None)(flywheel("metrics", "verify")),
+                              timeout=120, what="flywheel metrics verify to pass", interval=3)
+        assert "equal the oracles" in verified.stdout
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         try:

@@ -1,7 +1,7 @@
 """Funnels, retention and active users on real Kafka + embedded ClickHouse (issues 5 and 6).
 
 The views must equal ClickHouse's own functions (metrics/oracle.py) over events_resolved, non-late
-events, cell by cell — uninterrupted, and after a kill -9 mid-stream.
+events, cell by cell — uninterrupted, after a kill -9 mid-stream, and with two workers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 from flywheel.metrics import verify
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.producer import Producer
-from helpers import WorkerProcess, unique_settings, wait_until
+from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
 from metrics_gen import COHORT_DAY, JOURNEY_DAY, METRICS_YAML, journeys
 
 METRICS = parse_metrics(yaml.safe_load(METRICS_YAML))
@@ -66,6 +66,9 @@ def run_pipeline(kafka, tmp_path, name: str, *, kill: bool) -> tuple[WorkerProce
                                  f"{worker.log_tail(30)}") from None
         return worker, final[0], {"late": worker.scalar("SELECT count() FROM flywheel.events FINAL WHERE late = 1"),
                                   "expected_late": len(late)}
+    except BaseException:
+        worker.stop()  # on success the caller stops it (it still asks it questions)
+        raise
     finally:
         sender.join()
 
@@ -95,3 +98,61 @@ def test_views_equal_the_oracles_uninterrupted_and_after_kill_9(kafka, tmp_path)
     killed_worker, killed, _ = run_pipeline(kafka, tmp_path, "killed", kill=True)
     killed_worker.stop()
     assert killed == clean
+
+
+def test_two_workers_give_the_same_views_as_one(kafka, tmp_path):
+    """Two workers of one app id split the partitions, each with its own embedded ClickHouse; the union
+    of their stores (tests/union_store.py) holds every partial once per (cell, partition), and its views
+    equal the oracles and a single worker's views. The second worker joins while the stream runs, so
+    partitions move (rebalance: partials rebuilt from the person table by the new owner)."""
+    import functools
+
+    from union_store import union_of
+
+    messages, late = journeys()
+    metrics_file = tmp_path / "metrics.yaml"
+    metrics_file.write_text(METRICS_YAML)
+    a = unique_settings(kafka, tmp_path / "a", metrics=metrics_file, partitions=8)
+    b = a.model_copy(update={"data_dir": tmp_path / "b", "http_port": free_port()})
+    first, second = WorkerProcess(a).start(), WorkerProcess(b)
+    workers = [first, second]
+    total = len(messages) + len(late)
+
+    def send(batch) -> None:
+        with Producer(a.kafka_bootstrap, topic=a.topics.raw, source="test") as p:
+            for m in batch:
+                p.send(m)
+
+    def distinct_events() -> int:
+        return len({r[0] for w in workers for r in w.sql("SELECT DISTINCT message_id FROM flywheel.events")})
+
+    def union_state(tag: str) -> tuple[dict, dict, int]:
+        with union_of(tmp_path / f"union-{tag}", workers) as union:
+            return (verify.views(union.sql), verify.oracles(union.sql, METRICS),
+                    union.scalar("SELECT count() FROM flywheel.events FINAL WHERE late = 1"))
+
+    try:
+        send(messages[: len(messages) // 3])
+        wait_until(lambda: first.scalar("SELECT count() FROM flywheel.funnel_partials") > 0, timeout=180,
+                   what="the first worker's first partials")
+        second.start()
+        wait_until(functools.partial(settled, kafka, a, 2), timeout=180, what="both workers to own partitions")
+        send(messages[len(messages) // 3:])
+        wait_until(lambda: distinct_events() == len(messages), timeout=300, what=f"{len(messages)} events")
+        send(late)
+        wait_until(lambda: distinct_events() == total, timeout=300, what=f"{total} events")
+        for worker in workers:
+            assert worker.scalar("SELECT count() FROM flywheel.events") > 0, "both workers sank events"
+        # the joining worker took partitions over: it rebuilt their partials from the person table
+        assert second.metric("flywheel_partial_rebuilds_total") > 0
+        counter = iter(range(1000))
+        got = wait_until(lambda: (lambda v, o, n: (v, n) if v == o else None)(*union_state(str(next(counter)))),
+                         timeout=300, interval=3, what="the union's views to equal its oracles")
+    finally:
+        for worker in workers:
+            worker.stop()
+    two_views, late_rows = got
+    assert late_rows == len(late)
+    one_worker, one_views, _ = run_pipeline(kafka, tmp_path, "one", kill=False)
+    one_worker.stop()
+    assert two_views == one_views

@@ -9,7 +9,7 @@ from flywheel.collector.auth import WriteKeys, basic_username, source_label
 from flywheel.collector.batch import KINDS, Shared, complete, encode
 from flywheel.collector.intake import Limits, Request, intake
 from flywheel.collector.outcomes import Accepted, Record, Reject, Rejected
-from flywheel.envelope import event_time
+from flywheel.envelope import event_time, kafka_key
 from flywheel.validate import Raw, Valid, validate
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -222,6 +222,18 @@ def test_an_empty_batch_is_accepted_with_nothing_to_write():
 def test_records_are_keyed_per_design(item, key):
     (record,) = encode([item], max_event_bytes=1000)
     assert record == Record(key, orjson.dumps(item))
+
+
+def test_an_alias_with_an_anonymous_id_is_keyed_by_its_previous_id():
+    """FAILS TODAY. analytics.js sends anonymousId with every call, alias included. DESIGN §3 and
+    envelope.kafka_key key an alias by its previousId, so the link of previousId is decided on that
+    id's partition, in order with its other events. encode() keys it by the anonymousId instead:
+    the link is then written to the identity table on another partition, so the id's later events
+    do not see it (person at ingestion stays the anonymous id) and a later identify of that id to
+    another user becomes a second first link instead of a conflict."""
+    item = {"type": "alias", "anonymousId": "device-x", "previousId": "p", "userId": "u"}
+    (record,) = encode([item], max_event_bytes=1000)
+    assert record.key == kafka_key(item).encode() == b"p"
 
 
 def test_every_record_of_a_request_has_the_same_received_at_and_source():

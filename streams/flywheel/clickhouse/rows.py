@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 import orjson
@@ -64,8 +65,12 @@ def partial_row(kind: str, record: dict[str, Any]) -> dict[str, Any]:
     """A metrics.* record (metrics/partials.py) → a row of its *_partials table."""
     common = {"kafka_partition": record["partition"], "persons": record["persons"], "version": record["version"]}
     if kind == "funnels":
-        return {"funnel": record["funnel"], "day": record["day"], "step": record["step"], **common}
+        return {"funnel": record["funnel"], "day": _date(record["day"]), "step": record["step"], **common}
     if kind == "retention":
-        return {"retention": record["retention"], "cohort_day": record["cohortDay"], "period": record["period"],
-                **common}
-    return {"day": record["day"], "kind": record["kind"], **common}
+        return {"retention": record["retention"], "cohort_day": _date(record["cohortDay"]),
+                "period": record["period"], **common}
+    return {"day": _date(record["day"]), "kind": record["kind"], **common}
+
+
+def _date(text: str) -> date:
+    return date.fromisoformat(text)  # clickhouse-driver wants a date for a Date column

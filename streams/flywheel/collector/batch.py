@@ -84,8 +84,11 @@ def encode(items: list[Any], *, max_event_bytes: int) -> list[Record]:
         if type(item) is not dict:
             records.append(Record(None, value))
             continue
-        anonymous_id = item.get("anonymousId")  # the usual key, looked up first (same as kafka_key)
-        key = anonymous_id if type(anonymous_id) is str and anonymous_id else kafka_key(item)
+        # the usual key, looked up first; an alias is keyed by its previousId (kafka_key), even when it
+        # also carries an anonymousId (analytics.js always sends one)
+        anonymous_id = item.get("anonymousId")
+        fast = type(anonymous_id) is str and anonymous_id and item.get("type") != "alias"
+        key = anonymous_id if fast else kafka_key(item)
         records.append(Record(key.encode("utf-8") if key else None, value))
     return records
 
