@@ -1164,7 +1164,7 @@ def main() -> None:
     parser.add_argument("--profile-records", type=int, default=20000, help="records of the profiled pass (0: none)")
     parser.add_argument("--what-if-cache", action="store_true",
                         help="stage: one more on+off pass with Metrics' day bounds computed once (bench-only patch)")
-    parser.add_argument("--pipeline-events", type=int, default=15000, help="events in events.raw (pipeline, scale)")
+    parser.add_argument("--pipeline-events", type=int, default=30000, help="events in events.raw (pipeline, scale)")
     parser.add_argument("--pipeline-runs", type=int, default=2, help="on+off worker runs")
     parser.add_argument("--latency-reps", type=int, default=10, help="journeys per flush setting")
     parser.add_argument("--latency-flush", default="1.0,0.1", help="FLYWHEEL_SINK_FLUSH_SECONDS values to measure")
