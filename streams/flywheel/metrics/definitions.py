@@ -27,7 +27,7 @@ mask, so the person state stores a few bits per event instead of its properties.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -207,25 +207,26 @@ class Metrics:
                 return r.period_days
         raise KeyError(retention_name)
 
-    @property
-    def lateness_days(self) -> int:
-        return -(-self.lateness_ms // DAY_MS)
+    # Derived once (read per event on the hot path; recomputing them was ~45% of the aggregate stage).
+    lateness_days: int = field(init=False)
+    reach_days: int = field(init=False)
+    horizon_days: int = field(init=False)
 
-    @property
-    def reach_days(self) -> int:
-        """How many days before an event's day its effects can reach (DESIGN §4: state is bounded by
-        the longest window plus lateness): a funnel chain started up to a window earlier, the MAU of
-        the next 29 days, the period the event returns in."""
+    def __post_init__(self) -> None:
+        lateness_days = -(-self.lateness_ms // DAY_MS)
+        # How many days before an event's day its effects can reach (DESIGN §4: state is bounded by the
+        # longest window plus lateness): a funnel chain started up to a window earlier, the MAU of the
+        # next 29 days, the period the event returns in.
         longest = max((-(-f.window_ms // DAY_MS) for f in self.funnels), default=0)
         period = max((r.period_days for r in self.retention), default=1)
-        return max(29, longest + 1, period)
-
-    @property
-    def horizon_days(self) -> int:
-        """Days of history a person keeps before its newest event: lateness, the reach of its effects,
-        and close_after — how far a partition's newest event may run ahead of a person's (consumption
-        skew across raw partitions, a backfill) before that person's old cells close (partials.py)."""
-        return self.lateness_days + -(-self.close_after_ms // DAY_MS) + self.reach_days + 1
+        reach_days = max(29, longest + 1, period)
+        # Days of history a person keeps before its newest event: lateness, the reach of its effects, and
+        # close_after — how far a partition's newest event may run ahead of a person's (consumption skew
+        # across raw partitions, a backfill) before that person's old cells close (partials.py).
+        horizon_days = lateness_days + -(-self.close_after_ms // DAY_MS) + reach_days + 1
+        object.__setattr__(self, "lateness_days", lateness_days)
+        object.__setattr__(self, "reach_days", reach_days)
+        object.__setattr__(self, "horizon_days", horizon_days)
 
     def fingerprint(self) -> str:
         """Changes when the meaning of mask bits changes (then the person state must be rebuilt)."""

@@ -39,6 +39,7 @@ def day_text(day: int) -> str:
 @dataclass
 class PartitionPartials:
     watermark: int = -1  # newest event time (ms) applied on this partition
+    open_from: int = 0  # first open day: day(watermark) − horizon_days, kept with the watermark
     counts: Counter = field(default_factory=Counter)
     dirty: set[Key] = field(default_factory=set)
 
@@ -61,8 +62,10 @@ class Partials:
             self.parts.pop(p, None)
 
     def open_from(self, partition: int) -> int:
-        wm = self.parts[partition].watermark
-        return (wm // DAY_MS if wm >= 0 else 0) - self.metrics.horizon_days
+        return self.parts[partition].open_from
+
+    def _open_from(self, watermark: int) -> int:
+        return (watermark // DAY_MS if watermark >= 0 else 0) - self.metrics.horizon_days
 
     def touches_closed(self, partition: int, ts_ms: int) -> bool:
         """Whether an event's effects reach a closed cell (they are not published: see the module doc).
@@ -72,8 +75,8 @@ class Partials:
     def rebuild(self, partition: int, states: Iterable[PersonState], watermark: int) -> None:
         states = list(states)
         wm = max([watermark, *(s.newest for s in states)])
-        part = self.parts[partition] = PartitionPartials(watermark=wm)
-        open_from = self.open_from(partition)
+        open_from = self._open_from(wm)
+        part = self.parts[partition] = PartitionPartials(watermark=wm, open_from=open_from)
         for s in states:
             part.counts.update(contributions(s, self.metrics, open_from))
         part.dirty = set(part.counts)
@@ -83,9 +86,9 @@ class Partials:
         part = self.parts[partition]
         if ts_ms <= part.watermark:
             return
-        before = self.open_from(partition)
+        before = part.open_from
         part.watermark = ts_ms
-        open_from = self.open_from(partition)
+        open_from = part.open_from = self._open_from(ts_ms)
         if open_from != before:
             for key in [k for k in part.counts if not key_open(k, open_from, self.metrics)]:
                 del part.counts[key]
@@ -94,7 +97,7 @@ class Partials:
     def update(self, partition: int, old: PersonState | None, new: PersonState | None) -> None:
         """A person changed (or arrived, or left): apply its new contribution minus its old one."""
         part = self.parts[partition]
-        open_from = self.open_from(partition)
+        open_from = part.open_from
         before = contributions(old, self.metrics, open_from) if old is not None else set()
         after = contributions(new, self.metrics, open_from) if new is not None else set()
         for key in before - after:
