@@ -3,13 +3,13 @@
     make bench-identity                        # = .venv/bin/python bench/identity.py
     .venv/bin/python bench/identity.py --events 50000 --ids 10000 --repeat 3
 
-1. Pure identity stage: the ingest agent's identity step (flywheel/ingest.py Ingest._resolve_identity) without
+1. Pure identity stage: the ingest stage's identity step (flywheel/ingest.py Ingest._resolve_identity) without
    Kafka: lookup key, table value b"<user>\\0<origin>", flywheel.identity.resolve, the first link
    written to the table, the identity.changes record and merge marker built and serialised (not
    sent), over the validated events of flywheel.sample.journeys with a dict as the identity table.
    Also flywheel.identity.IdentityMap.apply (the model the tests use).
 2. In-process ingest cost per event: validate alone; validate + dedup (dict) + identity + orjson.dumps
-   of the forwarded event + the Prometheus counters the agent bumps, i.e. the ingest agent's own work
+   of the forwarded event + the Prometheus counters the stage bumps, i.e. the ingest stage's own work
    without Faust and Kafka.
    Both report CPU time (time.process_time) per event, the best of --repeat passes (the machine may
    be shared; CPU time is what a busier machine inflates least), and the matching events/s on one core.
@@ -74,7 +74,7 @@ def free_port() -> int:
 
 
 def raw_stream(n: int, seed: int) -> list[Raw]:
-    """n sample events as the ingest agent receives them: bytes, source, receivedAt, origin."""
+    """n sample events as the ingest stage receives them: bytes, source, receivedAt, origin."""
     from flywheel.envelope import kafka_key
     from kafka.partitioner import murmur2
 
@@ -90,7 +90,7 @@ def raw_stream(n: int, seed: int) -> list[Raw]:
     return out
 
 
-# --------------------------------------------------------------------------- the stages, as the agent runs them
+# --------------------------------------------------------------------------- the stages, as the ingest stage runs them
 
 
 def identity_step(ev: dict, origin: str, table: dict[bytes, bytes]) -> int:
@@ -117,7 +117,7 @@ def identity_step(ev: dict, origin: str, table: dict[bytes, bytes]) -> int:
 
 
 def ingest_step(raw: Raw, plan, limits: Limits, first_seen: dict[bytes, bytes], table: dict[bytes, bytes]) -> None:
-    """The ingest agent's work for one record (flywheel/app.py ingest) without Faust and Kafka."""
+    """The ingest stage's work for one record (flywheel/app.py ingest) without Faust and Kafka."""
     obs.RECEIVED.labels(raw.source).inc()
     outcome = validate(raw, plan, limits)
     if isinstance(outcome, Invalid):
@@ -364,7 +364,7 @@ def render(doc: dict[str, Any]) -> str:
         f"in process, {p['events']:,} validated sample events ({p['distinct_anonymous_ids']:,} anonymous ids, "
         f"{p['events_carrying_a_link']:,} carrying a link, {p['first_links']:,} first links):",
     ]
-    for key, label in (("identity_stage", "identity stage (agent's step, dict table, records serialised)"),
+    for key, label in (("identity_stage", "identity stage (the stage's step, dict table, records serialised)"),
                        ("identity_model_apply", "identity model (IdentityMap.apply)"),
                        ("validate", "validate"),
                        ("validate_dedup_identity_dumps_metrics", "validate + dedup + identity + dumps + metrics")):

@@ -205,7 +205,7 @@ def _sized(data: bytes) -> bytes:
 
 
 def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[list[Record], dict[str, int]]:
-    """What the ingest agent writes to events.identified: validated events with their person, and a merge
+    """What the ingest stage writes to events.identified: validated events with their person, and a merge
     marker (keyed by the anonymous id) after each first link; (partition, value) in arrival order."""
     plan = load_plan(REPO / "schemas" / "tracking_plan.yaml")
     limits = Limits()
@@ -236,22 +236,55 @@ def identified(messages: Iterable[dict[str, Any]], partitions: int) -> tuple[lis
 # --------------------------------------------------------------------------- stage (in-process)
 
 
-class _Message:
-    __slots__ = ("partition",)
+class FakeMessage:
+    """What AggregateStage.process reads of a fetched Kafka record: .partition and .value."""
 
-    def __init__(self, partition: int):
-        self.partition = partition
-
-
-class FakeEvent:
-    """What AggregateStage.process reads of a Faust event: .value and .message.partition (weak-referencable
-    for flywheel.aggregates.as_event, which works unchanged on it)."""
-
-    __slots__ = ("value", "message", "__weakref__")
+    __slots__ = ("partition", "value")
 
     def __init__(self, partition: int, value: bytes):
+        self.partition = partition
         self.value = value
-        self.message = _Message(partition)
+
+
+class _Store(dict):
+    """A Faust table's store as AggregateStage uses it (get, set, pop), one dict for all partitions."""
+
+    def set_persisted_offset(self, tp, offset: int) -> None:
+        pass
+
+
+class _Changelog:
+    def get_topic_name(self) -> str:
+        return "flywheel-persons-changelog"
+
+
+class FakeTable:
+    """The persons table: .data (the store), .items(), its changelog topic's name."""
+
+    changelog_topic = _Changelog()
+
+    def __init__(self) -> None:
+        self.data = _Store()
+
+    def items(self):
+        return self.data.items()
+
+
+class FakeOutbox:
+    """outbox.Outbox without Kafka: counts the records per topic; a state hand-off (events.identified)
+    is queued for the user's partition, where Kafka would deliver it later."""
+
+    def __init__(self, published: Counter, handoffs: deque, identified: str, partitions: int):
+        self.published, self.handoffs = published, handoffs
+        self.identified, self.partitions = identified, partitions
+
+    def add(self, topic: str, key: bytes | None, value: bytes | None, *, partition: int | None = None) -> None:
+        self.published[topic] += 1
+        if topic == self.identified:
+            self.handoffs.append((partition_of(key, self.partitions), value, key))
+
+    async def send(self) -> dict:
+        return {}
 
 
 class _NoRows:
@@ -312,7 +345,7 @@ async def _drive(stage: AggregateStage, records: list[Record], batch: int, hando
         i = min(len(records), i + take)
         for chunk in (distinct_batches(window) if batching == "distinct" else [window]):
             touches += len({(p, k) for p, _, k in chunk})
-            await stage.process([FakeEvent(p, v) for p, v, _ in chunk])
+            await stage.process([FakeMessage(p, v) for p, v, _ in chunk])
             batches += 1
         progress.append((i, time.process_time(), sink.rows))
     progress[-1] = (len(records) + 1, *progress[-1][1:])  # the last hand-offs belong to the last tenth
@@ -333,14 +366,12 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
     handoffs: deque = deque()
     published: Counter[str] = Counter()
 
-    async def send(topic: str, key: bytes, value: bytes) -> None:
-        published[topic] += 1
-        if topic == topics.identified:  # a state hand-off: Kafka delivers it on the user's partition later
-            handoffs.append((partition_of(key, partitions), value, key))
+    async def outbox(_topics) -> FakeOutbox:
+        return FakeOutbox(published, handoffs, topics.identified, partitions)
 
     sink = NullSink()
-    stage = AggregateStage(metrics=metrics, persons={}, partitions=lambda: partitions, sink=sink,
-                           producer_send=send, topics=topics)
+    stage = AggregateStage(metrics=metrics, persons=FakeTable(), partitions=lambda: partitions,
+                           owned=lambda: set(range(partitions)), sink=sink, outbox=outbox, topics=topics)
     gc.collect()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if profile is not None:
@@ -358,7 +389,7 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
         "handoffs": published[topics.identified],
         "published": {"funnels": published[topics.funnels], "retention": published[topics.retention],
                       "active_users": published[topics.active_users]},
-        "persons_stored": sum(1 for k in stage.persons if not k.startswith(META_PREFIX)),
+        "persons_stored": sum(1 for k in stage.persons.data if not k.startswith(META_PREFIX)),
     }, stage
 
 
@@ -473,7 +504,7 @@ def profile_stage(records: list[Record], metrics: Metrics, args, batching: str, 
 
 
 def measure_state(stage: AggregateStage, metrics: Metrics, args, tmp: Path) -> dict[str, Any]:
-    table: dict[bytes, bytes] = stage.persons  # type: ignore[assignment]
+    table: dict[bytes, bytes] = stage.persons.data
     items = [(k, v) for k, v in table.items() if not k.startswith(META_PREFIX)]
     sizes = [len(v) for _, v in items]
     keys = [len(k) for k, _ in items]

@@ -356,6 +356,10 @@ def _has(func: str | tuple[str, ...], file_part: str) -> Callable[[list[Frame]],
     return lambda stack: any(f in funcs and file_part in p for f, p in stack)
 
 
+def _in(file_part: str) -> Callable[[list[Frame]], bool]:
+    return lambda stack: any(file_part in p for _, p in stack)
+
+
 def _idle(stack: list[Frame]) -> bool:
     func, path = stack[-1]
     return path.startswith("<") and func.endswith((".poll", ".select"))
@@ -363,18 +367,24 @@ def _idle(stack: list[Frame]) -> bool:
 
 # Where the worker's main thread spends its time; an indented stage is part of the one above it.
 STAGES: list[tuple[str, Callable[[list[Frame]], bool]]] = [
-    ("ingest agent (app.py ingest, ingest.py)", lambda s: _has("ingest", "flywheel/app.py")(s)
-     or any("/streams/flywheel/ingest.py" in p for _, p in s)),
+    ("ingest stage (app.py ingest, ingest.py)", lambda s: _has("ingest", "flywheel/app.py")(s)
+     or _in("flywheel/ingest.py")(s)),
     ("  validate", _has("validate", "flywheel/validate.py")),
-    ("  dedup + identity tables (stores)", lambda s: any(
+    ("  dedup + identity tables (Faust stores)", lambda s: any(
         "/faust/tables/" in p or "/faust/stores/" in p or "mode/utils/collections" in p for _, p in s)),
-    ("  outputs: record batches (ingest.py Outbox)", _has(("add", "send"), "flywheel/ingest.py")),
-    ("  Faust take_events (batch acks)", _has("take_events", "/faust/streams.py")),
-    ("sink agents (rows + ClickHouse insert hand-off)",
-     _has(("sink_events", "sink_invalid"), "flywheel/app.py")),
-    ("Faust streams feeding take() buffers (iteration, sensors)", _has("_passive_drainer", "/faust/streams.py")),
-    ("Faust fetcher: consumer → streams", lambda s: _has(("on_message", "getmany"), "/faust/")(s)
+    ("  outputs: record batches (outbox.py)", _in("flywheel/outbox.py")),
+    ("aggregate stage (aggregates.py, metrics/)", _in("flywheel/aggregates.py")),
+    ("  person state + partials (metrics/)", _in("flywheel/metrics/")),
+    ("  person table reads and writes (Faust stores)", _in("/faust/stores/")),
+    ("  rows + ClickHouse insert hand-off (rows.py, sink.py)", lambda s: _in("flywheel/clickhouse/rows.py")(s)
+     or _in("flywheel/sink.py")(s)),
+    ("  outputs + person changelog (outbox.py)", _in("flywheel/outbox.py")),
+    ("sinks of partials, identity, invalid (app.py)",
+     _has(("sink_partials", "sink_identity", "sink_invalid"), "flywheel/app.py")),
+    ("Faust fetcher: consumer → batches", lambda s: _has(("on_message", "getmany"), "/faust/")(s)
      or _has(("_drain_messages", "_deliver"), "flywheel/fastpath.py")(s)),
+    ("batch plumbing (batches.py: queue, coalescing, acks)", _in("flywheel/batches.py")),
+    ("Faust streams (none expected: every topic is a batch topic)", _in("/faust/streams.py")),
     ("producer: Faust buffer + aiokafka sender", lambda s: any(
         ("/aiokafka/producer/" in p) or (f in ("_handle_pending", "_on_published") and "/faust/" in p)
         for f, p in s)),
@@ -402,14 +412,16 @@ def summarise_profile(path: Path, window: list[float], top: int = 15) -> dict[st
         func, file = stack[-1]
         selfs[f"{func} ({package_of(file)})"] += seconds
         packages[package_of(file)] += seconds
-        matched = False
+        matched = parent = False  # a stack counts for its first top-level stage and that one's sub-stages
         for name, matches in STAGES:
             top_level = not name.startswith(" ")
-            if top_level and matched:
-                continue
-            if matches(stack):
+            if top_level:
+                parent = not matched and matches(stack)
+                matched = matched or parent
+                if parent:
+                    stages[name] += seconds
+            elif parent and matches(stack):
                 stages[name] += seconds
-                matched = matched or top_level
         if not matched:
             stages["other: asyncio/mode scheduling, commits, timers"] += seconds
 

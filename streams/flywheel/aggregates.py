@@ -8,15 +8,20 @@ events.identified records (one consumer, several partitions):
    an event (unless late: its row is stored with late=1 and it touches no state), a merge marker
    (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
    handed-over state (joined into the user's);
-2. the changed persons' contributions update the partials; the changed cells are published to
-   metrics.* as absolute values with a version; handed-over states are sent on;
+2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
 3. the batch's rows go to flywheel.events (with their late flag);
-4. only then are the new person states written to the table.
+4. the new person states are written to the table: changelog records first (awaited), then the store;
+   with them, per partition, the watermark, the cells' version and the cells this batch takes to 0;
+5. only then are the changed cells published to metrics.* (absolute values with that version).
 
-Steps 2–3 are awaited until Kafka and ClickHouse acknowledged them, so whatever the table says was
-already published: a crash after step 4 loses nothing, a crash before it replays the batch from the old
-states (redelivery), and re-publication is harmless (absolute values, idempotent join, ReplacingMergeTree).
-Partials of a partition are rebuilt from the table when it is first seen after an assignment.
+Every step is awaited until Kafka or ClickHouse acknowledged it. A crash or failure before step 4
+replays the batch from the old states (redelivery, or batches.py's retry); the replay may take another
+path (a redelivered event can arrive under its user by then), which is why no cell is published before
+the states that explain it are written: published cells always derive from the table. A crash between
+steps 4 and 5 is covered by the rebuild: when the first batch after an assignment (or a failed batch)
+needs them, the partials of every owned partition are rebuilt from the table, and every counted cell —
+plus the recorded zeros, which counting cannot find — is published again. Re-publication is harmless
+(absolute values, higher version, ReplacingMergeTree), and so is a second hand-off (join is idempotent).
 """
 
 from __future__ import annotations
@@ -24,18 +29,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
-from collections.abc import Iterable
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 from aiokafka.partitioner import murmur2
 
 from flywheel import observability as obs
+from flywheel.batches import enter_partition
 from flywheel.clickhouse.rows import event_row
 from flywheel.metrics.definitions import Metrics
 from flywheel.metrics.partials import Partials, record_key, records
 from flywheel.metrics.person import PersonState, apply, is_late, join
+from flywheel.outbox import Outbox, changelog, remember_offsets
+
+if TYPE_CHECKING:
+    from faust.types import Message
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +56,15 @@ def partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-@contextmanager
-def as_event(event):
-    """Faust tables write to the partition of the *current* event (a context variable). A batch holds
-    events of several partitions, so each table access is made as of an event of the right partition.
-    faust.streams._current_event is private API; the alternative is one event per loop, 4× slower."""
-    from faust.streams import _current_event
-
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
 class AggregateStage:
-    def __init__(self, *, metrics: Metrics, persons, partitions, sink, producer_send, topics):
+    def __init__(self, *, metrics: Metrics, persons, partitions, owned: Callable[[], set[int]], sink,
+                 outbox: Callable[[Sequence[str]], Awaitable[Outbox]], topics):
         self.metrics = metrics
         self.persons = persons  # Faust Table: person id → PersonState JSON
         self.partitions = partitions  # () -> partition count of events.identified
+        self.owned = owned  # () -> the partitions of events.identified assigned to this worker
         self.sink = sink
-        self.send = producer_send  # async (topic, key, value) -> awaitable delivery
+        self.outbox = outbox  # async (topics) -> an Outbox for them
         self.topics = topics
         self.partials = Partials(metrics)
         self.versions: dict[int, int] = {}
@@ -90,7 +87,8 @@ class AggregateStage:
                 states[p].append(PersonState.from_json(orjson.loads(value), self.metrics))
         for p in wanted:
             m = meta.get(p, {})
-            self.partials.rebuild(p, states[p], int(m.get("watermark", -1)))
+            zeros = [tuple(k) for k in m.get("zeros", ())]
+            self.partials.rebuild(p, states[p], int(m.get("watermark", -1)), zeros)
             self.versions[p] = int(m.get("version", 0))
             obs.PARTIAL_REBUILDS.inc()
         log.info("partials rebuilt from the person table for partitions %s", sorted(wanted))
@@ -115,45 +113,54 @@ class AggregateStage:
         return v
 
     # ---- one batch ----------------------------------------------------------------------------------
-    async def process(self, events: Iterable) -> None:
-        batch = [(e, orjson.loads(e.value)) for e in events]
-        missing = {e.message.partition for e, _ in batch} - {p for p in self.partials.parts}
-        if missing:
-            self.rebuild(missing)
-        touched: dict[tuple[int, bytes], list] = {}  # (partition, key) → [event, old, new]
+    async def process(self, messages: Sequence[Message]) -> None:
+        batch = [(m.partition, orjson.loads(m.value)) for m in messages]
+        partitions = {p for p, _ in batch}
+        if partitions - self.partials.parts.keys():
+            # Every owned partition at once (one scan of the table either way): one that gets no record
+            # for a while must still re-publish what a crash may have left unpublished (the zeros).
+            self.rebuild((partitions | self.owned()) - self.partials.parts.keys())
+        try:
+            await self._process(batch)
+        except BaseException:
+            # The partials count this batch; the table may not, or its cells may be unpublished: the
+            # retry (batches.py) starts from partials rebuilt from the table.
+            self.partials.forget(partitions)
+            raise
 
-        def state_of(event, key: bytes) -> list:
-            slot = touched.get((event.message.partition, key))
+    async def _process(self, batch: list[tuple[int, dict]]) -> None:
+        store = self.persons.data
+        touched: dict[tuple[int, bytes], list] = {}  # (partition, key) → [old, new]
+
+        def state_of(part: int, key: bytes) -> list:
+            slot = touched.get((part, key))
             if slot is None:
-                with as_event(event):
-                    raw = self.persons.get(key)
+                enter_partition(part)  # the store of the person's partition
+                raw = store.get(key)
                 old = PersonState.from_json(orjson.loads(raw), self.metrics) if raw is not None else None
                 new = old.copy() if old is not None else PersonState.empty(self.metrics)
-                slot = touched[(event.message.partition, key)] = [event, old, new]
-            slot[0] = event
+                slot = touched[(part, key)] = [old, new]
             return slot
 
         rows, handoffs = [], []
-        for event, rec in batch:
-            part = event.message.partition
+        for part, rec in batch:
             kind = rec.get("type")
             if kind == "merge":
-                slot = state_of(event, rec["from"].encode())
-                if slot[2] is not None and slot[2].newest >= 0:
+                slot = state_of(part, rec["from"].encode())
+                if slot[1] is not None and slot[1].newest >= 0:
                     handoffs.append({"type": "state", "person": rec["into"], "from": rec["from"],
-                                     "messageId": rec["messageId"], "state": slot[2].to_json()})
-                    obs.PERSON_HANDOFFS.inc()
-                slot[2] = None  # forgotten here once the hand-off is acknowledged
+                                     "messageId": rec["messageId"], "state": slot[1].to_json()})
+                slot[1] = None  # forgotten here once the hand-off is acknowledged
             elif kind == "state":
-                slot = state_of(event, rec["person"].encode())
+                slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
-                current = slot[2] if slot[2] is not None else PersonState.empty(self.metrics)
-                slot[2] = join(current, incoming, self.metrics)
-                self.partials.advance(part, slot[2].newest)
+                current = slot[1] if slot[1] is not None else PersonState.empty(self.metrics)
+                slot[1] = join(current, incoming, self.metrics)
+                self.partials.advance(part, slot[1].newest)
             else:
-                slot = state_of(event, rec["personId"].encode())
-                state = slot[2] if slot[2] is not None else PersonState.empty(self.metrics)
-                slot[2] = state
+                slot = state_of(part, rec["personId"].encode())
+                state = slot[1] if slot[1] is not None else PersonState.empty(self.metrics)
+                slot[1] = state
                 ts, mid = rec["timestamp"], rec["messageId"]
                 late = None
                 if state.has_applied(mid):
@@ -185,40 +192,59 @@ class AggregateStage:
                 if r["late"] and r["message_id"] in counted:
                     r["late"] = 0
 
-        # 2. partials and hand-offs, acknowledged before the state that explains them is written
-        for (part, _key), (_event, old, new) in touched.items():
-            self.partials.update(part, old, new)
-        deliveries = [self.send(self.topics.identified, h["person"].encode(), orjson.dumps(h)) for h in handoffs]
-        last_event: dict[int, object] = {}
-        for (part, _key), (event, _old, _new) in touched.items():
-            last_event[part] = event
-        for part in sorted(last_event):
-            cells = self.partials.drain(part)
-            if not cells:
-                continue
-            version = self._version(part)
-            for kind, recs in records(cells, part, version).items():
-                topic = getattr(self.topics, kind)
-                for r in recs:
-                    deliveries.append(self.send(topic, record_key(kind, r), orjson.dumps(r)))
-                if recs:
-                    obs.PARTIALS_PUBLISHED.labels(kind).inc(len(recs))
-        # What the table's per-partition record will say, taken now: the partials may be forgotten (a
+        topics = self.topics
+        # 2. hand-offs, acknowledged before the states they leave are forgotten (step 4)
+        if handoffs:
+            out = await self.outbox((topics.identified,))
+            for h in handoffs:
+                out.add(topics.identified, h["person"].encode(), orjson.dumps(h))
+            await out.send()
+            obs.PERSON_HANDOFFS.inc(len(handoffs))
+        # The partials, and the cells to publish in step 5, taken now: the partials may be forgotten (a
         # rebalance) while this batch awaits Kafka and ClickHouse below.
-        meta = {part: {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0)}
-                for part in last_event}
-        if deliveries:
-            await asyncio.gather(*deliveries)
+        for (part, _key), (old, new) in touched.items():
+            self.partials.update(part, old, new)
+        # The touched partitions, and any just rebuilt (their cells are all to publish again).
+        parts = sorted({part for part, _key in touched} | {p for p, pp in self.partials.parts.items() if pp.dirty})
+        cells: dict[int, tuple[int, list]] = {}
+        meta: dict[int, dict] = {}
+        for part in parts:
+            drained = self.partials.drain(part)
+            if drained:
+                cells[part] = (self._version(part), drained)
+            meta[part] = {"watermark": self.partials.parts[part].watermark, "version": self.versions.get(part, 0),
+                          "zeros": [list(k) for k, v in drained if v == 0]}
         # 3. rows
         await self.sink.write("flywheel.events", rows)
-        # 4. state
-        for (_part, key), (event, old, new) in touched.items():
-            with as_event(event):
-                if new is None:
-                    if old is not None:
-                        del self.persons[key]
-                elif old is None or new.to_json() != old.to_json():
-                    self.persons[key] = orjson.dumps(new.to_json())
-        for part, event in last_event.items():
-            with as_event(event):
-                self.persons[META_PREFIX + str(part).encode()] = orjson.dumps(meta[part])
+        # 4. state: the changelog first, then the store (a failure before that retries from the old states)
+        writes: list[tuple[int, bytes, bytes | None]] = []
+        for (part, key), (old, new) in touched.items():
+            if new is None:
+                if old is not None:
+                    writes.append((part, key, None))
+            elif old is None or new.to_json() != old.to_json():
+                writes.append((part, key, orjson.dumps(new.to_json())))
+        writes += [(part, META_PREFIX + str(part).encode(), orjson.dumps(meta[part])) for part in parts]
+        table_log = await self.outbox(())
+        name = changelog(self.persons)
+        for part, key, value in writes:
+            table_log.add(name, key, value, partition=part)
+        offsets = await table_log.send()
+        for part, key, value in writes:
+            enter_partition(part)
+            if value is None:
+                store.pop(key, None)
+            else:
+                store[key] = value
+        remember_offsets((self.persons,), offsets)
+        # 5. the changed cells
+        if cells:
+            published = await self.outbox((topics.funnels, topics.retention, topics.active_users))
+            for part, (version, drained) in cells.items():
+                for kind, recs in records(drained, part, version).items():
+                    topic = getattr(topics, kind)
+                    for r in recs:
+                        published.add(topic, record_key(kind, r), orjson.dumps(r))
+                    if recs:
+                        obs.PARTIALS_PUBLISHED.labels(kind).inc(len(recs))
+            await published.send()

@@ -1,4 +1,4 @@
-"""The Faust application: topics, tables and thin agents around the pure stages.
+"""The Faust application: topics, tables and the stages each topic's records are handed to, a batch at a time.
 
 Stages, in the order data flows (DESIGN §1):
 
@@ -11,9 +11,11 @@ Stages, in the order data flows (DESIGN §1):
     events.invalid    ──sink_invalid──▶ flywheel.invalid_events
     identity.changes  ──sink_identity─▶ flywheel.identity_map / identity_conflicts
 
-Agents only loop, read/write tables and send on; the semantics live in validate.py, identity.py,
-metrics/ (person state, partials; wired by aggregates.py), ingest.py (the ingest stage, a batch of raw
-records at a time) and sink.py. Delivery is at-least-once with idempotent application: the dedup table
+Each topic's records reach its stage a fetched batch at a time (batches.py), not through Faust agents
+and streams, whose per-record plumbing cost most of the worker's CPU; Faust keeps the group, the
+co-partitioned assignment, the tables and the commits. The stages are thin: the semantics live in
+validate.py, identity.py, metrics/ (person state, partials; wired by aggregates.py), ingest.py (the
+ingest stage) and sink.py. Delivery is at-least-once with idempotent application: the dedup table
 remembers where a messageId was first seen, so a redelivered record is forwarded again (and collapses
 in ClickHouse) while an SDK retry (same messageId, another record) is dropped.
 """
@@ -28,6 +30,7 @@ import faust
 import orjson
 
 from flywheel.aggregates import AggregateStage
+from flywheel.batches import BatchTopics
 from flywheel.clickhouse import ClickHouse
 from flywheel.clickhouse.rows import identity_rows, invalid_row, partial_row
 from flywheel.config import Settings
@@ -36,6 +39,7 @@ from flywheel.ingest import HEADER_RECEIVED_AT as HEADER_RECEIVED_AT  # imported
 from flywheel.ingest import HEADER_SOURCE as HEADER_SOURCE  # and flywheel.producer
 from flywheel.ingest import Ingest
 from flywheel.metrics.definitions import load_metrics
+from flywheel.outbox import Outbox
 from flywheel.plan import load_plan
 from flywheel.read_committed import ReadCommittedTransport
 from flywheel.sink import Sink
@@ -43,9 +47,8 @@ from flywheel.validate import Limits
 
 log = logging.getLogger(__name__)
 
-# Raw records per ingest batch, and how long a batch waits to fill (the latency added when traffic is light).
-INGEST_BATCH_SIZE = 2000
-INGEST_BATCH_SECONDS = 0.1
+# Records per batch at most: what queued up while the previous batch was handled, up to this.
+BATCH_RECORDS = 5000
 PARTIAL_TABLES = {"funnels": "funnel_partials", "retention": "retention_partials",
                   "active_users": "active_user_partials"}
 
@@ -64,12 +67,11 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         producer_acks=-1,
-        # Batch the produce requests of Faust's own per-record sends (Topic.send, Table writes outside
-        # ingest, which batches its own). With Faust's default 0 s each send was its own tiny request (the
-        # socket writes were ~20% of the worker's CPU when ingest still sent per event); 50 ms adds at
-        # most that to a hop's latency.
+        # Every hot-path write goes through an Outbox (outbox.py), already one record batch per partition;
+        # what is left on Faust's per-record send path (dead letters from the sink, Faust's own table
+        # writes) is batched for 50 ms rather than sent as one tiny request each.
         producer_linger=0.05,
-        # Ingest sends each batch's outputs as one record batch per partition (ingest.Outbox); with the
+        # A stage sends each batch's outputs as one record batch per partition (outbox.py); with the
         # default 16 KB a batch of events.identified records needs a dozen, each queued behind the last.
         producer_max_batch_size=512 * 1024,
         web_port=settings.http_port,
@@ -79,10 +81,6 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # The collector (/v1/*) decodes gzip bodies itself, bounded: aiohttp must not (collector/server.py).
         web_application_options={"handler_args": {"auto_decompress": False}},
-        # Records a stream may hold before its partitions are paused. Faust's 4096 kept the raw stream's
-        # buffer full while ingest worked on a batch, so the fetcher blocked on every record (a task and
-        # a wait each); a fetch's worth fits in 32k. Memory: ~32k raw events per stream at most.
-        stream_buffer_maxsize=32768,
         monitor=LeanMonitor(),  # Faust's per-event statistics cost CPU and nothing reads them (fastpath.py)
     )
     # The collector writes events.raw in Kafka transactions: read only committed ones, so a request
@@ -134,61 +132,64 @@ def create_app(settings: Settings, ch: ClickHouse) -> faust.App:
     sink = Sink(ch, executor, dead_letter=dead_letter, max_backoff=settings.sink_max_backoff_seconds)
 
     ingest_stage = Ingest(plan=plan, limits=limits, topics=names, first_seen=first_seen, linked_users=linked_users)
+    batches = app.flywheel_batches = BatchTopics()  # read by the consumer's fetch loop (fastpath.py)
 
-    @app.agent(raw_topic)
-    async def ingest(stream):
-        # A batch at a time (ingest.py): its outputs are in Kafka before take_events acks its records.
-        producer = (await app.maybe_start_producer())._ensure_producer()  # Faust's aiokafka producer
-        async for events in stream.take_events(INGEST_BATCH_SIZE, within=INGEST_BATCH_SECONDS):
-            await ingest_stage.handle(events, producer)
+    async def producer():
+        return (await app.maybe_start_producer())._ensure_producer()  # Faust's aiokafka producer
 
-    async def send_acked(topic: str, key: bytes, value: bytes):
-        # Delivery is awaited (not left to Faust's commit): the person table is written only after this.
-        return await (await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None))
+    async def ingest(messages):
+        # Its outputs are in Kafka before the batch's records are acked (ingest.py, batches.py).
+        await ingest_stage.handle(messages, await producer())
+
+    batches.add(app, raw_topic, ingest, name="ingest", max_records=BATCH_RECORDS)
+
+    async def outbox(topics):
+        return await Outbox.for_topics(await producer(), topics)
 
     def identified_partitions() -> int:
         # Rebuilding partials maps each person to its partition as the producer did: the topic's real
         # partition count matters (a topic created before with another FLYWHEEL_PARTITIONS).
         return app.consumer.topic_partitions(names.identified) or settings.partitions
 
-    stage = AggregateStage(metrics=metrics, persons=persons, partitions=identified_partitions, sink=sink,
-                           producer_send=send_acked, topics=names)
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names.identified}
+
+    stage = AggregateStage(metrics=metrics, persons=persons, partitions=identified_partitions, owned=owned_partitions,
+                           sink=sink, outbox=outbox, topics=names)
 
     @app.on_partitions_revoked.connect
     async def _revoked(*args, **kwargs) -> None:
         stage.forget()  # partials are rebuilt from the person table for the next assignment
 
-    @app.agent(identified_topic)
-    async def aggregate(stream):
-        async for batch in stream.take_events(settings.sink_batch_size, within=settings.sink_flush_seconds):
-            await stage.process(batch)
+    # Lingers like the sinks: each batch inserts its events' rows.
+    batches.add(app, identified_topic, stage.process, name="aggregate", max_records=BATCH_RECORDS,
+                linger=settings.sink_flush_seconds)
+
+    sink_batches = {"max_records": settings.sink_batch_size, "linger": settings.sink_flush_seconds}
 
     def partial_sink(kind: str):
-        async def sink_partials(stream):
-            async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
-                rows = [partial_row(kind, orjson.loads(v)) for v in batch]
-                await sink.write(f"flywheel.{PARTIAL_TABLES[kind]}", rows)
-        sink_partials.__name__ = f"sink_{kind}"
-        sink_partials.__qualname__ = f"sink_{kind}"
+        async def sink_partials(messages):
+            rows = [partial_row(kind, orjson.loads(m.value)) for m in messages]
+            await sink.write(f"flywheel.{PARTIAL_TABLES[kind]}", rows)
         return sink_partials
 
     for kind, topic in metric_topics.items():
-        app.agent(topic, name=f"flywheel.app.sink_{kind}")(partial_sink(kind))
+        batches.add(app, topic, partial_sink(kind), name=f"sink_{kind}", **sink_batches)
 
-    @app.agent(changes_topic)
-    async def sink_identity(stream):
-        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
-            by_table: dict[str, list[dict]] = {}
-            for value in batch:
-                table, row = identity_rows(orjson.loads(value))
-                by_table.setdefault(table, []).append(row)
-            for table, rows in by_table.items():
-                await sink.write(table, rows)
+    async def sink_identity(messages):
+        by_table: dict[str, list[dict]] = {}
+        for m in messages:
+            table, row = identity_rows(orjson.loads(m.value))
+            by_table.setdefault(table, []).append(row)
+        for table, rows in by_table.items():
+            await sink.write(table, rows)
 
-    @app.agent(invalid_topic)
-    async def sink_invalid(stream):
-        async for batch in stream.take(settings.sink_batch_size, within=settings.sink_flush_seconds):
-            await sink.write("flywheel.invalid_events", [invalid_row(orjson.loads(v)) for v in batch])
+    batches.add(app, changes_topic, sink_identity, name="sink_identity", **sink_batches)
+
+    async def sink_invalid(messages):
+        await sink.write("flywheel.invalid_events", [invalid_row(orjson.loads(m.value)) for m in messages])
+
+    batches.add(app, invalid_topic, sink_invalid, name="sink_invalid", **sink_batches)
 
     from flywheel.collector.server import register_collector
     from flywheel.web import register_routes

@@ -88,6 +88,7 @@ class DirectHandoff(faust_consumer.Consumer):
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
         deliver = self._deliver  # changed: was self.wait_first(callback(message), self.suspend_flow.wait())
+        batch_topics = getattr(self.app, "flywheel_batches", None) or {}  # changed: batches.py
 
         yield_every = 100
         num_since_yield = 0
@@ -102,6 +103,7 @@ class DirectHandoff(faust_consumer.Consumer):
                 # never releasing to the event loop
                 await self.sleep(0)
                 if not self.should_stop:
+                    fetched: dict[str, list] = {}  # changed: records of batch topics, by topic
                     async for tp, message in ait:
                         num_since_yield += 1
                         if num_since_yield > yield_every:
@@ -121,7 +123,13 @@ class DirectHandoff(faust_consumer.Consumer):
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
-                            await deliver(callback(message))  # changed (see above)
+                            batch = fetched.get(message.topic)  # changed (see above)
+                            if batch is not None:
+                                batch.append(message)
+                            elif message.topic in batch_topics:
+                                fetched[message.topic] = [message]
+                            else:
+                                await deliver(callback(message))
                             set_read_offset(tp, offset)
                         else:
                             self.log.dev(
@@ -130,6 +138,9 @@ class DirectHandoff(faust_consumer.Consumer):
                                 message.key,
                                 message.value,
                             )
+                    for topic, batch in fetched.items():  # changed: one hand-off per topic and fetch
+                        await batch_topics[topic].deliver(batch)
+                    fetched = batch = None  # type: ignore[assignment]  # no reference left while waiting
                     unset_flag(flag_consumer_fetching)
 
         except self.consumer_stopped_errors:

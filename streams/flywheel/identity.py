@@ -100,7 +100,7 @@ def resolve(
 
 
 class IdentityMap:
-    """The identity table's semantics over a plain dict: what the agent does with a Faust table.
+    """The identity table's semantics over a plain dict: what the ingest stage does with a Faust table.
     Used by the property tests and by anyone replaying identity outside the stream."""
 
     def __init__(self) -> None:

@@ -1,8 +1,9 @@
 """The ClickHouse sink: insert a batch, retrying until it lands; the caller acks only afterwards.
 
-Batches are cut by the stream (`stream.take(size, within=seconds)`), which acknowledges — and so lets
-Faust commit — a batch's offsets only after this coroutine returns. While ClickHouse is unreachable
-`write` does not return: the agent stops consuming, offsets stop advancing, nothing is lost, and the
+Batches are cut by batches.py (up to FLYWHEEL_SINK_BATCH_SIZE records, lingering up to
+FLYWHEEL_SINK_FLUSH_SECONDS), which acks — and so lets Faust commit — a batch's offsets only after this
+coroutine returns. While ClickHouse is unreachable `write` does not return: the topic's batches stop,
+their partitions' fetching pauses, offsets stop advancing, nothing is lost, and the
 logs and `flywheel_sink_blocked` say so. Rows ClickHouse refuses as bad data (no retry can fix them)
 are isolated by bisection and dead-lettered, so one bad row cannot stall a partition.
 """

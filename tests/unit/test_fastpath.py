@@ -20,12 +20,28 @@ def _code(fn) -> list[str]:
     return lines
 
 
+ADDED = [  # our lines in _drain_messages (the batch topics' hand-off, batches.py), in order
+    'batch_topics = getattr(self.app, "flywheel_batches", None) or {}',
+    "fetched: dict[str, list] = {}",
+    "batch = fetched.get(message.topic)", "if batch is not None:", "batch.append(message)",
+    "elif message.topic in batch_topics:", "fetched[message.topic] = [message]", "else:",
+    "for topic, batch in fetched.items():", "await batch_topics[topic].deliver(batch)",
+    "fetched = batch = None",
+]
+
+
 def test_drain_messages_is_fausts_loop_but_for_the_delivery():
     """If this fails, faust-streaming changed its loop: re-copy it into fastpath.py (or drop the module)."""
-    ours = [line.replace("faust_consumer.CONSUMER_FETCHING", "CONSUMER_FETCHING")
-            .replace("await deliver(callback(message))",
-                     "await self.wait_first(\n callback(message), self.suspend_flow.wait()\n )")
-            for line in _code(DirectHandoff._drain_messages) if "deliver = self._deliver" not in line]
+    ours, added = [], list(ADDED)
+    for line in _code(DirectHandoff._drain_messages):
+        if added and line.strip() == added[0]:
+            added.pop(0)
+            continue
+        if "deliver = self._deliver" not in line:
+            ours.append(line.replace("faust_consumer.CONSUMER_FETCHING", "CONSUMER_FETCHING")
+                        .replace("await deliver(callback(message))",
+                                 "await self.wait_first(\n callback(message), self.suspend_flow.wait()\n )"))
+    assert not added, f"lines not found in fastpath's loop: {added}"
     theirs = _code(FaustConsumer._drain_messages)
 
     def norm(lines):

@@ -44,7 +44,7 @@ def test_applying_everything_twice_changes_nothing(events):
 
 @given(events_st, events_st)
 def test_arrival_order_does_not_matter_without_late_events(a, b):
-    # no lateness check here: apply itself is order-free (the late verdict is the agent's, tested elsewhere)
+    # no lateness check here: apply itself is order-free (the late verdict is the aggregate stage's, tested elsewhere)
     assert same(build(a + b), build(b + a))
 
 

@@ -72,14 +72,18 @@ class Partials:
         Only an old event of a person silent for longer than the horizon can do that."""
         return ts_ms // DAY_MS - self.metrics.reach_days < self.open_from(partition)
 
-    def rebuild(self, partition: int, states: Iterable[PersonState], watermark: int) -> None:
+    def rebuild(self, partition: int, states: Iterable[PersonState], watermark: int,
+                zeros: Iterable[Key] = ()) -> None:
+        """Count the partition's persons afresh; every counted cell is re-published, and so are `zeros`:
+        cells the last batch took to 0, whose publication may not have landed (a crash after the state
+        was written) — absent from the counts, nothing else would ever publish them again."""
         states = list(states)
         wm = max([watermark, *(s.newest for s in states)])
         open_from = self._open_from(wm)
         part = self.parts[partition] = PartitionPartials(watermark=wm, open_from=open_from)
         for s in states:
             part.counts.update(contributions(s, self.metrics, open_from))
-        part.dirty = set(part.counts)
+        part.dirty = set(part.counts) | {k for k in zeros if key_open(k, open_from, self.metrics)}
 
     def advance(self, partition: int, ts_ms: int) -> None:
         """Raise the watermark; cells that fall behind the open bound are closed (dropped)."""

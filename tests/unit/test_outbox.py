@@ -1,4 +1,4 @@
-"""ingest.Outbox: records land on the partition Kafka's default partitioner picks, in the order they
+"""outbox.Outbox: records land on the partition Kafka's default partitioner picks, in the order they
 were added (per partition, across record batches), and send() returns only once all are acknowledged."""
 
 import asyncio
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
-from flywheel.ingest import Outbox
+from flywheel.outbox import Outbox
 
 
 class FakeProducer:
