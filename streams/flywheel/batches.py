@@ -19,8 +19,10 @@ acks), and flow control in a rebalance:
 - too many queued lists pause their partitions' fetching (as a full stream buffer does), until the
   handler has caught up.
 
-Failure: a handler that raises gets the same records again after a back-off (doubling to 30 s), for
-as long as it takes, and nothing is acked meanwhile: a batch is either done or still in hand.
+Failure: a handler that raises — or still has no result after GIVE_UP_SECONDS (logged with where it
+waits from STUCK_SECONDS on), when the attempt is cancelled — gets the same records again after a
+back-off (doubling to 30 s), for as long as it takes, and nothing is acked meanwhile: a batch is
+either done or still in hand.
 Handlers are written for redelivery anyway (at-least-once, DESIGN §6). Faust's agents would have acked
 the batch and restarted, losing it.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
+STUCK_SECONDS = 30.0  # a batch in hand this long is logged, with where it waits
+GIVE_UP_SECONDS = 120.0  # … and this long, its attempt is cancelled and the batch retried
 STOP_GRACE_SECONDS = 30.0  # a stopping worker lets the batch in hand finish this long
 HIGH_WATER = 4  # queued fetches that pause their partitions
 LOW_WATER = 1  # … and resume them
@@ -86,6 +91,18 @@ def on_partition(partition: int):
         _current_event.reset(token)
 
 
+def awaiting(task: asyncio.Future) -> str:
+    """Where a task waits: its chain of awaited coroutines (Task.get_stack shows only the outermost)."""
+    coro = getattr(task, "get_coro", lambda: None)()
+    frames = []
+    while coro is not None and hasattr(coro, "cr_frame"):
+        if coro.cr_frame is not None:
+            frames.append((coro.cr_frame, coro.cr_frame.f_lineno))
+        coro = coro.cr_await
+    lines = traceback.StackSummary.extract(frames).format()
+    return "".join(lines) + f"  awaiting {coro!r}"
+
+
 class BatchTopic:
     """One topic's records, a fetch at a time, to one handler (see the module docstring)."""
 
@@ -110,6 +127,7 @@ class BatchTopic:
             for tp in {TP(m.topic, m.partition) for m in messages}:
                 consumer.on_buffer_full(tp)
                 self._paused.add(tp)
+            log.debug("%s: %d fetches queued, fetching paused for %s", self.name, self.queue.qsize(), self._paused)
 
     # ---- the handler's side ------------------------------------------------------------------------
     async def _take(self, first: list[Message]) -> list[Message]:
@@ -161,7 +179,7 @@ class BatchTopic:
         while True:
             work = asyncio.ensure_future(self.handler(batch))
             try:
-                await asyncio.shield(work)
+                await self._watch(work, batch)
                 if attempt:
                     log.warning("%s: batch of %d records done after %d failed attempts", self.name,
                                 len(batch), attempt)
@@ -178,6 +196,25 @@ class BatchTopic:
                           exc_info=attempt == 1)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+
+    async def _watch(self, work: asyncio.Future, batch: list[Message]) -> None:
+        """Await the handler; while it takes longer than STUCK_SECONDS, say where it waits (its partitions
+        wait meanwhile: a stalled pipeline must say why); after GIVE_UP_SECONDS, cancel it and raise."""
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=STUCK_SECONDS)
+            if done:
+                return work.result()
+            waited += STUCK_SECONDS
+            log.warning("%s: a batch of %d records has been in hand for %.0f s; waiting in:\n%s",
+                        self.name, len(batch), waited, awaiting(work))
+            if waited >= GIVE_UP_SECONDS:
+                # Handlers are idempotent (at-least-once): a hung attempt is dropped and the batch retried.
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                raise TimeoutError(f"no result after {waited:.0f} s; the attempt was cancelled")
 
 
 class BatchTopics(dict):

@@ -169,3 +169,58 @@ def test_a_rocksdb_store_writes_to_the_partition_entered(tmp_path):
             db.close()
 
     asyncio.run(main())
+
+
+def test_a_batch_in_hand_too_long_says_where_it_waits(monkeypatch, caplog):
+    monkeypatch.setattr(batches, "STUCK_SECONDS", 0.05)
+
+    async def main():
+        a = app()
+        gate = asyncio.Event()
+
+        async def insert_into_clickhouse(batch):
+            await gate.wait()
+
+        bt = BatchTopic(a, a.topic("t"), insert_into_clickhouse, name="sink_t")
+        msgs = records("t", range(0, 2))
+        await bt.deliver(msgs)
+        task = asyncio.ensure_future(bt.run())
+        await until(lambda: "in hand" in caplog.text)
+        gate.set()
+        await until(lambda: all(m.acked for m in msgs))
+        task.cancel()
+
+    with caplog.at_level("WARNING", logger="flywheel.batches"):
+        asyncio.run(main())
+    assert "sink_t: a batch of 2 records has been in hand" in caplog.text
+    assert "in insert_into_clickhouse" in caplog.text  # the handler's own frame, not only the wrapper's
+
+
+def test_an_attempt_that_hangs_is_cancelled_and_the_batch_retried(monkeypatch):
+    monkeypatch.setattr(batches, "STUCK_SECONDS", 0.02)
+    monkeypatch.setattr(batches, "GIVE_UP_SECONDS", 0.1)
+    monkeypatch.setattr(batches, "FIRST_BACKOFF_SECONDS", 0.01)
+    attempts: list[str] = []
+
+    async def main():
+        a = app()
+        never = asyncio.Event()
+
+        async def handler(batch):
+            attempts.append("started")
+            if len(attempts) == 1:
+                try:
+                    await never.wait()  # a lost reply: this attempt would wait forever
+                except asyncio.CancelledError:
+                    attempts.append("cancelled")
+                    raise
+
+        bt = BatchTopic(a, a.topic("t"), handler, name="t")
+        msgs = records("t", range(0, 3))
+        await bt.deliver(msgs)
+        task = asyncio.ensure_future(bt.run())
+        await until(lambda: all(m.acked for m in msgs))
+        task.cancel()
+
+    asyncio.run(main())
+    assert attempts == ["started", "cancelled", "started"]
