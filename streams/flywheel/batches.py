@@ -197,7 +197,6 @@ class BatchTopic:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-
     async def _watch(self, work: asyncio.Future, batch: list[Message]) -> None:
         """Await the handler; while it takes longer than STUCK_SECONDS, say where it waits (its partitions
         wait meanwhile: a stalled pipeline must say why); after GIVE_UP_SECONDS, cancel it and raise."""
