@@ -81,16 +81,6 @@ def enter_partition(partition: int) -> None:
     _current_event.set(weakref.ref(scope))
 
 
-@contextlib.contextmanager
-def on_partition(partition: int):
-    token = _current_event.set(None)
-    enter_partition(partition)
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
 def awaiting(task: asyncio.Future) -> str:
     """Where a task waits: its chain of awaited coroutines (Task.get_stack shows only the outermost)."""
     coro = getattr(task, "get_coro", lambda: None)()

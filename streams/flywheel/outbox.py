@@ -6,7 +6,7 @@ through Faust's publish path (its producer buffer, sensors, a coroutine each) an
 per-message `send` — about a third of the worker's CPU in the pipeline bench's profile when ingest
 still sent that way.
 
-Tables: `put`/`delete` write the store of the record's partition (as Faust's Table does) and add the
+Tables: `put` writes the store of the record's partition (as Faust's Table does) and add the
 changelog record, on that same partition, to the outbox; once the outbox is acknowledged,
 `remember_offsets` tells the stores which changelog offset they hold — what Faust does when a
 changelog record is acknowledged — so a restart replays a RocksDB store's changelog only from there.
@@ -66,7 +66,6 @@ class Outbox:
         return {tp: meta.offset + builder.record_count() - 1
                 for (tp, builder, _), meta in zip(sent, results, strict=True)}
 
-
     @classmethod
     async def for_topics(cls, producer: AIOKafkaProducer, topics: Iterable[str]) -> Outbox:
         return cls(producer, {topic: sorted(await producer.partitions_for(topic)) for topic in topics})
@@ -81,12 +80,6 @@ def put(table: TableT, key: bytes, value: bytes, partition: int, outbox: Outbox)
     (batches.enter_partition), with the changelog record in the outbox instead of Faust's producer."""
     table.data[key] = value
     outbox.add(changelog(table), key, value, partition=partition)
-
-
-def delete(table: TableT, key: bytes, partition: int, outbox: Outbox) -> None:
-    """`del table[key]`: the store's key and a tombstone on the changelog."""
-    del table.data[key]
-    outbox.add(changelog(table), key, None, partition=partition)
 
 
 def remember_offsets(tables: Iterable[TableT], last_offsets: Mapping[tuple[str, int], int]) -> None:

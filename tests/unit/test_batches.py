@@ -12,7 +12,7 @@ from faust.streams import current_event
 from faust.types import TP
 from faust.types.tuples import Message
 from flywheel import batches
-from flywheel.batches import BatchTopic, enter_partition, on_partition
+from flywheel.batches import BatchTopic, enter_partition
 from flywheel.read_committed import ReadCommittedTransport
 
 
@@ -147,9 +147,8 @@ def test_table_stores_read_the_partition_entered():
     async def main():
         enter_partition(3)
         assert current_event().message.partition == 3
-        with on_partition(6):
-            assert current_event().message.partition == 6
-        assert current_event().message.partition == 3
+        enter_partition(6)
+        assert current_event().message.partition == 6
 
     asyncio.run(main())
 
