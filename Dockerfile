@@ -10,6 +10,6 @@ COPY config ./config
 ENV FLYWHEEL_HOME=/app \
     FLYWHEEL_DATA_DIR=/data
 VOLUME /data
-EXPOSE 8088
+EXPOSE 8088 8089
 ENTRYPOINT ["flywheel"]
 CMD ["worker"]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "streams"))
 
 from flywheel import devkafka  # noqa: E402
 from flywheel.config import Settings, Topics  # noqa: E402
-from flywheel.topics import ensure_topics  # noqa: E402
+from flywheel.runtime.topics import ensure_topics  # noqa: E402
 
 KEY = "bench-write-key"
 EVENT_NAMES = ["Product Viewed", "Product Added", "Checkout Started", "Order Completed", "Products Searched"]
@@ -165,9 +165,10 @@ def main() -> None:
     settings = Settings(kafka_bootstrap=bootstrap, topics=topics, partitions=args.partitions, write_keys=KEY,
                         data_dir=work / "flywheel")
     ensure_topics(settings)
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | {
         "FLYWHEEL_KAFKA_BOOTSTRAP": bootstrap, "FLYWHEEL_WRITE_KEYS": KEY, "FLYWHEEL_TOPIC_RAW": topics.raw,
+        "FLYWHEEL_ADMIN_PORT": str(admin_port),
         "FLYWHEEL_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO / "streams"),
     }
     if args.lanes:
@@ -201,7 +202,7 @@ def main() -> None:
         if args.warmup:
             asyncio.run(load(url, payloads, events=args.warmup, batch=args.batch, seconds=args.seconds,
                              concurrency=args.concurrency, gzip=args.gzip))
-        metrics_before = metric_lines(port)
+        metrics_before = metric_lines(admin_port)
         broker_pid = devkafka.running_pid(broker) if broker is not None else None
         cpu_before = cpu_seconds(collector.pid)
         broker_before = cpu_seconds(broker_pid) if broker_pid else 0.0
@@ -212,7 +213,7 @@ def main() -> None:
         collector_cpu = cpu_seconds(collector.pid) - cpu_before
         load_cpu = time.process_time() - load_before
         broker_cpu = cpu_seconds(broker_pid) - broker_before if broker_pid else None
-        metrics = {k: v - metrics_before.get(k, 0.0) for k, v in metric_lines(port).items()}
+        metrics = {k: v - metrics_before.get(k, 0.0) for k, v in metric_lines(admin_port).items()}
     finally:
         collector.send_signal(signal.SIGTERM)
         try:

@@ -3,7 +3,7 @@
     make bench-identity                        # = .venv/bin/python bench/identity.py
     .venv/bin/python bench/identity.py --events 50000 --ids 10000 --repeat 3
 
-1. Pure identity stage: the ingest stage's identity step (flywheel/ingest.py Ingest._resolve_identity) without
+1. Pure identity stage: the ingest stage's identity step (flywheel/stages/ingest.py Ingest._resolve_identity) without
    Kafka: lookup key, table value b"<user>\\0<origin>", flywheel.identity.resolve, the first link
    written to the table, the identity.changes record and merge marker built and serialised (not
    sent), over the validated events of flywheel.sample.journeys with a dict as the identity table.
@@ -51,9 +51,10 @@ import orjson
 from flywheel import devkafka, identity, query
 from flywheel import observability as obs
 from flywheel.config import Settings
-from flywheel.plan import load_plan
+from flywheel.model.envelope import Limits
+from flywheel.model.plan import load_plan
+from flywheel.model.validate import Invalid, Raw, validate
 from flywheel.sample import journeys
-from flywheel.validate import Invalid, Limits, Raw, validate
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -75,7 +76,7 @@ def free_port() -> int:
 
 def raw_stream(n: int, seed: int) -> list[Raw]:
     """n sample events as the ingest stage receives them: bytes, source, receivedAt, origin."""
-    from flywheel.envelope import kafka_key
+    from flywheel.model.envelope import kafka_key
     from kafka.partitioner import murmur2
 
     received = datetime.now(UTC)
@@ -94,7 +95,7 @@ def raw_stream(n: int, seed: int) -> list[Raw]:
 
 
 def identity_step(ev: dict, origin: str, table: dict[bytes, bytes]) -> int:
-    """Ingest._resolve_identity (ingest.py) without the sends: 1 if a link was made."""
+    """Ingest._resolve_identity (stages/ingest.py) without the sends: 1 if a link was made."""
     pair = identity.linked_ids(ev)
     lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
     entry = table.get(lookup.encode()) if lookup else None
@@ -117,7 +118,7 @@ def identity_step(ev: dict, origin: str, table: dict[bytes, bytes]) -> int:
 
 
 def ingest_step(raw: Raw, plan, limits: Limits, first_seen: dict[bytes, bytes], table: dict[bytes, bytes]) -> None:
-    """The ingest stage's work for one record (flywheel/app.py ingest) without Faust and Kafka."""
+    """The ingest stage's work for one record (stages/ingest.py) without Faust and Kafka."""
     obs.RECEIVED.labels(raw.source).inc()
     outcome = validate(raw, plan, limits)
     if isinstance(outcome, Invalid):
@@ -250,13 +251,14 @@ def send_identifies(bootstrap: str, n: int, seed: int) -> None:
 def table_bytes(n_ids: int, seed: int, deadline: float) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="flywheel-bench-identity-"))
     broker = devkafka.Broker(data_dir=tmp / "kafka", port=free_port(), controller_port=free_port())
-    settings = Settings(kafka_bootstrap=broker.bootstrap, data_dir=tmp / "worker", http_port=free_port(),
+    settings = Settings(kafka_bootstrap=broker.bootstrap, data_dir=tmp / "worker",
+                        http_port=free_port(), admin_port=free_port(),
                         partitions=PARTITIONS)
     proc = None
     try:
         log(f"starting Kafka at {broker.bootstrap} in {tmp}")
         devkafka.start(broker)
-        from flywheel.topics import ensure_topics
+        from flywheel.runtime.topics import ensure_topics
 
         ensure_topics(settings)
         log(f"sending {n_ids} identify calls (one new anonymous id each)")

@@ -14,8 +14,9 @@ stage     The aggregate stage alone, in-process (no Kafka, no ClickHouse): ident
           of one "on" pass over the first --profile-records records.
 state     After the "on" pass: bytes of each person's stored value (orjson of PersonState.to_json),
           the Python memory (tracemalloc) of the person states, the same values written to RocksDB
-          with Faust's options (on-disk size), and the time to rebuild partials from the whole table
-          (what a worker does when a partition is assigned). Projected per million persons.
+          with Faust's options (on-disk size), and the time to restore partials from the checkpoints and to
+          count them from the whole table (what a worker does when a partition is assigned). Projected per
+          million persons.
 pipeline  A local Kafka and one `flywheel worker` (embedded ClickHouse), metrics on vs off, same
           events.raw: events/s until flywheel.events holds every event, worker CPU per event.
 latency   A worker idle on a running pipeline: a 4-step checkout journey of a fresh person (timestamps
@@ -53,7 +54,7 @@ import tempfile
 import time
 import tracemalloc
 import uuid
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -63,13 +64,15 @@ from typing import Any
 import orjson
 import yaml
 from flywheel import devkafka, query
-from flywheel.aggregates import META_PREFIX, AggregateStage, partition_of
 from flywheel.config import Settings, Topics
-from flywheel.identity import IdentityMap
 from flywheel.metrics.definitions import Metrics, load_metrics, parse_metrics
 from flywheel.metrics.person import PersonState
-from flywheel.plan import load_plan
-from flywheel.validate import Limits, Raw, validate
+from flywheel.model.envelope import Limits
+from flywheel.model.identity import IdentityMap
+from flywheel.model.plan import load_plan
+from flywheel.model.validate import Raw, validate
+from flywheel.runtime.partitioner import partition_of
+from flywheel.stages.aggregate import BEGIN, AggregateStage, is_bookkeeping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline as pl  # noqa: E402  (bench/pipeline.py: Kafka, worker and CPU machinery)
@@ -246,33 +249,37 @@ class FakeMessage:
         self.value = value
 
 
-class _Store(dict):
-    """A Faust table's store as AggregateStage uses it (get, set, pop), one dict for all partitions."""
-
-    def set_persisted_offset(self, tp, offset: int) -> None:
-        pass
-
-
-class _Changelog:
-    def get_topic_name(self) -> str:
-        return "flywheel-persons-changelog"
-
-
 class FakeTable:
-    """The persons table: .data (the store), .items(), its changelog topic's name."""
+    """The persons table as stages.ports.Table, in memory: one dict per partition."""
 
-    changelog_topic = _Changelog()
+    changelog = "flywheel-persons-changelog"
 
     def __init__(self) -> None:
-        self.data = _Store()
+        self.data: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        return self.data[partition].get(key)
+
+    def scan(self, partition: int, prefix: bytes = b""):
+        for k in sorted(self.data[partition]):
+            if k.startswith(prefix):
+                yield k, self.data[partition][k]
+
+    def write(self, partition: int, items, changelog_offset) -> None:
+        store = self.data[partition]
+        for k, v in items.items():
+            if v is None:
+                store.pop(k, None)
+            else:
+                store[k] = v
 
     def items(self):
-        return self.data.items()
+        return [(k, v) for store in self.data.values() for k, v in store.items()]
 
 
 class FakeOutbox:
-    """outbox.Outbox without Kafka: counts the records per topic; a state hand-off (events.identified)
-    is queued for the user's partition, where Kafka would deliver it later."""
+    """runtime/outbox.py's Outbox without Kafka: counts the records per topic; a state hand-off
+    (events.identified) is queued for the user's partition, where Kafka would deliver it later."""
 
     def __init__(self, published: Counter, handoffs: deque, identified: str, partitions: int):
         self.published, self.handoffs = published, handoffs
@@ -287,17 +294,8 @@ class FakeOutbox:
         return {}
 
 
-class _NoRows:
-    """What AggregateStage asks of ClickHouse (ch.rows: are these late-looking events already stored as
-    counted?): nothing is stored here."""
-
-    def rows(self, sql: str) -> tuple[list, list]:
-        return [], []
-
-
 class NullSink:
-    executor = None  # the event loop's default executor
-    ch = _NoRows()
+    """stages.ports.ClickHouseWriter: counts rows; nothing is stored (so no late-looking event was)."""
 
     def __init__(self) -> None:
         self.rows = self.late = 0
@@ -305,6 +303,13 @@ class NullSink:
     async def write(self, table: str, rows: list[dict]) -> None:
         self.rows += len(rows)
         self.late += sum(r["late"] for r in rows)
+
+    async def counted(self, message_ids) -> set[str]:
+        return set()
+
+
+async def no_retry(attempt, name, size):
+    return await attempt()
 
 
 def stage_topics() -> Topics:
@@ -366,12 +371,12 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
     handoffs: deque = deque()
     published: Counter[str] = Counter()
 
-    async def outbox(_topics) -> FakeOutbox:
+    async def outbox() -> FakeOutbox:
         return FakeOutbox(published, handoffs, topics.identified, partitions)
 
     sink = NullSink()
-    stage = AggregateStage(metrics=metrics, persons=FakeTable(), partitions=lambda: partitions,
-                           owned=lambda: set(range(partitions)), sink=sink, outbox=outbox, topics=topics)
+    stage = AggregateStage(metrics=metrics, persons=FakeTable(), sink=sink, outbox=outbox, topics=topics,
+                           retry=no_retry)
     gc.collect()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if profile is not None:
@@ -389,7 +394,7 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
         "handoffs": published[topics.identified],
         "published": {"funnels": published[topics.funnels], "retention": published[topics.retention],
                       "active_users": published[topics.active_users]},
-        "persons_stored": sum(1 for k in stage.persons.data if not k.startswith(META_PREFIX)),
+        "persons_stored": sum(1 for k, _ in stage.persons.items() if not is_bookkeeping(k)),
     }, stage
 
 
@@ -486,7 +491,8 @@ def profile_stage(records: list[Record], metrics: Metrics, args, batching: str, 
     rows = [(name(f), v[1], v[2], v[3]) for f, v in stats.stats.items()]  # (name, calls, self, cumulative)
     by_self = sorted(rows, key=lambda r: -r[2])[:top]
     ours = [r for r in rows if "flywheel" in r[0] or ".py:" in r[0] and any(
-        m in r[0] for m in ("person.py", "partials.py", "funnel.py", "aggregates.py", "definitions.py", "rows.py"))]
+        m in r[0] for m in ("person.py", "partials.py", "funnel.py", "aggregate.py", "definitions.py", "cells.py",
+                            "rows.py"))]
     by_cum = sorted(ours, key=lambda r: -r[3])[:top]
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
@@ -504,8 +510,7 @@ def profile_stage(records: list[Record], metrics: Metrics, args, batching: str, 
 
 
 def measure_state(stage: AggregateStage, metrics: Metrics, args, tmp: Path) -> dict[str, Any]:
-    table: dict[bytes, bytes] = stage.persons.data
-    items = [(k, v) for k, v in table.items() if not k.startswith(META_PREFIX)]
+    items = [(k, v) for k, v in stage.persons.items() if not is_bookkeeping(k)]
     sizes = [len(v) for _, v in items]
     keys = [len(k) for k, _ in items]
     n = len(items)
@@ -552,14 +557,24 @@ def measure_state(stage: AggregateStage, metrics: Metrics, args, tmp: Path) -> d
                                       "dict of right-sized key/value bytes": round(dict_bytes / n),
                                       "dict of values as orjson.dumps returns them": round(written_bytes / n)}
     out["rocksdb"] = rocksdb_size(items, tmp / "rocksdb")
-    # what a worker does on assignment: read every person of its partitions, rebuild the partials
+    # what a worker does on assignment: load each partition's partials from its checkpoint (O(cells)),
+    # and what it does when the checkpoint is torn: count them from every person state
     gc.collect()
-    t0, c0 = time.perf_counter(), time.process_time()
-    stage.rebuild(set(range(args.partitions)))
-    out["rebuild_partials"] = {"seconds": round(time.perf_counter() - t0, 2),
-                               "cpu_seconds": round(time.process_time() - c0, 2),
-                               "us_per_person": round((time.process_time() - c0) / n * 1e6, 1),
-                               "cells": sum(len(p.counts) for p in stage.partials.parts.values())}
+    for how, mark in (("checkpoint", None), ("count", BEGIN)):
+        if mark is not None:  # a newer begin mark than the end's: the checkpoint is not trusted
+            for p in range(args.partitions):
+                stage.persons.data[p][mark + str(p).encode()] = b"999999999"
+        stage.revoked(range(args.partitions))
+        t0, c0 = time.perf_counter(), time.process_time()
+
+        async def restore() -> None:
+            stage.assigned(range(args.partitions))
+            await asyncio.gather(*stage._repairs.values())
+        asyncio.run(restore())
+        out[f"restore_partials_{how}"] = {
+            "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
+            "us_per_person": round((time.process_time() - c0) / n * 1e6, 1),
+            "cells": sum(len(p.counts) for p in stage.partials.parts.values())}
     per_m = 1_000_000
     out["projection_per_million_persons"] = {
         "stored_key_plus_value_MB": round((total_bytes + sum(keys)) / n * per_m / 1e6),
@@ -567,7 +582,8 @@ def measure_state(stage: AggregateStage, metrics: Metrics, args, tmp: Path) -> d
         "memory_store_MB": round(dict_bytes / n * per_m / 1e6),
         "memory_store_orjson_as_returned_MB": round(written_bytes / n * per_m / 1e6),
         "all_states_as_python_objects_MB": round(objects / n * per_m / 1e6),
-        "rebuild_partials_cpu_s": round(out["rebuild_partials"]["cpu_seconds"] / n * per_m),
+        "restore_partials_from_checkpoint_cpu_s": out["restore_partials_checkpoint"]["cpu_seconds"],
+        "count_partials_cpu_s": round(out["restore_partials_count"]["cpu_seconds"] / n * per_m),
         "how": ("measured per person at this population, times 1e6 (linear: each person's state depends on "
                 "its own events only, not on the population); the rocksdb figure is the SST files after a "
                 "flush and full compaction with Faust's RocksDB options (one DB, not one per partition; no "
@@ -600,7 +616,7 @@ print(before, after_scan, rss(), len(keys))
 
 def rocksdb_size(items: list[tuple[bytes, bytes]], path: Path) -> dict[str, Any]:
     """The values written as a Faust RocksDB store would (rocksdict, Faust's options), flushed and compacted;
-    then, in a fresh process, every value read once by a scan (what a partial rebuild does), then once
+    then, in a fresh process, every value read once by a scan (what counting partials from the states does), then once
     more by key in random order (what the stage's table reads do): the RSS growth after each (the key
     list itself included, ~100 B per person) is what RocksDB keeps in the process (block cache: 2 GiB per
     partition DB by Faust's default)."""
@@ -641,7 +657,8 @@ def topics_for(tag: str, raw: str | None = None) -> Topics:
 def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,
                     metrics: Path, app_tag: str | None = None, **extra: Any) -> Settings:
     return Settings(kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"mb-{app_tag or tag}",
-                    data_dir=data_dir, http_port=pl.free_port(), topics=topics_for(app_tag or tag, raw_topic),
+                    data_dir=data_dir, http_port=pl.free_port(), admin_port=pl.free_port(),
+                    topics=topics_for(app_tag or tag, raw_topic),
                     metrics=metrics, **extra)
 
 
@@ -1108,13 +1125,15 @@ def render(doc: dict[str, Any]) -> str:
             f"fresh process grows by {s['rocksdb']['rss_growth_after_scan_bytes'] / 1e6:.1f} MB scanning every value, "
             f"{s['rocksdb']['rss_growth_after_gets_bytes'] / 1e6:.1f} MB after also reading each by key "
             f"({s['rocksdb']['rss_growth_after_gets_per_person']} B/person)",
-            f"   rebuild of all partials from the table: {s['rebuild_partials']['cpu_seconds']} s CPU "
-            f"({s['rebuild_partials']['us_per_person']} us/person, {s['rebuild_partials']['cells']:,} cells)",
+            f"   partials restored at assignment: from the checkpoints "
+            f"{s['restore_partials_checkpoint']['cpu_seconds']} s CPU ({s['restore_partials_checkpoint']['cells']:,} "
+            f"cells); counted from every state (a torn checkpoint) {s['restore_partials_count']['cpu_seconds']} s CPU "
+            f"({s['restore_partials_count']['us_per_person']} us/person)",
             f"   per million persons: stored key+value {proj['stored_key_plus_value_MB']} MB, RocksDB on disk "
             f"{proj['rocksdb_on_disk_MB']} MB, memory:// store {proj['memory_store_MB']} MB "
             f"({proj['memory_store_orjson_as_returned_MB']} MB holding orjson.dumps' own buffers), "
-            f"all states as Python objects {proj['all_states_as_python_objects_MB']} MB, partial rebuild "
-            f"{proj['rebuild_partials_cpu_s']} s CPU",
+            f"all states as Python objects {proj['all_states_as_python_objects_MB']} MB, partials counted from "
+            f"the states {proj['count_partials_cpu_s']} s CPU",
         ]
     p = doc.get("pipeline")
     if p and "on" in p:

@@ -126,7 +126,7 @@ def run_settings(bootstrap: str, partitions: int, raw_topic: str, tag: str, data
     """One pipeline run: the given events.raw, everything else its own (group, topics, data, port)."""
     return Settings(
         kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-{tag}", data_dir=data_dir,
-        http_port=free_port(), topics=topics_for(tag, raw_topic),
+        http_port=free_port(), admin_port=free_port(), topics=topics_for(tag, raw_topic),
     )
 
 
@@ -272,7 +272,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
                 raise fail(f"the worker exited with {proc.returncode} during the run")
             try:
                 count = scalar(settings, "SELECT count() FROM flywheel.events")
-                metrics = metric_values(settings.http_port)
+                metrics = metric_values(settings.admin_port)
                 received = int(metric_sum(metrics, "flywheel_events_received_total"))
             except (query.QueryError, OSError):  # /sql not advertised yet
                 count = received = 0
@@ -288,7 +288,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         cpu = usage.stop()
         exact = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
         invalid = scalar(settings, "SELECT count() FROM flywheel.invalid_events")
-        metrics = metric_values(settings.http_port)
+        metrics = metric_values(settings.admin_port)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # a profiled worker writes its profile now
@@ -367,25 +367,25 @@ def _idle(stack: list[Frame]) -> bool:
 
 # Where the worker's main thread spends its time; an indented stage is part of the one above it.
 STAGES: list[tuple[str, Callable[[list[Frame]], bool]]] = [
-    ("ingest stage (app.py ingest, ingest.py)", lambda s: _has("ingest", "flywheel/app.py")(s)
-     or _in("flywheel/ingest.py")(s)),
-    ("  validate", _has("validate", "flywheel/validate.py")),
-    ("  dedup + identity tables (Faust stores)", lambda s: any(
-        "/faust/tables/" in p or "/faust/stores/" in p or "mode/utils/collections" in p for _, p in s)),
-    ("  outputs: record batches (outbox.py)", _in("flywheel/outbox.py")),
-    ("aggregate stage (aggregates.py, metrics/)", _in("flywheel/aggregates.py")),
+    ("ingest stage (stages/ingest.py)", _in("flywheel/stages/ingest.py")),
+    ("  validate (model/)", _in("flywheel/model/validate.py")),
+    ("  dedup + identity tables (stages/tables.py, RocksDB)", lambda s: _in("flywheel/stages/tables.py")(s)
+     or _has(("get", "write", "scan"), "flywheel/runtime/faust_seams.py")(s)),
+    ("  outputs: record batches (runtime/outbox.py)", _in("flywheel/runtime/outbox.py")),
+    ("aggregate stage (stages/aggregate.py, metrics/)", _in("flywheel/stages/aggregate.py")),
     ("  person state + partials (metrics/)", _in("flywheel/metrics/")),
-    ("  person table reads and writes (Faust stores)", _in("/faust/stores/")),
-    ("  rows + ClickHouse insert hand-off (rows.py, sink.py)", lambda s: _in("flywheel/clickhouse/rows.py")(s)
-     or _in("flywheel/sink.py")(s)),
-    ("  outputs + person changelog (outbox.py)", _in("flywheel/outbox.py")),
-    ("sinks of partials, identity, invalid (app.py)",
-     _has(("sink_partials", "sink_identity", "sink_invalid"), "flywheel/app.py")),
+    ("  person table reads and writes (stages/tables.py, RocksDB)", lambda s: _in("flywheel/stages/tables.py")(s)
+     or _has(("get", "write", "scan"), "flywheel/runtime/faust_seams.py")(s)),
+    ("  rows + ClickHouse insert hand-off (model/rows.py, stages/sink.py)",
+     lambda s: _in("flywheel/model/rows.py")(s) or _in("flywheel/stages/sink.py")(s)),
+    ("  outputs + person changelog (runtime/outbox.py)", _in("flywheel/runtime/outbox.py")),
+    ("sinks of partials, identity, invalid (stages/sink.py)", _in("flywheel/stages/sink.py")),
     ("Faust fetcher: consumer → batches", lambda s: _has(("on_message", "getmany"), "/faust/")(s)
-     or _has(("_drain_messages", "_deliver"), "flywheel/fastpath.py")(s)),
-    ("batch plumbing (batches.py: queue, coalescing, acks)", _in("flywheel/batches.py")),
+     or _has(("_drain_messages", "_deliver"), "flywheel/runtime/faust_seams.py")(s)),
+    ("batch plumbing (runtime/delivery.py, retry.py: queue, coalescing, acks)",
+     lambda s: _in("flywheel/runtime/delivery.py")(s) or _in("flywheel/runtime/retry.py")(s)),
     ("Faust streams (none expected: every topic is a batch topic)", _in("/faust/streams.py")),
-    ("producer: Faust buffer + aiokafka sender", lambda s: any(
+    ("producer: aiokafka sender", lambda s: any(
         ("/aiokafka/producer/" in p) or (f in ("_handle_pending", "_on_published") and "/faust/" in p)
         for f, p in s)),
     ("HTTP (the bench polling /sql and /metrics)", _has("_handle_request", "/aiohttp/")),

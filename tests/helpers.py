@@ -85,7 +85,7 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         active_users=f"{tag}.metrics.active_users",
     )
     values: dict[str, Any] = {
-        "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(),
+        "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),
         "app_id": f"flywheel-{tag}", "partitions": 4, "topics": topics, "sink_flush_seconds": 0.5,
         "sink_max_backoff_seconds": 2.0,
     }
@@ -135,7 +135,8 @@ class WorkerProcess:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.http_port}{path}", timeout=10) as r:
+        """GET from the worker's admin listener (/health, /metrics)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.admin_port}{path}", timeout=10) as r:
             return r.read()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -263,7 +264,8 @@ class CollectorProcess:
                  extra_env: dict[str, str] | None = None):
         self.settings = settings
         self.port = port or free_port()
-        self.env = settings_env(settings) | (extra_env or {})
+        self.admin_port = free_port()  # each collector has its own admin listener (/metrics)
+        self.env = settings_env(settings) | {"FLYWHEEL_ADMIN_PORT": str(self.admin_port)} | (extra_env or {})
         self.log_path = settings.data_dir / f"collector-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 

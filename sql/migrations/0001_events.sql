@@ -1,4 +1,4 @@
--- Accepted events, one row per messageId (DESIGN §7).
+-- Accepted events, one row per messageId (README, "Querying").
 -- ReplacingMergeTree collapses a row redelivered after a crash (same sorting key, same content);
 -- SDK retries of a messageId are already dropped in the stream. Query with FINAL, or through the
 -- views, for exact counts while a merge is pending.
@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS flywheel.events
     person_id     String COMMENT 'person id known when the event was ingested; see events_resolved',
     previous_id   String COMMENT 'alias: the id being linked',
     group_id      String,
-    timestamp     DateTime64(3, 'UTC') COMMENT 'event time, clock-skew corrected (DESIGN §2)',
+    timestamp     DateTime64(3, 'UTC') COMMENT 'event time, clock-skew corrected (docs/design.md §2)',
     received_at   DateTime64(3, 'UTC'),
     sent_at       Nullable(DateTime64(3, 'UTC')),
     properties    String COMMENT 'JSON object; read with JSONExtract*(properties, ...)',

@@ -1,4 +1,4 @@
--- Identity (DESIGN §3): which person each anonymous id belongs to, from identity.changes.
+-- Identity (docs/design.md §3): which person each anonymous id belongs to, from identity.changes.
 -- Only first links are ever written (the stream refuses conflicting ones), so a distinct id has one
 -- person; a redelivered link is the same row and collapses.
 CREATE TABLE IF NOT EXISTS flywheel.identity_map

@@ -1,4 +1,4 @@
--- Funnels, retention and active users (DESIGN §4, §7): per-partition partials from metrics.*, and the
+-- Funnels, retention and active users (docs/design.md §4; README, "Querying"): per-partition partials from metrics.*, and the
 -- analyst views over them.
 --
 -- Each row is the absolute count of persons, on one partition of events.identified, that count for one

@@ -37,12 +37,13 @@ def worker() -> None:
     """Run the pipeline: apply migrations, create topics, then validate → identity → funnels, retention,
     active users → ClickHouse until stopped.
 
-    Also serves /health, /metrics and /sql on FLYWHEEL_HTTP_PORT. Several workers may run with the
-    same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one worker owns the
-    data directory.
+    Serves the Segment collector (/v1/*) on FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT and /health, /metrics and
+    /sql on the admin listener, FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT (127.0.0.1:8089). Several workers
+    may run with the same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one
+    worker owns the data directory.
     """
     from flywheel.metrics.definitions import MetricsError
-    from flywheel.plan import PlanError
+    from flywheel.model.plan import PlanError
     from flywheel.worker import run
 
     try:
@@ -54,9 +55,10 @@ def worker() -> None:
 @cli.command()
 def collector(
     port: Annotated[int | None, typer.Option(help="listen port; default FLYWHEEL_HTTP_PORT")] = None,
-    host: Annotated[str, typer.Option(help="listen address")] = "0.0.0.0",
+    host: Annotated[str | None, typer.Option(help="listen address; default FLYWHEEL_HTTP_HOST")] = None,
 ) -> None:
-    """Run the Segment HTTP collector alone (/v1/*, /health, /metrics), to scale it apart from workers.
+    """Run the Segment HTTP collector alone (/v1/* and /health; /metrics on the admin listener), to scale
+    it apart from workers.
 
     `flywheel worker` serves the same endpoints; this is for running more collectors than workers.
     Events go to events.raw in Kafka transactions (topics are created by the worker), answered 200 once
@@ -68,7 +70,7 @@ def collector(
 
     settings = _settings()
     setup_logging(settings.log_level)
-    run_standalone(settings, host=host, port=port)
+    run_standalone(settings, host=host or settings.http_host, port=port or settings.http_port)
 
 
 @cli.command()
@@ -112,8 +114,8 @@ def sample(
 ) -> None:
     """Send a realistic e-commerce event stream to events.raw (page views, products, sign-ups, orders)."""
     from flywheel.producer import Producer
+    from flywheel.runtime.topics import ensure_topics
     from flywheel.sample import journeys
-    from flywheel.topics import ensure_topics
 
     settings = _settings()
     ensure_topics(settings)
@@ -143,10 +145,10 @@ def metrics_check(
         _fail(str(exc))
     for f in m.funnels:
         steps = " → ".join(s.event + (f" {dict(s.where)}" if s.where else "") for s in f.steps)
-        typer.echo(f"funnel {f.name}: {steps} within {f.window_ms // 1000} s")
+        typer.echo(f"funnel {f.name} (version {f.version}): {steps} within {f.window_ms // 1000} s")
     for r in m.retention:
-        typer.echo(f"retention {r.name}: cohort {r.cohort.event or 'any'}, return {r.returning.event or 'any'}, "
-                   f"{r.horizon} {r.period}s")
+        typer.echo(f"retention {r.name} (version {r.version}): cohort {r.cohort.event or 'any'}, "
+                   f"return {r.returning.event or 'any'}, {r.horizon} {r.period}s")
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 

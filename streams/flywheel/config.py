@@ -9,6 +9,7 @@ case (`kafka_bootstrap: ...`).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flywheel import paths
+from flywheel.model.envelope import Limits
 
 DEV_WRITE_KEY = "flywheel-dev-key"
 
 
 class Topics(BaseSettings):
-    """Kafka topic names (DESIGN §1). Override one with e.g. FLYWHEEL_TOPIC_RAW."""
+    """Kafka topic names (docs/design.md §1). Override one with e.g. FLYWHEEL_TOPIC_RAW."""
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_TOPIC_")
 
@@ -43,7 +45,10 @@ class Settings(BaseSettings):
         None, description="clickhouse://user:pass@host:9000/flywheel for a server; unset = embedded (chdb)"
     )
     data_dir: Path = Field(Path(".flywheel"), description="embedded ClickHouse, local Kafka and state stores")
-    http_port: int = Field(8088, description="worker HTTP: Segment collector /v1/*, /health, /metrics, /sql")
+    http_port: int = Field(8088, description="public listener: the Segment collector /v1/* (and /health)")
+    http_host: str = Field("0.0.0.0", description="address of the public listener")
+    admin_port: int = Field(8089, description="admin listener: /health, /metrics, /sql (embedded ClickHouse)")
+    admin_host: str = Field("127.0.0.1", description="address of the admin listener; keep it private")
     write_keys: str = Field(DEV_WRITE_KEY, description="comma-separated write keys accepted by the collector")
     metrics: Path = Field(
         default_factory=lambda: paths.schemas_dir() / "metrics.yaml",
@@ -59,7 +64,9 @@ class Settings(BaseSettings):
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")
-    sink_max_backoff_seconds: float = Field(30.0, description="cap of the retry back-off when ClickHouse fails")
+    sink_max_backoff_seconds: float = Field(
+        30.0, description="cap of the back-off between retries of a failed batch (ClickHouse or Kafka down)"
+    )
     max_future_seconds: int = Field(86_400, description="event times further ahead of receivedAt are invalid")
     max_event_bytes: int = Field(32 * 1024, description="a single event above this size is invalid")
     collector_max_request_bytes: int = Field(
@@ -88,6 +95,10 @@ class Settings(BaseSettings):
         env = {f"FLYWHEEL_{k.upper()}": str(v) for k, v in self.model_dump(exclude={"topics"}).items() if v is not None}
         env.update({f"FLYWHEEL_TOPIC_{k.upper()}": v for k, v in self.topics.model_dump().items()})
         return env
+
+    def limits(self) -> Limits:
+        return Limits(max_event_bytes=self.max_event_bytes, max_request_bytes=self.collector_max_request_bytes,
+                      max_future=timedelta(seconds=self.max_future_seconds))
 
     @property
     def write_key_set(self) -> frozenset[str]:

@@ -73,7 +73,11 @@ PERSON_HANDOFFS = Counter("flywheel_person_handoffs_total", "Anonymous person st
 PARTIALS_PUBLISHED = Counter(
     "flywheel_partials_published_total", "Metric cells published (absolute per-partition values)", ["metric"]
 )
-PARTIAL_REBUILDS = Counter("flywheel_partial_rebuilds_total", "Partitions whose partials were rebuilt from state")
+PARTIALS_RESTORED = Counter(
+    "flywheel_partials_restored_total",
+    "Partitions whose partials were restored at assignment, by how (checkpoint | count: from the person states)",
+    ["how"],
+)
 CLOSED_CELL_UPDATES = Counter(
     "flywheel_closed_cell_updates_total", "Events whose effect on already-closed metric cells was not published"
 )

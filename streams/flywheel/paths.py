@@ -1,4 +1,4 @@
-"""Where Flywheel's data files live: the repo's `sql/`, `schemas/`, `config/` and `kafka/` folders.
+"""Where Flywheel's data files live: the repo's `sql/`, `schemas/` and `kafka/` folders.
 
 They are data, not code, so they stay at the top of the repository where operators edit them. An
 installed (non-editable) copy points at them with FLYWHEEL_HOME; a checkout finds them next to
@@ -26,10 +26,6 @@ def sql_dir() -> Path:
 
 def schemas_dir() -> Path:
     return home() / "schemas"
-
-
-def config_dir() -> Path:
-    return home() / "config"
 
 
 def kafka_pom() -> Path:

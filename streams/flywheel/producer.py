@@ -4,7 +4,7 @@
     with Producer("127.0.0.1:9092", source="billing-service") as p:
         p.track(user_id="u1", event="Order Completed", properties={"order_id": "o1", "revenue": 9.5})
 
-Keys follow DESIGN §1 (anonymousId, else previousId for alias, else userId) so an anonymous id's
+Keys follow docs/design.md §1 (anonymousId, else previousId for alias, else userId) so an anonymous id's
 events and the call that links it share a partition. Every message gets a messageId (kept if given:
 resending the same one is an idempotent retry) and the receivedAt/source headers the pipeline reads.
 """
@@ -17,8 +17,7 @@ from typing import Any
 
 import orjson
 
-from flywheel.app import HEADER_RECEIVED_AT, HEADER_SOURCE
-from flywheel.envelope import kafka_key
+from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, kafka_key
 
 
 class Producer:

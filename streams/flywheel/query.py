@@ -15,7 +15,7 @@ import orjson
 from flywheel import clickhouse
 from flywheel.clickhouse import ClickHouseUnavailable
 from flywheel.config import Settings
-from flywheel.web import WORKER_FILE
+from flywheel.web.admin import WORKER_FILE
 
 
 class QueryError(RuntimeError):
@@ -53,7 +53,7 @@ def run(settings: Settings, sql: str, *, timeout: float = 300.0) -> tuple[list[s
 
 def _via_worker(worker: dict, sql: str, timeout: float) -> tuple[list[str], list[list]]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{worker['port']}/sql", data=sql.encode(), method="POST",
+        f"http://{worker.get('host', '127.0.0.1')}:{worker['port']}/sql", data=sql.encode(), method="POST",
         headers={"Authorization": f"Bearer {worker['token']}", "Content-Type": "text/plain"},
     )
     try:

@@ -19,10 +19,10 @@ def run(settings: Settings) -> None:
     setup_logging(settings.log_level)
     from faust import Worker
 
-    from flywheel.app import create_app
     from flywheel.metrics.definitions import load_metrics
-    from flywheel.plan import load_plan
-    from flywheel.topics import ensure_topics
+    from flywheel.model.plan import load_plan
+    from flywheel.runtime.app import create_worker
+    from flywheel.runtime.topics import ensure_topics
 
     # fail before touching anything if the tracking plan or the metric definitions are wrong
     load_plan(settings.tracking_plan)
@@ -32,8 +32,8 @@ def run(settings: Settings) -> None:
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
-    app = create_app(settings, ch)
-    worker = Worker(app, loglevel=settings.log_level.upper())
+    parts = create_worker(settings, ch)
+    worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper())
     with _profiled(settings.profile):
         worker.execute_from_commandline()
 

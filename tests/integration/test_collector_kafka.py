@@ -17,8 +17,8 @@ import orjson
 import pytest
 import requests
 from flywheel import devkafka
-from flywheel.app import HEADER_RECEIVED_AT, HEADER_SOURCE
-from flywheel.topics import ensure_topics
+from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE
+from flywheel.runtime.topics import ensure_topics
 from helpers import CollectorProcess, WorkerProcess, free_port, read_topic, unique_settings, wait_until
 
 pytestmark = pytest.mark.integration

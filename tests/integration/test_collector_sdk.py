@@ -189,3 +189,26 @@ def test_collector_metrics_on_the_worker(worker):
     assert worker.metric("flywheel_collector_events_accepted_total", source=source_label(KEY)) >= 1
     assert worker.metric("flywheel_collector_transactions_total", outcome="committed") >= 1
     assert worker.metric("flywheel_collector_produce_seconds_count") >= 1
+
+
+def listening_address(port: int) -> str:
+    """The local address a TCP socket listens on at `port` (/proc/net/tcp; state 0A = LISTEN)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            return ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_the_public_listener_serves_the_collector_only_and_the_admin_one_stays_private(worker):
+    """Two listeners: /v1/* and /health on the public port (all interfaces); /sql and /metrics only on the
+    admin port, bound to 127.0.0.1 by default."""
+    public, admin = worker.settings.http_port, worker.settings.admin_port
+    assert requests.get(f"http://127.0.0.1:{public}/health", timeout=10).status_code == 200
+    for path, method in (("/sql", requests.post), ("/metrics", requests.get)):
+        assert method(f"http://127.0.0.1:{public}{path}", timeout=10).status_code == 404
+    assert requests.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).status_code == 200
+    assert requests.post(f"http://127.0.0.1:{admin}/sql", data="SELECT 1", timeout=10).status_code == 401  # token
+    assert requests.post(f"http://127.0.0.1:{admin}/v1/track", timeout=10).status_code == 404
+    assert (listening_address(public), listening_address(admin)) == ("0.0.0.0", "127.0.0.1")

@@ -137,7 +137,7 @@ def _identity_state(worker: WorkerProcess) -> tuple[set, set, set]:
 def test_sigkill_during_a_burst_of_identifies_matches_an_uninterrupted_run(kafka, tmp_path):
     import threading
 
-    from flywheel.identity import IdentityMap
+    from flywheel.model.identity import IdentityMap
     from helpers import unique_settings
 
     calls = identify_burst()

@@ -25,11 +25,11 @@ from pathlib import Path
 import orjson
 import pytest
 from events_gen import identity_stream
-from flywheel.envelope import kafka_key
-from flywheel.identity import IdentityMap
-from flywheel.plan import load_plan
+from flywheel.model.envelope import Limits, kafka_key
+from flywheel.model.identity import IdentityMap
+from flywheel.model.plan import load_plan
+from flywheel.model.validate import Invalid, Raw, validate
 from flywheel.producer import Producer
-from flywheel.validate import Invalid, Limits, Raw, validate
 from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
 from union_store import UnionStore, union_of
 
@@ -184,7 +184,8 @@ def test_two_workers_give_the_same_identity_as_one(kafka, tmp_path):
 
     one = unique_settings(kafka, tmp_path / "one", partitions=PARTITIONS)
     two_a = unique_settings(kafka, tmp_path / "two-a", partitions=PARTITIONS)
-    two_b = two_a.model_copy(update={"data_dir": tmp_path / "two-b", "http_port": free_port()})
+    two_b = two_a.model_copy(update={"data_dir": tmp_path / "two-b", "http_port": free_port(),
+                                 "admin_port": free_port()})
     single, first, second = (WorkerProcess(s) for s in (one, two_a, two_b))
     pipeline_1, pipeline_2 = [single], [first, second]
     workers = pipeline_1 + pipeline_2

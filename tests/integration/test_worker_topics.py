@@ -12,14 +12,14 @@ worker restarted). Seen in 1 of 15 fresh worker starts in a loop and in 4 of 5 r
 test_identity_two_workers.py (in one, 59 events and 17 links lost).
 
 main now creates the changelogs in ensure_topics from a list of table names (topics.TABLES). This
-test takes the tables from the app itself, so a table added to app.py and not to that list fails here.
+test takes the tables from the app itself, so a table added to runtime/app.py and not to that list fails here.
 """
 
 from __future__ import annotations
 
 import pytest
-from flywheel.app import create_app
-from flywheel.topics import ensure_topics
+from flywheel.runtime.app import create_worker
+from flywheel.runtime.topics import ensure_topics
 from helpers import unique_settings, wait_until
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def test_table_changelog_topics_exist_once_the_worker_has_made_its_topics(kafka,
     from kafka import KafkaAdminClient
 
     settings = unique_settings(kafka, tmp_path / "flywheel", partitions=8)
-    app = create_app(settings, None)  # only to list its tables; nothing is started
+    app = create_worker(settings, None).app  # only to list its tables; nothing is started
     changelogs = sorted(table.changelog_topic.get_topic_name() for table in app.tables.values())
     assert len(changelogs) >= 2  # message-ids (dedup) and identity
 

@@ -8,7 +8,7 @@ from flywheel.clickhouse import ClickHouseUnavailable, is_bad_data
 from flywheel.clickhouse.embedded import EmbeddedClickHouse
 from flywheel.clickhouse.errors import error_code
 from flywheel.clickhouse.migrate import apply, migration_files, statements
-from flywheel.clickhouse.rows import event_row
+from flywheel.model.rows import event_row
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from flywheel.collector.auth import WriteKeys, source_label
 from flywheel.collector.batch import KINDS
 from flywheel.collector.committer import KafkaUnavailable
-from flywheel.collector.intake import Limits
-from flywheel.collector.server import Collector, standalone_app
+from flywheel.collector.server import Collector, collector_app
+from flywheel.model.envelope import Limits
+from flywheel.web.admin import admin_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,12 +50,13 @@ class Harness:
         self.committer = MemoryCommitter()
         collector = Collector(keys=WriteKeys([KEY]), limits=Limits(), committer=self.committer, retry_after=7)
 
-        async def start() -> TestClient:
-            client = TestClient(TestServer(standalone_app(collector)))
+        async def start(app) -> TestClient:
+            client = TestClient(TestServer(app))
             await client.start_server()
             return client
 
-        self.client = self.loop.run_until_complete(start())
+        self.client = self.loop.run_until_complete(start(collector_app(collector)))
+        self.admin = self.loop.run_until_complete(start(admin_app(role="collector")))
 
     def post(self, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
         async def go():
@@ -68,6 +70,7 @@ class Harness:
 
     def close(self):
         self.loop.run_until_complete(self.client.close())
+        self.loop.run_until_complete(self.admin.close())
         self.loop.close()
 
 
@@ -156,9 +159,10 @@ def test_metrics_count_requests_and_rejects(http):
     http.post("/v1/track", b"{", {"Authorization": AUTH})
 
     async def go():
-        return await (await http.client.get("/metrics")).text()
+        return await (await http.admin.get("/metrics")).text(), (await http.client.get("/metrics")).status
 
-    text = http.loop.run_until_complete(go())
+    text, public = http.loop.run_until_complete(go())
+    assert public == 404  # /metrics is on the admin listener only
     assert 'flywheel_collector_requests_total{path="track",status="400"}' in text
     assert 'flywheel_collector_rejects_total{reason="malformed_json"}' in text
 

@@ -1,7 +1,8 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from flywheel.envelope import BadTimestamp, event_time, kafka_key, to_ms
+from flywheel.model.clock import to_ms
+from flywheel.model.envelope import BadTimestamp, event_time, kafka_key
 
 RECEIVED = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 

@@ -4,8 +4,8 @@ import random
 import zlib
 
 import pytest
-from flywheel.envelope import kafka_key
-from flywheel.identity import JUNK_IDS, Conflict, IdentityMap, Link, is_junk_id, junk_id_reason, resolve
+from flywheel.model.envelope import kafka_key
+from flywheel.model.identity import JUNK_IDS, Conflict, IdentityMap, Link, is_junk_id, junk_id_reason, resolve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +33,12 @@ def test_junk_ids_are_named(junk):
     assert is_junk_id(junk)
     reason = junk_id_reason({"type": "track", "anonymousId": "a1", "userId": junk or " "})
     assert reason is not None and "userId" in reason
+
+
+def test_an_id_with_a_nul_character_is_refused():
+    """The persons table keeps its bookkeeping under keys starting with NUL: no person may have such an id."""
+    reason = junk_id_reason({"type": "track", "anonymousId": "\x00partition\x003"})
+    assert reason is not None and "anonymousId contains a NUL character" in reason
 
 
 def test_real_ids_are_not_junk():

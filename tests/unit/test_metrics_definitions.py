@@ -15,18 +15,45 @@ def test_the_shipped_example_compiles():
     assert m.lateness_ms == 7 * 86_400_000
 
 
-def test_predicates_are_shared_and_masks_follow_filters():
+def test_predicates_are_shared_and_matching_follows_filters():
     m = parse_metrics({"funnels": [
         {"name": "a", "window": "1h", "steps": [{"event": "V"}, {"event": "A", "where": {"c": "shoes"}}]},
         {"name": "b", "window": "1h", "steps": [{"event": "V"}, {"event": "A", "where": {"n": 2, "g": True}}]},
     ]})
-    assert len(m.predicates) == 3  # "V" is one bit for both funnels
+    assert len(m.predicates) == 3  # "V" is one predicate for both funnels
     v, shoes, typed = m.predicates
-    assert m.mask("V", {}) == 1 << v.bit
-    assert m.mask("A", {"c": "shoes"}) == 1 << shoes.bit
-    assert m.mask("A", {"c": "hats"}) == 0
-    assert m.mask("A", {"n": 2.0, "g": True}) == 1 << typed.bit
-    assert m.mask("A", {"n": "2", "g": True}) == 0 and m.mask("A", {"n": 2, "g": 1}) == 0
+    assert m.funnels[0].steps[0] is m.funnels[1].steps[0] is v
+    assert m.matching("V", {}) == [v]
+    assert m.matching("A", {"c": "shoes"}) == [shoes]
+    assert m.matching("A", {"c": "hats"}) == []
+    assert m.matching("A", {"n": 2.0, "g": True}) == [typed]
+    assert m.matching("A", {"n": "2", "g": True}) == [] and m.matching("A", {"n": 2, "g": 1}) == []
+
+
+def test_the_registry_is_keyed_by_name_and_a_version_that_follows_the_meaning():
+    doc = {"funnels": [{"name": "a", "window": "1h", "steps": [{"event": "V"}, {"event": "B"}]},
+                       {"name": "b", "window": "1h", "steps": [{"event": "V"}]}],
+           "retention": [{"name": "r", "cohort_event": "any", "return_event": "V", "horizon": 3}]}
+    one = parse_metrics(doc)
+    again = parse_metrics(doc)
+    assert [(f.name, f.version) for f in one.funnels] == [(f.name, f.version) for f in again.funnels]
+    edited = parse_metrics({**doc, "funnels": [{**doc["funnels"][0], "window": "2h"}, doc["funnels"][1]]})
+    assert edited.funnels[0].version != one.funnels[0].version  # a new version of "a"...
+    assert edited.funnels[1].version == one.funnels[1].version  # ...and "b" and "r" untouched
+    assert edited.retention[0].version == one.retention[0].version
+    assert [p.pid for p in edited.predicates] == [p.pid for p in one.predicates]  # conditions keep their ids
+    assert one.by_ref(f"a@{one.funnels[0].version}") is one.funnels[0]
+    assert edited.by_ref(f"a@{one.funnels[0].version}") is None
+    # a removed definition: the others keep their versions
+    fewer = parse_metrics({**doc, "funnels": doc["funnels"][1:]})
+    assert fewer.funnels[0].version == one.funnels[1].version
+
+
+def test_typed_filter_values_are_different_conditions():
+    m = parse_metrics({"funnels": [{"name": "a", "window": "1h", "steps": [
+        {"event": "A", "where": {"n": 1}}, {"event": "A", "where": {"n": "1"}},
+        {"event": "A", "where": {"n": True}}]}]})
+    assert len({p.pid for p in m.predicates}) == 3
 
 
 @pytest.mark.parametrize(("doc", "place"), [
@@ -66,7 +93,8 @@ def test_cli_check_prints_the_definitions_or_the_error(tmp_path):
     from typer.testing import CliRunner
 
     ok = CliRunner().invoke(cli, ["metrics", "check", str(paths.schemas_dir() / "metrics.yaml")])
-    assert ok.exit_code == 0 and "funnel checkout: Product Viewed → Product Added" in ok.output
+    assert ok.exit_code == 0 and "funnel checkout (version " in ok.output
+    assert "Product Viewed → Product Added" in ok.output
     bad = tmp_path / "m.yaml"
     bad.write_text("funnels:\n  - name: x\n    window: 1h\n    steps: [{event: A, where: {c: [1]}}]\n")
     failed = CliRunner().invoke(cli, ["metrics", "check", str(bad)])

@@ -1,4 +1,4 @@
-"""The pure person state against ClickHouse's own functions, in chdb (DESIGN §4; issues 5 and 6).
+"""The pure person state against ClickHouse's own functions, in chdb (docs/design.md §4; issues 5 and 6).
 
 For random streams — equal timestamps, out-of-order arrival, late events, repeated steps, chains across
 midnight, windows exceeded, several devices per person handed over to their user — the sum of the
@@ -17,8 +17,9 @@ from flywheel import paths
 from flywheel.clickhouse.embedded import EmbeddedClickHouse
 from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import oracle
-from flywheel.metrics.definitions import DAY_MS, parse_metrics
+from flywheel.metrics.definitions import Funnel, Retention, parse_metrics
 from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
+from flywheel.model.clock import DAY_MS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,10 +75,10 @@ def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict]]
     for i, (person, device, day, tod, name, props) in enumerate(events):
         ts = (BASE_DAY + day) * DAY_MS + tod
         owner = f"u{person}" if device == 0 else f"u{person}-d{device}"
-        state = states.setdefault(owner, PersonState.empty(METRICS))
+        state = states.setdefault(owner, PersonState())
         late = is_late(state, ts, METRICS)
         if not late:
-            apply(state, f"m{i}", ts, METRICS.mask(name, PROPS[props]), METRICS)
+            apply(state, f"m{i}", ts, METRICS.matching(name, PROPS[props]), METRICS)
         rows.append({
             "message_id": f"m{i}", "type": "track", "event": name,
             "anonymous_id": owner if device else "", "user_id": owner if not device else "",
@@ -94,10 +95,19 @@ def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict]]
     return persons, rows
 
 
+def tagged(cell) -> tuple:
+    """A typed cell as the tuples below: ("f", funnel, day, step), ("r", retention, cohort, n), ("a", kind, day)."""
+    if isinstance(cell[0], Funnel):
+        return ("f", cell[0].name, *cell[1:])
+    if isinstance(cell[0], Retention):
+        return ("r", cell[0].name, *cell[1:])
+    return ("a", cell[0].name, cell[1])
+
+
 def expected_from_state(persons: dict[str, PersonState]) -> Counter:
     total: Counter = Counter()
     for state in persons.values():
-        total.update(contributions(state, METRICS, open_from=-(10**6)))
+        total.update(tagged(c) for c in contributions(state, METRICS, open_from=-(10**6)))
     return total
 
 

@@ -1,11 +1,13 @@
-"""Algebra of the person state (DESIGN §4): idempotent apply; join commutative, associative, idempotent;
+"""Algebra of the person state (docs/design.md §4): idempotent apply; join commutative, associative, idempotent;
 pruning never changes an open key; serialization round-trips."""
 
 from __future__ import annotations
 
 import orjson
-from flywheel.metrics.definitions import DAY_MS, parse_metrics
-from flywheel.metrics.person import PersonState, apply, contributions, join, key_open
+from flywheel.metrics.cells import is_open, kind_of
+from flywheel.metrics.definitions import Funnel, parse_metrics
+from flywheel.metrics.person import PersonState, apply, contributions, join
+from flywheel.model.clock import DAY_MS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +26,10 @@ events_st = st.lists(event_st, max_size=25, unique_by=lambda e: e)
 
 
 def build(events, *, prune=True, prefix="m") -> PersonState:
-    state = PersonState.empty(METRICS)
+    state = PersonState()
     for _i, (day, hour, name) in enumerate(events):
         ts = (BASE + day) * DAY_MS + hour * 3_600_000
-        apply(state, f"{prefix}{day}-{hour}-{name}", ts, METRICS.mask(name, {}), METRICS, prune_history=prune)
+        apply(state, f"{prefix}{day}-{hour}-{name}", ts, METRICS.matching(name, {}), METRICS, prune_history=prune)
     return state
 
 
@@ -66,7 +68,7 @@ def _both(a, b) -> PersonState:
     state = build(a, prefix="a")
     for _i, (day, hour, name) in enumerate(b):
         ts = (BASE + day) * DAY_MS + hour * 3_600_000
-        apply(state, f"b{day}-{hour}-{name}", ts, METRICS.mask(name, {}), METRICS)
+        apply(state, f"b{day}-{hour}-{name}", ts, METRICS.matching(name, {}), METRICS)
     return state
 
 
@@ -77,7 +79,7 @@ def test_pruning_never_changes_an_open_key(events):
     if pruned.newest < 0:
         return
     open_from = pruned.newest // DAY_MS - METRICS.horizon_days
-    want = {k for k in contributions(full, METRICS, open_from=-(10**6)) if key_open(k, open_from, METRICS)}
+    want = {k for k in contributions(full, METRICS, open_from=-(10**6)) if is_open(k, open_from)}
     assert contributions(pruned, METRICS, open_from) == want
 
 
@@ -86,7 +88,8 @@ def test_state_is_bounded_by_the_horizon():
     newest_day = state.newest // DAY_MS
     assert min(state.days) >= newest_day - METRICS.horizon_days
     assert all(ts // DAY_MS >= newest_day - METRICS.horizon_days for ts, _ in state.funnel.values())
-    assert state.first[0] == BASE * DAY_MS + 3_600_000  # first-seen is kept for good
+    cohort_a = METRICS.retention[0].cohort.pid
+    assert state.first[cohort_a] == BASE * DAY_MS + 3_600_000  # first-seen is kept for good
 
 
 @given(events_st)
@@ -98,8 +101,44 @@ def test_serialization_round_trips(events):
 def test_a_redelivered_event_is_recognised_after_newer_events_made_it_look_late():
     from flywheel.metrics.person import is_late
 
-    state = PersonState.empty(METRICS)
-    apply(state, "old", BASE * DAY_MS, METRICS.mask("C", {}), METRICS)  # no funnel step: only the hash remembers
-    apply(state, "new", (BASE + 3) * DAY_MS, METRICS.mask("C", {}), METRICS)
+    state = PersonState()
+    apply(state, "old", BASE * DAY_MS, METRICS.matching("C", {}), METRICS)  # no funnel step: only the hash remembers
+    apply(state, "new", (BASE + 3) * DAY_MS, METRICS.matching("C", {}), METRICS)
     assert is_late(state, BASE * DAY_MS, METRICS)  # lateness 1d: it would be late now...
     assert state.has_applied("old") and not state.has_applied("other")  # ...but it was applied
+
+
+def test_a_state_of_the_first_format_reads_as_the_same_person():
+    """Written by 7ae8eae: funnel bits by position in the metrics file (A=0, B=1 for funnel f; retention d's
+    cohort A is bit 0 again, its return `any` bit 2; w's cohort `any` bit 2, return B bit 1), cohorts and
+    returns as lists by retention index, returns as period start days (a Monday for the weekly one)."""
+    events = [(0, 1, "A"), (1, 2, "B"), (2, 3, "A"), (8, 1, "B")]
+    v2 = build(events)
+    day = BASE + 8
+    monday = day - (day + 3) % 7
+    v1 = {
+        "n": (BASE + 8) * DAY_MS + 3_600_000,
+        "d": [BASE, BASE + 1, BASE + 2, BASE + 8],
+        "f": {"m0-1-A": [BASE * DAY_MS + 3_600_000, 0b101], "m1-2-B": [(BASE + 1) * DAY_MS + 7_200_000, 0b110],
+              "m2-3-A": [(BASE + 2) * DAY_MS + 10_800_000, 0b101], "m8-1-B": [(BASE + 8) * DAY_MS + 3_600_000, 0b110]},
+        "c": [BASE * DAY_MS + 3_600_000, BASE * DAY_MS + 3_600_000],
+        "r": [[BASE, BASE + 1, BASE + 2, BASE + 8], [BASE + 1 - (BASE + 1 + 3) % 7, monday]],
+        "m": [[h, d] for h, d in v2.applied.items()],
+    }
+    old = PersonState.from_json(v1, METRICS)
+    assert contributions(old, METRICS, open_from=0) == contributions(v2, METRICS, open_from=0)
+    assert PersonState.from_json(orjson.loads(orjson.dumps(old.to_json())), METRICS).to_json() == old.to_json()
+
+
+def test_history_of_a_removed_definition_is_dropped_and_the_rest_kept():
+    state = build([(0, 1, "A"), (1, 2, "B"), (2, 3, "A")])
+    fewer = parse_metrics({"lateness": "1d", "retention": [
+        {"name": "d", "cohort_event": "A", "return_event": "any", "period": "day", "horizon": 4}]})
+    kept = PersonState.from_json(state.to_json(), fewer)
+    assert kept.funnel == {} and kept.legend == []  # funnel f is gone, and with it its conditions' events
+    d = fewer.retention[0]
+    assert set(kept.first) == {d.cohort.pid} and set(kept.returns) == {d.returning.pid}
+    # retention d counts the same; funnel f and retention w are no longer there to count
+    same_kind = {(kind_of(c).name, kind_of(c).values(c)) for c in contributions(state, METRICS, 0)
+                 if not isinstance(c[0], Funnel) and c[0] is not METRICS.retention[1]}
+    assert {(kind_of(c).name, kind_of(c).values(c)) for c in contributions(kept, fewer, 0)} == same_kind

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 from flywheel import paths
-from flywheel.plan import PlanError, compile_plan, load_plan
+from flywheel.model.plan import EventRule, PlanError, compile_plan, load_plan
+from pydantic_core import SchemaValidator, ValidationError
 
 PLAN = compile_plan({
     "unknown_events": "reject",
@@ -30,9 +31,25 @@ PLAN = compile_plan({
     ({"order_id": "o", "revenue": True}, ["property 'revenue' must be number, got boolean for 'Order Completed'"]),
     ({"order_id": "o", "items": 1.5}, ["property 'items' must be integer, got number for 'Order Completed'"]),
     ({"order_id": "o", "unlisted": 1}, []),
+    ({"order_id": "o", "revenue": 9}, []),
+    ({"order_id": None}, ["property 'order_id' is required and may not be null"]),
+    ({"order_id": "o", "items": "2"}, ["property 'items' must be integer, got string for 'Order Completed'"]),
+    ({"order_id": "o", "items": True}, ["property 'items' must be integer, got boolean for 'Order Completed'"]),
+    ({"order_id": "o", "gift": 1}, ["property 'gift' must be boolean, got integer for 'Order Completed'"]),
+    ({"order_id": "o", "items": None, "gift": None}, []),
 ])
 def test_track_properties_are_checked_against_the_plan(props, reasons):
     assert PLAN.check_track("Order Completed", props) == reasons
+    assert accepts(PLAN.events["Order Completed"], props) == (reasons == [])
+
+
+def accepts(rule: EventRule, props: dict) -> bool:
+    """The rule in its pydantic-core form (what validate's fast path runs) takes these properties."""
+    try:
+        SchemaValidator(rule.schema).validate_python(props, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 def test_unknown_events_follow_the_policy():
@@ -44,6 +61,7 @@ def test_additional_properties_false_rejects_unlisted_ones():
     assert PLAN.check_track("Strict", {"a": "x", "b": 1, "c": 2}) == [
         "properties not in the tracking plan for 'Strict': b, c"
     ]
+    assert not accepts(PLAN.events["Strict"], {"a": "x", "b": 1}) and accepts(PLAN.events["Strict"], {"a": "x"})
 
 
 @pytest.mark.parametrize(("doc", "message"), [

@@ -1,11 +1,14 @@
-"""Sink: retries transient failures until the insert lands, isolates rows ClickHouse refuses."""
+"""stages/sink.py: one attempt per insert — a transient failure raises (the batch's delivery retries it,
+runtime/retry.py) — and rows ClickHouse refuses are isolated and dead-lettered to events.invalid."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import orjson
 import pytest
 from flywheel.clickhouse import ClickHouseUnavailable
-from flywheel.sink import Sink
+from flywheel.runtime.retry import RetryPolicy
+from flywheel.stages.sink import Sink
 
 
 class BadData(Exception):
@@ -32,25 +35,43 @@ class FlakyClickHouse:
         self.stored.extend(rows)
 
 
-def write(ch, rows, table="flywheel.events"):
-    dead = []
+class Outbox:
+    def __init__(self, sent: list):
+        self.sent = sent
+        self.records: list = []
 
-    async def dead_letter(t, row, reason):
-        dead.append((t, row, reason))
+    def add(self, topic, key, value, *, partition=None):
+        self.records.append((topic, orjson.loads(value)))
+
+    async def send(self):
+        self.sent += self.records
+        return {}
+
+
+def write(ch, rows, table="flywheel.events"):
+    """The dead letters sent: (topic, record)."""
+    dead: list = []
+
+    async def outbox():
+        return Outbox(dead)
 
     async def main():
-        sink = Sink(ch, ThreadPoolExecutor(1), dead_letter=dead_letter, first_backoff=0.001, max_backoff=0.01)
+        sink = Sink(ch, ThreadPoolExecutor(1), is_bad_data=RetryPolicy.is_bad_data, outbox=outbox,
+                    invalid_topic="events.invalid")
         await sink.write(table, rows)
 
     asyncio.run(main())
     return dead
 
 
-def test_transient_failures_are_retried_until_the_batch_lands():
-    ch = FlakyClickHouse(down=5)
+def test_a_transient_failure_raises_and_the_next_attempt_lands():
+    ch = FlakyClickHouse(down=1)
     rows = [{"i": i} for i in range(10)]
+    with pytest.raises(ClickHouseUnavailable):
+        write(ch, rows)
+    assert ch.stored == [] and ch.attempts == 1  # one attempt: retrying is the batch's delivery's job
     assert write(ch, rows) == []
-    assert ch.stored == rows and ch.attempts == 6
+    assert ch.stored == rows
 
 
 @pytest.mark.parametrize("bad_at", [[0], [9], [3, 4], [0, 5, 9]])
@@ -58,8 +79,9 @@ def test_refused_rows_are_isolated_and_dead_lettered_the_rest_lands(bad_at):
     ch = FlakyClickHouse()
     rows = [{"i": i, "bad": i in bad_at} for i in range(10)]
     dead = write(ch, rows)
-    assert [r["i"] for _, r, _ in dead] == bad_at
-    assert all("ClickHouse refused the row" in reason for _, _, reason in dead)
+    assert [orjson.loads(r["payload"])["i"] for _, r in dead] == bad_at
+    assert all(t == "events.invalid" and r["reasons"][0].startswith("Code: 117") for t, r in dead)
+    assert all(r["origin"] == "sink:flywheel.events:" and r["payloadEncoding"] == "utf-8" for _, r in dead)
     assert sorted(r["i"] for r in ch.stored) == [i for i in range(10) if i not in bad_at]
 
 

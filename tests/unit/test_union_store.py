@@ -9,8 +9,8 @@ import pytest
 from flywheel import paths
 from flywheel.clickhouse import migrate
 from flywheel.clickhouse.embedded import EmbeddedClickHouse
-from flywheel.clickhouse.rows import event_row, identity_rows
 from flywheel.config import Settings
+from flywheel.model.rows import event_row, identity_rows
 from union_store import UnionStore, UnionStoreError, copied_tables, ident
 
 # A later migration as funnels/retention may add: awkward types, computed columns, materialized views

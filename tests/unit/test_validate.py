@@ -4,8 +4,9 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from flywheel.plan import compile_plan
-from flywheel.validate import Invalid, Limits, Raw, Valid, validate
+from flywheel.model.envelope import Limits
+from flywheel.model.plan import compile_plan
+from flywheel.model.validate import Invalid, Raw, Valid, validate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +61,10 @@ def test_a_valid_track_event_is_normalised():
     (ok(anonymousId="  "), "not a real id"),
     (ok(event="Order Completed", properties={"order_id": 1}), "property 'order_id' must be string"),
     (ok(event="Order Completed"), "property 'order_id' is required"),
+    (ok(event="Order Completed", properties={"order_id": None}), "property 'order_id' is required and may not be"),
+    (ok(userId=True), "userId must be a string, got bool"),
+    (b'{"type": "track", "event": "x", "anonymousId": "a", "properties": {"p": NaN}}', "malformed JSON"),
+    (b'{"type": "track", "event": "x", "anonymousId": "a", "properties": {"p": 1e400}}', "malformed JSON"),
 ])
 def test_invalid_records_carry_a_reason(value, reason):
     out = run(value)
@@ -142,3 +147,13 @@ def test_segment_shaped_messages_end_valid_or_invalid_with_reasons(message):
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_validation(value):
     _check_outcome(run(value))
+
+
+def test_an_event_nested_deeper_than_json_can_be_written_is_invalid():
+    """orjson reads 1024 levels but writes 253: such an event could never be forwarded."""
+    plan = compile_plan({})
+    deep = b'{"type": "track", "event": "E", "userId": "u", "properties": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
+    outcome = validate(Raw(deep, "test", datetime(2026, 1, 1, tzinfo=UTC)), plan)
+    assert isinstance(outcome, Invalid) and outcome.reasons[0].startswith("nested deeper than 253 levels")
+    shallow = deep.replace(b"[" * 300, b"[" * 200).replace(b"]" * 300, b"]" * 200)
+    assert isinstance(validate(Raw(shallow, "test", datetime(2026, 1, 1, tzinfo=UTC)), plan), Valid)

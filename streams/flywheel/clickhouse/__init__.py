@@ -1,4 +1,4 @@
-"""ClickHouse behind one interface, two backends (DESIGN §5).
+"""ClickHouse behind one interface, two backends (docs/design.md §5).
 
 - `EmbeddedClickHouse`: chdb, the ClickHouse engine in-process, data under FLYWHEEL_DATA_DIR. Default.
 - `ServerClickHouse`: a server over the native protocol (clickhouse-driver), when FLYWHEEL_CLICKHOUSE_URL

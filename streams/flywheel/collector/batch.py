@@ -2,7 +2,7 @@
 
 - `/v1/batch` carries `batch: [...]`; `/v1/<type>` carries one event whose type is the path's.
 - Batch-level `context` and `integrations` merge into every item (the item's keys win); the batch
-  `sentAt` goes into items that lack one, so validate can correct clock skew per item (DESIGN §2).
+  `sentAt` goes into items that lack one, so validate can correct clock skew per item (docs/design.md §2).
 - `context.ip` is the caller's address unless the event says otherwise.
 - `writeKey` is a secret: it never goes further than here.
 
@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from flywheel.collector.outcomes import Record, bad_request
-from flywheel.envelope import MESSAGE_TYPES, kafka_key
+from flywheel.model.envelope import MESSAGE_TYPES, json_type, kafka_key
 
 KINDS = ("batch", *sorted(MESSAGE_TYPES))
 
@@ -38,7 +38,7 @@ def split(kind: str, body: dict[str, Any], *, ip: str | None) -> tuple[list[Any]
     if kind == "batch":
         items = body.get("batch")
         if not isinstance(items, list):
-            got = "missing" if items is None else f"a {_json_type(items)}"
+            got = "missing" if items is None else _a(json_type(items))
             raise bad_request("invalid_batch", f"'batch' must be an array of events, got {got}")
         return items, Shared(
             context=_object_or_reject(body, "context"),
@@ -75,7 +75,10 @@ def encode(items: list[Any], *, max_event_bytes: int) -> list[Record]:
     """JSON bytes and Kafka key per item; one event over the limit rejects the whole request."""
     records = []
     for i, item in enumerate(items):
-        value = orjson.dumps(item)
+        try:
+            value = orjson.dumps(item)
+        except orjson.JSONEncodeError:  # read up to 1024 levels deep, written only up to 253
+            raise bad_request("invalid_batch", f"event {i} is nested too deeply to be stored") from None
         if len(value) > max_event_bytes:
             raise bad_request(
                 "event_too_large",
@@ -106,13 +109,9 @@ def _object_or_reject(body: dict[str, Any], name: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        got = _json_type(value)
-        raise bad_request("invalid_batch", f"batch-level '{name}' must be an object, got a {got}")
+        raise bad_request("invalid_batch", f"batch-level '{name}' must be an object, got {_a(json_type(value))}")
     return value
 
 
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun

@@ -14,29 +14,24 @@ aborted request's events are never seen.
 
 One ambiguity is inherent: if the commit reached Kafka but its answer did not reach us in time,
 the client gets a 503, retries, and its events are written twice; they carry the same messageIds,
-and the pipeline drops repeated messageIds (DESIGN §2).
+and the pipeline drops repeated messageIds (docs/design.md §2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
 from flywheel import observability as obs
 from flywheel.collector.outcomes import Record
-
-if TYPE_CHECKING:
-    from aiokafka.producer.message_accumulator import BatchBuilder  # what producer.create_batch() returns
+from flywheel.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -166,28 +161,12 @@ class GroupCommitter:
     async def _commit(self, lane: _Lane, group: list[_Pending]) -> None:
         async with asyncio.timeout(self.timeout):
             producer = await lane.started_producer()
-            partitions = sorted(await producer.partitions_for(self.topic))
+            outbox = Outbox(producer, {self.topic: sorted(await producer.partitions_for(self.topic))})
             await producer.begin_transaction()
-            # One record batch per partition, filled here rather than through producer.send() per
-            # record (a coroutine, a metadata check and an accumulator lookup each: most of the CPU).
-            batches: dict[int, BatchBuilder] = {}
-            acks = []
             for pending in group:
                 for record in pending.records:
-                    p = partition_for(record.key, partitions)
-                    batch = batches.get(p)
-                    if batch is None:
-                        batch = batches[p] = producer.create_batch()
-                    if batch.append(key=record.key, value=record.value, timestamp=None,
-                                    headers=pending.headers) is None:  # full: send it, start another
-                        acks.append(await producer.send_batch(batch, self.topic, partition=p))
-                        batch = batches[p] = producer.create_batch()
-                        if batch.append(key=record.key, value=record.value, timestamp=None,
-                                        headers=pending.headers) is None:
-                            raise ValueError(f"a {len(record.value)}-byte record does not fit in a batch")
-            for p, batch in batches.items():
-                acks.append(await producer.send_batch(batch, self.topic, partition=p))
-            await asyncio.gather(*acks)  # every batch acknowledged by all in-sync replicas
+                    outbox.add(self.topic, record.key, record.value, headers=pending.headers)
+            await outbox.send(ordered=False)  # every batch acknowledged by all in-sync replicas
             await producer.commit_transaction()
 
 
@@ -216,19 +195,6 @@ class _Lane:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 5)
-
-
-def partition_for(key: bytes | None, partitions: Sequence[int]) -> int:
-    """The partition Kafka's default partitioner picks (murmur2 of the key, as in the Java client,
-    kafka-python and aiokafka), so a key lands on the same partition whoever produces it."""
-    if key is None:
-        return random.choice(partitions)
-    return partitions[_key_hash(key) % len(partitions)]
-
-
-@functools.lru_cache(maxsize=100_000)
-def _key_hash(key: bytes) -> int:
-    return murmur2(key) & 0x7FFFFFFF  # pure Python (~9 µs); ids repeat, so cache
 
 
 def _fail(group: list[_Pending], exc: Exception) -> None:

@@ -18,19 +18,12 @@ from flywheel.collector.auth import WriteKeys, basic_username
 from flywheel.collector.batch import complete, encode, split
 from flywheel.collector.body import decode
 from flywheel.collector.outcomes import Accepted, Reject, Rejected, bad_request
+from flywheel.model.envelope import Limits
 
 UNAUTHORIZED = (
     "missing or unknown write key: send it as the HTTP Basic username (empty password) "
     "or as 'writeKey' in the JSON body"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Segment's limits: 32 KB per event, 500 KB per request (after decompression)."""
-
-    max_event_bytes: int = 32 * 1024
-    max_request_bytes: int = 500 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import orjson
 
 
 class Record(NamedTuple):
-    """One event as it goes to events.raw: the DESIGN §1 key and the JSON bytes."""
+    """One event as it goes to events.raw: the key of docs/design.md §1 and the JSON bytes."""
 
     key: bytes | None
     value: bytes

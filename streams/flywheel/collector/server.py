@@ -1,4 +1,4 @@
-"""The HTTP side of the collector: Segment's /v1/* endpoints, on the worker's web server or standalone.
+"""The HTTP side of the collector: Segment's /v1/* endpoints, on a worker's public listener or standalone.
 
 A request is read (at most the request limit), decided by the pure `intake()`, and its records are
 handed to the group committer; the answer is 200 `{"success": true}` only once Kafka committed them.
@@ -7,32 +7,33 @@ Every outcome is counted in /metrics (flywheel_collector_*).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 
-import faust
 from aiohttp import web
-from faust.web import View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flywheel import observability as obs
-from flywheel.app import HEADER_RECEIVED_AT, HEADER_SOURCE
 from flywheel.collector.auth import WriteKeys
 from flywheel.collector.batch import KINDS
 from flywheel.collector.committer import Committer, GroupCommitter, KafkaUnavailable, transactional_producer
-from flywheel.collector.intake import Limits, Request, intake, too_large
+from flywheel.collector.intake import Request, intake, too_large
 from flywheel.collector.outcomes import Accepted, Rejected
 from flywheel.config import Settings
+from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
+from flywheel.web.admin import admin_app, health
+from flywheel.web.server import Listener
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 # Our intake decodes Content-Encoding itself (bounded, and a broken gzip stream is a clean 400): aiohttp
-# must hand over the body as sent. For the worker's server: faust.App(web_application_options=…).
+# must hand over the body as sent.
 AIOHTTP_HANDLER_ARGS = {"auto_decompress": False}
 SUCCESS = b'{"success":true}'
 # Browser SDKs post cross-origin; the write key, not the origin, is what authorises them.
@@ -67,8 +68,7 @@ class Collector:
         )
         return cls(
             keys=WriteKeys(settings.write_key_set),
-            limits=Limits(max_event_bytes=settings.max_event_bytes,
-                          max_request_bytes=settings.collector_max_request_bytes),
+            limits=settings.limits(),
             committer=committer,
             retry_after=settings.collector_retry_after_seconds,
         )
@@ -136,49 +136,18 @@ def _headers(accepted: Accepted) -> list[tuple[str, bytes]]:
     return [(HEADER_SOURCE, accepted.source.encode()), (HEADER_RECEIVED_AT, received)]
 
 
-def register_collector(app: faust.App, *, settings: Settings) -> Collector:
-    """Serve /v1/* from the worker's web server (FLYWHEEL_HTTP_PORT), next to /health and /metrics."""
-    collector = Collector.from_settings(settings)
-    for kind in KINDS:
-        app.page(f"/v1/{kind}", name=f"collector_{kind}")(_view(collector, kind))
-
-    @app.on_before_shutdown.connect
-    async def close_collector(app: faust.App, **kwargs) -> None:
-        await collector.close()
-
-    return collector
-
-
-def _view(collector: Collector, kind: str) -> type[View]:
-    class CollectorView(View):
-        async def post(self, request):
-            return await collector.handle(request, kind)
-
-        async def options(self, request):
-            return await collector.preflight(request)
-
-    CollectorView.__name__ = CollectorView.__qualname__ = f"Collector_{kind}"
-    return CollectorView
-
-
-def standalone_app(collector: Collector) -> web.Application:
-    """The collector alone, for scaling it apart from the workers: /v1/*, /health, /metrics."""
+def collector_app(collector: Collector) -> web.Application:
+    """The public listener: /v1/* and /health (for load balancers). Served by a worker
+    (FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT) or by `flywheel collector`; /metrics is on the admin listener."""
     webapp = web.Application(handler_args=AIOHTTP_HANDLER_ARGS)
     for kind in KINDS:
         webapp.router.add_post(f"/v1/{kind}", _handler(collector, kind))
         webapp.router.add_route("OPTIONS", f"/v1/{kind}", collector.preflight)
-
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "role": "collector"})
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+    webapp.router.add_get("/health", health("collector"))
 
     async def close(_: web.Application) -> None:
         await collector.close()
 
-    webapp.router.add_get("/health", health)
-    webapp.router.add_get("/metrics", metrics)
     webapp.on_cleanup.append(close)
     return webapp
 
@@ -190,12 +159,28 @@ def _handler(collector: Collector, kind: str):
     return handler
 
 
-def run_standalone(settings: Settings, *, host: str = "0.0.0.0", port: int | None = None) -> None:
-    port = port or settings.http_port
+def run_standalone(settings: Settings, *, host: str, port: int) -> None:
+    """`flywheel collector`: the public listener and the admin one (/health, /metrics) until SIGTERM/SIGINT."""
     log.info("collector on %s:%d → %s at %s", host, port, settings.topics.raw, settings.kafka_bootstrap)
-    webapp = standalone_app(Collector.from_settings(settings))
     # Every request allocates thousands of short-lived objects (parsed JSON), so the collector runs
     # the garbage collector often; moving the start-up objects (modules, classes) out of its view
     # keeps each full collection small.
     gc.freeze()
-    web.run_app(webapp, host=host, port=port, access_log=None, print=None)
+    asyncio.run(_serve([
+        Listener(collector_app(Collector.from_settings(settings)), host=host, port=port, name="collector"),
+        Listener(admin_app(role="collector"), host=settings.admin_host, port=settings.admin_port, name="admin"),
+    ]))
+
+
+async def _serve(listeners: list[Listener]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for listener in listeners:
+            await listener.start()
+        await stop.wait()
+    finally:
+        for listener in reversed(listeners):
+            await listener.stop()

@@ -1,8 +1,8 @@
-"""The metrics file (FLYWHEEL_METRICS): funnel and retention definitions, validated at start.
+"""The metrics file (FLYWHEEL_METRICS) compiled into the definitions registry (docs/design.md §8).
 
-Shape (DESIGN §7), YAML:
+Shape, YAML:
 
-    lateness: 7d                       # optional; default 7d (DESIGN §4)
+    lateness: 7d                       # optional; default 7d (docs/design.md §4)
     close_after: 30d                   # optional; cells stay re-derivable this long (partials.py)
     funnels:
       - name: checkout
@@ -20,12 +20,18 @@ Shape (DESIGN §7), YAML:
         horizon: 14                    # periods after the cohort's
 
 Errors name the file and the place (`funnels[0].steps[2].where.category: ...`), so an operator can fix
-the file without reading code. Each step, cohort and return condition becomes one bit of a predicate
-mask, so the person state stores a few bits per event instead of its properties.
+the file without reading code.
+
+The registry is keyed by name and version. A definition's version is a digest of what it means (steps,
+window, period, …), so an edit makes a new version and an unchanged definition keeps its version
+whatever else the file holds. Conditions (an event name plus property filters) are `Predicate`s,
+identified by a digest of their content too: the person state keeps its history per predicate id, so
+adding, changing or removing one definition leaves every other definition's state as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +40,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DAY_MS = 86_400_000
+from flywheel.model.clock import DAY_MS
+
 ANY = "any"
 MAX_STEPS = 32  # ClickHouse windowFunnel takes at most 32 conditions; the oracle must be able to run
 MAX_HORIZON = 31  # retention(...) takes at most 32 conditions: the cohort + 31 periods
-MAX_PREDICATES = 63  # the predicate mask is stored as a signed 64-bit JSON integer
+MAX_FUNNEL_CONDITIONS = 63  # a funnel event's conditions are bits of a signed 64-bit integer (person.py)
 
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": DAY_MS}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
@@ -128,14 +135,21 @@ class MetricsSpec(_Strict):
         return self
 
 
-# ---- compiled form -------------------------------------------------------------------------------
+# ---- compiled form: the registry ---------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:8]
+
+
+# Compiled definitions compare and hash by identity (eq=False): metric cells are keyed by them, and the
+# registry holds one object per (name, version) and per predicate id.
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Predicate:
-    """One bit of the mask: event name equality plus property equality filters."""
+    """A condition on an event: its name (None = any event) and property equality filters."""
 
-    bit: int
-    event: str | None  # None = any event
+    pid: str  # digest of (event, where): the same condition has the same id in any file
+    event: str | None
     where: tuple[tuple[str, Any], ...] = ()
 
     def matches(self, event_name: str, properties: dict[str, Any]) -> bool:
@@ -159,16 +173,18 @@ def same_json_value(got: Any, want: Any) -> bool:
     return isinstance(got, int | float) and not isinstance(got, bool) and float(got) == float(want)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Funnel:
     name: str
+    version: str
     window_ms: int
     steps: tuple[Predicate, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Retention:
     name: str
+    version: str
     cohort: Predicate
     returning: Predicate
     period: str  # day | week
@@ -185,88 +201,128 @@ class Retention:
         return day - (day + 3) % 7  # 1970-01-01 was a Thursday
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ActiveWindow:
+    """Active users over the `days` days ending on a day: dau 1, wau 7, mau 30."""
+
+    name: str
+    days: int
+
+
+DAU, WAU, MAU = ActiveWindow("dau", 1), ActiveWindow("wau", 7), ActiveWindow("mau", 30)
+ACTIVE_WINDOWS = (DAU, WAU, MAU)
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
+    """The definitions registry: every definition by (name, version), the predicates they use, and what
+    the person state needs to know of them."""
+
     funnels: tuple[Funnel, ...]
     retention: tuple[Retention, ...]
     lateness_ms: int
     close_after_ms: int
-    predicates: tuple[Predicate, ...]
-    funnel_mask: int  # the bits of every funnel step: events without one keep no funnel history
 
-    def mask(self, event_name: str, properties: dict[str, Any]) -> int:
-        m = 0
-        for p in self.predicates:
-            if p.matches(event_name, properties):
-                m |= 1 << p.bit
-        return m
-
-    def period_days(self, retention_name: str) -> int:
-        for r in self.retention:
-            if r.name == retention_name:
-                return r.period_days
-        raise KeyError(retention_name)
-
-    # Derived once (read per event on the hot path; recomputing them was ~45% of the aggregate stage).
+    # Derived once (read per event on the hot path).
+    predicates: tuple[Predicate, ...] = field(init=False)
+    funnel_pids: frozenset[str] = field(init=False)  # predicates of funnel steps: their events are kept
+    cohort_pids: frozenset[str] = field(init=False)
+    return_pids: frozenset[str] = field(init=False)
     lateness_days: int = field(init=False)
     reach_days: int = field(init=False)
     horizon_days: int = field(init=False)
+    _by_event: dict[str, tuple[Predicate, ...]] = field(init=False)
+    _any_event: tuple[Predicate, ...] = field(init=False)
+    _by_ref: dict[str, Funnel | Retention] = field(init=False)
 
     def __post_init__(self) -> None:
+        unique: dict[str, Predicate] = {}
+        for f in self.funnels:
+            for step in f.steps:
+                unique.setdefault(step.pid, step)
+        for r in self.retention:
+            unique.setdefault(r.cohort.pid, r.cohort)
+            unique.setdefault(r.returning.pid, r.returning)
+        predicates = tuple(unique.values())
+        by_event: dict[str, list[Predicate]] = {}
+        for p in predicates:
+            if p.event is not None:
+                by_event.setdefault(p.event, []).append(p)
         lateness_days = -(-self.lateness_ms // DAY_MS)
-        # How many days before an event's day its effects can reach (DESIGN §4: state is bounded by the
-        # longest window plus lateness): a funnel chain started up to a window earlier, the MAU of the
-        # next 29 days, the period the event returns in.
+        # How many days before an event's day its effects can reach (state is bounded by the longest
+        # window plus lateness): a funnel chain started up to a window earlier, the MAU of the next 29
+        # days, the period the event returns in.
         longest = max((-(-f.window_ms // DAY_MS) for f in self.funnels), default=0)
         period = max((r.period_days for r in self.retention), default=1)
-        reach_days = max(29, longest + 1, period)
+        reach_days = max(MAU.days - 1, longest + 1, period)
         # Days of history a person keeps before its newest event: lateness, the reach of its effects, and
         # close_after — how far a partition's newest event may run ahead of a person's (consumption skew
         # across raw partitions, a backfill) before that person's old cells close (partials.py).
         horizon_days = lateness_days + -(-self.close_after_ms // DAY_MS) + reach_days + 1
-        object.__setattr__(self, "lateness_days", lateness_days)
-        object.__setattr__(self, "reach_days", reach_days)
-        object.__setattr__(self, "horizon_days", horizon_days)
+        derived = {
+            "predicates": predicates,
+            "funnel_pids": frozenset(s.pid for f in self.funnels for s in f.steps),
+            "cohort_pids": frozenset(r.cohort.pid for r in self.retention),
+            "return_pids": frozenset(r.returning.pid for r in self.retention),
+            "lateness_days": lateness_days, "reach_days": reach_days, "horizon_days": horizon_days,
+            "_by_event": {name: tuple(ps) for name, ps in by_event.items()},
+            "_any_event": tuple(p for p in predicates if p.event is None),
+            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention)},
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
-    def fingerprint(self) -> str:
-        """Changes when the meaning of mask bits changes (then the person state must be rebuilt)."""
-        import hashlib
+    def matching(self, event_name: str, properties: dict[str, Any]) -> list[Predicate]:
+        """The predicates an event satisfies."""
+        return [p for p in (*self._by_event.get(event_name, ()), *self._any_event)
+                if p.matches(event_name, properties)]
 
-        text = repr((self.predicates, [(f.name, f.window_ms) for f in self.funnels],
-                     [(r.name, r.period, r.horizon) for r in self.retention]))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def by_ref(self, reference: str) -> Funnel | Retention | None:
+        """The definition `name@version`, if the registry holds it."""
+        return self._by_ref.get(reference)
+
+
+def ref(definition: Funnel | Retention) -> str:
+    """A definition's registry key: name@version."""
+    return f"{definition.name}@{definition.version}"
 
 
 def compile_metrics(spec: MetricsSpec) -> Metrics:
-    predicates: list[Predicate] = []
-    index: dict[tuple, Predicate] = {}
+    index: dict[str, Predicate] = {}
 
     def predicate(event: str | None, where: dict[str, Any]) -> Predicate:
-        key = (event, tuple(sorted(where.items())))
-        if key not in index:
-            index[key] = Predicate(bit=len(predicates), event=event, where=key[1])
-            predicates.append(index[key])
-        return index[key]
+        conditions = tuple(sorted(where.items()))
+        pid = _digest(event, tuple((k, type(v).__name__, v) for k, v in conditions))
+        return index.setdefault(pid, Predicate(pid, event, conditions))
 
-    funnels = tuple(
-        Funnel(f.name, parse_duration_ms(f.window), tuple(predicate(s.event, s.where) for s in f.steps))
-        for f in spec.funnels
-    )
-    retention = tuple(
-        Retention(
-            r.name,
-            predicate(None if r.cohort_event == ANY else r.cohort_event, {}),
-            predicate(None if r.return_event == ANY else r.return_event, {}),
-            r.period, r.horizon,
-        )
-        for r in spec.retention
-    )
-    funnel_mask = 0
-    for f in funnels:
-        for step in f.steps:
-            funnel_mask |= 1 << step.bit
-    return Metrics(funnels, retention, parse_duration_ms(spec.lateness), parse_duration_ms(spec.close_after),
-                   tuple(predicates), funnel_mask)
+    funnels = []
+    for f in spec.funnels:
+        window_ms = parse_duration_ms(f.window)
+        steps = tuple(predicate(s.event, s.where) for s in f.steps)
+        funnels.append(Funnel(f.name, _digest("funnel", window_ms, [s.pid for s in steps]), window_ms, steps))
+    retention = []
+    for r in spec.retention:
+        cohort = predicate(None if r.cohort_event == ANY else r.cohort_event, {})
+        returning = predicate(None if r.return_event == ANY else r.return_event, {})
+        version = _digest("retention", cohort.pid, returning.pid, r.period, r.horizon)
+        retention.append(Retention(r.name, version, cohort, returning, r.period, r.horizon))
+    return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
+                   parse_duration_ms(spec.close_after))
+
+
+def legacy_bits(metrics: Metrics) -> tuple[Predicate, ...]:
+    """The predicates in the order of the bits of a first-format person state (written before the
+    registry, by 7ae8eae and earlier): positions given by first appearance in the metrics file — funnel
+    steps, then each retention's cohort and return conditions. Such a state is read with the current
+    file's positions, as it always was (docs/design.md §8)."""
+    seen: dict[tuple, Predicate] = {}
+    for f in metrics.funnels:
+        for s in f.steps:
+            seen.setdefault((s.event, s.where), s)
+    for r in metrics.retention:
+        seen.setdefault((r.cohort.event, r.cohort.where), r.cohort)
+        seen.setdefault((r.returning.event, r.returning.where), r.returning)
+    return tuple(seen.values())
 
 
 def load_metrics(path: Path | None) -> Metrics:
@@ -294,10 +350,9 @@ def parse_metrics(data: Any, *, source: str = "<metrics>") -> Metrics:
             lines.append(f"  {where}: {err['msg']}")
         raise MetricsError(f"{source}: invalid metric definitions:\n" + "\n".join(lines)) from None
     metrics = compile_metrics(spec)
-    if len(metrics.predicates) > MAX_PREDICATES:
-        raise MetricsError(
-            f"{source}: {len(metrics.predicates)} distinct step/cohort/return conditions; at most {MAX_PREDICATES}"
-        )
+    if len(metrics.funnel_pids) > MAX_FUNNEL_CONDITIONS:
+        raise MetricsError(f"{source}: {len(metrics.funnel_pids)} distinct funnel step conditions; "
+                           f"at most {MAX_FUNNEL_CONDITIONS}")
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""A person's funnel level on a day: exactly ClickHouse's windowFunnel(W, 'strict_once') (DESIGN §4).
+"""A person's funnel level on a day: exactly ClickHouse's windowFunnel(W, 'strict_once') (docs/design.md §4).
 
 level(p, d) = windowFunnel(W_ms, 'strict_once')(ts_ms, step1 AND toDate(ts) = d, step2, …, stepN)
 over all of p's events. This follows ClickHouse's algorithm (AggregateFunctionWindowFunnel, strict_once):
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-DAY_MS = 86_400_000
+from flywheel.model.clock import DAY_MS
 
 
 def window_funnel(rows: Iterable[tuple[int, int]], n_steps: int, window_ms: int) -> int:

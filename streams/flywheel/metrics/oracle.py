@@ -1,14 +1,14 @@
-"""The oracle queries (DESIGN §4): each metric recomputed by ClickHouse itself from the sunk events.
+"""The oracle queries (docs/design.md §4): each metric recomputed by ClickHouse itself from the sunk events.
 
 `windowFunnel(W, 'strict_once')`, `retention(...)` and `uniqExact` over `events_resolved` (non-late
 events, each with today's person). The stream's views must equal these, cell by cell; tests use them, and
-`flywheel verify` runs them against a live store. They scan every event: fine for checking, not for
+`flywheel metrics verify` runs them against a live store. They scan every event: fine for checking, not for
 dashboards (that is what the views are for).
 """
 
 from __future__ import annotations
 
-from flywheel.metrics.definitions import Funnel, Metrics, Predicate, Retention
+from flywheel.metrics.definitions import Funnel, Predicate, Retention
 
 
 def quote(text: str) -> str:
@@ -119,11 +119,3 @@ FROM (
 )
 WHERE mau > 0
 ORDER BY day"""
-
-
-def all_queries(metrics: Metrics, source: str = "flywheel.events_resolved") -> dict[str, str]:
-    out = {f"funnel:{f.name}": funnel_sql(f, source) for f in metrics.funnels}
-    out.update({f"retention:{r.name}": retention_sql(r, source) for r in metrics.retention})
-    out.update({f"cohorts:{r.name}": cohort_sizes_sql(r, source) for r in metrics.retention})
-    out["active_users"] = active_users_sql(source)
-    return out

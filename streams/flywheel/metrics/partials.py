@@ -1,39 +1,36 @@
-"""Partition partials: the sum of the contributions of the persons a partition owns (DESIGN §4).
+"""Partition partials: the sum of the contributions of the persons a partition owns (docs/design.md §4).
 
 A partition's partial of a metric cell (funnel day step, cohort period, active-users day) is the number
 of its persons that count for the cell; the global value is the plain sum over partitions, exact
-because a person lives on exactly one partition. Partials are derived, never stored on their own:
+because a person lives on exactly one partition. Partials are derived from the person table:
 
-- updated incrementally as persons change (their new contribution minus their old one);
-- rebuilt from the person table when a partition is (re)assigned, so a crash cannot make them disagree
-  with the state;
-- published as absolute values with a version per (cell, partition), so a re-publication replaces
-  instead of adding up (ClickHouse keeps the highest version).
+- a batch's effect is computed first (`change`: the persons' new contribution minus their old one) and
+  applied only once the states that explain it are written (`commit`), so the partials never count
+  what the table does not hold, whatever fails in between;
+- they are checkpointed with the states (the aggregate stage writes each changed cell's count beside
+  them) and loaded from there at assignment (`load`), or counted afresh from the states (`count`);
+- they are published as absolute values with a version per (cell, partition), so a re-publication
+  replaces instead of adding up; a cell stays `dirty` until a publication of its current value landed.
 
 Open cells. A cell is derived while every person's state still holds what it needs: from
 `open_from = day(watermark) − horizon_days` on, where the watermark is the newest event time applied
 on the partition (each person keeps at least that much history before its own newest event,
 person.prune). A cell that falls behind is closed: dropped from memory, not re-published, its last
-value in ClickHouse final. Lateness stays per person (DESIGN §4); the one case a closed cell would need
-to change — an old event of a person silent for longer than lateness + close_after (37 days by
-default) — is counted (flywheel_closed_cell_updates_total) and logged, and the cell keeps its value.
+value in ClickHouse final. Lateness stays per person; the one case a closed cell would need to change
+— an old event of a person silent for longer than lateness + close_after (37 days by default) — is
+counted (flywheel_closed_cell_updates_total) and logged, and the cell keeps its value.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
 
-from flywheel.metrics.definitions import DAY_MS, Metrics
-from flywheel.metrics.person import Key, PersonState, contributions, key_open
-
-EPOCH = date(1970, 1, 1)
-
-
-def day_text(day: int) -> str:
-    return (EPOCH + timedelta(days=day)).isoformat()
+from flywheel.metrics.cells import Cell, is_open
+from flywheel.metrics.definitions import Metrics
+from flywheel.metrics.person import PersonState, contributions
+from flywheel.model.clock import DAY_MS
 
 
 @dataclass
@@ -41,7 +38,19 @@ class PartitionPartials:
     watermark: int = -1  # newest event time (ms) applied on this partition
     open_from: int = 0  # first open day: day(watermark) − horizon_days, kept with the watermark
     counts: Counter = field(default_factory=Counter)
-    dirty: set[Key] = field(default_factory=set)
+    dirty: set[Cell] = field(default_factory=set)  # cells whose current value is not yet published
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a batch does to one partition's partials, computed before anything is written."""
+
+    partition: int
+    watermark: int
+    open_from: int
+    values: dict[Cell, int]  # changed open cells → their new absolute value
+    closed: tuple[Cell, ...]  # counted cells the new watermark closes
+    unpublished_zeros: tuple[Cell, ...]  # cells at 0 whose publication is still due once this is applied
 
 
 class Partials:
@@ -51,11 +60,8 @@ class Partials:
         self.metrics = metrics
         self.parts: dict[int, PartitionPartials] = {}
 
-    def ready(self, partition: int) -> bool:
-        return partition in self.parts
-
     def forget(self, partitions: Iterable[int] | None = None) -> None:
-        """After a rebalance: partials must be rebuilt from the person table before use."""
+        """After a rebalance: partials must be loaded or rebuilt before use."""
         if partitions is None:
             self.parts.clear()
         for p in partitions or ():
@@ -64,7 +70,8 @@ class Partials:
     def open_from(self, partition: int) -> int:
         return self.parts[partition].open_from
 
-    def _open_from(self, watermark: int) -> int:
+    def open_from_of(self, watermark: int) -> int:
+        """The first open day under a watermark."""
         return (watermark // DAY_MS if watermark >= 0 else 0) - self.metrics.horizon_days
 
     def touches_closed(self, partition: int, ts_ms: int) -> bool:
@@ -72,85 +79,71 @@ class Partials:
         Only an old event of a person silent for longer than the horizon can do that."""
         return ts_ms // DAY_MS - self.metrics.reach_days < self.open_from(partition)
 
-    def rebuild(self, partition: int, states: Iterable[PersonState], watermark: int,
-                zeros: Iterable[Key] = ()) -> None:
-        """Count the partition's persons afresh; every counted cell is re-published, and so are `zeros`:
-        cells the last batch took to 0, whose publication may not have landed (a crash after the state
-        was written) — absent from the counts, nothing else would ever publish them again."""
-        states = list(states)
-        wm = max([watermark, *(s.newest for s in states)])
-        open_from = self._open_from(wm)
-        part = self.parts[partition] = PartitionPartials(watermark=wm, open_from=open_from)
-        for s in states:
-            part.counts.update(contributions(s, self.metrics, open_from))
-        part.dirty = set(part.counts) | {k for k in zeros if key_open(k, open_from, self.metrics)}
+    # ---- a partition's partials, from the table ------------------------------------------------------
+    def load(self, partition: int, watermark: int, counts: Mapping[Cell, int], zeros: Iterable[Cell] = ()) -> None:
+        """From a checkpoint, or from `count` over the partition's persons. Every counted cell, and every
+        zero whose publication may not have landed, is to be published again: a crash may have come between
+        the checkpoint and the publication."""
+        open_from = self.open_from_of(watermark)
+        part = self.parts[partition] = PartitionPartials(watermark, open_from)
+        part.counts.update({c: n for c, n in counts.items() if n and is_open(c, open_from)})
+        part.dirty = set(part.counts) | {c for c in zeros if is_open(c, open_from)}
 
-    def advance(self, partition: int, ts_ms: int) -> None:
-        """Raise the watermark; cells that fall behind the open bound are closed (dropped)."""
+    # ---- a batch -------------------------------------------------------------------------------------
+    def change(self, partition: int, watermark: int,
+               persons: Iterable[tuple[PersonState | None, PersonState | None]]) -> Change:
+        """The effect of persons changing (old → new, None = absent) and of the partition's watermark
+        reaching `watermark`. Changes nothing: `commit` applies it."""
         part = self.parts[partition]
-        if ts_ms <= part.watermark:
+        wm = max(part.watermark, watermark)
+        open_from = self.open_from_of(wm)
+        closed = tuple(c for c in part.counts if not is_open(c, open_from)) if open_from != part.open_from else ()
+        delta: Counter = Counter()
+        for old, new in persons:
+            before = contributions(old, self.metrics, open_from) if old is not None else set()
+            after = contributions(new, self.metrics, open_from) if new is not None else set()
+            for c in before - after:
+                delta[c] -= 1
+            for c in after - before:
+                delta[c] += 1
+        values = {c: part.counts.get(c, 0) + d for c, d in delta.items() if d}
+        dirty = (part.dirty - set(closed)) | values.keys()
+        zeros = tuple(c for c in dirty if values.get(c, part.counts.get(c, 0)) == 0 and is_open(c, open_from))
+        return Change(partition, wm, open_from, values, closed, zeros)
+
+    def commit(self, change: Change) -> None:
+        """Apply a change once the states it derives from are written."""
+        part = self.parts[change.partition]
+        if change.open_from != part.open_from:
+            for c in change.closed:
+                part.counts.pop(c, None)
+            part.dirty = {c for c in part.dirty if is_open(c, change.open_from)}
+        part.watermark, part.open_from = change.watermark, change.open_from
+        for c, value in change.values.items():
+            part.counts[c] = value
+            part.dirty.add(c)
+
+    # ---- publication ---------------------------------------------------------------------------------
+    def unpublished(self, partition: int) -> list[tuple[Cell, int]]:
+        """The cells whose current value is still to be published, with that value."""
+        part = self.parts[partition]
+        return [(c, part.counts.get(c, 0)) for c in part.dirty]
+
+    def published(self, partition: int, cells: Iterable[tuple[Cell, int]]) -> None:
+        """These values landed: their cells are clean unless they changed meanwhile; a 0 is dropped."""
+        part = self.parts.get(partition)
+        if part is None:  # forgotten meanwhile (a rebalance)
             return
-        before = part.open_from
-        part.watermark = ts_ms
-        open_from = part.open_from = self._open_from(ts_ms)
-        if open_from != before:
-            for key in [k for k in part.counts if not key_open(k, open_from, self.metrics)]:
-                del part.counts[key]
-            part.dirty = {k for k in part.dirty if key_open(k, open_from, self.metrics)}
-
-    def update(self, partition: int, old: PersonState | None, new: PersonState | None) -> None:
-        """A person changed (or arrived, or left): apply its new contribution minus its old one."""
-        part = self.parts[partition]
-        open_from = part.open_from
-        before = contributions(old, self.metrics, open_from) if old is not None else set()
-        after = contributions(new, self.metrics, open_from) if new is not None else set()
-        for key in before - after:
-            part.counts[key] -= 1
-            part.dirty.add(key)
-        for key in after - before:
-            part.counts[key] += 1
-            part.dirty.add(key)
-
-    def drain(self, partition: int) -> list[tuple[Key, int]]:
-        """The changed cells and their absolute values, once."""
-        part = self.parts[partition]
-        out = [(k, part.counts[k]) for k in sorted(part.dirty, key=repr)]
-        part.dirty = set()
-        for k, v in out:
-            if v == 0:
-                del part.counts[k]  # published as 0 once; absent = 0 from now on
-        return out
+        for c, value in cells:
+            if part.counts.get(c, 0) == value:
+                part.dirty.discard(c)
+                if value == 0:
+                    part.counts.pop(c, None)
 
 
-def records(cells: list[tuple[Key, int]], partition: int, version: int) -> dict[str, list[dict]]:
-    """Cells → topic records, by metric kind ("funnels", "retention", "active_users").
-
-    Documented formats (README, "Topics"):
-      metrics.funnels       {"funnel", "day", "step", "partition", "persons", "version"}
-      metrics.retention     {"retention", "cohortDay", "period", "partition", "persons", "version"}
-                            period 0 = the cohort's size
-      metrics.active_users  {"day", "kind": "dau"|"wau"|"mau", "partition", "persons", "version"}
-    """
-    out: dict[str, list[dict]] = {"funnels": [], "retention": [], "active_users": []}
-    for key, value in cells:
-        if key[0] == "f":
-            out["funnels"].append({"funnel": key[1], "day": day_text(key[2]), "step": key[3],
-                                   "partition": partition, "persons": value, "version": version})
-        elif key[0] == "r":
-            out["retention"].append({"retention": key[1], "cohortDay": day_text(key[2]), "period": key[3],
-                                     "partition": partition, "persons": value, "version": version})
-        else:
-            out["active_users"].append({"day": day_text(key[2]), "kind": key[1], "partition": partition,
-                                        "persons": value, "version": version})
-    return out
-
-
-def record_key(kind: str, record: dict) -> bytes:
-    """Kafka key of a partial record: one per (cell, partition), so a compacted topic keeps the latest."""
-    if kind == "funnels":
-        parts = (record["funnel"], record["day"], record["step"])
-    elif kind == "retention":
-        parts = (record["retention"], record["cohortDay"], record["period"])
-    else:
-        parts = (record["kind"], record["day"])
-    return "|".join(map(str, (*parts, record["partition"]))).encode()
+def count(states: Iterable[PersonState], metrics: Metrics, open_from: int) -> Counter:
+    """The partials of these persons: how many count for each open cell."""
+    counts: Counter = Counter()
+    for s in states:
+        counts.update(contributions(s, metrics, open_from))
+    return counts

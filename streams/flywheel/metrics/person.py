@@ -1,4 +1,4 @@
-"""The person state: one record per person serving funnels, retention and active users (DESIGN §4).
+"""The person state: one record per person serving funnels, retention and active users (docs/design.md §4).
 
 It is the single source of truth for a person's contribution to every metric; partition partials are
 derived from it (partials.py). Everything here is pure and mergeable:
@@ -7,72 +7,116 @@ derived from it (partials.py). Everything here is pure and mergeable:
   remembers which events it applied (a 63-bit hash of the messageId, per day), so a redelivered event
   is recognised as applied even after newer events made it look late;
 - join(a, b) — used when an anonymous id's state is handed to its user — is commutative, associative
-  and idempotent (union of active days and funnel history, min of first-seen, max of newest), followed
-  by the same pruning;
+  and idempotent (union of active days and histories, min of first-seen, max of newest), followed by
+  the same pruning;
 - the state is bounded: history older than the person's newest event minus `horizon_days`
-  (lateness + the longest reach of a metric) is dropped; only each retention's first-seen time is
-  kept for good (a cohort is the period of the *first* cohort event).
+  (lateness + the longest reach of a metric) is dropped; only each cohort condition's first-seen time
+  is kept for good (a cohort is the period of the *first* cohort event).
+
+History is kept per condition (the registry's predicate ids), not per definition: the state records
+which conditions it holds, so a definition added, changed or removed leaves the rest as it was; what
+no definition uses any more is dropped when the state is next read.
 
 Serialized compactly (orjson) into the Faust table `persons`:
-    {"n": newest_ms, "d": [active days], "f": {messageId: [ts_ms, step_bits]},
-     "c": [first cohort-event ms or null per retention], "r": [[return period days] per retention],
+    {"v": 2, "n": newest_ms, "d": [active days],
+     "p": [predicate ids: the bits of "f"], "f": {messageId: [ts_ms, bits]},
+     "c": {cohort predicate id: first ms}, "r": {return predicate id: [days]},
      "m": [[messageId hash, day], ...]}
-Days are UTC day numbers (days since 1970-01-01); a week period is its Monday's day number.
+Days are UTC day numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and
+earlier; read by `_from_v1`).
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
-from flywheel.metrics.definitions import DAY_MS, Metrics
+from flywheel.metrics.cells import Cell
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, Funnel, Metrics, Predicate, legacy_bits
 from flywheel.metrics.funnel import levels_by_day
+from flywheel.model.clock import DAY_MS
 
-# Contribution keys. A person contributes 0 or 1 to each key; a partition's partial is the count.
-#   ("f", funnel, day, step)        level(p, day) ≥ step
-#   ("r", retention, cohort, 0)     p is in the cohort (cohort size)
-#   ("r", retention, cohort, n)     p returned n periods after its cohort's
-#   ("a", "dau"|"wau"|"mau", day)  p active that day / in the 7 / 30 days ending that day
-Key = tuple
+FORMAT = 2
 
 
 @dataclass
 class PersonState:
     newest: int = -1
     days: set[int] = field(default_factory=set)
-    funnel: dict[str, tuple[int, int]] = field(default_factory=dict)
-    first: list[int | None] = field(default_factory=list)
-    returns: list[set[int]] = field(default_factory=list)
+    legend: list[str] = field(default_factory=list)  # sorted predicate ids: bit i of a funnel event = legend[i]
+    funnel: dict[str, tuple[int, int]] = field(default_factory=dict)  # messageId → (ts, bits)
+    first: dict[str, int] = field(default_factory=dict)  # cohort predicate id → first ts
+    returns: dict[str, set[int]] = field(default_factory=dict)  # return predicate id → days it matched
     applied: dict[int, int] = field(default_factory=dict)  # message_hash(messageId) → day
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
 
-    @classmethod
-    def empty(cls, metrics: Metrics) -> PersonState:
-        n = len(metrics.retention)
-        return cls(first=[None] * n, returns=[set() for _ in range(n)])
-
     def copy(self) -> PersonState:
-        return PersonState(self.newest, set(self.days), dict(self.funnel), list(self.first),
-                           [set(r) for r in self.returns], dict(self.applied))
+        return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
+                           {k: set(v) for k, v in self.returns.items()}, dict(self.applied))
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.newest, "d": sorted(self.days), "f": {k: list(v) for k, v in self.funnel.items()},
-                "c": self.first, "r": [sorted(r) for r in self.returns],
+        return {"v": FORMAT, "n": self.newest, "d": sorted(self.days), "p": self.legend,
+                "f": {k: list(v) for k, v in self.funnel.items()}, "c": self.first,
+                "r": {k: sorted(v) for k, v in self.returns.items()},
                 "m": sorted([h, d] for h, d in self.applied.items())}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
-        n = len(metrics.retention)
-        first = list(data.get("c", []))[:n] + [None] * max(0, n - len(data.get("c", [])))
-        returns = [set(r) for r in data.get("r", [])][:n]
-        returns += [set() for _ in range(n - len(returns))]
-        return cls(int(data.get("n", -1)), set(data.get("d", ())),
-                   {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, first, returns,
-                   {int(h): int(d) for h, d in data.get("m", ())})
+        if data.get("v") is None:
+            return _from_v1(data, metrics)
+        state = cls(int(data.get("n", -1)), set(data.get("d", ())), list(data.get("p", ())),
+                    {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()},
+                    {k: int(v) for k, v in data.get("c", {}).items()},
+                    {k: set(v) for k, v in data.get("r", {}).items()},
+                    {int(h): int(d) for h, d in data.get("m", ())})
+        return _fit(state, metrics)
+
+
+def _from_v1(data: dict[str, Any], metrics: Metrics) -> PersonState:
+    """A first-format state: funnel bits by position in the metrics file (definitions.legacy_bits), cohort
+    and return periods as lists by retention index."""
+    state = PersonState(int(data.get("n", -1)), set(data.get("d", ())),
+                        [p.pid for p in legacy_bits(metrics)],
+                        {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, {}, {},
+                        {int(h): int(d) for h, d in data.get("m", ())})
+    daily = {r.returning.pid for r in metrics.retention if r.period == "day"}
+    for r, first, periods in zip(metrics.retention, data.get("c", ()), data.get("r", ()), strict=False):
+        if first is not None:
+            state.first[r.cohort.pid] = min(int(first), state.first.get(r.cohort.pid, int(first)))
+        # A period was stored as its first day. For a daily retention that is the day; a weekly one's
+        # Monday stands for its week — unless a daily retention has the same return condition, whose
+        # days say the same and more.
+        if r.period == "day" or r.returning.pid not in daily:
+            state.returns.setdefault(r.returning.pid, set()).update(int(p) for p in periods)
+    return _fit(state, metrics)
+
+
+def _fit(state: PersonState, metrics: Metrics) -> PersonState:
+    """Drop what no definition of the registry uses any more (a definition removed or changed)."""
+    legend = state.legend
+    if any(pid not in metrics.funnel_pids for pid in legend) or legend != sorted(legend):
+        kept = sorted(pid for pid in legend if pid in metrics.funnel_pids)
+        positions = [kept.index(pid) if pid in metrics.funnel_pids else len(kept) for pid in legend]
+        dropped = ~(-1 << len(kept))  # a dropped predicate's bit lands above the kept ones
+        funnel = {}
+        for mid, (ts, bits) in state.funnel.items():
+            new = _moved(bits, positions) & dropped
+            if new:
+                funnel[mid] = (ts, new)
+        state.legend, state.funnel = kept, funnel
+    if any(pid not in metrics.cohort_pids for pid in state.first):
+        state.first = {k: v for k, v in state.first.items() if k in metrics.cohort_pids}
+    if any(pid not in metrics.return_pids for pid in state.returns):
+        state.returns = {k: v for k, v in state.returns.items() if k in metrics.return_pids}
+    return state
 
 
 def message_hash(message_id: str) -> int:
@@ -81,45 +125,78 @@ def message_hash(message_id: str) -> int:
 
 
 def is_late(state: PersonState, ts_ms: int, metrics: Metrics) -> bool:
-    """DESIGN §4: older than the newest event already seen for the same person minus the lateness."""
+    """Older than the newest event already seen for the same person minus the lateness (docs/design.md §4)."""
     return state.newest >= 0 and ts_ms < state.newest - metrics.lateness_ms
 
 
 def apply(
-    state: PersonState, message_id: str, ts_ms: int, mask: int, metrics: Metrics, *, prune_history: bool = True
+    state: PersonState, message_id: str, ts_ms: int, matched: Iterable[Predicate], metrics: Metrics, *,
+    prune_history: bool = True,
 ) -> PersonState:
-    """Add one (non-late) event. Mutates and returns `state`. Applying it again changes nothing."""
+    """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching). Mutates and
+    returns `state`. Applying it again changes nothing."""
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
     state.days.add(day)
     state.applied[message_hash(message_id)] = day
-    fbits = mask & metrics.funnel_mask
-    if fbits:
-        state.funnel[message_id] = (ts_ms, fbits)
-    for i, r in enumerate(metrics.retention):
-        if mask >> r.cohort.bit & 1:
-            first = state.first[i]
-            state.first[i] = ts_ms if first is None else min(first, ts_ms)
-        if mask >> r.returning.bit & 1:
-            state.returns[i].add(r.period_of(day))
+    steps = []
+    for p in matched:
+        pid = p.pid
+        if pid in metrics.funnel_pids:
+            steps.append(pid)
+        if pid in metrics.cohort_pids:
+            first = state.first.get(pid)
+            state.first[pid] = ts_ms if first is None else min(first, ts_ms)
+        if pid in metrics.return_pids:
+            state.returns.setdefault(pid, set()).add(day)
+    if steps:
+        for pid in steps:
+            _add_to_legend(state, pid)
+        bits = 0
+        for pid in steps:
+            bits |= 1 << bisect.bisect_left(state.legend, pid)
+        state.funnel[message_id] = (ts_ms, bits)
     return prune(state, metrics) if prune_history else state
+
+
+def _add_to_legend(state: PersonState, pid: str) -> None:
+    """Give predicate `pid` a bit in the state's funnel events if it has none. The legend is kept sorted,
+    so equal states serialize equally whatever order their events came in."""
+    legend = state.legend
+    i = bisect.bisect_left(legend, pid)
+    if i < len(legend) and legend[i] == pid:
+        return
+    legend.insert(i, pid)
+    if i < len(legend) - 1 and state.funnel:  # bits from i up move one place
+        low = (1 << i) - 1
+        state.funnel = {m: (ts, (b & low) | (b & ~low) << 1) for m, (ts, b) in state.funnel.items()}
+
+
+def _moved(bits: int, positions: list[int]) -> int:
+    """Bits re-numbered: bit i becomes bit positions[i]."""
+    out = 0
+    for i, j in enumerate(positions):
+        if bits >> i & 1:
+            out |= 1 << j
+    return out
 
 
 def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
     """The state of a person who is both a and b (an anonymous id handed to its user). Pure."""
-    out = PersonState(
-        max(a.newest, b.newest), a.days | b.days, {**a.funnel, **b.funnel},
-        [_min(x, y) for x, y in zip(a.first, b.first, strict=True)],
-        [x | y for x, y in zip(a.returns, b.returns, strict=True)],
-        {**a.applied, **b.applied},
-    )
+    legend = sorted(set(a.legend) | set(b.legend))
+    funnel = {}
+    for s in (a, b):
+        positions = [legend.index(pid) for pid in s.legend]
+        funnel.update({mid: (ts, _moved(bits, positions)) for mid, (ts, bits) in s.funnel.items()})
+    first = dict(a.first)
+    for pid, ts in b.first.items():
+        first[pid] = min(ts, first.get(pid, ts))
+    returns = {pid: set(days) for pid, days in a.returns.items()}
+    for pid, days in b.returns.items():
+        returns.setdefault(pid, set()).update(days)
+    out = PersonState(max(a.newest, b.newest), a.days | b.days, legend, funnel, first, returns,
+                      {**a.applied, **b.applied})
     return prune(out, metrics)
-
-
-def _min(x: int | None, y: int | None) -> int | None:
-    if x is None:
-        return y
-    return x if y is None else min(x, y)
 
 
 def prune(state: PersonState, metrics: Metrics) -> PersonState:
@@ -136,66 +213,65 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
     if state.applied:
         for h in [h for h, d in state.applied.items() if d < bound]:
             del state.applied[h]
-    for i, r in enumerate(metrics.retention):
-        rs = state.returns[i]
-        if rs and min(rs) + r.period_days - 1 < bound:
-            state.returns[i] = {p for p in rs if p + r.period_days - 1 >= bound}
+    # A return day before the bound lies in a period that starts before every open day (partials.py).
+    for pid, days in state.returns.items():
+        if days and min(days) < bound:
+            state.returns[pid] = {d for d in days if d >= bound}
     return state
 
 
-def key_open(key: Key, open_from: int, metrics: Metrics) -> bool:
-    """Whether a contribution key is still derived from the state (see partials.py): a funnel day or a
-    return period from `open_from` on, an activity day whose 30-day window starts there; cohort sizes
-    always (first-seen is never pruned)."""
-    kind = key[0]
-    if kind == "f":
-        return key[2] >= open_from
-    if kind == "a":
-        return key[2] >= open_from + 29
-    _, name, cohort, n = key
-    return n == 0 or cohort + n * metrics.period_days(name) >= open_from
+@functools.lru_cache(maxsize=4096)
+def _step_bits(funnel: Funnel, legend: tuple[str, ...]) -> tuple[int, ...]:
+    """For each bit of a state's legend, the steps of `funnel` it satisfies (as step bits)."""
+    return tuple(sum(1 << i for i, step in enumerate(funnel.steps) if step.pid == pid) for pid in legend)
 
 
-def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[Key]:
-    """The keys this person counts for, among the open ones. A pure function of the state."""
-    out: set[Key] = set()
+def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[Cell]:
+    """The cells this person counts for, among the open ones (cells.py). A pure function of the state."""
+    out: set[Cell] = set()
     if state.newest < 0:
         return out
     if state.funnel:
         events = list(state.funnel.values())
+        legend = tuple(state.legend)
         for f in metrics.funnels:
+            by_bit = _step_bits(f, legend)
+            if not any(by_bit):
+                continue
             rows = []
             for ts, bits in events:
                 sb = 0
-                for i, step in enumerate(f.steps):
-                    if bits >> step.bit & 1:
-                        sb |= 1 << i
+                for i, steps in enumerate(by_bit):
+                    if steps and bits >> i & 1:
+                        sb |= steps
                 if sb:
                     rows.append((ts, sb))
             if not rows:
                 continue
             for day, level in levels_by_day(rows, len(f.steps), f.window_ms, from_day=open_from).items():
                 for k in range(1, level + 1):
-                    out.add(("f", f.name, day, k))
-    active_from = open_from + 29
-    for day in state.days:
-        if day >= active_from:
-            out.add(("a", "dau", day))
-        for j in range(7):
-            if day + j >= active_from:
-                out.add(("a", "wau", day + j))
-        for j in range(30):
-            if day + j >= active_from:
-                out.add(("a", "mau", day + j))
-    for i, r in enumerate(metrics.retention):
-        first = state.first[i]
+                    out.add((f, day, k))
+    if state.days:
+        # Active in a window ending on d: an active day within its last `days` days. Sets of days first,
+        # then the cells in one C-level pass (zip): a few hundred cells per person, every update.
+        active_from = open_from + 29
+        for window in ACTIVE_WINDOWS:
+            ending: set[int] = set()
+            for day in state.days:
+                ending.update(range(max(day, active_from), day + window.days))
+            out.update(zip(repeat(window), ending))
+    for r in metrics.retention:
+        first = state.first.get(r.cohort.pid)
         if first is None:
             continue
         cohort = r.period_of(first // DAY_MS)
-        out.add(("r", r.name, cohort, 0))
-        returns = state.returns[i]
+        out.add((r, cohort, 0))
+        days = state.returns.get(r.returning.pid)
+        if not days:
+            continue
+        periods = {r.period_of(d) for d in days}
         for n in range(1, r.horizon + 1):
             period = cohort + n * r.period_days
-            if period >= open_from and period in returns:
-                out.add(("r", r.name, cohort, n))
+            if period >= open_from and period in periods:
+                out.add((r, cohort, n))
     return out

@@ -1,0 +1,118 @@
+"""Metric cells: what a partition counts persons in, and the one record format they are published in.
+
+A cell is a tuple headed by the compiled definition it belongs to (docs/design.md §4):
+
+    (funnel, day, step)          persons whose level on `day` reached `step`
+    (retention, cohort, n)       persons of the cohort (n = 0) / returning n periods later
+    (window, day)                persons active in the dau/wau/mau window ending on `day`
+
+The head's type says what the rest means (`KINDS`), and definitions compare by identity, so two metrics
+never share a cell. Plain tuples because contributions build millions of them: a tuple display costs a
+twentieth of a NamedTuple's constructor.
+
+Each kind declares its published fields once (`Kind`): the record on its metrics.* topic, that record's
+Kafka key, the row of its ClickHouse *_partials table and the cell's id in a checkpoint all derive from
+that declaration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, ActiveWindow, Funnel, Metrics, Retention, ref
+from flywheel.model.clock import day_text
+
+Cell = tuple  # (definition, *coordinates), as above
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """One kind of cell: when it is open, and how it is published."""
+
+    name: str  # "funnels" | "retention" | "active_users": the Topics field and the record kind
+    table: str  # ClickHouse table of the per-partition values
+    fields: tuple[tuple[str, str], ...]  # (record field, ClickHouse column) of the cell's identity
+    dates: frozenset[str]  # record fields holding a 'YYYY-MM-DD' day
+    is_open: Callable[[Cell, int], bool]  # still derived from the person states, given the first open day
+    values: Callable[[Cell], tuple]  # the record's identity fields, in `fields` order
+    tag: str  # of its checkpoint id
+
+
+def _retention_open(cell: Cell, open_from: int) -> bool:
+    # a cohort's size is kept for good (first-seen is never pruned); a return period while open
+    r, cohort, n = cell
+    return n == 0 or cohort + n * r.period_days >= open_from
+
+
+KINDS: dict[type, Kind] = {
+    Funnel: Kind("funnels", "flywheel.funnel_partials", (("funnel", "funnel"), ("day", "day"), ("step", "step")),
+                 frozenset({"day"}), lambda c, open_from: c[1] >= open_from,
+                 lambda c: (c[0].name, day_text(c[1]), c[2]), "f"),
+    Retention: Kind("retention", "flywheel.retention_partials",
+                    (("retention", "retention"), ("cohortDay", "cohort_day"), ("period", "period")),
+                    frozenset({"cohortDay"}), _retention_open, lambda c: (c[0].name, day_text(c[1]), c[2]), "r"),
+    # the 30-day window ending on `day` must lie within the open days
+    ActiveWindow: Kind("active_users", "flywheel.active_user_partials", (("kind", "kind"), ("day", "day")),
+                       frozenset({"day"}), lambda c, open_from: c[1] >= open_from + 29,
+                       lambda c: (c[0].name, day_text(c[1])), "a"),
+}
+KIND_BY_NAME = {k.name: k for k in KINDS.values()}
+# What every record carries besides the cell: (record field, ClickHouse column).
+COMMON = (("partition", "kafka_partition"), ("persons", "persons"), ("version", "version"))
+
+
+def kind_of(cell: Cell) -> Kind:
+    return KINDS[type(cell[0])]
+
+
+def is_open(cell: Cell, open_from: int) -> bool:
+    """Whether a cell is still derived from the person states (partials.py)."""
+    return KINDS[type(cell[0])].is_open(cell, open_from)
+
+
+def record(cell: Cell, partition: int, persons: int, version: int) -> tuple[Kind, bytes, dict[str, Any]]:
+    """A cell's absolute value on a partition → (kind, Kafka key, record). Documented in the README, "Topics":
+
+      metrics.funnels       {"funnel", "day", "step", "partition", "persons", "version"}
+      metrics.retention     {"retention", "cohortDay", "period", "partition", "persons", "version"}
+      metrics.active_users  {"kind": "dau"|"wau"|"mau", "day", "partition", "persons", "version"}
+
+    The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.
+    """
+    kind = KINDS[type(cell[0])]
+    values = kind.values(cell)
+    out = {name: v for (name, _), v in zip(kind.fields, values, strict=True)}
+    out.update(partition=partition, persons=persons, version=version)
+    key = "|".join(map(str, (*values, partition))).encode()
+    return kind, key, out
+
+
+def row(kind: Kind, rec: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.* record → the row of its *_partials table."""
+    out = {column: (date.fromisoformat(rec[name]) if name in kind.dates else rec[name])
+           for name, column in kind.fields}
+    out.update({column: rec[name] for name, column in COMMON})
+    return out
+
+
+# ---- checkpoint ids: a cell as text, with its definition's version -------------------------------
+
+def cell_id(cell: Cell) -> str:
+    head, *coordinates = cell
+    name = head.name if isinstance(head, ActiveWindow) else ref(head)
+    return "|".join((KINDS[type(head)].tag, name, *map(str, coordinates)))
+
+
+_WINDOWS = {w.name: w for w in ACTIVE_WINDOWS}
+
+
+def parse_cell_id(text: str, metrics: Metrics) -> Cell | None:
+    """The cell of `cell_id` text, or None if its definition is no longer in the registry."""
+    tag, name, *rest = text.split("|")
+    head = _WINDOWS.get(name) if tag == "a" else metrics.by_ref(name)
+    if head is None or KINDS[type(head)].tag != tag:
+        return None
+    return (head, *map(int, rest))

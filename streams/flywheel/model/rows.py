@@ -1,0 +1,60 @@
+"""Topic records → ClickHouse rows (column name → Python value); metric cells' rows are metrics/cells.py's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from flywheel.model.clock import from_ms
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value or {}).decode()
+
+
+def event_row(event: dict[str, Any]) -> dict[str, Any]:
+    sent = event.get("sentAt")
+    return {
+        "message_id": event["messageId"],
+        "type": event["type"],
+        "event": event["event"],
+        "anonymous_id": event["anonymousId"],
+        "user_id": event["userId"],
+        "person_id": event["personId"],
+        "previous_id": event["previousId"],
+        "group_id": event["groupId"],
+        "timestamp": from_ms(event["timestamp"]),
+        "received_at": from_ms(event["receivedAt"]),
+        "sent_at": from_ms(sent) if sent is not None else None,
+        "properties": _json(event["properties"]),
+        "traits": _json(event["traits"]),
+        "context": _json(event["context"]),
+        "source": event["source"],
+        "late": 1 if event.get("late") else 0,
+    }
+
+
+def invalid_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "received_at": from_ms(record["receivedAt"]),
+        "source": record["source"],
+        "reasons": list(record["reasons"]),
+        "payload": record["payload"],
+        "payload_encoding": record["payloadEncoding"],
+        "origin": record["origin"],
+    }
+
+
+def identity_rows(change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An identity.changes record → (table, row)."""
+    at = from_ms(change["timestamp"])
+    if change["type"] == "link":
+        return "flywheel.identity_map", {
+            "distinct_id": change["anonymousId"], "person_id": change["userId"], "version": change["timestamp"],
+            "message_id": change["messageId"], "linked_at": at,
+        }
+    return "flywheel.identity_conflicts", {
+        "anonymous_id": change["anonymousId"], "linked_to": change["linkedTo"], "refused": change["refused"],
+        "message_id": change["messageId"], "at": at,
+    }

@@ -1,0 +1,176 @@
+"""The worker: its Faust app (topics, tables), the stage each topic's records are handed to, and its two
+HTTP listeners. Wiring only: what a stage does is in stages/, how records reach it in delivery.py.
+
+Stages, in the order data flows (docs/design.md §1):
+
+    events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
+                              │                                   ├──▶ identity.changes
+                              └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
+    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users
+                              └─────────▶ flywheel.events (with the late flag)
+    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user}_partials
+    events.invalid    ──sink──────────▶ flywheel.invalid_events
+    identity.changes  ──sink──────────▶ flywheel.identity_map / identity_conflicts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import faust
+from aiokafka import AIOKafkaProducer
+from mode import Service
+
+from flywheel.clickhouse import ClickHouse
+from flywheel.collector.server import Collector, collector_app
+from flywheel.config import Settings
+from flywheel.metrics.definitions import load_metrics
+from flywheel.model.plan import load_plan
+from flywheel.runtime import faust_seams
+from flywheel.runtime.delivery import BatchTopics
+from flywheel.runtime.outbox import Outbox, Outboxes
+from flywheel.runtime.partitioner import partition_of
+from flywheel.runtime.retry import RetryPolicy
+from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
+from flywheel.stages.aggregate import AggregateStage, owner_of
+from flywheel.stages.ingest import Ingest
+from flywheel.stages.sink import Sink, SinkStage
+from flywheel.web.admin import add_sql, admin_app
+from flywheel.web.server import Listener
+
+log = logging.getLogger(__name__)
+
+# Records per batch at most: what queued up while the previous batch was handled, up to this.
+BATCH_RECORDS = 5000
+
+
+@dataclass
+class Worker:
+    app: faust.App
+    services: list[Service]  # run beside the app (faust.Worker(app, *services))
+
+
+class Listeners(Service):
+    """The public collector and the admin listener, up from the worker's start (before table recovery)."""
+
+    def __init__(self, listeners: list[Listener], **kwargs):
+        super().__init__(**kwargs)
+        self.listeners = listeners
+
+    async def on_start(self) -> None:
+        for listener in self.listeners:
+            await listener.start()
+
+    async def on_stop(self) -> None:
+        for listener in reversed(self.listeners):
+            await listener.stop()
+
+
+class Output(Service):
+    """The producer every stage's outbox sends through (acks=all), started on first use."""
+
+    def __init__(self, settings: Settings, **kwargs):
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.topics = list(settings.topics.model_dump().values())
+        self._outboxes: Outboxes | None = None
+        self._lock = asyncio.Lock()
+
+    async def outbox(self) -> Outbox:
+        if self._outboxes is None:
+            async with self._lock:
+                if self._outboxes is None:
+                    producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
+                                                client_id=f"{self.settings.app_id}-outbox",
+                                                max_batch_size=512 * 1024, linger_ms=0)
+                    await producer.start()
+                    self._outboxes = Outboxes(producer)
+        return await self._outboxes.new(self.topics)
+
+    async def on_stop(self) -> None:
+        if self._outboxes is not None:
+            await self._outboxes.producer.stop()
+
+
+def create_worker(settings: Settings, ch: ClickHouse) -> Worker:
+    plan = load_plan(settings.tracking_plan)
+    metrics = load_metrics(settings.metrics)
+    batches = BatchTopics()
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store=settings.store,
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        producer_acks=-1,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,  # the worker's listeners are its own (Listeners)
+        monitor=faust_seams.LeanMonitor(),
+    )
+    faust_seams.install_transport(app, batches)
+    names = settings.topics
+    topic = {name: app.topic(getattr(names, name), key_type=bytes, value_type=bytes)
+             for name in names.model_fields}
+    policy = RetryPolicy(max_backoff=settings.sink_max_backoff_seconds)
+    output = Output(settings)
+
+    def table(name: str, owner) -> faust_seams.StoreTable:
+        t = app.Table(name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+        return faust_seams.StoreTable(t, owner)
+
+    def partitions(topic_name: str) -> int:
+        # the topic's real partition count (a topic created before with another FLYWHEEL_PARTITIONS)
+        return app.consumer.topic_partitions(topic_name) or settings.partitions
+
+    # Tables co-partitioned with events.raw: messageId → origin of the record that first carried it;
+    # anonymous id → the user it was first linked to (docs/design.md §3).
+    first_seen = table(FIRST_SEEN, lambda key: partition_of(key, partitions(names.raw)))
+    linked_users = table(IDENTITY, lambda key: partition_of(key, partitions(names.raw)))
+    # Co-partitioned with events.identified: person id → state, the single source of truth (§4).
+    persons = table(PERSONS, lambda key: owner_of(key, lambda k: partition_of(k, partitions(names.identified))))
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chdb calls block
+    sink = Sink(ch, executor, is_bad_data=policy.is_bad_data, outbox=output.outbox, invalid_topic=names.invalid)
+    ingest = Ingest(plan=plan, limits=settings.limits(), topics=names, first_seen=first_seen,
+                    linked_users=linked_users, outbox=output.outbox)
+    aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
+                               retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size))
+    sinks = SinkStage(sink)
+
+    def owned() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names.identified}
+
+    @persons.table.on_recover
+    async def _recovered() -> None:
+        aggregate.assigned(owned())
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(app_: faust.App, revoked, **kwargs) -> None:
+        aggregate.revoked({tp.partition for tp in revoked if tp.topic == names.identified})
+
+    flush = {"max_records": settings.sink_batch_size, "linger": settings.sink_flush_seconds}
+    batches.add(app, topic["raw"], ingest.handle, name="ingest", retry=policy, max_records=BATCH_RECORDS)
+    # Lingers like the sinks: each batch inserts its events' rows.
+    batches.add(app, topic["identified"], aggregate.process, name="aggregate", retry=policy,
+                max_records=BATCH_RECORDS, linger=settings.sink_flush_seconds)
+    for kind in ("funnels", "retention", "active_users"):
+        batches.add(app, topic[kind], sinks.partials(kind), name=f"sink_{kind}", retry=policy, **flush)
+    batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
+    batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
+
+    admin = admin_app(role="worker")
+    if not settings.clickhouse_url:  # a server is queried directly by `flywheel sql`
+        add_sql(admin, ch=ch, executor=executor, data_dir=settings.data_dir, host=settings.admin_host,
+                port=settings.admin_port)
+    listeners = Listeners([
+        Listener(collector_app(Collector.from_settings(settings)), host=settings.http_host, port=settings.http_port,
+                 name="collector"),
+        Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
+    ])
+    return Worker(app, [listeners, output])

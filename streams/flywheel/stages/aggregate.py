@@ -1,0 +1,368 @@
+"""The aggregate stage: person state, merge hand-off and partition partials on events.identified.
+
+Thin wiring around the pure parts (docs/design.md §4): metrics/person.py decides what an event does to
+a person, metrics/partials.py what a person change does to the partition's cells. Per batch of
+events.identified records (one consumer, several partitions):
+
+1. each record is applied to its person's state, read from the `persons` table, in partition order:
+   an event (unless late: its row is stored with late=1 and it touches no state), a merge marker
+   (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
+   handed-over state (joined into the user's);
+2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
+3. the batch's rows go to flywheel.events (with their late flag);
+4. the batch's effect on the partials is computed (not applied), and the table is written: per
+   partition, a `begin` mark, the changed person states, the changed cells' counts and an `end` mark
+   (the checkpoint: watermark, version, cells awaiting publication at 0). Once Kafka holds all of it,
+   the store is written and the partials take the change, in one step;
+5. only then are the changed cells published to metrics.* (absolute values with a growing version).
+
+Every step is awaited until Kafka or ClickHouse acknowledged it. A batch that fails (or a crash)
+before step 4 landed is replayed from the old states and the old partials: the retry redoes the batch's
+own work, nothing more (runtime/retry.py). A cell stays due for publication until a publication of its
+value landed, so a failure in step 5 is made good by the retry, and a crash by the repair below.
+
+Assignment. Each owned partition is repaired before its first batch, and without waiting for one: its
+partials are loaded from the checkpoint — O(cells), not O(persons) — when the checkpoint is whole (the
+`begin` and `end` marks carry the same sequence number: the outbox lands a partition's records in order,
+so a batch cut short by a crash leaves a newer `begin`); otherwise they are counted from the person
+states in slices that give the event loop back (a first start on a table of an older release), and a
+whole checkpoint is written. Then every counted cell, and every cell due at 0, is published again:
+what a crash left unpublished. Re-publication is harmless (absolute values, higher version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from flywheel import observability as obs
+from flywheel.config import Topics
+from flywheel.metrics.cells import Cell, cell_id, parse_cell_id, record
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
+from flywheel.metrics.partials import Change, Partials, count
+from flywheel.metrics.person import PersonState, apply, is_late, join
+from flywheel.model.rows import event_row
+from flywheel.stages.ports import ClickHouseWriter, Outbox, Record, Table
+from flywheel.stages.tables import Writes
+
+log = logging.getLogger(__name__)
+
+# Per-partition bookkeeping in the persons table, beside the person states (whose ids never start with NUL).
+END = b"\x00partition\x00"  # + partition: the checkpoint's end mark (the first release's meta record)
+BEGIN = b"\x00begin\x00"  # + partition: the sequence number of the last batch that started writing
+CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
+SLICE_SECONDS = 0.02  # a rebuild gives the event loop back this often
+
+Retry = Callable[[Callable[[], Awaitable[Any]], str, int], Awaitable[Any]]
+
+
+def _mark(prefix: bytes, partition: int) -> bytes:
+    return prefix + str(partition).encode()
+
+
+def _cell_prefix(partition: int) -> bytes:
+    return _mark(CELL, partition) + b"\x00"
+
+
+def is_bookkeeping(key: bytes) -> bool:
+    return key[:1] == b"\x00"
+
+
+def owner_of(key: bytes, person_partition: Callable[[bytes], int]) -> int:
+    """The events.identified partition a key of the persons table belongs to: a person's is its key's
+    (`person_partition`), a bookkeeping key names its own."""
+    return int(key.split(b"\x00")[2]) if is_bookkeeping(key) else person_partition(key)
+
+
+class AggregateStage:
+    def __init__(self, *, metrics: Metrics, persons: Table, sink: ClickHouseWriter,
+                 outbox: Callable[[], Awaitable[Outbox]], topics: Topics, retry: Retry):
+        self.metrics = metrics
+        self.persons = persons  # person id → PersonState JSON, and the bookkeeping above
+        self.sink = sink
+        self.outbox = outbox  # async () -> a new Outbox
+        self.topics = topics
+        self.retry = retry  # the retry policy's run (attempt, name, size)
+        self.partials = Partials(metrics)
+        self.versions: dict[int, int] = {}  # partition → last publication version
+        self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
+        self._repairs: dict[int, asyncio.Task] = {}
+        self._publishing = asyncio.Lock()
+
+    # ---- assignment --------------------------------------------------------------------------------
+    def assigned(self, partitions: Iterable[int]) -> None:
+        """The partitions this worker owns now (after table recovery): repair each, in the background."""
+        wanted = set(partitions)
+        self.revoked(set(self._repairs) - wanted)
+        for p in wanted - self._repairs.keys():
+            self._repairs[p] = asyncio.ensure_future(self._repair(p))
+
+    def revoked(self, partitions: Iterable[int]) -> None:
+        for p in list(partitions):
+            task = self._repairs.pop(p, None)
+            if task is not None:
+                task.cancel()
+        self.partials.forget(partitions)
+
+    async def _ready(self, partitions: Iterable[int]) -> None:
+        """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
+        or bad data: it raised, and the batch's retry tries again — is repaired now)."""
+        for p in partitions:
+            task = self._repairs.get(p)
+            if task is not None and task.done() and (task.cancelled() or task.exception() is not None):
+                del self._repairs[p]
+        missing = [p for p in partitions if p not in self._repairs]
+        if missing:
+            self.assigned(set(self._repairs) | set(missing))
+        tasks = [self._repairs[p] for p in partitions]
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+
+    async def _repair(self, partition: int) -> None:
+        started = time.monotonic()
+        loaded = self._load(partition)
+        if not loaded:
+            await self._rebuild(partition)
+            await self.retry(lambda: self._write_checkpoint(partition), f"checkpoint p{partition}", 1)
+        obs.PARTIALS_RESTORED.labels("checkpoint" if loaded else "count").inc()
+        cells = len(self.partials.parts[partition].counts)
+        log.info("partition %d: partials %s (%d cells) in %.2fs", partition,
+                 "loaded from its checkpoint" if loaded else "counted from the person table", cells,
+                 time.monotonic() - started)
+        await self.retry(lambda: self._publish([partition]), f"republish p{partition}", cells)
+
+    def _end(self, partition: int) -> dict:
+        raw = self.persons.get(partition, _mark(END, partition))
+        return orjson.loads(raw) if raw is not None else {}
+
+    def _load(self, partition: int) -> bool:
+        """Partials from the checkpoint, if it is whole."""
+        end = self._end(partition)
+        self.versions[partition] = int(end.get("version", 0))
+        begin = self.persons.get(partition, _mark(BEGIN, partition))
+        if "seq" not in end or begin is None or int(begin) != end["seq"]:
+            return False
+        counts: dict[Cell, int] = {}
+        prefix = _cell_prefix(partition)
+        for key, value in self.persons.scan(partition, prefix):
+            cell = parse_cell_id(key[len(prefix):].decode(), self.metrics)
+            if cell is not None:
+                counts[cell] = int(value)
+        zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
+        self.partials.load(partition, int(end["watermark"]), counts, zeros)
+        self.seq[partition] = end["seq"]
+        return True
+
+    async def _rebuild(self, partition: int) -> None:
+        """Partials counted from the person states: two passes over the partition's states (the open cells
+        depend on the newest event time among them), never more than a slice of them in memory, giving the
+        event loop back every SLICE_SECONDS."""
+        end = self._end(partition)
+        watermark = int(end.get("watermark", -1))
+        async for values in self._persons_in_slices(partition):
+            watermark = max([watermark, *(orjson.loads(v)["n"] for v in values)])
+        open_from = self.partials.open_from_of(watermark)
+        counts: Counter = Counter()
+        async for values in self._persons_in_slices(partition):
+            states = (PersonState.from_json(orjson.loads(v), self.metrics) for v in values)
+            counts.update(count(states, self.metrics, open_from))
+        zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
+        self.partials.load(partition, watermark, counts, zeros)
+        self.seq[partition] = int(end.get("seq", 0))
+
+    async def _persons_in_slices(self, partition: int) -> AsyncIterator[list[bytes]]:
+        """The partition's person states, as stored, a slice at a time; the loop runs between slices."""
+        values: list[bytes] = []
+        deadline = time.monotonic() + SLICE_SECONDS
+        for key, value in self.persons.scan(partition):
+            if not is_bookkeeping(key):
+                values.append(value)
+            if len(values) >= 64 and time.monotonic() > deadline:
+                yield values
+                values = []
+                await asyncio.sleep(0)
+                deadline = time.monotonic() + SLICE_SECONDS
+        if values:
+            yield values
+
+    async def _write_checkpoint(self, partition: int) -> None:
+        """A whole checkpoint of the partition's partials as they are (after a rebuild)."""
+        outbox = await self.outbox()
+        writes = Writes(self.persons, outbox)
+        seq = self.seq.get(partition, 0) + 1
+        part = self.partials.parts[partition]
+        prefix = _cell_prefix(partition)
+        writes.put(partition, _mark(BEGIN, partition), str(seq).encode())
+        stale = {k for k, _ in self.persons.scan(partition, prefix)}
+        for cell, persons in part.counts.items():
+            key = prefix + cell_id(cell).encode()
+            stale.discard(key)
+            writes.put(partition, key, str(persons).encode())
+        for key in stale:
+            writes.put(partition, key, None)
+        zeros = [c for c in part.dirty if not part.counts.get(c)]
+        writes.put(partition, _mark(END, partition), self._end_record(partition, part.watermark, zeros, seq))
+        writes.apply(await outbox.send())
+        self.seq[partition] = seq
+
+    def _end_record(self, partition: int, watermark: int, zeros: Iterable[Cell], seq: int) -> bytes:
+        return orjson.dumps({"watermark": watermark, "version": self.versions.get(partition, 0),
+                             "zeros": sorted(cell_id(c) for c in zeros), "seq": seq})
+
+    # ---- one batch ----------------------------------------------------------------------------------
+    async def process(self, records: Sequence[Record]) -> None:
+        batch = [(r.partition, orjson.loads(r.value)) for r in records]
+        await self._ready({p for p, _ in batch})
+        outbox = await self.outbox()
+        writes = Writes(self.persons, outbox)
+        touched: dict[tuple[int, bytes], list] = {}  # (partition, key) → [old, new]
+        watermarks: dict[int, int] = defaultdict(lambda: -1)
+
+        def state_of(part: int, key: bytes) -> list:
+            slot = touched.get((part, key))
+            if slot is None:
+                raw = writes.get(part, key)
+                old = PersonState.from_json(orjson.loads(raw), self.metrics) if raw is not None else None
+                new = old.copy() if old is not None else PersonState()
+                slot = touched[(part, key)] = [old, new]
+            return slot
+
+        rows, handoffs = [], []
+        for part, rec in batch:
+            kind = rec.get("type")
+            if kind == "merge":
+                slot = state_of(part, rec["from"].encode())
+                if slot[1] is not None and slot[1].newest >= 0:
+                    handoffs.append({"type": "state", "person": rec["into"], "from": rec["from"],
+                                     "messageId": rec["messageId"], "state": slot[1].to_json()})
+                slot[1] = None  # forgotten here once the hand-off is acknowledged
+            elif kind == "state":
+                slot = state_of(part, rec["person"].encode())
+                incoming = PersonState.from_json(rec["state"], self.metrics)
+                slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
+                watermarks[part] = max(watermarks[part], slot[1].newest)
+            else:
+                rows.append(self._event(part, rec, state_of(part, rec["personId"].encode()), watermarks))
+
+        # A redelivered event can arrive under another person than the one that applied it (its
+        # anonymous id got linked in between: the identity stage now keys it by the user, whose state
+        # has not joined the anonymous one yet) and look late there. A row already stored as counted
+        # proves it was applied to some person, whose state carries it: keep the row counted.
+        suspects = [r["message_id"] for r in rows if r["late"]]
+        if suspects:
+            counted = await self.sink.counted(suspects)
+            for r in rows:
+                if r["late"] and r["message_id"] in counted:
+                    r["late"] = 0
+
+        topics = self.topics
+        # 2. hand-offs, acknowledged before the states they leave are forgotten (step 4)
+        if handoffs:
+            out = await self.outbox()
+            for h in handoffs:
+                out.add(topics.identified, h["person"].encode(), orjson.dumps(h))
+            await out.send()
+            obs.PERSON_HANDOFFS.inc(len(handoffs))
+        # 3. rows
+        await self.sink.write("flywheel.events", rows)
+        # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
+        by_partition: dict[int, list] = defaultdict(list)
+        for (part, key), slot in touched.items():
+            by_partition[part].append((key, *slot))
+        changes: list[tuple[Change, int]] = []
+        for part, persons in by_partition.items():
+            change = self.partials.change(part, watermarks[part], [(old, new) for _, old, new in persons])
+            seq = self.seq.get(part, 0) + 1
+            changes.append((change, seq))
+            writes.put(part, _mark(BEGIN, part), str(seq).encode())
+            for key, old, new in persons:
+                if new is None:
+                    if old is not None:
+                        writes.put(part, key, None)
+                elif old is None or new.to_json() != old.to_json():
+                    writes.put(part, key, orjson.dumps(new.to_json()))
+            prefix = _cell_prefix(part)
+            for cell, value in change.values.items():
+                writes.put(part, prefix + cell_id(cell).encode(), str(value).encode() if value else None)
+            for cell in change.closed:
+                writes.put(part, prefix + cell_id(cell).encode(), None)
+            writes.put(part, _mark(END, part),
+                       self._end_record(part, change.watermark, change.unpublished_zeros, seq))
+        offsets = await outbox.send()
+        # Kafka holds the batch's states: the store and the partials take them together (no await here).
+        writes.apply(offsets)
+        for change, seq in changes:
+            self.partials.commit(change)
+            self.seq[change.partition] = seq
+        # 5. the changed cells
+        await self._publish([change.partition for change, _ in changes])
+
+    def _event(self, part: int, rec: dict, slot: list, watermarks: dict[int, int]) -> dict:
+        """Apply one event to its person (slot: [old, new]); its row, with the late flag."""
+        state = slot[1] if slot[1] is not None else PersonState()
+        slot[1] = state
+        ts, mid = rec["timestamp"], rec["messageId"]
+        late = None
+        if state.has_applied(mid):
+            pass  # applied before (a redelivery): not late, nothing to do
+        elif is_late(state, ts, self.metrics):
+            late = "person"
+        else:
+            if self.partials.touches_closed(part, ts):
+                # rare: a silent person's old event, after this partition's cells of that time closed
+                obs.CLOSED_CELL_UPDATES.inc()
+                log.warning("event %s (%d ms) changes cells already closed on partition %d: "
+                            "their published values stay as they are", mid, ts, part)
+            apply(state, mid, ts, self.metrics.matching(rec.get("event", ""), rec.get("properties") or {}),
+                  self.metrics)
+            watermarks[part] = max(watermarks[part], ts)
+        if late:
+            obs.LATE_EVENTS.labels(late).inc()
+        rec["late"] = bool(late)
+        return event_row(rec)
+
+    # ---- publication --------------------------------------------------------------------------------
+    async def _publish(self, partitions: Iterable[int]) -> None:
+        """Publish every cell of these partitions still due, with a new version; done once Kafka has them."""
+        async with self._publishing:
+            due = {p: self.partials.unpublished(p) for p in partitions if p in self.partials.parts}
+            due = {p: cells for p, cells in due.items() if cells}
+            if not due:
+                return
+            out = await self.outbox()
+            for p, cells in due.items():
+                version = self._version(p)
+                for cell, value in cells:
+                    kind, key, rec = record(cell, p, value, version)
+                    out.add(getattr(self.topics, kind.name), key, orjson.dumps(rec))
+                    obs.PARTIALS_PUBLISHED.labels(kind.name).inc()
+            await out.send()
+            for p, cells in due.items():
+                self.partials.published(p, cells)
+
+    def _version(self, partition: int) -> int:
+        v = max(time.time_ns(), self.versions.get(partition, 0) + 1)
+        self.versions[partition] = v
+        return v
+
+
+def _recorded_cell(item: Any, metrics: Metrics) -> Cell | None:
+    """A cell due at 0 as an end mark records it: a cell id, or the first release's tagged list."""
+    if isinstance(item, str):
+        return parse_cell_id(item, metrics)
+    tag, name, a, *b = item
+    if tag == "a":
+        window = next((w for w in ACTIVE_WINDOWS if w.name == name), None)
+        return (window, int(a)) if window else None
+    for f in metrics.funnels:
+        if tag == "f" and f.name == name:
+            return (f, int(a), int(b[0]))
+    for r in metrics.retention:
+        if tag == "r" and r.name == name:
+            return (r, int(a), int(b[0]))
+    return None

@@ -1,0 +1,122 @@
+"""Ingest, a batch of events.raw records at a time: validate → dedup → identity → outputs (docs/design.md §1–3).
+
+The worker hands over a batch of raw records as fetched (runtime/delivery.py) and `Ingest.handle` treats it
+in one pass: the pure model (model/validate.py, model/identity.py) decides each record's outputs, the
+dedup and identity tables are read and written per record (stages/tables.py), and every output —
+events.identified, events.invalid, identity.changes, merge markers and the tables' changelog records —
+is appended in order to one outbox, sent together and awaited. The batch's records are acked only after
+`handle` returned, so offsets never pass a record whose outputs, and table changes, are not yet
+acknowledged by Kafka (the producer's acks=all).
+
+Order: a batch holds each partition's records in offset order and they are handled in that order;
+outputs are appended in the same order to one record batch per partition, and a batch's outputs are
+acknowledged before the next batch's are sent. So per-key order on events.identified holds: the merge
+marker of an anonymous id follows all of that id's earlier events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from flywheel import observability as obs
+from flywheel.config import Topics
+from flywheel.model import identity
+from flywheel.model.envelope import Limits
+from flywheel.model.plan import TrackingPlan
+from flywheel.model.validate import Invalid, Raw, validate
+from flywheel.stages.ports import Outbox, Record, Table
+from flywheel.stages.tables import Writes
+
+log = logging.getLogger(__name__)
+
+
+class Ingest:
+    """The ingest stage over a batch of events.raw records, with the dedup and identity tables.
+
+    Tables (changelog-backed, co-partitioned with events.raw):
+    - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it.
+      An SDK retry (same messageId, another record) is dropped; a redelivery of that record itself
+      (after a crash) is forwarded again and collapses downstream.
+    - `linked_users`: anonymous id → b"<user>\\x00<origin of the linking record>" (identity.resolve).
+    """
+
+    def __init__(self, *, plan: TrackingPlan, limits: Limits, topics: Topics, first_seen: Table,
+                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]]):
+        self.plan = plan
+        self.limits = limits
+        self.topics = topics
+        self.first_seen = first_seen
+        self.linked_users = linked_users
+        self.outbox = outbox
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        """Process a batch; return only once all of its outputs are in Kafka. If that fails, the batch is
+        retried from the tables as they were before it (stages/tables.py)."""
+        outbox = await self.outbox()
+        first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
+        counts: Counter[tuple[Any, str | None]] = Counter()
+        for record in records:
+            self._one(record, outbox, first_seen, linked, counts)
+        offsets = await outbox.send()
+        first_seen.apply(offsets)
+        linked.apply(offsets)
+        for (metric, source), n in counts.items():  # once, for the attempt that landed
+            (metric.labels(source) if source is not None else metric).inc(n)
+
+    def _one(self, record: Record, outbox: Outbox, first_seen: Writes, linked: Writes, counts: Counter) -> None:
+        names = self.topics
+        raw = Raw.from_record(record, topic=names.raw)
+        counts[obs.RECEIVED, raw.source] += 1
+        outcome = validate(raw, self.plan, self.limits)
+        if isinstance(outcome, Invalid):
+            counts[obs.INVALID, raw.source] += 1
+            outbox.add(names.invalid, record.key, orjson.dumps(outcome.dlq_record()))
+            return
+        counts[obs.VALID, raw.source] += 1
+        ev = outcome.event
+        mid = ev["messageId"].encode()
+        here = raw.origin.encode()
+        seen = first_seen.get(record.partition, mid)
+        if seen is not None and seen != here:
+            counts[obs.DUPLICATES, raw.source] += 1
+            return
+        # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
+        first_seen.put(record.partition, mid, here)
+        self._resolve_identity(ev, raw, outbox, linked, counts)
+        outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
+
+    def _resolve_identity(self, ev: dict, raw: Raw, outbox: Outbox, linked: Writes, counts: Counter) -> None:
+        """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""
+        names = self.topics
+        pair = identity.linked_ids(ev)
+        lookup = pair[0] if pair else ("" if ev["userId"] else ev["anonymousId"] or ev["previousId"])
+        entry = linked.get(raw.partition, lookup.encode()) if lookup else None
+        # Table value: b"<user>\x00<origin of the linking record>".
+        linked_user, _, linked_by = entry.decode().partition("\x00") if entry is not None else (None, "", None)
+        result = identity.resolve(ev, linked_user, linked_by=linked_by, origin=raw.origin)
+        ev["personId"] = result.person_id
+        if result.link is not None:
+            anon, user = result.link.anonymous_id, result.link.user_id
+            linked.put(raw.partition, anon.encode(), f"{user}\x00{raw.origin}".encode())
+            counts[obs.IDENTITY_LINKS, None] += 1
+            change = {"type": "link", "anonymousId": anon, "userId": user,
+                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            outbox.add(names.identity_changes, anon.encode(), orjson.dumps(change))
+            # Keyed by the anonymous id: it follows all of that id's earlier events on its partition
+            # of events.identified, so their owner hands the state over only after applying them.
+            marker = {"type": "merge", "from": anon, "into": user,
+                      "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            outbox.add(names.identified, anon.encode(), orjson.dumps(marker))
+        elif result.conflict is not None:
+            c = result.conflict
+            counts[obs.IDENTITY_CONFLICTS, raw.source] += 1
+            log.info("identity conflict: %s stays with %s, refused %s (messageId %s)",
+                     c.anonymous_id, c.linked_to, c.refused, ev["messageId"])
+            change = {"type": "conflict", "anonymousId": c.anonymous_id, "linkedTo": c.linked_to,
+                      "refused": c.refused, "messageId": ev["messageId"], "timestamp": ev["timestamp"]}
+            outbox.add(names.identity_changes, c.anonymous_id.encode(), orjson.dumps(change))

@@ -1,0 +1,75 @@
+"""The admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT, 127.0.0.1:8089 by default): /health,
+/metrics, and /sql for embedded ClickHouse. Never on the public collector port: /sql answers queries.
+
+chdb locks its data directory, so while a worker runs, `flywheel sql` sends its query here. /sql needs
+the bearer token the worker writes to <data_dir>/worker.json (mode 0600): only someone who can read
+the data directory can query through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+from concurrent.futures import Executor
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from flywheel.clickhouse import ClickHouse
+
+log = logging.getLogger(__name__)
+
+WORKER_FILE = "worker.json"
+
+
+def health(role: str):
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "role": role})
+    return handler
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+def admin_app(*, role: str) -> web.Application:
+    """/health and /metrics; a worker with embedded ClickHouse adds /sql (`add_sql`)."""
+    app = web.Application()
+    app.router.add_get("/health", health(role))
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def add_sql(app: web.Application, *, ch: ClickHouse, executor: Executor, data_dir: Path, host: str,
+            port: int) -> None:
+    """POST /sql with the token of <data_dir>/worker.json, written once the listener is up."""
+    token = secrets.token_urlsafe(24)
+
+    async def sql(request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "missing or wrong token (see <data_dir>/worker.json)"}, status=401)
+        query = (await request.read()).decode("utf-8", "replace")
+        try:
+            columns, rows = await asyncio.get_running_loop().run_in_executor(executor, ch.rows, query)
+        except Exception as exc:  # the query's own error, for the user
+            return web.json_response({"error": str(exc)}, status=400)
+        body = orjson.dumps({"columns": columns, "rows": rows}, default=str)
+        return web.Response(body=body, content_type="application/json")
+
+    async def advertise(_: web.Application) -> None:
+        path = data_dir / WORKER_FILE
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        info = {"pid": os.getpid(), "host": reach, "port": port, "token": token}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(info))
+        log.info("worker %s serving /sql for %s on port %d", os.getpid(), ch.label, port)
+
+    app.router.add_post("/sql", sql)
+    app.on_startup.append(advertise)

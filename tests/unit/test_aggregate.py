@@ -1,0 +1,336 @@
+"""stages/aggregate.py over an in-memory Kafka and table: what is published, and when, relative to the
+person table; what a retry costs; how partials come back at assignment (checkpoint, or a count of the
+states when the checkpoint is torn or absent). On a real broker with real kills:
+tests/integration/test_metrics_stream.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import orjson
+import pytest
+from flywheel.config import Topics
+from flywheel.metrics.definitions import Retention, parse_metrics
+from flywheel.model.clock import DAY_MS, day_text
+from flywheel.runtime.partitioner import partition_of
+from flywheel.stages.aggregate import BEGIN, END, AggregateStage, owner_of
+
+METRICS = parse_metrics({
+    "lateness": "7d",
+    "funnels": [{"name": "f", "window": "1d", "steps": [{"event": "Page Viewed"}, {"event": "Buy"}]}],
+    "retention": [{"name": "daily", "cohort_event": "any", "return_event": "any", "period": "day", "horizon": 3}],
+})
+PARTITIONS = 4
+TOPICS = Topics()
+CHANGELOG = "persons-changelog"
+DAY0 = 20_000  # a day number
+
+
+class Kafka:
+    """Every record the stage's outboxes sent, in order, by topic. An outbox whose records include a
+    `fail_on` topic raises and lands nothing; with `land` set, only that many records land, then it raises."""
+
+    def __init__(self) -> None:
+        self.log: dict[str, list[tuple[int, bytes, bytes | None]]] = defaultdict(list)
+        self.fail_on: set[str] = set()
+        self.land: int | None = None
+
+    async def outbox(self):
+        kafka = self
+
+        class Outbox:
+            def __init__(self) -> None:
+                self.records: list[tuple[str, int, bytes, bytes | None]] = []
+
+            def add(self, topic, key, value, *, partition=None) -> None:
+                p = partition if partition is not None else partition_of(key, PARTITIONS)
+                self.records.append((topic, p, key, value))
+
+            async def send(self):
+                if any(t in kafka.fail_on for t, *_ in self.records):
+                    raise ConnectionError("the broker went away")  # nothing of this outbox landed
+                records = self.records if kafka.land is None else self.records[:kafka.land]
+                last = {}
+                for t, p, k, v in records:
+                    kafka.log[t].append((p, k, v))
+                    last[(t, p)] = len(kafka.log[t]) - 1
+                if kafka.land is not None:
+                    kafka.land = None
+                    raise ConnectionError("killed while sending")
+                return last
+
+        return Outbox()
+
+    def cells(self, topic: str) -> list[dict]:
+        return [orjson.loads(v) for _, _, v in self.log[topic]]
+
+
+class Table:
+    """The persons table: one dict per partition, restored from the changelog like Faust's recovery."""
+
+    changelog = CHANGELOG
+
+    def __init__(self, kafka: Kafka) -> None:
+        self.data: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        for p, k, v in kafka.log[CHANGELOG]:
+            if v is None:
+                self.data[p].pop(k, None)
+            else:
+                self.data[p][k] = v
+        self.person_reads = 0  # person states read by scans: what a rebuild costs
+
+    def get(self, partition, key):
+        return self.data[partition].get(key)
+
+    def scan(self, partition, prefix=b""):
+        for k in sorted(self.data[partition]):
+            if k.startswith(prefix):
+                if not k.startswith(b"\x00"):
+                    self.person_reads += 1
+                yield k, self.data[partition][k]
+
+    def write(self, partition, items, changelog_offset):
+        for k, v in items.items():
+            if v is None:
+                self.data[partition].pop(k, None)
+            else:
+                self.data[partition][k] = v
+
+
+class ClickHouse:
+    """Rows inserted; `down` makes inserts fail as an unreachable server would."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.down = 0  # inserts still to fail
+
+    async def write(self, table: str, rows: list[dict]) -> None:
+        if self.down:
+            self.down -= 1
+            raise ConnectionError("ClickHouse is unreachable")
+        self.rows += rows
+
+    async def counted(self, message_ids) -> set[str]:
+        return set()
+
+
+async def retry_forever(attempt, name, size):
+    while True:
+        try:
+            return await attempt()
+        except ConnectionError:
+            await asyncio.sleep(0)
+
+
+def stage(table: Table, kafka: Kafka, ch: ClickHouse | None = None) -> AggregateStage:
+    return AggregateStage(metrics=METRICS, persons=table, sink=ch or ClickHouse(), outbox=kafka.outbox,
+                          topics=TOPICS, retry=retry_forever)
+
+
+class Record:
+    def __init__(self, value: dict):
+        # Its key, as Kafka partitioned it: the person, a merge marker's anonymous id, a hand-off's user.
+        key = {"merge": "from", "state": "person"}.get(value["type"], "personId")
+        self.partition = partition_of(value[key].encode(), PARTITIONS)
+        self.value = orjson.dumps(value)
+
+
+def event(person: str, mid: str, day: int, name: str = "Page Viewed") -> Record:
+    return Record({"type": "track", "event": name, "messageId": mid, "personId": person,
+                   "anonymousId": person, "userId": "", "previousId": "", "groupId": "",
+                   "timestamp": (DAY0 + day) * DAY_MS + 3_600_000, "receivedAt": 0, "properties": {},
+                   "traits": {}, "context": {}, "source": "test"})
+
+
+def merge(anon: str, user: str) -> Record:
+    return Record({"type": "merge", "from": anon, "into": user, "messageId": f"link-{anon}", "timestamp": 0})
+
+
+def final_cells(kafka: Kafka, topic: str = TOPICS.retention) -> dict[tuple, int]:
+    """What ClickHouse's view would sum: per cell, the highest version per partition."""
+    latest: dict[tuple, tuple[int, int]] = {}
+    for r in kafka.cells(topic):
+        key = tuple(v for k, v in r.items() if k not in ("persons", "version"))
+        if key not in latest or r["version"] > latest[key][0]:
+            latest[key] = (r["version"], r["persons"])
+    out: dict[tuple, int] = defaultdict(int)
+    for key, (_v, persons) in latest.items():
+        out[key[:-1]] += persons  # summed over partitions (the key's last field)
+    return {k: v for k, v in out.items() if v}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def repair(s: AggregateStage, partitions=range(PARTITIONS)) -> None:
+    s.assigned(partitions)
+    await asyncio.gather(*s._repairs.values())
+
+
+def test_cells_are_published_only_after_the_states_that_explain_them_are_written():
+    kafka = Kafka()
+    table = Table(kafka)
+
+    async def go():
+        s = stage(table, kafka)
+        kafka.fail_on = {TOPICS.retention}
+        with pytest.raises(ConnectionError):
+            await s.process([event("anon-1", "m1", 0), event("anon-1", "m2", 1)])
+        assert table.get(partition_of(b"anon-1", PARTITIONS), b"anon-1") is not None  # before the publication
+        assert kafka.cells(TOPICS.retention) == []
+        kafka.fail_on = set()
+        await s.process([event("anon-1", "m1", 0), event("anon-1", "m2", 1)])  # the retry publishes them
+    run(go())
+    assert final_cells(kafka) == {("daily", day_text(DAY0), 0): 1, ("daily", day_text(DAY0), 1): 1}
+
+
+async def clean_run(*batches) -> Kafka:
+    kafka = Kafka()
+    s = stage(Table(kafka), kafka)
+    for batch in batches:
+        await s.process(batch)
+    return kafka
+
+
+def test_a_retry_redoes_the_batch_and_nothing_more():
+    """ClickHouse down for five attempts of a batch: each retry redoes only the batch — no person state
+    is read by a scan — and the result is what one clean attempt gives."""
+    first = [event(f"p{i}", f"m{i}", i % 3) for i in range(40)]
+    second = [event(f"p{i}", f"n{i}", 3, "Buy") for i in range(40)]
+    kafka = Kafka()
+    table = Table(kafka)
+    ch = ClickHouse()
+
+    async def go():
+        s = stage(table, kafka, ch)
+        await repair(s)
+        await s.process(first)
+        reads = table.person_reads
+        ch.down = 5
+        for _ in range(5):
+            with pytest.raises(ConnectionError):
+                await s.process(second)
+        await s.process(second)
+        assert table.person_reads == reads  # nothing O(persons) on a retry
+        return await clean_run(first, second)
+    clean = run(go())
+    for topic in (TOPICS.retention, TOPICS.funnels, TOPICS.active_users):
+        assert final_cells(kafka, topic) == final_cells(clean, topic)
+
+
+def test_a_crash_before_publishing_a_cell_taken_to_zero_is_repaired_at_assignment():
+    """anon-1's cells are published; a merge hands its state to user-7 (another partition) and takes its
+    partition's cells to 0; the worker dies after writing the states, before publishing. The replay
+    takes another path (the redelivered events now arrive under user-7), so nothing would touch those
+    cells again: the restarted stage must publish them as 0 at assignment, from its checkpoint alone."""
+    anon, user = "anon-1", "user-7"
+    anon_partition = partition_of(anon.encode(), PARTITIONS)
+    assert anon_partition != partition_of(user.encode(), PARTITIONS)
+    kafka = Kafka()
+
+    async def before_the_crash():
+        first = stage(Table(kafka), kafka)
+        await first.process([event(anon, "m1", 0), event(anon, "m2", 1)])
+        kafka.fail_on = {TOPICS.retention}  # dies before step 5: the hand-off and the states are written
+        with pytest.raises(ConnectionError):
+            await first.process([merge(anon, user)])
+    run(before_the_crash())
+    kafka.fail_on = set()
+    assert final_cells(kafka) == {("daily", day_text(DAY0), 0): 1, ("daily", day_text(DAY0), 1): 1}
+
+    table = Table(kafka)  # a new process: the store as the changelog restores it
+    assert table.get(anon_partition, anon.encode()) is None
+
+    async def restart():
+        restarted = stage(table, kafka)
+        await repair(restarted)  # no traffic yet
+        assert table.person_reads == 0  # loaded from the checkpoint
+        by_partition = {(r["cohortDay"], r["period"], r["partition"]): r["persons"]
+                        for r in sorted(kafka.cells(TOPICS.retention), key=lambda r: r["version"])}
+        assert by_partition[(day_text(DAY0), 0, anon_partition)] == 0
+        assert by_partition[(day_text(DAY0), 1, anon_partition)] == 0
+        handoff = orjson.loads(kafka.log[TOPICS.identified][-1][2])
+        await restarted.process([Record(handoff)])
+    run(restart())
+    assert final_cells(kafka) == {("daily", day_text(DAY0), 0): 1, ("daily", day_text(DAY0), 1): 1}
+
+
+def test_assignment_loads_the_checkpoint_and_republishes_every_cell():
+    kafka = Kafka()
+
+    async def go():
+        s = stage(Table(kafka), kafka)
+        await s.process([event(f"p{i}", f"m{i}", i % 5, "Buy" if i % 4 else "Page Viewed") for i in range(60)])
+        before = {t: final_cells(kafka, t) for t in (TOPICS.retention, TOPICS.funnels, TOPICS.active_users)}
+        published = len(kafka.cells(TOPICS.retention))
+        table = Table(kafka)
+        restarted = stage(table, kafka)
+        await repair(restarted)
+        assert table.person_reads == 0
+        counted = sum(isinstance(c[0], Retention) for part in s.partials.parts.values() for c in part.counts)
+        assert len(kafka.cells(TOPICS.retention)) - published == counted  # every counted cell once more
+        assert {t: final_cells(kafka, t) for t in before} == before
+        for p in range(PARTITIONS):
+            assert restarted.partials.parts[p].counts == s.partials.parts[p].counts
+    run(go())
+
+
+def test_a_torn_checkpoint_is_counted_from_the_states():
+    """A crash while a batch's states were landing: its `begin` mark and some states are in the changelog,
+    its `end` mark is not. The restarted stage must not trust the checkpoint: it counts the states, and
+    the batch's replay then gives exactly the clean result."""
+    first = [event(f"p{i}", f"m{i}", 0) for i in range(30)]
+    second = [event(f"p{i}", f"n{i}", 2, "Buy") for i in range(30)]
+    kafka = Kafka()
+
+    async def crash():
+        s = stage(Table(kafka), kafka)
+        await s.process(first)
+        kafka.land = 5  # the persons' writes (the first outbox of the batch) are cut after 5 records
+        with pytest.raises(ConnectionError):
+            await s.process(second)
+    run(crash())
+    assert any(k.startswith(BEGIN) for _, k, _ in kafka.log[CHANGELOG][-5:])
+    table = Table(kafka)
+
+    async def restart():
+        restarted = stage(table, kafka)
+        await repair(restarted)
+        assert table.person_reads > 0  # counted
+        await restarted.process(second)
+        return await clean_run(first, second)
+    clean = run(restart())
+    for topic in (TOPICS.retention, TOPICS.funnels, TOPICS.active_users):
+        assert final_cells(kafka, topic) == final_cells(clean, topic)
+    again = Table(kafka)  # and the count left a whole checkpoint: the next start loads it
+    run(repair(stage(again, kafka)))
+    assert again.person_reads == 0
+
+
+def test_a_table_of_the_first_release_is_counted_once_then_checkpointed():
+    """7ae8eae wrote per-partition records {watermark, version, zeros} without a sequence number."""
+    kafka = run(clean_run([event(f"p{i}", f"m{i}", i % 4) for i in range(20)]))
+    cells = final_cells(kafka)
+    old_kafka = Kafka()  # the same states, with bookkeeping as the first release wrote it
+    for p, k, v in kafka.log[CHANGELOG]:
+        if k.startswith(END):
+            v = orjson.dumps({key: val for key, val in orjson.loads(v).items() if key in ("watermark", "version")}
+                             | {"zeros": []})
+        elif k.startswith(b"\x00"):
+            continue
+        old_kafka.log[CHANGELOG].append((p, k, v))
+    table = Table(old_kafka)
+    run(repair(stage(table, old_kafka)))
+    assert table.person_reads == 2 * 20  # two passes: the newest event time, then the counts
+    assert final_cells(old_kafka) == cells
+    again = Table(old_kafka)
+    run(repair(stage(again, old_kafka)))
+    assert again.person_reads == 0
+
+
+def test_owner_of_a_bookkeeping_key_is_the_partition_it_names():
+    assert owner_of(END + b"3", lambda k: 0) == 3
+    assert owner_of(b"\x00cell\x002\x00f|x@1|3|1", lambda k: 0) == 2
+    assert owner_of(b"user-1", lambda k: 1) == 1

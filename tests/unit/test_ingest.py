@@ -1,0 +1,179 @@
+"""stages/ingest.py over a batch, with in-memory stand-ins for the tables and the producer (behind the real
+Outbox): dedup, identity, merge-marker order, redelivery, and a failed send that leaves the tables as
+they were (a failed batch is retried as one: tests/unit/test_delivery.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from datetime import timedelta
+
+import orjson
+import pytest
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from flywheel.config import Settings, Topics
+from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
+from flywheel.model.plan import load_plan
+from flywheel.runtime.outbox import Outbox
+from flywheel.stages.ingest import Ingest
+
+TOPICS = Topics(raw="raw", invalid="invalid", identified="identified", identity_changes="changes")
+PARTITIONS = list(range(8))
+
+
+class Table:
+    """stages.ports.Table in memory (one partition is enough here: every record is on partition 3)."""
+
+    def __init__(self, changelog: str):
+        self.changelog = changelog
+        self.data: dict[bytes, bytes] = {}
+        self.persisted: dict[int, int] = {}
+
+    def get(self, partition, key):
+        return self.data.get(key)
+
+    def write(self, partition, items, changelog_offset):
+        for k, v in items.items():
+            self.data[k] = v
+        self.persisted[partition] = changelog_offset
+
+
+class Producer:
+    def __init__(self):
+        self.records: dict[tuple[str, int], list[tuple[bytes, bytes]]] = defaultdict(list)
+        self.failures = 0  # the next n batches fail
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(PARTITIONS)
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(16384, 0, is_transactional=0)
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        if self.failures:
+            self.failures -= 1
+            future.set_exception(KafkaTimeoutError())
+            return future
+        base = len(self.records[(topic, partition)])
+        records = MemoryRecords(bytes(batch._build())).next_batch()
+        self.records[(topic, partition)] += [(r.key, r.value) for r in records]
+        future.set_result(type("Meta", (), {"offset": base})())
+        return future
+
+    def values(self, topic: str) -> list[dict]:
+        return [orjson.loads(v) for (t, _), records in sorted(self.records.items()) if t == topic for _, v in records]
+
+    def on_partition_of(self, topic: str, key: bytes) -> list[dict]:
+        partition = DefaultPartitioner()(key, PARTITIONS, PARTITIONS)
+        return [orjson.loads(v) for k, v in self.records[(topic, partition)] if k == key]
+
+
+class Message:
+    def __init__(self, value: bytes, key: bytes, partition: int, offset: int):
+        self.value, self.key, self.partition, self.offset, self.topic = value, key, partition, offset, "raw"
+        self.timestamp = 1_700_000_000.0
+        self.headers = [(HEADER_SOURCE, b"test"), (HEADER_RECEIVED_AT, b"1700000000000")]
+
+
+def batch(messages: list[dict | bytes]) -> list[Message]:
+    out = []
+    for offset, m in enumerate(messages):
+        value = m if isinstance(m, bytes) else orjson.dumps(m)
+        key = (m.get("anonymousId") or m.get("previousId") or m.get("userId") or "").encode() if isinstance(
+            m, dict) else b"junk"
+        out.append(Message(value, key, partition=3, offset=100 + offset))
+    return out
+
+
+class Stage:
+    """The stage, its tables, and the producer its outboxes send through (swap it to change Kafka)."""
+
+    def __init__(self):
+        self.first_seen, self.linked = Table("message-ids-changelog"), Table("identity-changelog")
+        self.producer = Producer()
+
+        async def outbox():
+            return Outbox(self.producer, {t: PARTITIONS for t in TOPICS.model_dump().values()})
+
+        self.ingest = Ingest(plan=load_plan(Settings().tracking_plan), limits=Limits(max_future=timedelta(days=3650)),
+                             topics=TOPICS, first_seen=self.first_seen, linked_users=self.linked, outbox=outbox)
+
+    def handle(self, messages, producer: Producer) -> None:
+        self.producer = producer
+        asyncio.run(self.ingest.handle(messages))
+
+
+def viewed(anon: str, mid: str) -> dict:
+    return {"type": "track", "event": "Product Viewed", "anonymousId": anon, "messageId": mid,
+            "properties": {"product_id": "p1"}, "timestamp": "2026-11-10T09:00:00Z"}
+
+
+JOURNEY = [
+    viewed("anon-a", "m1"),
+    viewed("anon-a", "m2"),
+    {"type": "identify", "anonymousId": "anon-a", "userId": "user-1", "messageId": "m3",
+     "timestamp": "2026-11-10T09:01:00Z"},
+    viewed("anon-a", "m2"),  # an SDK retry of m2: another record, same messageId
+    b"{not json",
+    viewed("anon-a", "m4"),
+]
+
+
+def test_a_batch_dedups_resolves_and_orders_the_merge_marker_after_the_anonymous_events():
+    s = Stage()
+    producer = Producer()
+    s.handle(batch(JOURNEY), producer)
+    first_seen, linked = s.first_seen, s.linked
+
+    identified = producer.values("identified")
+    assert sorted(e["messageId"] for e in identified if e["type"] != "merge") == ["m1", "m2", "m3", "m4"]
+    # Keyed by the anonymous id, the marker follows that id's events on their partition.
+    on_anon = producer.on_partition_of("identified", b"anon-a")
+    assert [e["messageId"] for e in on_anon] == ["m1", "m2", "m3"] and on_anon[-1]["type"] == "merge"
+    assert {e["messageId"]: e["personId"] for e in identified if e["type"] != "merge"} == {
+        "m1": "anon-a", "m2": "anon-a", "m3": "user-1", "m4": "user-1"}
+    assert [c["type"] for c in producer.values("changes")] == ["link"]
+    assert [i["origin"] for i in producer.values("invalid")] == ["raw/3@104"]
+
+    assert first_seen.data[b"m2"] == b"raw/3@101"  # the record that first carried it
+    assert linked.data[b"anon-a"] == b"user-1\x00raw/3@102"
+    changelog = producer.records[("message-ids-changelog", 3)]  # the record's own partition
+    assert [k for k, _ in changelog] == [b"m1", b"m2", b"m3", b"m4"]
+    assert first_seen.persisted == {3: 3}  # the changelog offset the store now holds
+    assert producer.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
+
+
+def test_a_redelivered_batch_is_forwarded_again_with_its_link():
+    s = Stage()
+    first, again = Producer(), Producer()
+    s.handle(batch(JOURNEY), first)
+    s.handle(batch(JOURNEY), again)  # same records, same offsets: after a crash
+    # Every record forwarded again (the retry still dropped), the link re-emitted; the person ids of the
+    # events before the link may now name the user: the table is ahead of what was published.
+    def ids(producer):
+        return sorted((e["messageId"], e["type"]) for e in producer.values("identified"))
+
+    assert ids(again) == ids(first)
+    assert again.values("changes") == first.values("changes")
+    assert [e["type"] for e in again.on_partition_of("identified", b"anon-a")][-1] == "merge"
+
+
+def test_a_failed_send_leaves_nothing_a_retry_cannot_redo():
+    """The outputs and changelog records are sent at the end, and the stores written only once Kafka
+    holds them: a failed send leaves the stores as they were, and the retry does the batch again."""
+    s = Stage()
+    failing, retry = Producer(), Producer()
+    failing.failures = 99
+    with pytest.raises(KafkaTimeoutError):  # the send failed: handle must raise
+        s.handle(batch(JOURNEY), failing)
+    assert s.first_seen.data == {} and s.linked.data == {}
+    s.handle(batch(JOURNEY), retry)
+    ids = [e["messageId"] for e in retry.values("identified") if e["type"] != "merge"]
+    assert sorted(ids) == ["m1", "m2", "m3", "m4"]
+    assert [c["type"] for c in retry.values("changes")] == ["link"]
+    assert [k for k, _ in retry.records[("message-ids-changelog", 3)]] == [b"m1", b"m2", b"m3", b"m4"]
+    assert retry.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
