@@ -2,6 +2,8 @@
 
     make bench                                    # = .venv/bin/python bench/pipeline.py
     .venv/bin/python bench/pipeline.py --events 200000 --runs 2 --budget 1200
+    git worktree add /tmp/base 7ae8eae && make bench BENCH_ARGS="--baseline /tmp/base --runs 4"
+                                                  # before and after, alternating, in one run
 
 One invocation, one machine, one topic:
 
@@ -239,16 +241,22 @@ def metric_sum(metrics: dict[str, float], prefix: str) -> float:
 
 
 def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
-             profile: Path | None = None) -> dict[str, Any]:
-    """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes)."""
+             profile: Path | None = None, tree: Path | None = None) -> dict[str, Any]:
+    """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes). `tree`: run the
+    worker of another checkout (--baseline) instead of this one's."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.data_dir / "worker.log"
     extra = {"FLYWHEEL_PROFILE": str(profile)} if profile else {}
+    metrics_port = settings.admin_port
+    if tree is not None:
+        extra |= {"PYTHONPATH": str(tree / "streams"), "FLYWHEEL_HOME": str(tree)}
+        if "admin_port" not in (tree / "streams" / "flywheel" / "config.py").read_text():
+            metrics_port = settings.http_port  # a release before the admin listener: /metrics beside /v1/*
     spawned = time.monotonic()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "worker"], env=worker_env(settings, extra),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree or REPO,
         )
 
     def fail(why: str) -> SystemExit:
@@ -272,7 +280,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
                 raise fail(f"the worker exited with {proc.returncode} during the run")
             try:
                 count = scalar(settings, "SELECT count() FROM flywheel.events")
-                metrics = metric_values(settings.admin_port)
+                metrics = metric_values(metrics_port)
                 received = int(metric_sum(metrics, "flywheel_events_received_total"))
             except (query.QueryError, OSError):  # /sql not advertised yet
                 count = received = 0
@@ -288,7 +296,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         cpu = usage.stop()
         exact = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
         invalid = scalar(settings, "SELECT count() FROM flywheel.invalid_events")
-        metrics = metric_values(settings.admin_port)
+        metrics = metric_values(metrics_port)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # a profiled worker writes its profile now
@@ -459,6 +467,14 @@ def render(doc: dict[str, Any]) -> str:
             f"| {p['worker_cpu_ms_per_event']:>16} {c['cpu_us_per_event']:>18} | "
             f"{p['seconds']} s, {p['worker_cores']}, {p['broker_cores']}, {p['machine_busy']:.0%}{flag}"
         )
+    base = [r for r in doc["runs"] if "baseline" in r]
+    if base:
+        lines += ["", f"baseline ({cfg['baseline']}) in the same runs, alternating with this tree:",
+                  "run  baseline ev/s  this tree ev/s  this/baseline | baseline CPU ms/ev  this tree CPU ms/ev"]
+        for i, run in enumerate(base, 1):
+            b, p = run["baseline"], run["pipeline"]
+            lines.append(f"{i:>3}  {b['events_per_s']:>13,}  {p['events_per_s']:>14,}  {run['vs_baseline']:>13.2f} "
+                         f"| {b['worker_cpu_ms_per_event']:>18} {p['worker_cpu_ms_per_event']:>20}")
     ratios = [r["ratio"] for r in doc["runs"]]
     if ratios:
         verdict = "meets it" if min(ratios) >= TARGET_RATIO else "BELOW"
@@ -504,6 +520,9 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between count() polls")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another revision (git worktree add DIR REV): each run also measures "
+                             "its worker on the same topic, alternating which goes first")
     args = parser.parse_args()
 
     started = datetime.now(UTC)
@@ -518,7 +537,8 @@ def main() -> None:
         "started": started.isoformat(timespec="seconds"),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
         "config": {"events": args.events, "partitions": args.partitions, "topic": raw_topic,
-                   "budget_s": args.budget, "sink_batch_size": Settings().sink_batch_size},
+                   "budget_s": args.budget, "sink_batch_size": Settings().sink_batch_size,
+                   "baseline": str(args.baseline) if args.baseline else None},
         "runs": [],
     }
     try:
@@ -534,12 +554,23 @@ def main() -> None:
                                     tmp / f"run{i}")
             c = ceiling(settings, args.events, timeout=60)
             log(f"run {i}: bare consumer {c['events_per_s']:,} ev/s")
-            p = pipeline(settings, args.events, deadline=budget_end - profile_reserve, poll=args.poll,
-                         broker_pid=broker_pid)
-            ratio = p["events_per_s"] / c["events_per_s"]
-            log(f"run {i}: pipeline {p['events_per_s']:,} ev/s ({p['rows']} rows in {p['seconds']} s, "
-                f"{p['worker_cpu_ms_per_event']} ms worker CPU per event) -> {ratio:.2%} of the ceiling")
-            doc["runs"].append({"ceiling": c, "pipeline": p, "ratio": round(ratio, 5)})
+            run: dict[str, Any] = {"ceiling": c}
+            trees = [None] if args.baseline is None else ([args.baseline, None] if i % 2 else [None, args.baseline])
+            for tree in trees:
+                s = settings if tree is None else run_settings(broker.bootstrap, args.partitions, raw_topic,
+                                                               f"{tag}b{i}", tmp / f"base{i}")
+                p = pipeline(s, args.events, deadline=budget_end - profile_reserve, poll=args.poll,
+                             broker_pid=broker_pid, tree=tree)
+                name = "this tree" if tree is None else "baseline"
+                log(f"run {i}: {name} {p['events_per_s']:,} ev/s ({p['rows']} rows in {p['seconds']} s, "
+                    f"{p['worker_cpu_ms_per_event']} ms worker CPU per event)")
+                run["pipeline" if tree is None else "baseline"] = p
+            p = run["pipeline"]
+            run["ratio"] = round(p["events_per_s"] / c["events_per_s"], 5)
+            if "baseline" in run:
+                run["vs_baseline"] = round(p["events_per_s"] / run["baseline"]["events_per_s"], 3)
+            log(f"run {i}: pipeline {run['ratio']:.2%} of the ceiling")
+            doc["runs"].append(run)
             if not p["complete"]:
                 log("the budget ran out: no further runs")
                 break

@@ -145,6 +145,8 @@ def test_lean_monitor_keeps_what_faust_reads():
     assert monitor.stream_inbound_time[tp] > 0  # read by Faust's slow-processing warnings
     assert monitor.events_total == 1
     monitor.on_stream_event_out(tp, 7, object(), object(), None)
+    monitor.on_message_in(tp, 7, object())  # what Consumer.track_message reports of every record
+    assert monitor.messages_received_total == 1 and not monitor.messages_received_by_topic
 
 
 # ---- seam 2: read_committed ------------------------------------------------------------------------

@@ -48,9 +48,11 @@ BATCH_RECORDS = 5000
 
 
 @dataclass
-class Worker:
+class Pipeline:
+    """What `flywheel worker` runs: faust.Worker(app, *services)."""
+
     app: faust.App
-    services: list[Service]  # run beside the app (faust.Worker(app, *services))
+    services: list[Service]
 
 
 class Listeners(Service):
@@ -95,7 +97,7 @@ class Output(Service):
             await self._outboxes.producer.stop()
 
 
-def create_worker(settings: Settings, ch: ClickHouse) -> Worker:
+def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     plan = load_plan(settings.tracking_plan)
     metrics = load_metrics(settings.metrics)
     batches = BatchTopics()
@@ -173,4 +175,4 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Worker:
                  name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    return Worker(app, [listeners, output])
+    return Pipeline(app, [listeners, output])

@@ -17,8 +17,9 @@ fails loudly when an upgrade changes what it relies on. Versions are pinned in p
    transactions, so workers must skip aborted records. Faust sets aiokafka's isolation level only with
    `processing_guarantee="exactly_once"` (which has open bugs); we set `AIOKafkaConsumer._isolation_level`
    on the consumer Faust builds, before it starts.
-3. `LeanMonitor`: Faust's Monitor sensor keeps per-event statistics nothing here reads; this keeps what
-   Faust itself reads (`stream_inbound_time`, for its slow-processing warnings) and the counters.
+3. `LeanMonitor`: Faust's Monitor sensor keeps per-record statistics nothing here reads (by topic,
+   read offsets, active messages, times); this keeps what Faust itself reads (`stream_inbound_time`,
+   for its slow-processing warnings) and the counters.
 4. Table stores (`StoreTable`): stages read and write a table's store per partition (a batch spans
    partitions; Faust's Table API picks the partition from the current stream event) — RocksDB through
    `Store._db_for_partition` and `Store.offset_key`, in write batches; the memory store through its dict.
@@ -217,6 +218,9 @@ def install_transport(app: faust.App, batch_topics: Mapping[str, Any]) -> None:
 # ---- 3. the lean monitor ----------------------------------------------------------------------------
 class LeanMonitor(Monitor):
     """Faust's Monitor without the per-event bookkeeping (see the module docstring)."""
+
+    def on_message_in(self, tp, offset, message) -> None:
+        self.messages_received_total += 1  # Consumer.track_message calls this for every record
 
     def on_stream_event_in(self, tp, offset, stream, event) -> None:
         self.events_total += 1
