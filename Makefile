@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench-identity: $(STAMP)
 # Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"
 bench-metrics: $(STAMP)
 	$(BIN)/python bench/metrics.py $(BENCH_ARGS)
+
+# Restart -> first published cell, /health during a rebalance and a ClickHouse outage, 1M persons (~20 min).
+# Options: make bench-restart BENCH_ARGS="--persons 300000 --outage-seconds 60"
+bench-restart: $(STAMP)
+	scripts/ensure-clickhouse-server
+	$(BIN)/python bench/restart.py $(BENCH_ARGS)
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

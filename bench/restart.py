@@ -3,6 +3,7 @@
     make bench-restart                                    # = .venv/bin/python bench/restart.py
     .venv/bin/python bench/restart.py --persons 1000000 --outage-seconds 300
     .venv/bin/python bench/restart.py --persons 20000 --outage-seconds 20      # a quick look
+    .venv/bin/python bench/restart.py --persons 300000 --outage-seconds 60 --asyncio-debug   # who holds the loop
 
 The issue's acceptance: with a million persons in the table, measure restart → first published cell,
 the slowest /health answer during a rebalance and during a 5-minute ClickHouse outage. Targets: /health
@@ -16,25 +17,29 @@ One invocation, one machine:
    28 days applied with the real code (PersonState, apply, Metrics.matching of schemas/metrics.yaml),
    value = orjson of state.to_json(), partition = partition_of(person id, partitions), the way the
    worker's own table writes land. No checkpoint records: what a table of the previous release looks
-   like. Then --pre-events real events (track, userId = an existing person) through events.raw with
+   like (sent with aiokafka's batch API: kafka-python's KafkaProducer costs ~100 us of CPU per record).
+   Then --pre-events real events (track, userId = an existing person) through events.raw with
    flywheel.producer.Producer, so the first start has traffic;
 2. first start (no checkpoint): one `flywheel worker` on an empty data dir: Faust recovers the whole
    changelog into RocksDB, the aggregate stage counts every partition's partials from the states and
    re-publishes every cell;
 3. restart (checkpoint): SIGTERM, start again on the same data dir: partials loaded from checkpoints;
 4. rebalance: a traffic thread sends --rate events/s; a second worker (same app id, own data dir and
-   ports) joins; both are measured until every partition is published again;
+   ports) joins; both are measured until every partition is published again (the second worker's
+   standby replicas go on recovering after that, into the next phase: Faust does not log their end);
 5. ClickHouse outage: traffic on, the server is stopped for --outage-seconds and started again; the
-   sink must say it is blocked (/metrics flywheel_sink_blocked) and every event sent in the whole run
-   must reach flywheel.events.
+   sink must say it is blocked (/metrics flywheel_sink_blocked) and every event of the traffic
+   (rebalance and outage phases) must reach flywheel.events; /health is reported for the whole phase,
+   while the server was down, and after it was back (the backlog being caught up).
 
 Measured per phase: wall seconds, the workers' CPU seconds (/proc/<pid>/stat), assignment (Faust's
 "Executing _on_partitions_assigned") → first metrics.* record published, → every owned partition
 published, process start → "Recovery complete" / "Worker ready", and /health on every worker's admin
 listener polled every 100 ms by a separate process (a request that fails or times out at 5 s counts as
-5 s; before a worker's first answer nothing counts). Metrics records are read with a kafka-python
-consumer from the end offsets taken before the first start; a record's time is its Kafka timestamp
-(the worker's clock at send).
+5 s; before a worker's first answer nothing counts); the slowest answers are listed with the worker's
+last log line before them, and with --asyncio-debug with the coroutines that held the event loop.
+Metrics records are read with a kafka-python consumer from the end offsets taken before the first
+start; a record's time is its Kafka timestamp (the worker's clock at send).
 
 ClickHouse: Debian's clickhouse-server 18.16 (tests/helpers.py ClickHouseServer; scripts/ensure-
 clickhouse-server installs it). The production schema needs a current ClickHouse, so the worker runs
@@ -67,7 +72,7 @@ from typing import Any
 
 import orjson
 from flywheel import devkafka
-from flywheel.config import Settings
+from flywheel.config import Settings, Topics
 from flywheel.metrics.definitions import load_metrics
 from flywheel.metrics.person import PersonState, apply
 from flywheel.model.clock import DAY_MS
@@ -87,6 +92,7 @@ HEALTH_TARGET_S = 1.0
 FIRST_CELL_TARGET_S = 10.0
 FAIL_S = 5.0  # a /health request that fails or times out counts as this
 METRIC_KINDS = ("funnels", "retention", "active_users")
+PRE, TRAFFIC = "pre", "trf"  # messageId prefixes: events sent before the first start, traffic during phases
 
 IDENTITY_18_16 = """-- Added by bench/restart.py: identity tables in the shape Debian's ClickHouse 18.16 accepts.
 CREATE TABLE IF NOT EXISTS flywheel.identity_map
@@ -183,6 +189,7 @@ async def _fill_persons(settings: Settings, n: int, seed: int) -> dict[str, Any]
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks=1, linger_ms=100,
                                 max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
     await producer.start()
+    await producer.partitions_for(topic)  # metadata first: a batch sent before it is only warned about
     started = time.monotonic()
     cpu0 = time.process_time()
     nbytes = 0
@@ -228,11 +235,11 @@ async def _fill_persons(settings: Settings, n: int, seed: int) -> dict[str, Any]
             "avg_value_bytes": round(nbytes / n), "per_partition": per_partition, "topic": topic}
 
 
-def track_event(rng: random.Random, persons: int, ts_ms: int) -> dict[str, Any]:
+def track_event(rng: random.Random, persons: int, ts_ms: int, prefix: str) -> dict[str, Any]:
     j = rng.randrange(len(_NAMES))
     return {"type": "track", "event": _NAMES[j], "userId": person_id(rng.randrange(persons)),
             "properties": dict(_PROPS[j]), "timestamp": iso(ts_ms),
-            "messageId": f"bench-{uuid.UUID(int=rng.getrandbits(128))}"}
+            "messageId": f"{prefix}-{uuid.UUID(int=rng.getrandbits(128))}"}
 
 
 def send_events(settings: Settings, n: int, persons: int, seed: int) -> dict[str, Any]:
@@ -244,7 +251,7 @@ def send_events(settings: Settings, n: int, persons: int, seed: int) -> dict[str
     with Producer(settings.kafka_bootstrap, topic=settings.topics.raw, source="bench-restart",
                   linger_ms=50, batch_size=512 * 1024, max_in_flight_requests_per_connection=5) as producer:
         for _ in range(n):
-            producer.send(track_event(rng, persons, now - rng.randrange(3_600_000)))
+            producer.send(track_event(rng, persons, now - rng.randrange(3_600_000), PRE))
     return {"events": n, "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -269,7 +276,7 @@ class Traffic(threading.Thread):
                 while not self.stop_event.is_set():
                     due = int((time.monotonic() - started) * self.rate)
                     while self.sent < due:
-                        producer.send(track_event(self.rng, self.persons, int(time.time() * 1000)))
+                        producer.send(track_event(self.rng, self.persons, int(time.time() * 1000), TRAFFIC))
                         self.sent += 1
                     time.sleep(0.02)
         except BaseException as exc:  # reported by stop()
@@ -375,7 +382,8 @@ def health_stats(samples: list[tuple[float, float, str]], start: float, end: flo
         "p50_ms": round(pct(lat, 0.5) * 1000, 1), "over_1s": sum(1 for v in lat if v > HEALTH_TARGET_S),
         "failures": len(failures), "failure_kinds": sorted({s[2] for s in failures}),
         "first_answer_at": counted[0][0], "worst_at": counted[worst][0],
-        "slow": [[round(s[0], 2), round(v * 1000)] for s, v in zip(counted, lat, strict=True) if v > 0.25][:200],
+        "slow": sorted(([round(s[0], 2), round(v * 1000)] for s, v in zip(counted, lat, strict=True) if v > 0.25),
+                       key=lambda x: -x[1])[:300],
     }
 
 
@@ -402,10 +410,13 @@ def parse_log_time(line: str) -> float | None:
 class Worker:
     """A `flywheel worker` child (tests/helpers.WorkerProcess) with its /health poller."""
 
-    def __init__(self, name: str, settings: Settings, sql_dir: Path):
+    def __init__(self, name: str, settings: Settings, sql_dir: Path, *, asyncio_debug: bool = False):
         self.name = name
         self.settings = settings
-        self.proc = WorkerProcess(settings, extra_env={"FLYWHEEL_SQL_DIR": str(sql_dir)})
+        env = {"FLYWHEEL_SQL_DIR": str(sql_dir)}
+        if asyncio_debug:  # asyncio logs every callback that holds the loop > 100 ms, naming its task
+            env["PYTHONASYNCIODEBUG"] = "1"
+        self.proc = WorkerProcess(settings, extra_env=env)
         self.poller = HealthPoller(settings.admin_port, settings.data_dir.parent / f"health-{name}.txt")
         self.spawned = 0.0
         self.cpu_before = 0.0
@@ -468,10 +479,17 @@ class Worker:
         return round(time.monotonic() - started, 2)
 
 
+def topics_for(prefix: str) -> Topics:
+    return Topics(raw=f"{prefix}.events.raw", invalid=f"{prefix}.events.invalid",
+                  identified=f"{prefix}.events.identified", identity_changes=f"{prefix}.identity.changes",
+                  funnels=f"{prefix}.metrics.funnels", retention=f"{prefix}.metrics.retention",
+                  active_users=f"{prefix}.metrics.active_users")
+
+
 def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clickhouse_url: str) -> Settings:
     return Settings(kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-restart-{tag}",
                     data_dir=data_dir, http_port=free_port(), admin_port=free_port(),
-                    topics=pl.topics_for(f"restart-{tag}"), clickhouse_url=clickhouse_url,
+                    topics=topics_for(f"bench-restart-{tag}"), clickhouse_url=clickhouse_url,
                     http_host="127.0.0.1")
 
 
@@ -498,9 +516,10 @@ class ClickHouseCounts:
         finally:
             ch.close()
 
-    def events(self) -> tuple[int, int]:
-        """(rows, distinct message ids) in flywheel.events."""
-        return tuple(self.rows("SELECT count(), uniqExact(message_id) FROM flywheel.events")[0])
+    def events(self, prefix: str | None = None) -> tuple[int, int]:
+        """(rows, distinct message ids) in flywheel.events, of the events whose messageId has this prefix."""
+        where = f" WHERE startsWith(message_id, '{prefix}-')" if prefix else ""
+        return tuple(self.rows(f"SELECT count(), uniqExact(message_id) FROM flywheel.events{where}")[0])
 
 
 # --------------------------------------------------------------------------- phases
@@ -594,6 +613,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(), "loadavg_start": loadavg(),
         "config": {"persons": args.persons, "partitions": args.partitions, "outage_seconds": args.outage_seconds,
+                   "asyncio_debug": args.asyncio_debug,
                    "rate": args.rate, "pre_events": args.pre_events, "health_interval_s": args.health_interval},
         "phases": [],
     }
@@ -602,7 +622,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers: list[Worker] = []
     watch: MetricsWatch | None = None
     traffic: Traffic | None = None
-    sent_total = 0
+    traffic_sent = 0
     try:
         log(f"starting Kafka at {broker.bootstrap} and clickhouse-server in {tmp}")
         broker_pid = devkafka.start(broker)
@@ -621,7 +641,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"fill: {fill['persons']:,} persons in {fill['seconds']} s ({fill['persons_per_s']:,}/s, "
             f"{fill['mb']} MB, {fill['avg_value_bytes']} B per record)")
         fill["pre_events"] = send_events(s1, args.pre_events, args.persons, args.seed + 1)
-        sent_total += args.pre_events
         doc["fill"] = fill
         ch = ClickHouseCounts(server.url)
         watch = MetricsWatch(s1)
@@ -632,7 +651,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          live: list[Worker], **extra: Any) -> dict[str, Any]:
             usage = usage_delta(cpu0, sample_usage(pids | {w.name: w.pid for w in live}))
             health = {w.name: health_stats(w.poller.samples(), t0, t1) for w in live}
+            for w in live:
+                h = health[w.name]
+                h["slowest_in_context"] = slow_context(w, h, t0)
+            stalls = {w.name: loop_stalls(w, t0, t1) for w in live}
             rec = {"phase": name, "persons": args.persons, "wall_s": round(t1 - t0, 1), "cpu_s": usage,
+                   "loop_stalls": stalls,
                    "workers_cpu_s": round(sum(usage.get(w.name, 0.0) for w in live), 1),
                    "machine_busy": machine_busy(m0), "loadavg_start": load0, "loadavg_end": loadavg(),
                    "health": health, "health_all": merge_health(list(health.values())), **extra}
@@ -641,16 +665,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # ---- 2. first start on a table without checkpoint
         log("phase first-start: one worker, empty data dir, no checkpoint in the table")
-        w1 = Worker("w1", s1, migrations)
+        w1 = Worker("w1", s1, migrations, asyncio_debug=args.asyncio_debug)
         workers.append(w1)
         load0, m0, cpu0 = loadavg(), pl.machine_ticks(), sample_usage(pids)
         w1.start()
         t1 = wait_phase([w1], watch, w1.spawned, partitions=args.partitions, timeout=args.phase_timeout,
-                        extra=lambda: ch.events()[1] >= sent_total, what="first start")
+                        what="first start")
+        # The events sent before the start: every one should be ingested and sunk.
+        pre_deadline = time.monotonic() + max(args.settle, 60)
+        while ch.events(PRE)[1] < args.pre_events and time.monotonic() < pre_deadline:
+            time.sleep(1)
         time.sleep(args.settle)
         t_end = time.time()
+        pre_rows = ch.events(PRE)[1]
+        pre_received = w1.metric("flywheel_events_received_total", source="bench-restart")
+        if pre_rows < args.pre_events:
+            log(f"  only {pre_rows} of the {args.pre_events} events sent before the start are in flywheel.events "
+                f"(the worker received {pre_received:.0f})")
         rec = phase_record("first start (no checkpoint)", w1.spawned, t_end, cpu0, m0, load0, [w1],
-                           done_after_s=round(t1 - w1.spawned, 1), startup=startup_facts(w1, watch, w1.spawned))
+                           done_after_s=round(t1 - w1.spawned, 1), startup=startup_facts(w1, watch, w1.spawned),
+                           pre_events_sent=args.pre_events, pre_events_in_clickhouse=pre_rows,
+                           pre_events_received=pre_received)
         log(f"  {summary_line(rec)}")
 
         # ---- 4. restart with a checkpoint
@@ -674,7 +709,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle)
         s2 = s1.model_copy(update={"data_dir": tmp / "w2" / "data", "http_port": free_port(),
                                    "admin_port": free_port()})
-        w2 = Worker("w2", s2, migrations)
+        w2 = Worker("w2", s2, migrations, asyncio_debug=args.asyncio_debug)
         workers.append(w2)
         load0, m0, cpu0 = loadavg(), pl.machine_ticks(), sample_usage(pids | {"w1": w1.pid})
         t0 = time.time()
@@ -686,18 +721,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         t1 = wait_phase([w1, w2], watch, t0, partitions=args.partitions, timeout=args.phase_timeout,
                         extra=both_hold_partitions, what="rebalance")
-        # Faust's standby replicas (one each) keep recovering after the active ones: wait for them too.
-        standby_done = None
-        deadline = time.monotonic() + args.phase_timeout
-        while time.monotonic() < deadline:
-            if w2.first("Recovery complete", t0) and not pending_standby(w2, t0):
-                standby_done = time.time()
-                break
-            time.sleep(1)
+        # Faust's standby replicas (one per partition) go on recovering in the background after "Worker
+        # ready" (Faust does not log when they are done): they overlap the next phase.
         time.sleep(args.settle)
         rec = phase_record("rebalance (2nd worker joins)", t0, time.time(), cpu0, m0, load0, [w1, w2],
                            done_after_s=round(t1 - t0, 1),
-                           standby_settled_after_s=round(standby_done - t0, 1) if standby_done else None,
                            startup=startup_facts(w2, watch, t0), w1_after_rebalance=startup_facts(w1, watch, t0))
         log(f"  {summary_line(rec)}")
 
@@ -729,7 +757,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu0["clickhouse"] = 0.0
         log("  ClickHouse is up again; stopping traffic, waiting for every event in flywheel.events")
         time.sleep(args.settle)
-        sent_total += traffic.stop()
+        traffic_sent = traffic.stop()
         traffic = None
         caught_up = None
         deadline = time.monotonic() + args.phase_timeout
@@ -737,8 +765,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while time.monotonic() < deadline:
             for w in workers:
                 w.alive()
-            rows = ch.events()
-            if rows[1] >= sent_total:
+            rows = ch.events(TRAFFIC)
+            if rows[1] >= traffic_sent:
                 caught_up = time.time()
                 break
             time.sleep(1)
@@ -751,14 +779,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            sink_blocked_max=blocked,
                            sink_blocked_after_s=round(blocked_at - t_down, 1) if blocked_at else None,
                            sink_blocked_at_end=unblocked, clickhouse_back_logs=back,
-                           events_sent_in_run=sent_total, events_rows=rows[0], events_distinct=rows[1],
-                           invalid_rows=invalid, all_events_arrived=rows[1] == sent_total,
+                           traffic_events_sent=traffic_sent, events_rows=rows[0], events_distinct=rows[1],
+                           invalid_rows=invalid, all_events_arrived=rows[1] == traffic_sent,
                            caught_up_after_clickhouse_start_s=round(caught_up - t_up, 1) if caught_up else None,
+                           stopped_at=t_down, started_at=t_up,
                            health_during_outage={w.name: health_stats(w.poller.samples(), t_down, t_up)
-                                                 for w in workers})
+                                                 for w in workers},
+                           health_after_clickhouse_back={w.name: health_stats(w.poller.samples(), t_up, time.time())
+                                                         for w in workers})
         log(f"  {summary_line(rec)}")
         if not rec["all_events_arrived"]:
-            log(f"  NOT every event arrived: {rows[1]} distinct of {sent_total} sent")
+            log(f"  NOT every event arrived: {rows[1]} distinct of {traffic_sent} sent")
     finally:
         if traffic is not None:
             try:
@@ -790,12 +821,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
-def pending_standby(w: Worker, since: float) -> bool:
-    """Faust announced standby recovery and has not logged it done (best effort: log lines)."""
-    started = w.first("Starting standby partitions", since)
-    if started is None:
-        return False
-    return w.first("Restore complete", started) is None and w.first("Standby recovery done", started) is None
+def slow_context(w: Worker, health: dict[str, Any], since: float, n: int = 8) -> list[list[Any]]:
+    """The slowest /health answers, each with the worker's last log line before the request."""
+    slow = sorted(health.get("slow", []), key=lambda s: -s[1])[:n]
+    lines = w.lines(since - 5)
+    out = []
+    for at, ms in slow:
+        before = [line for t, line in lines if t <= at]
+        last = before[-1] if before else ""
+        out.append([round(at - since, 2), ms, last.split("] ", 3)[-1][:160].strip()])
+    return out
+
+
+def loop_stalls(w: Worker, start: float, end: float) -> dict[str, Any]:
+    """asyncio debug's 'Executing <...> took N seconds' lines in [start, end], by coroutine (--asyncio-debug)."""
+    import re
+
+    pattern = re.compile(r"Executing <(.*)> took ([0-9.]+) seconds")
+    by_coro: dict[str, list[float]] = {}
+    for t, line in w.lines(start):
+        if t > end:
+            break
+        m = pattern.search(line)
+        if not m:
+            continue
+        what = m.group(1)
+        coro = re.search(r"coro=<([^ >]+)", what)
+        cb = re.search(r"(?:Handle|TimerHandle) ([^ (]+)", what)
+        key = coro.group(1) if coro else (cb.group(1) if cb else what[:80])
+        by_coro.setdefault(key, []).append(float(m.group(2)))
+    return {k: {"count": len(v), "max_s": round(max(v), 3), "total_s": round(sum(v), 2)}
+            for k, v in sorted(by_coro.items(), key=lambda kv: -max(kv[1]))}
 
 
 def verdict(rec: dict[str, Any]) -> str:
@@ -862,23 +918,40 @@ def render(doc: dict[str, Any]) -> str:
                          f"complete {s['spawn_to_recovery_complete_s']} s, -> first cell "
                          f"{s['spawn_to_first_cell_s']} s; recovery complete -> first cell "
                          f"{s['recovery_complete_to_first_cell_s']} s")
+        for name, stalls in rec.get("loop_stalls", {}).items():
+            for coro, st in list(stalls.items())[:6]:
+                lines.append(f"    {name} loop held > 100 ms by {coro}: {st['count']}x, max {st['max_s']} s, "
+                             f"total {st['total_s']} s")
+        for name, h in rec["health"].items():
+            for at, ms, last in h.get("slowest_in_context", [])[:4]:
+                lines.append(f"    {name} /health {ms} ms at +{at} s, after: {last}")
+        if "pre_events_sent" in rec:
+            lines.append(f"    events sent before the start: {rec['pre_events_in_clickhouse']} of "
+                         f"{rec['pre_events_sent']} in flywheel.events (the worker received "
+                         f"{rec['pre_events_received']:.0f})")
         if "w1_after_rebalance" in rec:
             s1 = rec["w1_after_rebalance"]
             lines.append(f"    w1 after the rebalance: partitions {s1['partitions']}, assignment -> first cell "
                          f"{s1['assignment_to_first_cell_s']} s, all {s1['assignment_to_all_partitions_published_s']}"
-                         f" s; standbys settled {rec.get('standby_settled_after_s')} s after w2 spawned")
+                         f" s")
         if "all_events_arrived" in rec:
             lines.append(f"    sink blocked (max of flywheel_sink_blocked) {rec['sink_blocked_max']}, first seen "
                          f"{rec['sink_blocked_after_s']} s after the stop, at the end {rec['sink_blocked_at_end']}; "
-                         f"{rec['events_distinct']:,} of {rec['events_sent_in_run']:,} events sent in the run are in "
+                         f"{rec['events_distinct']:,} of the {rec['traffic_events_sent']:,} events of the traffic "
+                         f"(rebalance and outage phases) are in "
                          f"flywheel.events ({rec['events_rows']:,} rows, {rec['invalid_rows']} invalid), caught up "
                          f"{rec['caught_up_after_clickhouse_start_s']} s after ClickHouse started")
             dur = merge_health(list(rec["health_during_outage"].values()))
-            lines.append(f"    /health while ClickHouse was down: max {dur['max_ms']} ms, p99 {dur['p99_ms']} ms")
+            aft = merge_health(list(rec["health_after_clickhouse_back"].values()))
+            lines.append(f"    /health while ClickHouse was down: max {dur['max_ms']} ms, p99 {dur['p99_ms']} ms; "
+                         f"after it was back (catching up): max {aft['max_ms']} ms, p99 {aft['p99_ms']} ms")
     return "\n".join(lines)
 
 
 def main() -> None:
+    import logging
+
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # the server's start-up probe, its stop
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--persons", type=int, default=1_000_000, help="person states in the table")
     parser.add_argument("--outage-seconds", type=float, default=300, help="how long ClickHouse is down")
@@ -890,6 +963,9 @@ def main() -> None:
     parser.add_argument("--phase-timeout", type=float, default=1800, help="seconds a phase may take at most")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument("--asyncio-debug", action="store_true",
+                        help="diagnosis, not measurement: run the workers with PYTHONASYNCIODEBUG=1 (asyncio logs each "
+                             "callback holding the event loop > 100 ms) and summarise those per phase")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = run(args)
