@@ -5,7 +5,8 @@ a person, metrics/partials.py what a person change does to the partition's cells
 events.identified records (one consumer, several partitions):
 
 1. each record is applied to its person's state, read from the `persons` table, in partition order:
-   an event (unless late: its row is stored with late=1 and it touches no state), a merge marker
+   an event that is activity or satisfies a metric's condition (unless late: its row is stored with
+   late=1 and it touches no state; identity calls touch no state at all), a merge marker
    (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
    handed-over state (joined into the user's);
 2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
@@ -100,8 +101,21 @@ class AggregateStage:
         """The partitions this worker owns now (after table recovery): repair each, in the background."""
         wanted = set(partitions)
         self.revoked(set(self._repairs) - wanted)
-        for p in wanted - self._repairs.keys():
-            self._repairs[p] = asyncio.ensure_future(self._repair(p))
+        new = {p: asyncio.ensure_future(self._repair(p)) for p in sorted(wanted - self._repairs.keys())}
+        self._repairs.update(new)
+        if new:
+            asyncio.ensure_future(self._report(new))
+
+    async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
+        """One line once an assignment's partitions are repaired."""
+        started = time.monotonic()
+        done = await asyncio.gather(*repairs.values(), return_exceptions=True)
+        restored = [r for r in done if isinstance(r, tuple)]
+        if restored:
+            how = Counter(h for h, _ in restored)
+            log.info("partials of partitions %s restored in %.2fs: %d from checkpoints, %d counted from the "
+                     "person states; %d cells republished", sorted(repairs), time.monotonic() - started,
+                     how["checkpoint"], how["count"], sum(cells for _, cells in restored))
 
     def revoked(self, partitions: Iterable[int]) -> None:
         for p in list(partitions):
@@ -123,18 +137,16 @@ class AggregateStage:
         tasks = [self._repairs[p] for p in partitions]
         await asyncio.gather(*(asyncio.shield(t) for t in tasks))
 
-    async def _repair(self, partition: int) -> None:
-        started = time.monotonic()
-        loaded = self._load(partition)
-        if not loaded:
+    async def _repair(self, partition: int) -> tuple[str, int]:
+        """(how the partials were restored, how many cells were republished)"""
+        how = "checkpoint" if self._load(partition) else "count"
+        if how == "count":
             await self._rebuild(partition)
             await self.retry(lambda: self._write_checkpoint(partition), f"checkpoint p{partition}", 1)
-        obs.PARTIALS_RESTORED.labels("checkpoint" if loaded else "count").inc()
+        obs.PARTIALS_RESTORED.labels(how).inc()
         cells = len(self.partials.parts[partition].counts)
-        log.info("partition %d: partials %s (%d cells) in %.2fs", partition,
-                 "loaded from its checkpoint" if loaded else "counted from the person table", cells,
-                 time.monotonic() - started)
         await self.retry(lambda: self._publish([partition]), f"republish p{partition}", cells)
+        return how, cells
 
     def _end(self, partition: int) -> dict:
         raw = self.persons.get(partition, _mark(END, partition))
@@ -247,7 +259,7 @@ class AggregateStage:
                 slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
                 watermarks[part] = max(watermarks[part], slot[1].newest)
             else:
-                rows.append(self._event(part, rec, state_of(part, rec["personId"].encode()), watermarks))
+                rows.append(self._event(part, rec, state_of, watermarks))
 
         # A redelivered event can arrive under another person than the one that applied it (its
         # anonymous id got linked in between: the identity stage now keys it by the user, whose state
@@ -302,25 +314,30 @@ class AggregateStage:
         # 5. the changed cells
         await self._publish([change.partition for change, _ in changes])
 
-    def _event(self, part: int, rec: dict, slot: list, watermarks: dict[int, int]) -> dict:
-        """Apply one event to its person (slot: [old, new]); its row, with the late flag."""
-        state = slot[1] if slot[1] is not None else PersonState()
-        slot[1] = state
-        ts, mid = rec["timestamp"], rec["messageId"]
+    def _event(self, part: int, rec: dict, state_of: Callable[[int, bytes], list], watermarks: dict[int, int]) -> dict:
+        """Apply one event to its person (state_of → its slot [old, new]); its row, with the late flag.
+        An event that is no activity and satisfies no condition (an identify, a trait sync) changes no
+        metric: it does not touch the state, and is never late."""
+        ts, mid, mtype, name = rec["timestamp"], rec["messageId"], rec["type"], rec.get("event", "")
+        matched = self.metrics.matching(name, rec.get("properties") or {}, mtype)
+        active = self.metrics.activity.matches(mtype, name)
         late = None
-        if state.has_applied(mid):
-            pass  # applied before (a redelivery): not late, nothing to do
-        elif is_late(state, ts, self.metrics):
-            late = "person"
-        else:
-            if self.partials.touches_closed(part, ts):
-                # rare: a silent person's old event, after this partition's cells of that time closed
-                obs.CLOSED_CELL_UPDATES.inc()
-                log.warning("event %s (%d ms) changes cells already closed on partition %d: "
-                            "their published values stay as they are", mid, ts, part)
-            apply(state, mid, ts, self.metrics.matching(rec.get("event", ""), rec.get("properties") or {}),
-                  self.metrics)
-            watermarks[part] = max(watermarks[part], ts)
+        if matched or active:
+            slot = state_of(part, rec["personId"].encode())
+            state = slot[1] if slot[1] is not None else PersonState()
+            slot[1] = state
+            if state.has_applied(mid):
+                pass  # applied before (a redelivery): not late, nothing to do
+            elif is_late(state, ts, self.metrics):
+                late = "person"
+            else:
+                if self.partials.touches_closed(part, ts):
+                    # rare: a silent person's old event, after this partition's cells of that time closed
+                    obs.CLOSED_CELL_UPDATES.inc()
+                    log.warning("event %s (%d ms) changes cells already closed on partition %d: "
+                                "their published values stay as they are", mid, ts, part)
+                apply(state, mid, ts, matched, self.metrics, active=active)
+                watermarks[part] = max(watermarks[part], ts)
         if late:
             obs.LATE_EVENTS.labels(late).inc()
         rec["late"] = bool(late)
