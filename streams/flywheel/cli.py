@@ -69,7 +69,7 @@ def collector(
     from flywheel.observability import setup_logging
 
     settings = _settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     run_standalone(settings, host=host or settings.http_host, port=port or settings.http_port)
 
 

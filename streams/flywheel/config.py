@@ -80,10 +80,18 @@ class Settings(BaseSettings):
         2, description="collector: Kafka transactions in flight at once (one transactional producer each)"
     )
     log_level: str = Field("info", description="debug, info, warning, error")
+    log_format: str = Field("text", description="text, or json: one JSON object per line, for log shippers")
     profile: Path | None = Field(
         None, description="profile the worker with pyinstrument, saved to this file at shutdown (bench)"
     )
     topics: Topics = Field(default_factory=Topics)
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in ("text", "json"):
+            raise ValueError(f"FLYWHEEL_LOG_FORMAT must be text or json, not {v!r}")
+        return v
 
     @field_validator("kafka_bootstrap")
     @classmethod

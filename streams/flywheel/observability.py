@@ -7,7 +7,6 @@ import logging.config
 from typing import Any
 
 import orjson
-
 from prometheus_client import Counter, Gauge, Histogram
 
 RECEIVED = Counter("flywheel_events_received_total", "Raw records read from events.raw", ["source"])
@@ -68,15 +67,27 @@ QUIET = ("kafka", "aiokafka")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class OneLine(logging.Filter):
-    """Faust and mode log some state changes with an ASCII table under them (subscriptions, offsets):
-    below WARNING, keep the line that says what happened."""
+# Faust's and mode's INFO lines an operator reads: the worker's own state changes. The rest (every service
+# starting and stopping, every store partition opened, tables of offsets) shows at debug.
+FAUST_STATE_CHANGES = ("Worker ready", "Restoring state from changelog", "Recovery complete", "Signal received",
+                       "[^Worker]: Stopping", "Closing event loop")
+
+
+class Readable(logging.Filter):
+    """Below WARNING, Faust and mode (and mode's services of ours) say only the worker's state changes, each
+    on one line (some come with an ASCII table under them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING and record.name.split(".")[0] in ("faust", "mode"):
-            message = record.getMessage()
-            if "\n" in message:
-                record.msg, record.args = message.split("\n", 1)[0].rstrip(" :"), ()
+        if record.levelno >= logging.WARNING or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        message = record.getMessage()
+        # mode's services (ours too) prefix their lines with their place in the tree: "[^--Consumer]: …"
+        if record.name.split(".")[0] not in ("faust", "mode") and not message.startswith("[^"):
+            return True
+        if not any(change in message for change in FAUST_STATE_CHANGES):
+            return False
+        if "\n" in message:
+            record.msg, record.args = message.split("\n", 1)[0].rstrip(" :"), ()
         return True
 
 
@@ -99,10 +110,10 @@ def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"one_line": {"()": OneLine}},
+        "filters": {"readable": {"()": Readable}},
         "formatters": {"text": {"format": TEXT_FORMAT}, "json": {"()": JsonFormatter}},
         "handlers": {"default": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-                                 "formatter": fmt, "filters": ["one_line"]}},
+                                 "formatter": fmt, "filters": ["readable"]}},
         "root": {"level": root, "handlers": ["default"]},
         "loggers": {name: {"level": library} for name in QUIET},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,13 +11,13 @@ from pathlib import Path
 from flywheel import clickhouse, paths
 from flywheel.clickhouse import migrate
 from flywheel.config import Settings
-from flywheel.observability import setup_logging
+from flywheel.observability import logging_config, setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def run(settings: Settings) -> None:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     from faust import Worker
 
     from flywheel.metrics.definitions import load_metrics
@@ -33,7 +34,11 @@ def run(settings: Settings) -> None:
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
     parts = create_worker(settings, ch)
-    worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper())
+    tty = sys.stdout.isatty()
+    worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
+                    logging_config=logging_config(settings.log_level, settings.log_format))
+    if not tty:
+        worker.spinner = None  # it writes cursor codes (ESC[?25l) even into a file
     with _profiled(settings.profile):
         worker.execute_from_commandline()
 

@@ -25,6 +25,8 @@ fails loudly when an upgrade changes what it relies on. Versions are pinned in p
    `Store._db_for_partition` and `Store.offset_key`, in write batches; the memory store through its dict.
 5. Pausing a partition's fetching (`pause`, `resume`): `Consumer.on_buffer_full` / `on_buffer_drop`, what
    a full stream buffer does.
+6. Recovery progress (`recovery_remaining`): what Faust's table recovery still has to read, per table,
+   from `Recovery.in_recovery`, `active_remaining()` and `tp_to_table`.
 """
 
 from __future__ import annotations
@@ -299,3 +301,16 @@ def pause(app: faust.App, tps: Iterable[TP]) -> None:
 def resume(app: faust.App, tps: Iterable[TP]) -> None:
     for tp in tps:
         app.consumer.on_buffer_drop(tp)
+
+
+# ---- 6. recovery progress ---------------------------------------------------------------------------
+def recovery_remaining(app: faust.App) -> dict[str, int] | None:
+    """Changelog records Faust's recovery has still to read, per table; None when it is not recovering."""
+    recovery = app.tables.recovery
+    if not recovery.in_recovery:
+        return None
+    remaining: dict[str, int] = {}
+    for tp, left in recovery.active_remaining().items():
+        name = recovery.tp_to_table[tp].name
+        remaining[name] = remaining.get(name, 0) + max(0, left)
+    return remaining
