@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     collector_transaction_lanes: int = Field(
         2, description="collector: Kafka transactions in flight at once (one transactional producer each)"
     )
+    ready_max_lag: int = Field(
+        100_000, description="a worker further behind on events.raw is not ready (/health/ready answers 503)"
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
     log_format: str = Field("text", description="text, or json: one JSON object per line, for log shippers")
     profile: Path | None = Field(

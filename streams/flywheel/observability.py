@@ -30,6 +30,9 @@ SINK_FAILURES = Counter(
 SINK_BLOCKED = Gauge(
     "flywheel_sink_blocked", "1 while a sink waits for ClickHouse (consumption of its topic is paused)", ["table"]
 )
+STAGE_FAILING = Gauge(
+    "flywheel_stage_failing", "1 while a stage's batch keeps failing and is retried (its partitions wait)", ["stage"]
+)
 SINK_REJECTED = Counter(
     "flywheel_sink_rejected_rows_total", "Rows ClickHouse refused as bad data, dead-lettered", ["table"]
 )

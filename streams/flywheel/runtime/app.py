@@ -34,11 +34,13 @@ from flywheel.runtime.delivery import BatchTopics
 from flywheel.runtime.outbox import Outbox, Outboxes
 from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
+from flywheel.runtime.status import WorkerStatus
 from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
 from flywheel.stages.aggregate import AggregateStage, owner_of
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
-from flywheel.web.admin import add_sql, admin_app
+from flywheel.web.admin import add_sql, add_status, admin_app
+from flywheel.web.health import KafkaProbe
 from flywheel.web.server import Listener
 
 log = logging.getLogger(__name__)
@@ -214,13 +216,17 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
 
-    admin = admin_app(role="worker")
+    kafka = KafkaProbe(settings.kafka_bootstrap)
+    status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,
+                          stages={bt.name: bt.topic_name for bt in batches.values()})
+    admin = admin_app(role="worker", checks=[kafka, status.clickhouse, status.recovery, status.behind])
+    add_status(admin, status.status)
     if not settings.clickhouse_url:  # a server is queried directly by `flywheel sql`
         add_sql(admin, ch=ch, executor=executor, data_dir=settings.data_dir, host=settings.admin_host,
                 port=settings.admin_port)
     listeners = Listeners([
-        Listener(collector_app(Collector.from_settings(settings)), host=settings.http_host, port=settings.http_port,
-                 name="collector"),
+        Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
+                 port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    return Pipeline(app, [listeners, output, Progress(app)])
+    return Pipeline(app, [listeners, output, Progress(app), status])

@@ -25,8 +25,9 @@ fails loudly when an upgrade changes what it relies on. Versions are pinned in p
    `Store._db_for_partition` and `Store.offset_key`, in write batches; the memory store through its dict.
 5. Pausing a partition's fetching (`pause`, `resume`): `Consumer.on_buffer_full` / `on_buffer_drop`, what
    a full stream buffer does.
-6. Recovery progress (`recovery_remaining`): what Faust's table recovery still has to read, per table,
-   from `Recovery.in_recovery`, `active_remaining()` and `tp_to_table`.
+6. Recovery (`recovered`, `recovery_remaining`): whether Faust's table recovery has completed once, and
+   what it still has to read per table, from `Recovery.completed`, `in_recovery`, `active_remaining()`
+   and `tp_to_table`.
 """
 
 from __future__ import annotations
@@ -303,7 +304,12 @@ def resume(app: faust.App, tps: Iterable[TP]) -> None:
         app.consumer.on_buffer_drop(tp)
 
 
-# ---- 6. recovery progress ---------------------------------------------------------------------------
+# ---- 6. recovery ------------------------------------------------------------------------------------
+def recovered(app: faust.App) -> bool:
+    """Whether the tables have been recovered since the worker started (it has been ready once)."""
+    return app.tables.recovery.completed.is_set()
+
+
 def recovery_remaining(app: faust.App) -> dict[str, int] | None:
     """Changelog records Faust's recovery has still to read, per table; None when it is not recovering."""
     recovery = app.tables.recovery
