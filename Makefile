@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-shutdown sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-identity: $(STAMP)
 # Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"
 bench-metrics: $(STAMP)
 	$(BIN)/python bench/metrics.py $(BENCH_ARGS)
+
+bench-shutdown: $(STAMP)
+	$(BIN)/python bench/shutdown.py $(BENCH_ARGS)
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

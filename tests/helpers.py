@@ -89,6 +89,8 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),
         "app_id": f"flywheel-{tag}", "partitions": 4, "topics": topics, "sink_flush_seconds": 0.5,
         "sink_max_backoff_seconds": 2.0,
+        # a killed worker's partitions move after 10 s, not a minute: every kill -9 test waits for that
+        "session_timeout_seconds": 10.0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     partitions: int = Field(8, description="partitions for topics Flywheel creates")
     replication: int = Field(1, description="replication factor for topics Flywheel creates")
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+    session_timeout_seconds: float = Field(
+        60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "
+                          "they move); heartbeats go every 3 s"
+    )
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")
     sink_max_backoff_seconds: float = Field(

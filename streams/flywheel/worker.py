@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,8 +40,21 @@ def run(settings: Settings) -> None:
                     logging_config=logging_config(settings.log_level, settings.log_format))
     if not tty:
         worker.spinner = None  # it writes cursor codes (ESC[?25l) even into a file
-    with _profiled(settings.profile):
-        worker.execute_from_commandline()
+    code = 1
+    try:
+        with _profiled(settings.profile):
+            worker.execute_from_commandline()
+    except SystemExit as stop:  # how Faust's worker ends, once it has stopped every service
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        ch.close()
+    # Leave without the interpreter's teardown: chdb's global shutdown at exit crashed about one SIGTERM in
+    # three (SIGSEGV, exit 139: "ShutdownTablesThreadPool is not initialized"). Everything is written by now:
+    # Faust stopped its services (offsets committed, stores closed), ClickHouse closed, logs flushed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager

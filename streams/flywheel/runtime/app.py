@@ -158,6 +158,7 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_seconds,
         web_enabled=False,  # the worker's listeners are its own (Listeners)
         monitor=faust_seams.LeanMonitor(),
     )
