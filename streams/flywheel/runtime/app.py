@@ -195,8 +195,28 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     def owned() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names.identified}
 
+    async def rewind_uncommitted() -> None:
+        """Partitions of our topics with no committed offset start again from their beginning.
+
+        Why: records of a partition fetched before a rebalance are dropped unacked (delivery.py), and Faust
+        seeks to the committed offset to fetch them again — but aiokafka does not seek when there is none
+        (or it is 0), and Faust then commits the next acked records past them: lost. A fresh group whose
+        first rebalance comes before its first commit would lose its first records. From the beginning is
+        where a partition without a commit starts anyway (consumer_auto_offset_reset=earliest)."""
+        stream = {t.get_topic_name() for t in topic.values()}
+        tps = {tp for tp in app.consumer.assignment() if tp.topic in stream}
+        if not tps:
+            return
+        committed = await app.consumer.seek_to_committed()
+        fresh = sorted(tp for tp in tps if not committed.get(tp))
+        if fresh:
+            for tp, earliest in (await app.consumer.earliest_offsets(*fresh)).items():
+                await app.consumer.seek(tp, earliest)
+            log.info("no committed offset yet: from the beginning for %s", partitions_text(fresh, topic))
+
     @persons.table.on_recover
     async def _recovered() -> None:
+        await rewind_uncommitted()
         aggregate.assigned(owned())
 
     @app.on_partitions_revoked.connect

@@ -58,7 +58,10 @@ log = logging.getLogger(__name__)
 END = b"\x00partition\x00"  # + partition: the checkpoint's end mark (the first release's meta record)
 BEGIN = b"\x00begin\x00"  # + partition: the sequence number of the last batch that started writing
 CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
-SLICE_SECONDS = 0.02  # a rebuild gives the event loop back this often
+# A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
+# every YIELD_EVERY records: the collector and /health share the loop.
+SLICE = 100
+YIELD_EVERY = 500
 
 Retry = Callable[[Callable[[], Awaitable[Any]], str, int], Awaitable[Any]]
 
@@ -95,6 +98,7 @@ class AggregateStage:
         self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
         self._repairs: dict[int, asyncio.Task] = {}
         self._publishing = asyncio.Lock()
+        self._counting = asyncio.Lock()
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -172,33 +176,33 @@ class AggregateStage:
 
     async def _rebuild(self, partition: int) -> None:
         """Partials counted from the person states: two passes over the partition's states (the open cells
-        depend on the newest event time among them), never more than a slice of them in memory, giving the
-        event loop back every SLICE_SECONDS."""
-        end = self._end(partition)
-        watermark = int(end.get("watermark", -1))
-        async for values in self._persons_in_slices(partition):
-            watermark = max([watermark, *(orjson.loads(v)["n"] for v in values)])
-        open_from = self.partials.open_from_of(watermark)
-        counts: Counter = Counter()
-        async for values in self._persons_in_slices(partition):
-            states = (PersonState.from_json(orjson.loads(v), self.metrics) for v in values)
-            counts.update(count(states, self.metrics, open_from))
-        zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
-        self.partials.load(partition, watermark, counts, zeros)
-        self.seq[partition] = int(end.get("seq", 0))
+        depend on the newest event time among them), SLICE states at a time with the event loop given back
+        in between, one partition at a time (a count is pure CPU: in parallel it would only hold more)."""
+        async with self._counting:
+            end = self._end(partition)
+            watermark = int(end.get("watermark", -1))
+            async for values in self._persons_in_slices(partition):
+                watermark = max([watermark, *(orjson.loads(v)["n"] for v in values)])
+            open_from = self.partials.open_from_of(watermark)
+            counts: Counter = Counter()
+            async for values in self._persons_in_slices(partition):
+                states = (PersonState.from_json(orjson.loads(v), self.metrics) for v in values)
+                counts.update(count(states, self.metrics, open_from))
+            zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
+            self.partials.load(partition, watermark, counts, zeros)
+            self.seq[partition] = int(end.get("seq", 0))
 
     async def _persons_in_slices(self, partition: int) -> AsyncIterator[list[bytes]]:
-        """The partition's person states, as stored, a slice at a time; the loop runs between slices."""
+        """The partition's person states, as stored, SLICE at a time; the loop runs between slices."""
         values: list[bytes] = []
-        deadline = time.monotonic() + SLICE_SECONDS
         for key, value in self.persons.scan(partition):
-            if not is_bookkeeping(key):
-                values.append(value)
-            if len(values) >= 64 and time.monotonic() > deadline:
+            if is_bookkeeping(key):
+                continue
+            values.append(value)
+            if len(values) == SLICE:
                 yield values
                 values = []
                 await asyncio.sleep(0)
-                deadline = time.monotonic() + SLICE_SECONDS
         if values:
             yield values
 
@@ -245,7 +249,9 @@ class AggregateStage:
             return slot
 
         rows, handoffs = [], []
-        for part, rec in batch:
+        for i, (part, rec) in enumerate(batch):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             kind = rec.get("type")
             if kind == "merge":
                 slot = state_of(part, rec["from"].encode())
@@ -288,7 +294,12 @@ class AggregateStage:
             by_partition[part].append((key, *slot))
         changes: list[tuple[Change, int]] = []
         for part, persons in by_partition.items():
-            change = self.partials.change(part, watermarks[part], [(old, new) for _, old, new in persons])
+            delta: Counter = Counter()
+            for i in range(0, len(persons), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
+                delta.update(self.partials.delta(part, watermarks[part],
+                                                 [(old, new) for _, old, new in persons[i:i + YIELD_EVERY // 10]]))
+                await asyncio.sleep(0)
+            change = self.partials.change(part, watermarks[part], delta)
             seq = self.seq.get(part, 0) + 1
             changes.append((change, seq))
             writes.put(part, _mark(BEGIN, part), str(seq).encode())
