@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-shutdown sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-metrics: $(STAMP)
 bench-restart: $(STAMP)
 	scripts/ensure-clickhouse-server
 	$(BIN)/python bench/restart.py $(BENCH_ARGS)
+
+bench-shutdown: $(STAMP)
+	$(BIN)/python bench/shutdown.py $(BENCH_ARGS)
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

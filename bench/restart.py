@@ -43,9 +43,8 @@ start; a record's time is its Kafka timestamp (the worker's clock at send).
 
 ClickHouse: Debian's clickhouse-server 18.16 (tests/helpers.py ClickHouseServer; scripts/ensure-
 clickhouse-server installs it). The production schema needs a current ClickHouse, so the worker runs
-with FLYWHEEL_SQL_DIR at a copy of tests/integration/sql_18_16 (events, invalid_events, the partial
-tables: no views), to which this bench adds identity_map/identity_conflicts in the same 18.16 shape
-(the test schema has none: the bench's traffic makes no links, but a worker should not block on them).
+with FLYWHEEL_SQL_DIR at tests/integration/sql_18_16 (events, invalid_events, identity, the partial
+tables: no views).
 
 The machine may be shared (2 cores here, other tests may run): every phase records the load average
 and how busy the whole machine was, beside the CPU seconds of the workers, broker and ClickHouse.
@@ -94,23 +93,6 @@ FAIL_S = 5.0  # a /health request that fails or times out counts as this
 METRIC_KINDS = ("funnels", "retention", "active_users")
 PRE, TRAFFIC = "pre", "trf"  # messageId prefixes: events sent before the first start, traffic during phases
 
-IDENTITY_18_16 = """-- Added by bench/restart.py: identity tables in the shape Debian's ClickHouse 18.16 accepts.
-CREATE TABLE IF NOT EXISTS flywheel.identity_map
-(
-    distinct_id String, person_id String, version UInt64, message_id String, linked_at DateTime,
-    inserted_at DateTime DEFAULT now()
-)
-ENGINE = ReplacingMergeTree(version)
-ORDER BY distinct_id;
-
-CREATE TABLE IF NOT EXISTS flywheel.identity_conflicts
-(
-    anonymous_id String, linked_to String, refused String, message_id String, at DateTime,
-    inserted_at DateTime DEFAULT now()
-)
-ENGINE = ReplacingMergeTree
-ORDER BY (anonymous_id, message_id);
-"""
 
 # /health poller: its own process, so the bench's threads (producer, consumer) cannot delay it.
 POLLER = r"""
@@ -493,16 +475,6 @@ def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clic
                     http_host="127.0.0.1")
 
 
-def sql_dir(tmp: Path) -> Path:
-    """tests/integration/sql_18_16 plus identity tables in the same 18.16 shape."""
-    target = tmp / "sql_18_16" / "migrations"
-    target.mkdir(parents=True)
-    for f in SQL_18_16.glob("*.sql"):
-        shutil.copy(f, target / f.name)
-    (target / "0002_identity.sql").write_text(IDENTITY_18_16)
-    return target.parent
-
-
 class ClickHouseCounts:
     def __init__(self, url: str):
         self.url = url
@@ -629,8 +601,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = ClickHouseServer(tmp / "clickhouse-server")
         server.start()
         doc["config"]["kafka"] = devkafka.kafka_version()
-        doc["config"]["clickhouse"] = "Debian clickhouse-server 18.16, schema tests/integration/sql_18_16 + identity"
-        migrations = sql_dir(tmp)
+        doc["config"]["clickhouse"] = "Debian clickhouse-server 18.16, schema tests/integration/sql_18_16"
+        migrations = SQL_18_16.parent
         s1 = settings_for(broker.bootstrap, tag, tmp / "w1" / "data", args.partitions, server.url)
         ensure_topics(s1)
         doc["config"]["app_id"] = s1.app_id

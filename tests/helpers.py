@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),
         "app_id": f"flywheel-{tag}", "partitions": 4, "topics": topics, "sink_flush_seconds": 0.5,
         "sink_max_backoff_seconds": 2.0,
+        # a killed worker's partitions move after 10 s, not a minute: every kill -9 test waits for that
+        "session_timeout_seconds": 10.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -138,6 +141,17 @@ class WorkerProcess:
         """GET from the worker's admin listener (/health, /metrics)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.admin_port}{path}", timeout=10) as r:
             return r.read()
+
+    def ready(self, *, public: bool = False) -> dict:
+        """/health/ready of the admin listener (or the public one), 200 or 503 alike."""
+        import orjson
+
+        port = self.settings.http_port if public else self.settings.admin_port
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=30) as r:
+                return orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return orjson.loads(exc.read())
 
     def metric(self, name: str, **labels: str) -> float:
         """Value of one Prometheus sample from /metrics (0 if absent)."""

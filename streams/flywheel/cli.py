@@ -69,7 +69,7 @@ def collector(
     from flywheel.observability import setup_logging
 
     settings = _settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     run_standalone(settings, host=host or settings.http_host, port=port or settings.http_port)
 
 
@@ -180,6 +180,63 @@ def metrics_verify() -> None:
     if diffs:
         raise typer.Exit(1)
     typer.echo("funnel_daily, retention_daily and active_users_daily equal the oracles")
+
+
+@cli.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print /status and readiness as one JSON object")] = False,
+) -> None:
+    """Say how the worker is doing, from its admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT):
+    ready or why not, each stage's lag and failures, event rates (received, valid, invalid, late,
+    duplicates), ClickHouse inserts waiting, table restore progress. Exit 0 ready, 1 not ready, 2 no answer."""
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    settings = _settings()
+    base = f"http://{settings.admin_host if settings.admin_host not in ('0.0.0.0', '::') else '127.0.0.1'}" \
+           f":{settings.admin_port}"
+
+    def get(path: str) -> dict:
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                return orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:  # 503 from /health/ready still carries the reasons
+            return orjson.loads(exc.read())
+
+    try:
+        ready, doc = get("/health/ready"), get("/status")
+    except (OSError, ValueError) as exc:
+        _fail(f"no worker answers at {base} ({exc}): is `flywheel worker` running with these settings?", 2)
+    if as_json:
+        typer.echo(orjson.dumps({"ready": ready, "status": doc}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        from flywheel.query import format_table
+
+        typer.echo(f"worker at {base}: " + ("ready" if ready["ready"] else "NOT READY: " + "; ".join(ready["reasons"])))
+        rows = [[name, s["topic"], f"{s['lag']:,}",
+                 f"failing for {_ago(s['failing']['since'])}, {s['failing']['attempts']} attempts: "
+                 f"{s['failing']['error']}" if s["failing"] else "-"] for name, s in doc["stages"].items()]
+        typer.echo(format_table(["stage", "topic", "lag", "failing"], rows, "table"))
+        r = doc["rates_per_s"]
+        if r:
+            share = f" ({doc['invalid_share']:.1%} of received)" if doc["invalid_share"] is not None else ""
+            typer.echo(f"events/s: received {r['received']:,}, valid {r['valid']:,}, invalid {r['invalid']:,}{share}, "
+                       f"late {r['late']:,}, duplicates {r['duplicates']:,}")
+        blocked = doc["sink_blocked_s"]
+        typer.echo("clickhouse inserts: " + (", ".join(f"{t} waiting {s:.0f} s" for t, s in blocked.items())
+                                             if blocked else "ok"))
+        if doc["restoring"]:
+            left = (f"{t} {n:,} changelog records left" for t, n in doc["restoring"].items())
+            typer.echo("restoring: " + ", ".join(left))
+    raise typer.Exit(0 if ready["ready"] else 1)
+
+
+def _ago(epoch: float) -> str:
+    import time
+
+    return f"{time.time() - epoch:.0f} s"
 
 
 @cli.command("config")

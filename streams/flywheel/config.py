@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     partitions: int = Field(8, description="partitions for topics Flywheel creates")
     replication: int = Field(1, description="replication factor for topics Flywheel creates")
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+    session_timeout_seconds: float = Field(
+        60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "
+                          "they move); heartbeats go every 3 s"
+    )
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")
     sink_max_backoff_seconds: float = Field(
@@ -79,11 +83,22 @@ class Settings(BaseSettings):
     collector_transaction_lanes: int = Field(
         2, description="collector: Kafka transactions in flight at once (one transactional producer each)"
     )
+    ready_max_lag: int = Field(
+        100_000, description="a worker further behind on events.raw is not ready (/health/ready answers 503)"
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
+    log_format: str = Field("text", description="text, or json: one JSON object per line, for log shippers")
     profile: Path | None = Field(
         None, description="profile the worker with pyinstrument, saved to this file at shutdown (bench)"
     )
     topics: Topics = Field(default_factory=Topics)
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in ("text", "json"):
+            raise ValueError(f"FLYWHEEL_LOG_FORMAT must be text or json, not {v!r}")
+        return v
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import logging.config
+from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 RECEIVED = Counter("flywheel_events_received_total", "Raw records read from events.raw", ["source"])
@@ -26,6 +29,9 @@ SINK_FAILURES = Counter(
 )
 SINK_BLOCKED = Gauge(
     "flywheel_sink_blocked", "1 while a sink waits for ClickHouse (consumption of its topic is paused)", ["table"]
+)
+STAGE_FAILING = Gauge(
+    "flywheel_stage_failing", "1 while a stage's batch keeps failing and is retried (its partitions wait)", ["stage"]
 )
 SINK_REJECTED = Counter(
     "flywheel_sink_rejected_rows_total", "Rows ClickHouse refused as bad data, dead-lettered", ["table"]
@@ -59,11 +65,66 @@ COLLECTOR_GROUP_EVENTS = Histogram(
 )
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+# Libraries whose INFO lines are chatter at our default level: a connection's life in twenty lines.
+QUIET = ("kafka", "aiokafka")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Faust's and mode's INFO lines an operator reads: the worker's own state changes. The rest (every service
+# starting and stopping, every store partition opened, tables of offsets) shows at debug.
+FAUST_STATE_CHANGES = ("Worker ready", "Restoring state from changelog", "Recovery complete", "Signal received",
+                       "[^Worker]: Stopping", "Closing event loop")
+
+
+class Readable(logging.Filter):
+    """Below WARNING, Faust and mode (and mode's services of ours) say only the worker's state changes, each
+    on one line (some come with an ASCII table under them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        message = record.getMessage()
+        # mode's services (ours too) prefix their lines with their place in the tree: "[^--Consumer]: …"
+        if record.name.split(".")[0] not in ("faust", "mode") and not message.startswith("[^"):
+            return True
+        if not any(change in message for change in FAUST_STATE_CHANGES):
+            return False
+        if "\n" in message:
+            record.msg, record.args = message.split("\n", 1)[0].rstrip(" :"), ()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (FLYWHEEL_LOG_FORMAT=json), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
+    """The logging set-up of every process (a dict for logging.config.dictConfig; Faust's worker takes it
+    as is): one format, on stderr, no terminal codes, libraries' chatter only from WARNING (or at debug)."""
+    root = level.upper()
+    library = root if root == "DEBUG" else "WARNING"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"readable": {"()": Readable}},
+        "formatters": {"text": {"format": TEXT_FORMAT}, "json": {"()": JsonFormatter}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                 "formatter": fmt, "filters": ["readable"]}},
+        "root": {"level": root, "handlers": ["default"]},
+        "loggers": {name: {"level": library} for name in QUIET},
+    }
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    logging.config.dictConfig(logging_config(level, fmt))
+
 
 LATE_EVENTS = Counter(
     "flywheel_events_late_total", "Events older than their lateness bound: stored with late=1, not in aggregates",

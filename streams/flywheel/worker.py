@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,13 +12,13 @@ from pathlib import Path
 from flywheel import clickhouse, paths
 from flywheel.clickhouse import migrate
 from flywheel.config import Settings
-from flywheel.observability import setup_logging
+from flywheel.observability import logging_config, setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def run(settings: Settings) -> None:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     from faust import Worker
 
     from flywheel.metrics.definitions import load_metrics
@@ -33,9 +35,26 @@ def run(settings: Settings) -> None:
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
     parts = create_worker(settings, ch)
-    worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper())
-    with _profiled(settings.profile):
-        worker.execute_from_commandline()
+    tty = sys.stdout.isatty()
+    worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
+                    logging_config=logging_config(settings.log_level, settings.log_format))
+    if not tty:
+        worker.spinner = None  # it writes cursor codes (ESC[?25l) even into a file
+    code = 1
+    try:
+        with _profiled(settings.profile):
+            worker.execute_from_commandline()
+    except SystemExit as stop:  # how Faust's worker ends, once it has stopped every service
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        ch.close()
+    # Leave without the interpreter's teardown: chdb's global shutdown at exit crashed about one SIGTERM in
+    # three (SIGSEGV, exit 139: "ShutdownTablesThreadPool is not initialized"). Everything is written by now:
+    # Faust stopped its services (offsets committed, stores closed), ClickHouse closed, logs flushed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager

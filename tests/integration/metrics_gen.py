@@ -14,6 +14,9 @@ from typing import Any
 # as late are late: older than the person's newest event by more than the lateness.
 METRICS_YAML = """
 lateness: 14d
+activity:
+  types: [track, page, screen]
+  exclude_events: [Email Opened]
 funnels:
   - name: checkout
     window: 6h
@@ -103,6 +106,12 @@ def journeys(n_persons: int = 150, days: int = 12, seed: int = 11) -> tuple[list
                             t += timedelta(seconds=rng.randint(1, 9000))
                             track("Order Completed", t, {"order_id": f"o{seq}", "revenue": 10.0})
             seen.append((device, t))
+        if signup_day is not None:
+            # a backend's trait syncs and e-mail opens: no activity by the rule above, on any day
+            for day in rng.sample(range(days), 2):
+                t = BASE + timedelta(days=day, seconds=rng.uniform(0, 86_000))
+                emit(t, type="identify", userId=user, traits={"plan": rng.choice(["free", "pro"])})
+                emit(t + timedelta(seconds=5), type="track", event="Email Opened", userId=user, properties={})
         if p % 10 == 0 and linked:
             # late: 16 days before the user's newest event (over every device linked to it), sent as the user
             # after everything else
@@ -121,9 +130,12 @@ def journeys(n_persons: int = 150, days: int = 12, seed: int = 11) -> tuple[list
          userId="journey-user", properties={})
     emit(t + timedelta(minutes=8), type="track", event="Order Completed", userId="journey-user",
          properties={"order_id": "oj", "revenue": 5.0})
-    # Active anonymously on day 1, as a user (another device) on day 3: one member of day 1's cohort.
+    # Active anonymously on day 1, as a user (another device) on day 3: one member of day 1's cohort. On day
+    # 2 a CRM syncs its traits and it opens an e-mail: no activity, so no return on day 2.
     c = COHORT_DAY + timedelta(hours=9)
     emit(c, type="page", name="Home", anonymousId="cohort-anon", properties={})
+    emit(c + timedelta(days=1), type="identify", userId="cohort-user", traits={"plan": "pro"})
+    emit(c + timedelta(days=1, hours=1), type="track", event="Email Opened", userId="cohort-user", properties={})
     emit(c + timedelta(days=2), type="identify", anonymousId="cohort-anon", userId="cohort-user", traits={})
     emit(c + timedelta(days=2, minutes=1), type="page", name="Home", anonymousId="cohort-phone", properties={})
     emit(c + timedelta(days=2, minutes=2), type="identify", anonymousId="cohort-phone", userId="cohort-user",

@@ -6,6 +6,8 @@ test is about transport, batching and retries, not the schema (which chdb tests)
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,13 @@ def test_server_stopped_mid_run_then_started_loses_nothing(pipeline_settings, cl
                    timeout=120, what="the sink to report it is blocked")
         assert worker.metric("flywheel_sink_failures_total", table="flywheel.events", kind="retry") >= 1
         assert "insert into flywheel.events failed; its topic waits for ClickHouse" in worker.log_path.read_text()
+        # the worker is not ready, and says why; its collector stays ready: events wait in Kafka
+        reasons = worker.ready()["reasons"]
+        assert any(r.startswith("clickhouse: inserts failing for") and "flywheel.events" in r for r in reasons), reasons
+        assert worker.ready(public=True) == {"ready": True, "role": "collector", "reasons": []}
+        status = subprocess.run([sys.executable, "-m", "flywheel.cli", "status"], env=worker.env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 1 and "NOT READY" in status.stdout and "flywheel.events waiting" in status.stdout
 
         clickhouse_server.start()
         expected_valid, expected_invalid = len(traffic.valid_ids), traffic.invalid
@@ -58,5 +67,6 @@ def test_server_stopped_mid_run_then_started_loses_nothing(pipeline_settings, cl
                    and count("SELECT count() FROM flywheel.active_user_partials") > 0,
                    timeout=120, what="metric partials on the server")
         assert worker.metric("flywheel_sink_blocked", table="flywheel.funnel_partials") == 0
+        wait_until(lambda: worker.ready()["ready"] or None, timeout=60, what="the worker to be ready again")
     finally:
         worker.stop()

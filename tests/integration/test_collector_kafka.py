@@ -147,17 +147,27 @@ def test_kafka_stopping_is_503_with_retry_after_and_nothing_of_that_request_land
         before, during, after = (uuid.uuid4().hex[:10] for _ in range(3))
         assert post(process, orjson.dumps({"batch": [event(before, i) for i in range(5)]})).status_code == 200
 
+        def ready() -> requests.Response:
+            return requests.get(f"{process.url}/health/ready", timeout=30)
+
+        wait_until(lambda: ready().status_code == 200, timeout=30, what="the collector to be ready")
         devkafka.stop(broker)
         started = time.monotonic()
         response = post(process, orjson.dumps({"batch": [event(during, i) for i in range(5)]}))
         assert response.status_code == 503, response.text
         assert int(response.headers["Retry-After"]) > 0 and response.json()["code"] == "kafka_unavailable"
         assert time.monotonic() - started < 20
+        # out of the load balancer, saying why; alive all the same
+        not_ready = wait_until(lambda: (r := ready()).status_code == 503 and r.json(), timeout=60,
+                               what="the collector to report it is not ready")
+        assert not_ready["reasons"][0].startswith("kafka: no answer from"), not_ready
+        assert requests.get(f"{process.url}/health/live", timeout=10).status_code == 200
 
         devkafka.start(broker)  # same files, same ports: the collector reconnects by itself
         body = orjson.dumps({"batch": [event(after, i) for i in range(5)]})
         wait_until(lambda: post(process, body).status_code == 200, timeout=90,
                    what="the collector to recover")
+        wait_until(lambda: ready().status_code == 200, timeout=60, what="the collector to be ready again")
         values = raw_values(settings)  # read_uncommitted: would show aborted records too
         assert sum(before.encode() in v for v in values) == 5
         assert sum(after.encode() in v for v in values) >= 5  # ≥: an attempt may have committed late

@@ -212,3 +212,23 @@ def test_the_public_listener_serves_the_collector_only_and_the_admin_one_stays_p
     assert requests.post(f"http://127.0.0.1:{admin}/sql", data="SELECT 1", timeout=10).status_code == 401  # token
     assert requests.post(f"http://127.0.0.1:{admin}/v1/track", timeout=10).status_code == 404
     assert (listening_address(public), listening_address(admin)) == ("0.0.0.0", "127.0.0.1")
+
+
+def test_a_running_worker_is_ready_and_says_how_it_is_doing(worker):
+    import subprocess
+    import sys
+
+    wait_until(lambda: worker.ready()["ready"], timeout=60, what="the worker to be ready")
+    assert requests.get(f"http://127.0.0.1:{worker.settings.admin_port}/health/live", timeout=10).status_code == 200
+    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "status"], env=worker.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith(f"worker at http://127.0.0.1:{worker.settings.admin_port}: ready")
+    for stage in ("ingest", "aggregate", "sink_funnels", "sink_identity", "sink_invalid"):
+        assert f"\n{stage} " in out.stdout
+    assert "clickhouse inserts: ok" in out.stdout
+    doc = orjson.loads(subprocess.run([sys.executable, "-m", "flywheel.cli", "status", "--json"], env=worker.env,
+                                      capture_output=True, text=True, timeout=60).stdout)
+    assert doc["ready"]["ready"] and doc["status"]["stages"]["ingest"]["topic"] == worker.settings.topics.raw
+    raw = worker.settings.topics.raw
+    assert f'flywheel_consumer_lag{{partition="0",topic="{raw}"}}' in worker.get("/metrics").decode()

@@ -334,3 +334,29 @@ def test_owner_of_a_bookkeeping_key_is_the_partition_it_names():
     assert owner_of(END + b"3", lambda k: 0) == 3
     assert owner_of(b"\x00cell\x002\x00f|x@1|3|1", lambda k: 0) == 2
     assert owner_of(b"user-1", lambda k: 1) == 1
+
+
+def identify(person: str, mid: str, day: int) -> Record:
+    return Record({"type": "identify", "event": "", "messageId": mid, "personId": person, "anonymousId": "",
+                   "userId": person, "previousId": "", "groupId": "", "timestamp": (DAY0 + day) * DAY_MS,
+                   "receivedAt": 0, "properties": {}, "traits": {"plan": "pro"}, "context": {}, "source": "crm"})
+
+
+def test_a_burst_of_trait_sync_identifies_changes_no_active_count():
+    """A nightly CRM sync identifies every customer: no one becomes active, no cohort is made — and a refused
+    identify (its anonymous id belongs to someone else: the ingest stage keys it by the refused user) is
+    no activity either."""
+    kafka = Kafka()
+    table = Table(kafka)
+
+    async def go():
+        s = stage(table, kafka)
+        await s.process([event("p1", "m1", 0)])
+        before = {t: final_cells(kafka, t) for t in (TOPICS.retention, TOPICS.active_users)}
+        published = {t: len(kafka.cells(t)) for t in before}
+        await s.process([identify(f"p{i}", f"sync-{i}", 1) for i in range(1, 50)])
+        assert {t: final_cells(kafka, t) for t in before} == before
+        assert {t: len(kafka.cells(t)) for t in before} == published  # not even re-published
+        assert all(table.get(partition_of(f"p{i}".encode(), PARTITIONS), f"p{i}".encode()) is None
+                   for i in range(2, 50))  # persons that only synced traits have no state
+    run(go())

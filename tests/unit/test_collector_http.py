@@ -55,8 +55,11 @@ class Harness:
             await client.start_server()
             return client
 
-        self.client = self.loop.run_until_complete(start(collector_app(collector)))
-        self.admin = self.loop.run_until_complete(start(admin_app(role="collector")))
+        async def kafka() -> str | None:  # the readiness check: down with the committer
+            return "kafka: no answer from broker:9092" if self.committer.down else None
+
+        self.client = self.loop.run_until_complete(start(collector_app(collector, kafka=kafka)))
+        self.admin = self.loop.run_until_complete(start(admin_app(role="collector", checks=[kafka])))
 
     def post(self, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
         async def go():
@@ -144,6 +147,20 @@ def test_kafka_unavailable_is_503_with_retry_after(http):
     http.committer.down = True
     status, headers, body = http.post("/v1/batch", batch(), {"Authorization": AUTH})
     assert (status, body["code"]) == (503, "kafka_unavailable") and headers["Retry-After"] == "7"
+
+
+def test_live_and_ready(http):
+    async def go(path):
+        response = await http.client.get(path)
+        return response.status, await response.json()
+
+    assert http.loop.run_until_complete(go("/health/live")) == (200, {"status": "ok", "role": "collector"})
+    assert http.loop.run_until_complete(go("/health/ready")) == (200, {"ready": True, "role": "collector",
+                                                                       "reasons": []})
+    http.committer.down = True  # Kafka takes no events: out of the load balancer, saying why
+    status, body = http.loop.run_until_complete(go("/health/ready"))
+    assert status == 503 and body["reasons"] == ["kafka: no answer from broker:9092"]
+    assert http.loop.run_until_complete(go("/health"))[0] == 200  # alive all the same
 
 
 def test_cors_preflight(http):

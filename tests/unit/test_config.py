@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import yaml
 from flywheel.config import Settings
 from flywheel.paths import home
@@ -54,3 +55,9 @@ def test_as_env_round_trips(monkeypatch, tmp_path):
     for key, value in original.as_env().items():
         monkeypatch.setenv(key, value)
     assert Settings() == original
+
+
+def test_the_log_format_is_text_or_json(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_LOG_FORMAT", "xml")
+    with pytest.raises(ValueError, match="text or json"):
+        Settings()

@@ -231,3 +231,25 @@ def test_pause_and_resume_a_partition():
         assert tp not in app.consumer._buffered_partitions
 
     asyncio.run(main())
+
+
+# ---- seam 6: recovery progress ------------------------------------------------------------------------
+
+def test_recovery_progress_reads_what_faust_keeps():
+    from flywheel.runtime.faust_seams import recovered, recovery_remaining
+
+    async def main():
+        app = faust.App("seams-recovery", broker="kafka://127.0.0.1:1", store="memory://")
+        table = app.Table("persons", partitions=2, key_type=bytes, value_type=bytes)
+        recovery = app.tables.recovery
+        assert recovery_remaining(app) is None and not recovered(app)  # not recovering, nor recovered yet
+        recovery.completed.set()
+        assert recovered(app)
+        tp = TP(table.changelog_topic.get_topic_name(), 1)
+        recovery.tp_to_table[tp] = table
+        recovery.active_highwaters[tp] = 1000
+        recovery.active_offsets[tp] = 400
+        recovery.in_recovery = True
+        assert recovery_remaining(app) == {"persons": 600}
+
+    asyncio.run(main())

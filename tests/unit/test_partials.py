@@ -46,7 +46,7 @@ def test_incremental_partials_equal_a_count_at_every_step(ops, lost):
                 continue
             old_a, old_b = states.pop(a), states.get(b)
             new_b = join(old_b, old_a, METRICS) if old_b is not None else old_a.copy()
-            change = partials.change(0, new_b.newest, [(old_a, None), (old_b, new_b)])
+            change = partials.change(0, new_b.newest, partials.delta(0, new_b.newest, [(old_a, None), (old_b, new_b)]))
             states[b] = new_b
         else:
             person, day, hour, name = op
@@ -54,7 +54,7 @@ def test_incremental_partials_equal_a_count_at_every_step(ops, lost):
             old = states.get(person)
             new = old.copy() if old is not None else PersonState()
             apply(new, f"m{i}", ts, METRICS.matching(name, {}), METRICS)
-            change = partials.change(0, ts, [(old, new)])
+            change = partials.change(0, ts, partials.delta(0, ts, [(old, new)]))
             states[person] = new
         partials.commit(change)
         due = partials.unpublished(0)
@@ -75,7 +75,7 @@ def test_a_change_is_nothing_until_committed():
     partials.load(0, -1, {})
     state = PersonState()
     apply(state, "m1", BASE * DAY_MS, METRICS.matching("A", {}), METRICS)
-    change = partials.change(0, BASE * DAY_MS, [(None, state)])
+    change = partials.change(0, BASE * DAY_MS, partials.delta(0, BASE * DAY_MS, [(None, state)]))
     assert not partials.parts[0].counts and not partials.unpublished(0) and partials.parts[0].watermark == -1
     assert change.values and all(v == 1 for v in change.values.values())
     partials.commit(change)

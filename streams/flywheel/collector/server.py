@@ -26,7 +26,8 @@ from flywheel.collector.intake import Request, intake, too_large
 from flywheel.collector.outcomes import Accepted, Rejected
 from flywheel.config import Settings
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
-from flywheel.web.admin import admin_app, health
+from flywheel.web.admin import admin_app
+from flywheel.web.health import Check, KafkaProbe, add_health
 from flywheel.web.server import Listener
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,15 @@ def _headers(accepted: Accepted) -> list[tuple[str, bytes]]:
     return [(HEADER_SOURCE, accepted.source.encode()), (HEADER_RECEIVED_AT, received)]
 
 
-def collector_app(collector: Collector) -> web.Application:
-    """The public listener: /v1/* and /health (for load balancers). Served by a worker
-    (FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT) or by `flywheel collector`; /metrics is on the admin listener."""
+def collector_app(collector: Collector, *, kafka: Check) -> web.Application:
+    """The public listener: /v1/* and /health (live; ready: Kafka takes events — for load balancers). Served
+    by a worker (FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT) or by `flywheel collector`; /metrics is on the admin
+    listener."""
     webapp = web.Application(handler_args=AIOHTTP_HANDLER_ARGS)
     for kind in KINDS:
         webapp.router.add_post(f"/v1/{kind}", _handler(collector, kind))
         webapp.router.add_route("OPTIONS", f"/v1/{kind}", collector.preflight)
-    webapp.router.add_get("/health", health("collector"))
+    add_health(webapp, role="collector", checks=[kafka])
 
     async def close(_: web.Application) -> None:
         await collector.close()
@@ -166,9 +168,12 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     # the garbage collector often; moving the start-up objects (modules, classes) out of its view
     # keeps each full collection small.
     gc.freeze()
+    kafka = KafkaProbe(settings.kafka_bootstrap)
     asyncio.run(_serve([
-        Listener(collector_app(Collector.from_settings(settings)), host=host, port=port, name="collector"),
-        Listener(admin_app(role="collector"), host=settings.admin_host, port=settings.admin_port, name="admin"),
+        Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=host, port=port,
+                 name="collector"),
+        Listener(admin_app(role="collector", checks=[kafka]), host=settings.admin_host, port=settings.admin_port,
+                 name="admin"),
     ]))
 
 

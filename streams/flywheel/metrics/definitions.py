@@ -4,6 +4,9 @@ Shape, YAML:
 
     lateness: 7d                       # optional; default 7d (docs/design.md §4)
     close_after: 30d                   # optional; cells stay re-derivable this long (partials.py)
+    activity:                          # optional: which calls make a person active (default below)
+      types: [track, page, screen]     # message types; identify, alias, group are not activity
+      exclude_events: [Email Opened]   # event names that are no activity either
     funnels:
       - name: checkout
         window: 6h                     # s, m, h, d
@@ -14,7 +17,7 @@ Shape, YAML:
           - event: Order Completed
     retention:
       - name: new_users
-        cohort_event: any              # 'any' = first event of any kind, or an event name
+        cohort_event: any              # 'any' = first activity event, or an event name
         return_event: any
         period: day                    # day | week (weeks start on Monday, UTC)
         horizon: 14                    # periods after the cohort's
@@ -41,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flywheel.model.clock import DAY_MS
+from flywheel.model.envelope import MESSAGE_TYPES
 
 ANY = "any"
 MAX_STEPS = 32  # ClickHouse windowFunnel takes at most 32 conditions; the oracle must be able to run
@@ -112,9 +116,26 @@ class RetentionSpec(_Strict):
         return v
 
 
+ACTIVITY_TYPES = ("track", "page", "screen")
+
+
+class ActivitySpec(_Strict):
+    types: list[str] = Field(default_factory=lambda: list(ACTIVITY_TYPES), min_length=1)
+    exclude_events: list[str] = Field(default_factory=list)
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(MESSAGE_TYPES))
+        if unknown:
+            raise ValueError(f"unknown message type(s) {unknown}: use {', '.join(sorted(MESSAGE_TYPES))}")
+        return v
+
+
 class MetricsSpec(_Strict):
     lateness: str | int = "7d"
     close_after: str | int = "30d"
+    activity: ActivitySpec = Field(default_factory=ActivitySpec)
     funnels: list[FunnelSpec] = Field(default_factory=list)
     retention: list[RetentionSpec] = Field(default_factory=list)
 
@@ -144,16 +165,33 @@ def _digest(*parts: Any) -> str:
 # Compiled definitions compare and hash by identity (eq=False): metric cells are keyed by them, and the
 # registry holds one object per (name, version) and per predicate id.
 
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """Which calls make a person active (docs/design.md §4): events of these message types, but for the
+    excluded event names. identify, alias and group link ids and carry traits: activity by nobody's
+    definition (a nightly trait sync would make every synced person active)."""
+
+    types: frozenset[str]
+    exclude_events: frozenset[str]
+
+    def matches(self, mtype: str, event_name: str) -> bool:
+        return mtype in self.types and event_name not in self.exclude_events
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Predicate:
-    """A condition on an event: its name (None = any event) and property equality filters."""
+    """A condition on an event: its name and property equality filters, or (event None) any activity event
+    (the metrics file's activity rule)."""
 
-    pid: str  # digest of (event, where): the same condition has the same id in any file
+    pid: str  # digest of what it means: the same condition has the same id in any file
     event: str | None
     where: tuple[tuple[str, Any], ...] = ()
+    activity: Activity | None = None  # for event None
 
-    def matches(self, event_name: str, properties: dict[str, Any]) -> bool:
-        if self.event is not None and event_name != self.event:
+    def matches(self, mtype: str, event_name: str, properties: dict[str, Any]) -> bool:
+        if self.event is None:
+            return self.activity is not None and self.activity.matches(mtype, event_name)
+        if event_name != self.event:
             return False
         for key, want in self.where:
             if not same_json_value(properties.get(key, _MISSING), want):
@@ -222,6 +260,7 @@ class Metrics:
     retention: tuple[Retention, ...]
     lateness_ms: int
     close_after_ms: int
+    activity: Activity = Activity(frozenset(ACTIVITY_TYPES), frozenset())
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
@@ -272,10 +311,10 @@ class Metrics:
         for name, value in derived.items():
             object.__setattr__(self, name, value)
 
-    def matching(self, event_name: str, properties: dict[str, Any]) -> list[Predicate]:
-        """The predicates an event satisfies."""
+    def matching(self, event_name: str, properties: dict[str, Any], mtype: str = "track") -> list[Predicate]:
+        """The predicates an event (of message type `mtype`) satisfies."""
         return [p for p in (*self._by_event.get(event_name, ()), *self._any_event)
-                if p.matches(event_name, properties)]
+                if p.matches(mtype, event_name, properties)]
 
     def by_ref(self, reference: str) -> Funnel | Retention | None:
         """The definition `name@version`, if the registry holds it."""
@@ -289,9 +328,13 @@ def ref(definition: Funnel | Retention) -> str:
 
 def compile_metrics(spec: MetricsSpec) -> Metrics:
     index: dict[str, Predicate] = {}
+    activity = Activity(frozenset(spec.activity.types), frozenset(spec.activity.exclude_events))
 
     def predicate(event: str | None, where: dict[str, Any]) -> Predicate:
         conditions = tuple(sorted(where.items()))
+        if event is None:  # any activity event: its id follows the activity rule
+            pid = _digest("activity", sorted(activity.types), sorted(activity.exclude_events))
+            return index.setdefault(pid, Predicate(pid, None, (), activity))
         pid = _digest(event, tuple((k, type(v).__name__, v) for k, v in conditions))
         return index.setdefault(pid, Predicate(pid, event, conditions))
 
@@ -307,7 +350,7 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
         version = _digest("retention", cohort.pid, returning.pid, r.period, r.horizon)
         retention.append(Retention(r.name, version, cohort, returning, r.period, r.horizon))
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after))
+                   parse_duration_ms(spec.close_after), activity)
 
 
 def legacy_bits(metrics: Metrics) -> tuple[Predicate, ...]:

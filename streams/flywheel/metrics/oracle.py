@@ -8,16 +8,26 @@ dashboards (that is what the views are for).
 
 from __future__ import annotations
 
-from flywheel.metrics.definitions import Funnel, Predicate, Retention
+from flywheel.metrics.definitions import Activity, Funnel, Predicate, Retention
 
 
 def quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def activity_sql(activity: Activity) -> str:
+    """The activity rule as SQL over events' `type` and `event` columns."""
+    types = ", ".join(quote(t) for t in sorted(activity.types))
+    excluded = ", ".join(quote(e) for e in sorted(activity.exclude_events))
+    return f"(type IN ({types}){f' AND event NOT IN ({excluded})' if excluded else ''})"
+
+
 def condition(p: Predicate) -> str:
-    """A predicate as SQL over events' `event` and `properties` columns (same rules as same_json_value)."""
-    parts = [] if p.event is None else [f"event = {quote(p.event)}"]
+    """A predicate as SQL over events' `type`, `event` and `properties` columns (same rules as
+    Predicate.matches and same_json_value)."""
+    if p.event is None:
+        return activity_sql(p.activity)
+    parts = [f"event = {quote(p.event)}"]
     for key, want in p.where:
         k = quote(key)
         if isinstance(want, bool):
@@ -37,7 +47,7 @@ def condition(p: Predicate) -> str:
 
 
 def _events(source: str) -> str:
-    return f"(SELECT person_id, timestamp, event, properties FROM {source} WHERE late = 0)"
+    return f"(SELECT person_id, timestamp, type, event, properties FROM {source} WHERE late = 0)"
 
 
 def funnel_sql(f: Funnel, source: str = "flywheel.events_resolved") -> str:
@@ -100,8 +110,10 @@ GROUP BY cohort_day
 ORDER BY cohort_day"""
 
 
-def active_users_sql(source: str = "flywheel.events_resolved") -> str:
-    """(day, dau, wau, mau, stickiness) for every day from the first to the last active day with mau > 0."""
+def active_users_sql(activity: Activity, source: str = "flywheel.events_resolved") -> str:
+    """(day, dau, wau, mau, stickiness) for every day from the first to the last active day with mau > 0,
+    over activity events."""
+    active = f"(SELECT person_id, timestamp FROM {_events(source)} WHERE {activity_sql(activity)})"
     return f"""
 SELECT day, dau, wau, mau, if(mau = 0, 0, dau / mau) AS stickiness
 FROM (
@@ -109,11 +121,11 @@ FROM (
            uniqExactIf(person_id, dt = d) AS dau,
            uniqExactIf(person_id, dt > d - 7 AND dt <= d) AS wau,
            uniqExactIf(person_id, dt > d - 30 AND dt <= d) AS mau
-    FROM (SELECT person_id, toDate(timestamp) AS dt FROM {_events(source)}) AS e
+    FROM (SELECT person_id, toDate(timestamp) AS dt FROM {active}) AS e
     CROSS JOIN (
         SELECT arrayJoin(arrayMap(x -> toDate(x), range(toUInt32(min(toDate(timestamp))),
                                                         toUInt32(max(toDate(timestamp))) + 1))) AS d
-        FROM {_events(source)}
+        FROM {active}
     ) AS days
     GROUP BY d
 )

@@ -90,14 +90,15 @@ class Partials:
         part.dirty = set(part.counts) | {c for c in zeros if is_open(c, open_from)}
 
     # ---- a batch -------------------------------------------------------------------------------------
-    def change(self, partition: int, watermark: int,
-               persons: Iterable[tuple[PersonState | None, PersonState | None]]) -> Change:
-        """The effect of persons changing (old → new, None = absent) and of the partition's watermark
-        reaching `watermark`. Changes nothing: `commit` applies it."""
-        part = self.parts[partition]
-        wm = max(part.watermark, watermark)
-        open_from = self.open_from_of(wm)
-        closed = tuple(c for c in part.counts if not is_open(c, open_from)) if open_from != part.open_from else ()
+    def watermark_of(self, partition: int, watermark: int) -> int:
+        """The partition's watermark once an event of time `watermark` is applied."""
+        return max(self.parts[partition].watermark, watermark)
+
+    def delta(self, partition: int, watermark: int,
+              persons: Iterable[tuple[PersonState | None, PersonState | None]]) -> Counter:
+        """What persons changing (old → new, None = absent) does to the open cells once the partition's
+        watermark reached `watermark`: new contribution minus old. Pure; large batches add several up."""
+        open_from = self.open_from_of(self.watermark_of(partition, watermark))
         delta: Counter = Counter()
         for old, new in persons:
             before = contributions(old, self.metrics, open_from) if old is not None else set()
@@ -106,6 +107,15 @@ class Partials:
                 delta[c] -= 1
             for c in after - before:
                 delta[c] += 1
+        return delta
+
+    def change(self, partition: int, watermark: int, delta: Counter) -> Change:
+        """The effect of `delta` (from `delta`, at the same `watermark`) and of the partition's watermark
+        reaching `watermark`. Changes nothing: `commit` applies it."""
+        part = self.parts[partition]
+        wm = self.watermark_of(partition, watermark)
+        open_from = self.open_from_of(wm)
+        closed = tuple(c for c in part.counts if not is_open(c, open_from)) if open_from != part.open_from else ()
         values = {c: part.counts.get(c, 0) + d for c, d in delta.items() if d}
         dirty = (part.dirty - set(closed)) | values.keys()
         zeros = tuple(c for c in dirty if values.get(c, part.counts.get(c, 0)) == 0 and is_open(c, open_from))

@@ -9,6 +9,8 @@ derived from it (partials.py). Everything here is pure and mergeable:
 - join(a, b) — used when an anonymous id's state is handed to its user — is commutative, associative
   and idempotent (union of active days and histories, min of first-seen, max of newest), followed by
   the same pruning;
+- only activity events (the metrics file's activity rule) are active days; an event that is no activity
+  and satisfies no condition does not reach the state at all (the aggregate stage skips it);
 - the state is bounded: history older than the person's newest event minus `horizon_days`
   (lateness + the longest reach of a metric) is dropped; only each cohort condition's first-seen time
   is kept for good (a cohort is the period of the *first* cohort event).
@@ -131,13 +133,14 @@ def is_late(state: PersonState, ts_ms: int, metrics: Metrics) -> bool:
 
 def apply(
     state: PersonState, message_id: str, ts_ms: int, matched: Iterable[Predicate], metrics: Metrics, *,
-    prune_history: bool = True,
+    active: bool = True, prune_history: bool = True,
 ) -> PersonState:
-    """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching). Mutates and
-    returns `state`. Applying it again changes nothing."""
+    """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching) and is activity
+    or not (Metrics.activity). Mutates and returns `state`. Applying it again changes nothing."""
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
-    state.days.add(day)
+    if active:
+        state.days.add(day)
     state.applied[message_hash(message_id)] = day
     steps = []
     for p in matched:

@@ -35,7 +35,7 @@ def oracles(query: Query, metrics: Metrics) -> dict[str, set]:
     for r in metrics.retention:
         retention |= _cells(query(oracle.retention_sql(r)), 3)
     return {"funnel_daily": funnels, "retention_daily": retention,
-            "active_users_daily": _cells(query(oracle.active_users_sql()), 1)}
+            "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1)}
 
 
 def compare(query: Query, metrics: Metrics) -> dict[str, tuple[set, set]]:

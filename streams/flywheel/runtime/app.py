@@ -34,17 +34,20 @@ from flywheel.runtime.delivery import BatchTopics
 from flywheel.runtime.outbox import Outbox, Outboxes
 from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
+from flywheel.runtime.status import WorkerStatus
 from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
 from flywheel.stages.aggregate import AggregateStage, owner_of
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
-from flywheel.web.admin import add_sql, admin_app
+from flywheel.web.admin import add_sql, add_status, admin_app
+from flywheel.web.health import KafkaProbe
 from flywheel.web.server import Listener
 
 log = logging.getLogger(__name__)
 
 # Records per batch at most: what queued up while the previous batch was handled, up to this.
 BATCH_RECORDS = 5000
+PROGRESS_SECONDS = 10.0
 
 
 @dataclass
@@ -69,6 +72,30 @@ class Listeners(Service):
     async def on_stop(self) -> None:
         for listener in reversed(self.listeners):
             await listener.stop()
+
+
+class Progress(Service):
+    """While Faust restores the tables from their changelogs, one line every PROGRESS_SECONDS per table:
+    `restoring persons: 40% (400,000 of 1,000,000 changelog records)`."""
+
+    def __init__(self, app: faust.App, **kwargs):
+        super().__init__(**kwargs)
+        self.app = app
+        self._totals: dict[str, int] = {}
+
+    @Service.task
+    async def _report(self) -> None:
+        while not self.should_stop:
+            await self.sleep(PROGRESS_SECONDS)
+            remaining = faust_seams.recovery_remaining(self.app)
+            if remaining is None:
+                self._totals.clear()
+                continue
+            for table, left in sorted(remaining.items()):
+                total = self._totals.setdefault(table, left)  # what was left when first seen
+                if total and left:
+                    log.info("restoring %s: %.0f%% (%s of %s changelog records)", table,
+                             100 * (total - left) / total, f"{total - left:,}", f"{total:,}")
 
 
 class Output(Service):
@@ -97,6 +124,25 @@ class Output(Service):
             await self._outboxes.producer.stop()
 
 
+def partitions_text(tps, topics: dict) -> str:
+    """`events.raw 0-3, 6; events.identified 0-7` for the pipeline's topics among `tps`."""
+    names = {t.get_topic_name() for t in topics.values()}
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        if tp.topic in names:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+    parts = []
+    for name in sorted(by_topic):
+        ps, runs = sorted(by_topic[name]), []
+        for p in ps:
+            if runs and p == runs[-1][1] + 1:
+                runs[-1][1] = p
+            else:
+                runs.append([p, p])
+        parts.append(f"{name} " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs))
+    return "; ".join(parts) or "nothing"
+
+
 def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     plan = load_plan(settings.tracking_plan)
     metrics = load_metrics(settings.metrics)
@@ -112,6 +158,7 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_seconds,
         web_enabled=False,  # the worker's listeners are its own (Listeners)
         monitor=faust_seams.LeanMonitor(),
     )
@@ -148,13 +195,37 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     def owned() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names.identified}
 
+    async def rewind_uncommitted() -> None:
+        """Partitions of our topics with no committed offset start again from their beginning.
+
+        Why: records of a partition fetched before a rebalance are dropped unacked (delivery.py), and Faust
+        seeks to the committed offset to fetch them again — but aiokafka does not seek when there is none
+        (or it is 0), and Faust then commits the next acked records past them: lost. A fresh group whose
+        first rebalance comes before its first commit would lose its first records. From the beginning is
+        where a partition without a commit starts anyway (consumer_auto_offset_reset=earliest)."""
+        stream = {t.get_topic_name() for t in topic.values()}
+        tps = {tp for tp in app.consumer.assignment() if tp.topic in stream}
+        if not tps:
+            return
+        committed = await app.consumer.seek_to_committed()
+        fresh = sorted(tp for tp in tps if not committed.get(tp))
+        if fresh:
+            for tp, earliest in (await app.consumer.earliest_offsets(*fresh)).items():
+                await app.consumer.seek(tp, earliest)
+            log.info("no committed offset yet: from the beginning for %s", partitions_text(fresh, topic))
+
     @persons.table.on_recover
     async def _recovered() -> None:
+        await rewind_uncommitted()
         aggregate.assigned(owned())
 
     @app.on_partitions_revoked.connect
     async def _revoked(app_: faust.App, revoked, **kwargs) -> None:
         aggregate.revoked({tp.partition for tp in revoked if tp.topic == names.identified})
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(app_: faust.App, assigned, **kwargs) -> None:
+        log.info("assigned (generation %d): %s", app.consumer_generation_id, partitions_text(assigned, topic))
 
     flush = {"max_records": settings.sink_batch_size, "linger": settings.sink_flush_seconds}
     batches.add(app, topic["raw"], ingest.handle, name="ingest", retry=policy, max_records=BATCH_RECORDS)
@@ -166,13 +237,17 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
 
-    admin = admin_app(role="worker")
+    kafka = KafkaProbe(settings.kafka_bootstrap)
+    status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,
+                          stages={bt.name: bt.topic_name for bt in batches.values()})
+    admin = admin_app(role="worker", checks=[kafka, status.clickhouse, status.recovery, status.behind])
+    add_status(admin, status.status)
     if not settings.clickhouse_url:  # a server is queried directly by `flywheel sql`
         add_sql(admin, ch=ch, executor=executor, data_dir=settings.data_dir, host=settings.admin_host,
                 port=settings.admin_port)
     listeners = Listeners([
-        Listener(collector_app(Collector.from_settings(settings)), host=settings.http_host, port=settings.http_port,
-                 name="collector"),
+        Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
+                 port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    return Pipeline(app, [listeners, output])
+    return Pipeline(app, [listeners, output, Progress(app), status])

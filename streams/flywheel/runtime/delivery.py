@@ -63,6 +63,7 @@ class BatchTopic:
         self.linger = linger  # e.g. fewer, larger ClickHouse inserts when traffic is light
         self.queue = app.FlowControlQueue(maxsize=0)  # unbounded: HIGH_WATER pauses fetching
         self._paused: set[TP] = set()
+        self._rest: list[Message] = []  # taken from the queue, beyond max_records: the next batch's first
         app.topics.add(topic)  # subscribed (and acked) through Faust's conductor, like an agent's topic
 
     # ---- the consumer's side: its fetch loop (faust_seams, seam 1) ---------------------------------
@@ -91,6 +92,9 @@ class BatchTopic:
                 batch.extend(await asyncio.wait_for(self.queue.get(), wait))
             except TimeoutError:
                 break
+        # at most max_records (e.g. FLYWHEEL_SINK_BATCH_SIZE rows per insert): the rest of the last fetch
+        # opens the next batch
+        batch, self._rest = batch[:self.max_records], batch[self.max_records:]
         if self._paused and self.queue.qsize() <= LOW_WATER:
             faust_seams.resume(self.app, self._paused)
             self._paused.clear()
@@ -104,7 +108,7 @@ class BatchTopic:
         """The handler loop: an app task for the worker's lifetime."""
         consumer = self.app.consumer
         while True:
-            batch = await self._take(await self.queue.get())
+            batch = await self._take(self._rest or await self.queue.get())
             if not batch:
                 continue
             for m in batch:

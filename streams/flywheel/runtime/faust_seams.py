@@ -25,6 +25,9 @@ fails loudly when an upgrade changes what it relies on. Versions are pinned in p
    `Store._db_for_partition` and `Store.offset_key`, in write batches; the memory store through its dict.
 5. Pausing a partition's fetching (`pause`, `resume`): `Consumer.on_buffer_full` / `on_buffer_drop`, what
    a full stream buffer does.
+6. Recovery (`recovered`, `recovery_remaining`): whether Faust's table recovery has completed once, and
+   what it still has to read per table, from `Recovery.completed`, `in_recovery`, `active_remaining()`
+   and `tp_to_table`.
 """
 
 from __future__ import annotations
@@ -299,3 +302,21 @@ def pause(app: faust.App, tps: Iterable[TP]) -> None:
 def resume(app: faust.App, tps: Iterable[TP]) -> None:
     for tp in tps:
         app.consumer.on_buffer_drop(tp)
+
+
+# ---- 6. recovery ------------------------------------------------------------------------------------
+def recovered(app: faust.App) -> bool:
+    """Whether the tables have been recovered since the worker started (it has been ready once)."""
+    return app.tables.recovery.completed.is_set()
+
+
+def recovery_remaining(app: faust.App) -> dict[str, int] | None:
+    """Changelog records Faust's recovery has still to read, per table; None when it is not recovering."""
+    recovery = app.tables.recovery
+    if not recovery.in_recovery:
+        return None
+    remaining: dict[str, int] = {}
+    for tp, left in recovery.active_remaining().items():
+        name = recovery.tp_to_table[tp].name
+        remaining[name] = remaining.get(name, 0) + max(0, left)
+    return remaining

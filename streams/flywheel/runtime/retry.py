@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from flywheel import observability as obs
 from flywheel.clickhouse.errors import is_bad_data
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class RetryPolicy:
     stuck_after: float = 30.0
     give_up_after: float = 120.0
     stop_grace: float = 30.0  # a stopping worker lets the attempt in hand finish this long
+    # stage → {"since": epoch s, "attempts": n, "error": text} while its batch keeps failing (/status)
+    failing: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @staticmethod
     def is_bad_data(exc: BaseException) -> bool:
@@ -61,12 +65,16 @@ class RetryPolicy:
             except Exception as exc:  # classified by the stage itself; whatever reaches here is retried
                 failures += 1
                 wait = self.backoff(failures)
+                self.failing.setdefault(name, {"since": time.time()}).update(attempts=failures, error=repr(exc)[:300])
+                obs.STAGE_FAILING.labels(name).set(1)
                 log.error("%s: batch of %d records failed (attempt %d, retrying in %.1fs; its partitions wait): %r",
                           name, size, failures, wait, exc, exc_info=failures == 1)
                 await asyncio.sleep(wait)
                 continue
             if failures:
                 log.warning("%s: batch of %d records done after %d failed attempts", name, size, failures)
+                self.failing.pop(name, None)
+                obs.STAGE_FAILING.labels(name).set(0)
             return result
 
     async def _watch(self, work: asyncio.Future, name: str, size: int):

@@ -5,7 +5,8 @@ a person, metrics/partials.py what a person change does to the partition's cells
 events.identified records (one consumer, several partitions):
 
 1. each record is applied to its person's state, read from the `persons` table, in partition order:
-   an event (unless late: its row is stored with late=1 and it touches no state), a merge marker
+   an event that is activity or satisfies a metric's condition (unless late: its row is stored with
+   late=1 and it touches no state; identity calls touch no state at all), a merge marker
    (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
    handed-over state (joined into the user's);
 2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
@@ -57,7 +58,10 @@ log = logging.getLogger(__name__)
 END = b"\x00partition\x00"  # + partition: the checkpoint's end mark (the first release's meta record)
 BEGIN = b"\x00begin\x00"  # + partition: the sequence number of the last batch that started writing
 CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
-SLICE_SECONDS = 0.02  # a rebuild gives the event loop back this often
+# A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
+# every YIELD_EVERY records: the collector and /health share the loop.
+SLICE = 100
+YIELD_EVERY = 500
 
 Retry = Callable[[Callable[[], Awaitable[Any]], str, int], Awaitable[Any]]
 
@@ -94,14 +98,28 @@ class AggregateStage:
         self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
         self._repairs: dict[int, asyncio.Task] = {}
         self._publishing = asyncio.Lock()
+        self._counting = asyncio.Lock()
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
         """The partitions this worker owns now (after table recovery): repair each, in the background."""
         wanted = set(partitions)
         self.revoked(set(self._repairs) - wanted)
-        for p in wanted - self._repairs.keys():
-            self._repairs[p] = asyncio.ensure_future(self._repair(p))
+        new = {p: asyncio.ensure_future(self._repair(p)) for p in sorted(wanted - self._repairs.keys())}
+        self._repairs.update(new)
+        if new:
+            asyncio.ensure_future(self._report(new))
+
+    async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
+        """One line once an assignment's partitions are repaired."""
+        started = time.monotonic()
+        done = await asyncio.gather(*repairs.values(), return_exceptions=True)
+        restored = [r for r in done if isinstance(r, tuple)]
+        if restored:
+            how = Counter(h for h, _ in restored)
+            log.info("partials of partitions %s restored in %.2fs: %d from checkpoints, %d counted from the "
+                     "person states; %d cells republished", sorted(repairs), time.monotonic() - started,
+                     how["checkpoint"], how["count"], sum(cells for _, cells in restored))
 
     def revoked(self, partitions: Iterable[int]) -> None:
         for p in list(partitions):
@@ -123,18 +141,16 @@ class AggregateStage:
         tasks = [self._repairs[p] for p in partitions]
         await asyncio.gather(*(asyncio.shield(t) for t in tasks))
 
-    async def _repair(self, partition: int) -> None:
-        started = time.monotonic()
-        loaded = self._load(partition)
-        if not loaded:
+    async def _repair(self, partition: int) -> tuple[str, int]:
+        """(how the partials were restored, how many cells were republished)"""
+        how = "checkpoint" if self._load(partition) else "count"
+        if how == "count":
             await self._rebuild(partition)
             await self.retry(lambda: self._write_checkpoint(partition), f"checkpoint p{partition}", 1)
-        obs.PARTIALS_RESTORED.labels("checkpoint" if loaded else "count").inc()
+        obs.PARTIALS_RESTORED.labels(how).inc()
         cells = len(self.partials.parts[partition].counts)
-        log.info("partition %d: partials %s (%d cells) in %.2fs", partition,
-                 "loaded from its checkpoint" if loaded else "counted from the person table", cells,
-                 time.monotonic() - started)
         await self.retry(lambda: self._publish([partition]), f"republish p{partition}", cells)
+        return how, cells
 
     def _end(self, partition: int) -> dict:
         raw = self.persons.get(partition, _mark(END, partition))
@@ -160,33 +176,33 @@ class AggregateStage:
 
     async def _rebuild(self, partition: int) -> None:
         """Partials counted from the person states: two passes over the partition's states (the open cells
-        depend on the newest event time among them), never more than a slice of them in memory, giving the
-        event loop back every SLICE_SECONDS."""
-        end = self._end(partition)
-        watermark = int(end.get("watermark", -1))
-        async for values in self._persons_in_slices(partition):
-            watermark = max([watermark, *(orjson.loads(v)["n"] for v in values)])
-        open_from = self.partials.open_from_of(watermark)
-        counts: Counter = Counter()
-        async for values in self._persons_in_slices(partition):
-            states = (PersonState.from_json(orjson.loads(v), self.metrics) for v in values)
-            counts.update(count(states, self.metrics, open_from))
-        zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
-        self.partials.load(partition, watermark, counts, zeros)
-        self.seq[partition] = int(end.get("seq", 0))
+        depend on the newest event time among them), SLICE states at a time with the event loop given back
+        in between, one partition at a time (a count is pure CPU: in parallel it would only hold more)."""
+        async with self._counting:
+            end = self._end(partition)
+            watermark = int(end.get("watermark", -1))
+            async for values in self._persons_in_slices(partition):
+                watermark = max([watermark, *(orjson.loads(v)["n"] for v in values)])
+            open_from = self.partials.open_from_of(watermark)
+            counts: Counter = Counter()
+            async for values in self._persons_in_slices(partition):
+                states = (PersonState.from_json(orjson.loads(v), self.metrics) for v in values)
+                counts.update(count(states, self.metrics, open_from))
+            zeros = [c for c in (_recorded_cell(z, self.metrics) for z in end.get("zeros", ())) if c is not None]
+            self.partials.load(partition, watermark, counts, zeros)
+            self.seq[partition] = int(end.get("seq", 0))
 
     async def _persons_in_slices(self, partition: int) -> AsyncIterator[list[bytes]]:
-        """The partition's person states, as stored, a slice at a time; the loop runs between slices."""
+        """The partition's person states, as stored, SLICE at a time; the loop runs between slices."""
         values: list[bytes] = []
-        deadline = time.monotonic() + SLICE_SECONDS
         for key, value in self.persons.scan(partition):
-            if not is_bookkeeping(key):
-                values.append(value)
-            if len(values) >= 64 and time.monotonic() > deadline:
+            if is_bookkeeping(key):
+                continue
+            values.append(value)
+            if len(values) == SLICE:
                 yield values
                 values = []
                 await asyncio.sleep(0)
-                deadline = time.monotonic() + SLICE_SECONDS
         if values:
             yield values
 
@@ -233,7 +249,9 @@ class AggregateStage:
             return slot
 
         rows, handoffs = [], []
-        for part, rec in batch:
+        for i, (part, rec) in enumerate(batch):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             kind = rec.get("type")
             if kind == "merge":
                 slot = state_of(part, rec["from"].encode())
@@ -247,7 +265,7 @@ class AggregateStage:
                 slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
                 watermarks[part] = max(watermarks[part], slot[1].newest)
             else:
-                rows.append(self._event(part, rec, state_of(part, rec["personId"].encode()), watermarks))
+                rows.append(self._event(part, rec, state_of, watermarks))
 
         # A redelivered event can arrive under another person than the one that applied it (its
         # anonymous id got linked in between: the identity stage now keys it by the user, whose state
@@ -276,7 +294,12 @@ class AggregateStage:
             by_partition[part].append((key, *slot))
         changes: list[tuple[Change, int]] = []
         for part, persons in by_partition.items():
-            change = self.partials.change(part, watermarks[part], [(old, new) for _, old, new in persons])
+            delta: Counter = Counter()
+            for i in range(0, len(persons), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
+                delta.update(self.partials.delta(part, watermarks[part],
+                                                 [(old, new) for _, old, new in persons[i:i + YIELD_EVERY // 10]]))
+                await asyncio.sleep(0)
+            change = self.partials.change(part, watermarks[part], delta)
             seq = self.seq.get(part, 0) + 1
             changes.append((change, seq))
             writes.put(part, _mark(BEGIN, part), str(seq).encode())
@@ -302,25 +325,30 @@ class AggregateStage:
         # 5. the changed cells
         await self._publish([change.partition for change, _ in changes])
 
-    def _event(self, part: int, rec: dict, slot: list, watermarks: dict[int, int]) -> dict:
-        """Apply one event to its person (slot: [old, new]); its row, with the late flag."""
-        state = slot[1] if slot[1] is not None else PersonState()
-        slot[1] = state
-        ts, mid = rec["timestamp"], rec["messageId"]
+    def _event(self, part: int, rec: dict, state_of: Callable[[int, bytes], list], watermarks: dict[int, int]) -> dict:
+        """Apply one event to its person (state_of → its slot [old, new]); its row, with the late flag.
+        An event that is no activity and satisfies no condition (an identify, a trait sync) changes no
+        metric: it does not touch the state, and is never late."""
+        ts, mid, mtype, name = rec["timestamp"], rec["messageId"], rec["type"], rec.get("event", "")
+        matched = self.metrics.matching(name, rec.get("properties") or {}, mtype)
+        active = self.metrics.activity.matches(mtype, name)
         late = None
-        if state.has_applied(mid):
-            pass  # applied before (a redelivery): not late, nothing to do
-        elif is_late(state, ts, self.metrics):
-            late = "person"
-        else:
-            if self.partials.touches_closed(part, ts):
-                # rare: a silent person's old event, after this partition's cells of that time closed
-                obs.CLOSED_CELL_UPDATES.inc()
-                log.warning("event %s (%d ms) changes cells already closed on partition %d: "
-                            "their published values stay as they are", mid, ts, part)
-            apply(state, mid, ts, self.metrics.matching(rec.get("event", ""), rec.get("properties") or {}),
-                  self.metrics)
-            watermarks[part] = max(watermarks[part], ts)
+        if matched or active:
+            slot = state_of(part, rec["personId"].encode())
+            state = slot[1] if slot[1] is not None else PersonState()
+            slot[1] = state
+            if state.has_applied(mid):
+                pass  # applied before (a redelivery): not late, nothing to do
+            elif is_late(state, ts, self.metrics):
+                late = "person"
+            else:
+                if self.partials.touches_closed(part, ts):
+                    # rare: a silent person's old event, after this partition's cells of that time closed
+                    obs.CLOSED_CELL_UPDATES.inc()
+                    log.warning("event %s (%d ms) changes cells already closed on partition %d: "
+                                "their published values stay as they are", mid, ts, part)
+                apply(state, mid, ts, matched, self.metrics, active=active)
+                watermarks[part] = max(watermarks[part], ts)
         if late:
             obs.LATE_EVENTS.labels(late).inc()
         rec["late"] = bool(late)

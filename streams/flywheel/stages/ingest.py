@@ -16,6 +16,7 @@ marker of an anonymous id follows all of that id's earlier events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +34,8 @@ from flywheel.stages.ports import Outbox, Record, Table
 from flywheel.stages.tables import Writes
 
 log = logging.getLogger(__name__)
+
+YIELD_EVERY = 500  # records between two turns of the event loop (~10 ms)
 
 
 class Ingest:
@@ -60,7 +63,9 @@ class Ingest:
         outbox = await self.outbox()
         first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
         counts: Counter[tuple[Any, str | None]] = Counter()
-        for record in records:
+        for i, record in enumerate(records):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:  # the collector and /health share the event loop
+                await asyncio.sleep(0)
             self._one(record, outbox, first_seen, linked, counts)
         offsets = await outbox.send()
         first_seen.apply(offsets)

@@ -52,6 +52,11 @@ class Sink:
         self.invalid_topic = invalid_topic
         self._blocked_since: dict[str, float] = {}
 
+    def blocked(self) -> dict[str, float]:
+        """Tables whose inserts are failing, and for how many seconds."""
+        now = time.monotonic()
+        return {table: now - since for table, since in self._blocked_since.items()}
+
     async def write(self, table: str, rows: Rows) -> None:
         """Insert `rows` into `table`; return once every row is in ClickHouse or dead-lettered. Raises if
         ClickHouse fails otherwise (the caller's batch is retried)."""

@@ -1,5 +1,6 @@
-"""The admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT, 127.0.0.1:8089 by default): /health,
-/metrics, and /sql for embedded ClickHouse. Never on the public collector port: /sql answers queries.
+"""The admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT, 127.0.0.1:8089 by default): /health
+(/health/live, /health/ready), /metrics, a worker's /status, and /sql for embedded ClickHouse. Never on
+the public collector port: /sql answers queries.
 
 chdb locks its data directory, so while a worker runs, `flywheel sql` sends its query here. /sql needs
 the bearer token the worker writes to <data_dir>/worker.json (mode 0600): only someone who can read
@@ -13,36 +14,43 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flywheel.clickhouse import ClickHouse
+from flywheel.web.health import Check, add_health
 
 log = logging.getLogger(__name__)
 
 WORKER_FILE = "worker.json"
 
 
-def health(role: str):
-    async def handler(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "role": role})
-    return handler
-
-
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
 
-def admin_app(*, role: str) -> web.Application:
-    """/health and /metrics; a worker with embedded ClickHouse adds /sql (`add_sql`)."""
+def admin_app(*, role: str, checks: Sequence[Check]) -> web.Application:
+    """/health (live, ready: web/health.py) and /metrics; a worker adds /status and, with embedded
+    ClickHouse, /sql (`add_sql`)."""
     app = web.Application()
-    app.router.add_get("/health", health(role))
+    add_health(app, role=role, checks=checks)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def add_status(app: web.Application, status: Callable[[], dict[str, Any]]) -> None:
+    """GET /status: what `flywheel status` prints (runtime/status.py)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(status()), content_type="application/json")
+
+    app.router.add_get("/status", handler)
 
 
 def add_sql(app: web.Application, *, ch: ClickHouse, executor: Executor, data_dir: Path, host: str,
