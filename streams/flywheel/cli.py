@@ -127,6 +127,56 @@ def sample(
     typer.echo(f"sent {n} events to {settings.topics.raw} at {settings.kafka_bootstrap}")
 
 
+dlq_cli = typer.Typer(help="The dead-letter queue: rejected events (flywheel.invalid_events) and their replay.")
+cli.add_typer(dlq_cli, name="dlq")
+
+
+@dlq_cli.command("replay")
+def dlq_replay(
+    since: Annotated[str | None, typer.Option(help="received at or after: a time (2026-11-30T08:00, UTC unless "
+                                                   "it says otherwise) or a duration back from now (2h, 7d)")] = None,
+    until: Annotated[str | None, typer.Option(help="received before: a time or a duration back from now")] = None,
+    reason: Annotated[str | None, typer.Option(help="only events with a reason containing this text "
+                                                    "(case-insensitive), e.g. 'Checkout Started'")] = None,
+    source: Annotated[str | None, typer.Option(help="only events from this source (column `source`)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many, oldest first")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be replayed; send nothing")] = False,
+) -> None:
+    """Send rejected events back through validation, after fixing the tracking plan (restart the workers
+    with it first) or the client. Each goes to events.raw with its original bytes, key, source and
+    receivedAt; it is counted as received again, and as valid — or invalid, rejected again, its DLQ row
+    naming the original in `replay_of`. Replaying the same events twice counts them once. Rows ClickHouse
+    refused (origin sink:…) are not events and are never replayed."""
+    from datetime import UTC, datetime
+
+    from flywheel import dlq
+    from flywheel.query import QueryError, run
+
+    settings = _settings()
+    now = datetime.now(UTC)
+    try:
+        start = dlq.when(since, now=now) if since else None
+        end = dlq.when(until, now=now) if until else None
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        rejected = dlq.select(lambda q: run(settings, q)[1], since=start, until=end, reason=reason, source=source,
+                              limit=limit)
+    except QueryError as exc:
+        _fail(f"could not read flywheel.invalid_events: {exc}")
+    for line in dlq.summary(rejected):
+        typer.echo(line)
+    if dry_run or not rejected:
+        return
+    try:
+        sent = dlq.replay(settings, rejected)
+    except Exception as exc:  # kafka-python raises its own errors: say which broker, keep the message
+        _fail(f"replay to {settings.topics.raw} at {settings.kafka_bootstrap} failed: {exc}; nothing is lost — "
+              f"the rejected events stay in flywheel.invalid_events, and replaying again counts each once")
+    typer.echo(f"replayed {sent:,} events to {settings.topics.raw}; watch flywheel_events_replayed_total "
+               f"(`flywheel status`), and invalid_events WHERE replay_of != '' for any rejected again")
+
+
 metrics_cli = typer.Typer(help="Funnel / retention definitions (FLYWHEEL_METRICS) and their oracle check.")
 cli.add_typer(metrics_cli, name="metrics")
 
@@ -188,7 +238,8 @@ def status(
 ) -> None:
     """Say how the worker is doing, from its admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT):
     ready or why not, each stage's lag and failures, event rates (received, valid, invalid, late,
-    duplicates), ClickHouse inserts waiting, table restore progress. Exit 0 ready, 1 not ready, 2 no answer."""
+    duplicates, replayed), ClickHouse inserts waiting, table restore progress. Exit 0 ready, 1 not ready,
+    2 no answer."""
     import urllib.error
     import urllib.request
 
@@ -223,7 +274,7 @@ def status(
         if r:
             share = f" ({doc['invalid_share']:.1%} of received)" if doc["invalid_share"] is not None else ""
             typer.echo(f"events/s: received {r['received']:,}, valid {r['valid']:,}, invalid {r['invalid']:,}{share}, "
-                       f"late {r['late']:,}, duplicates {r['duplicates']:,}")
+                       f"late {r['late']:,}, duplicates {r['duplicates']:,}, replayed {r['replayed']:,}")
         blocked = doc["sink_blocked_s"]
         typer.echo("clickhouse inserts: " + (", ".join(f"{t} waiting {s:.0f} s" for t, s in blocked.items())
                                              if blocked else "ok"))

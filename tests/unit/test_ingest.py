@@ -15,10 +15,10 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from flywheel.config import Settings, Topics
-from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
+from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
 from flywheel.model.plan import load_plan
 from flywheel.runtime.outbox import Outbox
-from flywheel.stages.ingest import Ingest
+from flywheel.stages.ingest import REPLAY, Ingest
 
 TOPICS = Topics(raw="raw", invalid="invalid", identified="identified", identity_changes="changes")
 PARTITIONS = list(range(8))
@@ -177,3 +177,50 @@ def test_a_failed_send_leaves_nothing_a_retry_cannot_redo():
     assert [c["type"] for c in retry.values("changes")] == ["link"]
     assert [k for k, _ in retry.records[("message-ids-changelog", 3)]] == [b"m1", b"m2", b"m3", b"m4"]
     assert retry.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
+
+
+def replayed(message: dict | bytes, of: str, offset: int) -> Message:
+    """A record `flywheel dlq replay` sent: the rejected bytes again, naming the record first rejected."""
+    record = batch([message])[0]
+    record.offset = offset
+    record.headers = [*record.headers, (HEADER_REPLAY_OF, of.encode())]
+    return record
+
+
+def test_a_replayed_dlq_record_passes_once_however_often_it_is_replayed():
+    s = Stage()
+    event = viewed("anon-r", "m9")
+    first = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=200)], first)
+    assert [e["messageId"] for e in first.values("identified")] == ["m9"]
+    assert s.first_seen.data[REPLAY + b"raw/3@7"] == b"raw/3@200"
+
+    # The same replay record again (a crash before its offset was committed): forwarded again, as any record.
+    again = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=200)], again)
+    assert [e["messageId"] for e in again.values("identified")] == ["m9"]
+
+    # A second replay run: another record, dropped — also once the messageId has left the dedup table.
+    del s.first_seen.data[b"m9"]
+    second = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=300)], second)
+    assert second.values("identified") == []
+
+    # Another rejected record with that messageId (an SDK retry of the bad event): while the messageId is in
+    # the dedup table it is a retry, dropped; past the table's reach only the messageId could tell them apart.
+    s.first_seen.data[b"m9"] = b"raw/3@200"
+    retry = Producer()
+    s.handle([replayed(event, "raw/3@8", offset=301)], retry)
+    assert retry.values("identified") == []
+
+
+def test_a_replay_rejected_again_names_the_original_and_may_be_replayed_later():
+    s = Stage()
+    producer = Producer()
+    s.handle([replayed(b"{still not json", "raw/3@7", offset=200)], producer)
+    [dead] = producer.values("invalid")
+    assert dead["origin"] == "raw/3@200" and dead["replayOf"] == "raw/3@7"
+    assert REPLAY + b"raw/3@7" not in s.first_seen.data
+    later = Producer()
+    s.handle([replayed(viewed("anon-r", "m9"), "raw/3@7", offset=201)], later)
+    assert [e["messageId"] for e in later.values("identified")] == ["m9"]

@@ -34,7 +34,7 @@ LAG = Gauge("flywheel_consumer_lag", "Records of a topic partition the worker ow
             ["topic", "partition"])
 # Counters whose rates /status shows: (name, the counter).
 RATES = (("received", obs.RECEIVED), ("valid", obs.VALID), ("invalid", obs.INVALID), ("late", obs.LATE_EVENTS),
-         ("duplicates", obs.DUPLICATES))
+         ("duplicates", obs.DUPLICATES), ("replayed", obs.REPLAYED))
 
 
 def _total(counter) -> float:

@@ -36,6 +36,7 @@ from flywheel.stages.tables import Writes
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 500  # records between two turns of the event loop (~10 ms)
+REPLAY = b"\x00replay\x00"  # + origin of a replayed DLQ record, in first_seen beside the messageIds
 
 
 class Ingest:
@@ -44,7 +45,8 @@ class Ingest:
     Tables (changelog-backed, co-partitioned with events.raw):
     - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it.
       An SDK retry (same messageId, another record) is dropped; a redelivery of that record itself
-      (after a crash) is forwarded again and collapses downstream.
+      (after a crash) is forwarded again and collapses downstream. Also: a replayed DLQ record that passed
+      → its origin, under REPLAY + the origin of the record first rejected.
     - `linked_users`: anonymous id → b"<user>\\x00<origin of the linking record>" (identity.resolve).
     """
 
@@ -77,6 +79,8 @@ class Ingest:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
         counts[obs.RECEIVED, raw.source] += 1
+        if raw.replay_of:
+            counts[obs.REPLAYED, raw.source] += 1
         outcome = validate(raw, self.plan, self.limits)
         if isinstance(outcome, Invalid):
             counts[obs.INVALID, raw.source] += 1
@@ -90,6 +94,15 @@ class Ingest:
         if seen is not None and seen != here:
             counts[obs.DUPLICATES, raw.source] += 1
             return
+        if raw.replay_of:
+            # A DLQ record replayed: once it passed, it passed for good — a replay run twice counts once, also
+            # after its messageId left the dedup table. (Rejected again, it may be replayed again.)
+            replayed = REPLAY + raw.replay_of.encode()
+            first = first_seen.get(record.partition, replayed)
+            if first is not None and first != here:
+                counts[obs.DUPLICATES, raw.source] += 1
+                return
+            first_seen.put(record.partition, replayed, here)
         # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
         first_seen.put(record.partition, mid, here)
         self._resolve_identity(ev, raw, outbox, linked, counts)
