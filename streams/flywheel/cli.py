@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,26 @@ def _settings() -> config_mod.Settings:
 def _fail(message: str, code: int = 1):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _query(settings: config_mod.Settings):
+    """flywheel.query.run for the commands: while it waits (a worker starting, the directory held for a
+    moment) it says why on stderr — once per reason, then every 10 s."""
+    from flywheel.query import run
+
+    said: dict[str, float] = {}
+    started = time.monotonic()
+
+    def on_wait(why: str) -> None:
+        now = time.monotonic()
+        if why not in said:
+            typer.echo(f"waiting: {why}", err=True)
+            said[why] = now
+        elif now - said[why] >= 10:
+            typer.echo(f"still waiting ({now - started:.0f} s): {why}", err=True)
+            said[why] = now
+
+    return lambda sql: run(settings, sql, on_wait=on_wait)
 
 
 @cli.command()
@@ -78,13 +99,15 @@ def sql(
     query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM flywheel.events\"")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | tsv | json (one object per row)")] = "table",
 ) -> None:
-    """Run a query on the configured ClickHouse (embedded included, also while a worker holds it)."""
-    from flywheel.query import QueryError, format_table, run
+    """Run a query on the configured ClickHouse (embedded included, also while a worker holds it). While a
+    worker is starting, or another command holds embedded ClickHouse for a moment, it waits (up to 120 s)
+    and says so on stderr."""
+    from flywheel.query import QueryError, format_table
 
     if fmt not in ("table", "tsv", "json"):
         _fail(f"--format must be table, tsv or json, not {fmt!r}", 2)
     try:
-        columns, rows = run(_settings(), query)
+        columns, rows = _query(_settings())(query)
     except QueryError as exc:
         _fail(str(exc))
     if columns:
@@ -150,7 +173,7 @@ def dlq_replay(
     from datetime import UTC, datetime
 
     from flywheel import dlq
-    from flywheel.query import QueryError, run
+    from flywheel.query import QueryError
 
     settings = _settings()
     now = datetime.now(UTC)
@@ -160,7 +183,8 @@ def dlq_replay(
     except ValueError as exc:
         _fail(str(exc), 2)
     try:
-        rejected = dlq.select(lambda q: run(settings, q)[1], since=start, until=end, reason=reason, source=source,
+        query = _query(settings)
+        rejected = dlq.select(lambda q: query(q)[1], since=start, until=end, reason=reason, source=source,
                               limit=limit)
     except QueryError as exc:
         _fail(f"could not read flywheel.invalid_events: {exc}")
@@ -213,12 +237,13 @@ def metrics_verify() -> None:
     """
     from flywheel.metrics import verify
     from flywheel.metrics.definitions import MetricsError, load_metrics
-    from flywheel.query import QueryError, run
+    from flywheel.query import QueryError
 
     settings = _settings()
+    query = _query(settings)
     try:
         metrics = load_metrics(settings.metrics)
-        diffs = verify.compare(lambda q: run(settings, q)[1], metrics)
+        diffs = verify.compare(lambda q: query(q)[1], metrics)
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     for name, (view_only, oracle_only) in diffs.items():
@@ -238,8 +263,8 @@ def status(
 ) -> None:
     """Say how the worker is doing, from its admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT):
     ready or why not, each stage's lag and failures, event rates (received, valid, invalid, late,
-    duplicates, replayed), ClickHouse inserts waiting, table restore progress. Exit 0 ready, 1 not ready,
-    2 no answer."""
+    duplicates, replayed), ClickHouse inserts waiting, table restore progress, state tables' keys and
+    memory. Exit 0 ready, 1 not ready, 2 no answer."""
     import urllib.error
     import urllib.request
 
@@ -281,6 +306,15 @@ def status(
         if doc["restoring"]:
             left = (f"{t} {n:,} changelog records left" for t, n in doc["restoring"].items())
             typer.echo("restoring: " + ", ".join(left))
+        tables = doc.get("tables") or {}
+        if tables:
+            def mb(n: int | None) -> str:
+                return "-" if n is None else f"{n / 2**20:,.1f}"
+
+            typer.echo(format_table(
+                ["table", "keys", "memtables MB", "block cache MB", "index+filters MB", "disk MB"],
+                [[name, f"{t['keys']:,}", mb(t.get("memtables")), mb(t.get("block_cache")),
+                  mb(t.get("index_filters")), mb(t.get("sst_files"))] for name, t in tables.items()], "table"))
     raise typer.Exit(0 if ready["ready"] else 1)
 
 

@@ -15,6 +15,7 @@ from flywheel.metrics.definitions import Retention, parse_metrics
 from flywheel.model.clock import DAY_MS, day_text
 from flywheel.runtime.partitioner import partition_of
 from flywheel.stages.aggregate import BEGIN, END, AggregateStage, owner_of
+from flywheel.stages.tables import MemoryTable
 
 METRICS = parse_metrics({
     "lateness": "7d",
@@ -66,36 +67,21 @@ class Kafka:
         return [orjson.loads(v) for _, _, v in self.log[topic]]
 
 
-class Table:
-    """The persons table: one dict per partition, restored from the changelog like Faust's recovery."""
-
-    changelog = CHANGELOG
+class Table(MemoryTable):
+    """The persons table, restored from the changelog like Faust's recovery; counts the person states
+    scans read (what a rebuild costs)."""
 
     def __init__(self, kafka: Kafka) -> None:
-        self.data: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        super().__init__(CHANGELOG)
         for p, k, v in kafka.log[CHANGELOG]:
-            if v is None:
-                self.data[p].pop(k, None)
-            else:
-                self.data[p][k] = v
-        self.person_reads = 0  # person states read by scans: what a rebuild costs
+            self.write(p, {k: v}, None)
+        self.person_reads = 0
 
-    def get(self, partition, key):
-        return self.data[partition].get(key)
-
-    def scan(self, partition, prefix=b""):
-        for k in sorted(self.data[partition]):
-            if k.startswith(prefix):
-                if not k.startswith(b"\x00"):
-                    self.person_reads += 1
-                yield k, self.data[partition][k]
-
-    def write(self, partition, items, changelog_offset):
-        for k, v in items.items():
-            if v is None:
-                self.data[partition].pop(k, None)
-            else:
-                self.data[partition][k] = v
+    def scan(self, partition, prefix=b"", start=b""):
+        for k, v in super().scan(partition, prefix, start):
+            if not k.startswith(b"\x00"):
+                self.person_reads += 1
+            yield k, v
 
 
 class ClickHouse:

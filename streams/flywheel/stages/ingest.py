@@ -27,35 +27,39 @@ import orjson
 from flywheel import observability as obs
 from flywheel.config import Topics
 from flywheel.model import identity
+from flywheel.model.clock import to_ms
 from flywheel.model.envelope import Limits
 from flywheel.model.plan import TrackingPlan
 from flywheel.model.validate import Invalid, Raw, validate
+from flywheel.stages.dedup import Dedup, DedupBatch
 from flywheel.stages.ports import Outbox, Record, Table
 from flywheel.stages.tables import Writes
 
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 500  # records between two turns of the event loop (~10 ms)
-REPLAY = b"\x00replay\x00"  # + origin of a replayed DLQ record, in first_seen beside the messageIds
+REPLAY = b"\x00replay\x00"  # + origin of a replayed DLQ record, in first_seen beside the messageIds (no expiry)
 
 
 class Ingest:
     """The ingest stage over a batch of events.raw records, with the dedup and identity tables.
 
     Tables (changelog-backed, co-partitioned with events.raw):
-    - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it.
-      An SDK retry (same messageId, another record) is dropped; a redelivery of that record itself
-      (after a crash) is forwarded again and collapses downstream. Also: a replayed DLQ record that passed
-      → its origin, under REPLAY + the origin of the record first rejected.
+    - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it,
+      for `dedup_horizon_days` of arrival time (stages/dedup.py). An SDK retry (same messageId, another
+      record) is dropped; a redelivery of that record itself (after a crash) is forwarded again and
+      collapses downstream. Also: a replayed DLQ record that passed → its origin, under REPLAY + the
+      origin of the record first rejected.
     - `linked_users`: anonymous id → b"<user>\\x00<origin of the linking record>" (identity.resolve).
     """
 
     def __init__(self, *, plan: TrackingPlan, limits: Limits, topics: Topics, first_seen: Table,
-                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]]):
+                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]], dedup_horizon_days: int = 7):
         self.plan = plan
         self.limits = limits
         self.topics = topics
         self.first_seen = first_seen
+        self.dedup = Dedup(first_seen, dedup_horizon_days)
         self.linked_users = linked_users
         self.outbox = outbox
 
@@ -64,20 +68,25 @@ class Ingest:
         retried from the tables as they were before it (stages/tables.py)."""
         outbox = await self.outbox()
         first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
+        dedup = self.dedup.batch(first_seen)
         counts: Counter[tuple[Any, str | None]] = Counter()
         for i, record in enumerate(records):
             if i % YIELD_EVERY == YIELD_EVERY - 1:  # the collector and /health share the event loop
                 await asyncio.sleep(0)
-            self._one(record, outbox, first_seen, linked, counts)
+            self._one(record, outbox, first_seen, dedup, linked, counts)
+        dedup.finish()
         offsets = await outbox.send()
         first_seen.apply(offsets)
         linked.apply(offsets)
+        dedup.landed()
         for (metric, source), n in counts.items():  # once, for the attempt that landed
             (metric.labels(source) if source is not None else metric).inc(n)
 
-    def _one(self, record: Record, outbox: Outbox, first_seen: Writes, linked: Writes, counts: Counter) -> None:
+    def _one(self, record: Record, outbox: Outbox, first_seen: Writes, dedup: DedupBatch, linked: Writes,
+             counts: Counter) -> None:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
+        dedup.arrived(record.partition, to_ms(raw.received_at))
         counts[obs.RECEIVED, raw.source] += 1
         if raw.replay_of:
             counts[obs.REPLAYED, raw.source] += 1
@@ -90,7 +99,7 @@ class Ingest:
         ev = outcome.event
         mid = ev["messageId"].encode()
         here = raw.origin.encode()
-        seen = first_seen.get(record.partition, mid)
+        key, seen = dedup.seen(record.partition, mid)
         if seen is not None and seen != here:
             counts[obs.DUPLICATES, raw.source] += 1
             return
@@ -104,7 +113,7 @@ class Ingest:
                 return
             first_seen.put(record.partition, replayed, here)
         # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
-        first_seen.put(record.partition, mid, here)
+        dedup.remember(record.partition, key, here)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
 

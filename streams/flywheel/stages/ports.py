@@ -37,8 +37,8 @@ class Table(Protocol):
 
     def get(self, partition: int, key: bytes) -> bytes | None: ...
 
-    def scan(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """The partition's keys starting with `prefix` and their values, in key order."""
+    def scan(self, partition: int, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """The partition's keys starting with `prefix` and their values, in key order — from `start` on."""
 
     def write(self, partition: int, items: Mapping[bytes, bytes | None], changelog_offset: int | None) -> None:
         """Write (None = delete) what the changelog already holds, up to `changelog_offset`."""
