@@ -7,9 +7,10 @@ worker's memory stay flat once the dedup horizon is reached?
 
 One invocation, one machine: a local Kafka (flywheel.devkafka, free ports, temporary directory) and one
 `flywheel worker` with embedded ClickHouse, as a user runs it. The traffic is a shop's: --days simulated
-days of --events events in all; every day new anonymous visitors (a fifth of the events), a third of
-whom sign up (identify: an identity link), and returning ones picked with a recency bias (a person last
-seen k days ago, k ~ exponential with mean 10). Each record's receivedAt header is the simulated time,
+days of --events events in all; for --growth-days days new anonymous visitors (a fifth of the events),
+a third of whom sign up (identify: an identity link), then no one new (the population is made: memory
+that still grows then grows with events, not people); returning persons are picked with a recency bias
+(a person last seen k days ago, k ~ exponential with mean 10). Each record's receivedAt header is the simulated time,
 so the dedup table's arrival clock runs on simulated days. SDK retries: --retry-rate of each day's
 events are sent again (same bytes) hours later — all must be dropped; and a few hundred after 3
 horizons — none may be (the table has forgotten them; the README says so).
@@ -81,8 +82,9 @@ def iso(ms: int) -> str:
 class Shop:
     """The simulated traffic, day by day."""
 
-    def __init__(self, events: int, days: int, retry_rate: float, seed: int):
+    def __init__(self, events: int, days: int, retry_rate: float, seed: int, growth_days: int):
         self.rng = random.Random(seed)
+        self.growth_days = growth_days
         self.per_day = events // days
         self.retry_rate = retry_rate
         self.cohorts: list[int] = []  # day → how many persons arrived that day
@@ -91,15 +93,20 @@ class Shop:
     def day(self, d: int) -> list[tuple[int, bytes, bytes]]:
         """Day d's records as (receivedAt ms, key, value), in arrival order: events, then retries."""
         rng, base = self.rng, (START_DAY + d) * DAY_MS
-        new = self.per_day // 5
+        new = self.per_day // 5 if d < self.growth_days else 0
         self.cohorts.append(new)
         out = []
         for i in range(self.per_day):
             at = base + int(i / self.per_day * DAY_MS)
-            if i % 5 == 0 or d == 0:
+            if (i % 5 == 0 and new) or d == 0:
                 who = (d, rng.randrange(new))
+            elif i % 5 == 0:  # past the growth days: the population is made, anyone may come back
+                back = rng.randrange(self.growth_days)
+                who = (back, rng.randrange(self.cohorts[back]))
             else:
                 back = min(d, int(rng.expovariate(0.1)))
+                while not self.cohorts[d - back]:  # a day without newcomers: someone earlier
+                    back = rng.randrange(d + 1)
                 who = (d - back, rng.randrange(self.cohorts[d - back]))
             anon = f"anon-{who[0]}-{who[1]}"
             if who[1] % 3 == 0 and i % 5 == 0:
@@ -193,6 +200,7 @@ def sample(worker: WorkerProcess, broker_logs: Path, settings: Settings, day: in
         "received": int(worker.metric("flywheel_events_received_total", source="soak")),
         "duplicates": int(worker.metric("flywheel_events_duplicate_total", source="soak")),
         "keys": {name: t.get("keys", 0) for name, t in tables.items()},
+        "disk_mb": {name: round(t.get("sst_files", 0) / 2**20, 1) for name, t in tables.items()},
         "changelog_mb": changelog_mb,
         "rss_mb": round(pl.rss_bytes(worker.proc.pid) / 2**20, 1),
         "rocksdb_mb": round(rocksdb / 2**20, 1),
@@ -212,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         http_host="127.0.0.1", partitions=args.partitions, dedup_horizon_days=args.horizon_days,
                         store_memory_mb=args.store_memory_mb)
     worker = WorkerProcess(settings)
-    shop = Shop(args.events, args.days, args.retry_rate, args.seed)
+    shop = Shop(args.events, args.days, args.retry_rate, args.seed, args.growth_days)
     samples, sent, expected_dups = [], 0, 0
     forgotten: list[tuple[int, bytes, bytes]] = []  # sent again after 3 horizons: must not be dropped
     day1: list[tuple[int, bytes, bytes]] = []
@@ -258,16 +266,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verdict(doc: dict[str, Any]) -> list[str]:
-    """Flat: from the first sample past two horizons (the table's full size) to the last."""
+    """Flat: from the first sample past two horizons (the table's full size) and the growth days (the
+    population's) to the last."""
     horizon = doc["args"]["horizon_days"]
-    steady = [s for s in doc["samples"] if s["day"] >= 2 * horizon + 1]
+    steady = [s for s in doc["samples"] if s["day"] >= max(2 * horizon, doc["args"]["growth_days"]) + 1]
     lines = [f"retries sent within the horizon: {doc['retries_sent']:,}; dropped as duplicates: "
              f"{doc['retries_dropped']:,}" + (" ✓" if doc["retries_dropped"] == doc["retries_sent"] else " ✗"),
              f"sent again after 3 horizons: {doc['forgotten_sent']} (not dropped: counted above if they were)"]
     if len(steady) < 2:
-        return lines + ["too few samples past two horizons to judge flatness: run more days"]
+        return lines + ["too few samples past two horizons and the growth days to judge flatness: run more days"]
     first, last = steady[0], steady[-1]
-    for name, value in (("dedup keys", lambda s: s["keys"]["dedup"]),
+    for name, value in (("dedup table on disk MB", lambda s: s["disk_mb"]["dedup"]),
                         ("dedup changelog MB", lambda s: s["changelog_mb"]["dedup"]),
                         ("worker RSS MB", lambda s: s["rss_mb"])):
         a, b = value(first), value(last)
@@ -281,14 +290,14 @@ def render(doc: dict[str, Any]) -> str:
     from flywheel.query import format_table
 
     rows = [[s["day"], s["seconds"], f"{s['received']:,}", f"{s['duplicates']:,}",
-             f"{s['keys']['dedup']:,}", s["changelog_mb"]["dedup"], f"{s['keys']['persons']:,}",
+             f"{s['keys']['dedup']:,}", s["disk_mb"]["dedup"], s["changelog_mb"]["dedup"], f"{s['keys']['persons']:,}",
              s["changelog_mb"]["persons"], f"{s['keys']['identity']:,}", s["rss_mb"], s["rocksdb_mb"],
              s["clickhouse_mb"]] for s in doc["samples"]]
     head = (f"soak: {doc['events_sent']:,} records over {doc['args']['days']} simulated days "
             f"({doc['per_day']:,} events a day, {doc['persons']:,} persons), dedup horizon "
             f"{doc['args']['horizon_days']} days, FLYWHEEL_STORE_MEMORY_MB={doc['args']['store_memory_mb']}; "
             f"{doc['seconds']} s, {doc['events_per_s']:,} records/s")
-    table = format_table(["day", "s", "received", "dropped", "dedup keys", "dedup log MB", "persons",
+    table = format_table(["day", "s", "received", "dropped", "dedup keys≈", "dedup disk MB", "dedup log MB", "persons≈",
                           "persons log MB", "identity", "RSS MB", "RocksDB MB", "ClickHouse MB"], rows, "table")
     return "\n".join([head, table, *verdict(doc)])
 
@@ -305,6 +314,8 @@ def main() -> None:
     parser.add_argument("--sample-every", type=int, default=3, help="days between samples")
     parser.add_argument("--day-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--growth-days", type=int, default=15,
+                        help="new persons arrive on the first N days only; then the population is made")
     args = parser.parse_args()
     doc = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,60 @@ def dlq_replay(
                f"(`flywheel status`), and invalid_events WHERE replay_of != '' for any rejected again")
 
 
+persons_cli = typer.Typer(help="Persons: erasure requests.")
+cli.add_typer(persons_cli, name="persons")
+
+
+@persons_cli.command("forget")
+def persons_forget(
+    person_id: Annotated[str, typer.Argument(metavar="ID", help="a user id, or any id linked to one")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be forgotten; change nothing")] = False,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the worker's confirmation")] = 120.0,
+) -> None:
+    """Forget a person (an erasure request): every id of theirs, their links, dedup entries and state in
+    the stream's tables (changelog tombstones), their rows in ClickHouse (events, identity, rejected
+    events naming their ids), and their place in every metric cell — open ones through their state,
+    closed ones republished one lower. `forgotten` on identity.changes tells services. Needs a running
+    worker. Run it once their traffic has stopped; running it again is harmless."""
+    from flywheel import persons
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    query = _query(settings)
+    try:
+        person = persons.find(lambda q: query(q)[1], person_id, load_metrics(settings.metrics))
+    except (MetricsError, QueryError) as exc:
+        _fail(str(exc))
+    if person is None:  # never seen, or forgotten already: the request is honoured either way
+        typer.echo(f"no events or links of {person_id!r} in ClickHouse: nothing to forget")
+        return
+    named = f" ({person_id} is one of their ids)" if person.person_id != person_id else ""
+    typer.echo(f"person {person.person_id}{named}: {len(person.ids)} ids, {len(person.events):,} events, "
+               f"counted in {len(person.cells):,} metric cells")
+    if dry_run:
+        typer.echo("ids: " + ", ".join(person.ids))
+        return
+    request = persons.request_id()
+    try:
+        confirmed = persons.send(settings, person, request, wait=wait, on_wait=lambda m: typer.echo(m, err=True))
+    except Exception as exc:  # kafka-python's errors: say where
+        _fail(f"could not send the forget request to Kafka at {settings.kafka_bootstrap}: {exc}; nothing was "
+              "deleted from ClickHouse — run it again")
+    if not confirmed:
+        _fail(f"no confirmation from a worker within {wait:.0f} s (is one running? `flywheel status`): the "
+              f"request {request} waits in Kafka and applies when one runs; ClickHouse rows were not deleted "
+              "— run the command again once it has")
+    typer.echo(f"the stream forgot them (request {request}); deleting their rows from ClickHouse")
+    try:
+        pending = persons.delete(lambda q: query(q)[1], person, wait=wait)
+    except QueryError as exc:
+        _fail(f"deleting from ClickHouse failed: {exc}; run the command again")
+    if pending:
+        _fail(f"ClickHouse is still deleting ({len(pending)} mutations running): check system.mutations", 1)
+    typer.echo(f"forgotten: {person.person_id} ({len(person.ids)} ids, {len(person.events):,} events)")
+
+
 metrics_cli = typer.Typer(help="Funnel / retention definitions (FLYWHEEL_METRICS) and their oracle check.")
 cli.add_typer(metrics_cli, name="metrics")
 

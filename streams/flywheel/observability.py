@@ -19,6 +19,9 @@ REPLAYED = Counter(
 DUPLICATES = Counter(
     "flywheel_events_duplicate_total", "Valid records dropped as SDK retries of a seen messageId", ["source"]
 )
+FORGET_REQUESTS = Counter(
+    "flywheel_forget_requests_total", "Forget requests (flywheel persons forget) applied, by stage", ["stage"]
+)
 IDENTITY_LINKS = Counter("flywheel_identity_links_total", "First links of an anonymous id to a user")
 IDENTITY_CONFLICTS = Counter(
     "flywheel_identity_conflicts_total", "Refused links: the anonymous id already belongs to another user", ["source"]

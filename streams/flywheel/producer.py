@@ -67,6 +67,10 @@ class Producer:
     def alias(self, *, previous_id: str, user_id: str, **extra: Any) -> str:
         return self.send({"type": "alias", "previousId": previous_id, "userId": user_id, **extra})
 
+    def partitions(self) -> list[int]:
+        """The topic's partitions, as its records are spread over them (runtime/partitioner.py)."""
+        return sorted(self._producer.partitions_for(self.topic))
+
     def flush(self, timeout: float | None = 60) -> None:
         self._producer.flush(timeout=timeout)
 

@@ -117,7 +117,7 @@ def stage(table: Table, kafka: Kafka, ch: ClickHouse | None = None) -> Aggregate
 class Record:
     def __init__(self, value: dict):
         # Its key, as Kafka partitioned it: the person, a merge marker's anonymous id, a hand-off's user.
-        key = {"merge": "from", "state": "person"}.get(value["type"], "personId")
+        key = {"merge": "from", "state": "person", "forget": "person"}.get(value["type"], "personId")
         self.partition = partition_of(value[key].encode(), PARTITIONS)
         self.value = orjson.dumps(value)
 
@@ -345,4 +345,69 @@ def test_a_burst_of_trait_sync_identifies_changes_no_active_count():
         assert {t: len(kafka.cells(t)) for t in before} == published  # not even re-published
         assert all(table.get(partition_of(f"p{i}".encode(), PARTITIONS), f"p{i}".encode()) is None
                    for i in range(2, 50))  # persons that only synced traits have no state
+    run(go())
+
+
+class Published(ClickHouse):
+    """values_before over what the stage published: per (cell, partition), the latest below a version."""
+
+    def __init__(self, kafka: Kafka) -> None:
+        super().__init__()
+        self.kafka = kafka
+
+    async def values_before(self, partition, cells, version):
+        from flywheel.metrics.cells import record as cell_record
+
+        out = {}
+        for cell in cells:
+            kind, key, _ = cell_record(cell, partition, 0, 0)
+            rows = [orjson.loads(v) for _, k, v in self.kafka.log[getattr(TOPICS, kind.name)] if k == key]
+            rows = [r for r in rows if r["version"] < version]
+            if rows:
+                out[cell] = max(rows, key=lambda r: r["version"])["persons"]
+        return out
+
+
+def forget(person: str, at: int, cells=(), ids=None) -> Record:
+    from flywheel.metrics.cells import cell_id
+
+    return Record({"type": "forget", "person": person, "requestId": "r1", "at": at, "primary": True,
+                   "ids": ids or [person], "cells": [cell_id(c) for c in cells]})
+
+
+def test_forgetting_a_person_takes_them_out_of_open_and_closed_cells_once():
+    """p and q are active on day 0 and day 40 (lateness 7 d: horizon 7 + 30 + 29 + 1 = 67 days — so day 80
+    closes day 0). Forgetting p: its state goes, open cells lose it through the delta, the closed cells it
+    is listed in are republished one lower (from their value before the request) — the same records
+    again on a redelivery — and services are told on identity.changes."""
+    f, daily = METRICS.funnels[0], METRICS.retention[0]
+    kafka = Kafka()
+    table = Table(kafka)
+    ch = Published(kafka)
+    p_part = partition_of(b"p", PARTITIONS)
+    q = next(f"q{i}" for i in range(100) if partition_of(f"q{i}".encode(), PARTITIONS) == p_part)  # p's partition
+
+    async def go():
+        s = stage(table, kafka, ch)
+        await repair(s)
+        await s.process([event("p", "p1", 0), event(q, "q1", 0)])
+        await s.process([event("p", "p2", 80), event(q, "q2", 80)])  # day 0's cells close on p's partition
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0), 1)] == 2
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0 + 80), 1)] == 2
+        at = 2**62  # after every publication
+        request = forget("p", at, cells=[(f, DAY0, 1), (f, DAY0 + 80, 1), (daily, DAY0, 0)])
+        await s.process([request])
+        assert table.get(p_part, b"p") is None
+        once = {t: list(kafka.log[t]) for t in (TOPICS.funnels, TOPICS.identity_changes)}
+        funnels = final_cells(kafka, TOPICS.funnels)
+        assert funnels[("f", day_text(DAY0), 1)] == 1  # closed: republished one lower, version `at`
+        assert funnels[("f", day_text(DAY0 + 80), 1)] == 1  # open: through p's state
+        assert final_cells(kafka)[("daily", day_text(DAY0), 0)] == 1  # a cohort size is always open
+        told = [orjson.loads(v) for _, _, v in kafka.log[TOPICS.identity_changes]]
+        assert told == [{"type": "forgotten", "person": "p", "ids": ["p"], "requestId": "r1",
+                         "timestamp": at // 1_000_000}]
+        await s.process([request])  # redelivered: the same correction, nothing lower
+        assert final_cells(kafka, TOPICS.funnels) == funnels
+        again = [orjson.loads(v) for _, _, v in kafka.log[TOPICS.funnels][len(once[TOPICS.funnels]):]]
+        assert [r["persons"] for r in again if r["version"] == at] == [1]
     run(go())

@@ -165,3 +165,26 @@ def test_the_generation_is_the_first_day_of_its_horizon(received_day):
     s = Stage(horizon_days=7)
     s.batch([(0, at(received_day + 0.5), b"m")])
     assert s.entries() == [entry_key(received_day - received_day % 7, b"m")]
+
+
+def test_forget_deletes_a_message_id_from_every_generation_a_lookup_reads():
+    s = Stage(horizon_days=7)
+    s.table.write(0, {b"legacy-mid": b"raw/0@1"}, None)  # a bare key of release 7ae8eae
+    s.batch([(0, at(3), b"old")])
+    s.batch([(0, at(8), b"new")])  # the next generation: "old" is in the previous one
+    log = Log()
+    writes = Writes(s.table, log)
+    batch = s.dedup.batch(writes)
+    assert [batch.forget(0, m) for m in (b"old", b"new", b"legacy-mid", b"never")] == [True, True, True, False]
+    batch.finish()
+    writes.apply({})
+    assert s.entries() == [] and b"legacy-mid" not in s.table.data[0]
+    assert sorted(k for _, k, v in log.records if v is None) == sorted(
+        [entry_key(0, b"old"), entry_key(7, b"new"), b"legacy-mid"])
+    assert s.batch([(0, at(8.5), b"old"), (0, at(8.5), b"new")]) == [False, False]  # new events now
+
+
+def test_forget_on_a_fresh_partition_finds_nothing():
+    s = Stage()
+    batch = s.dedup.batch(Writes(s.table, Log()))
+    assert batch.forget(5, b"m") is False

@@ -15,7 +15,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from flywheel.config import Settings, Topics
-from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
+from flywheel.model.envelope import HEADER_FORGET, HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
 from flywheel.model.plan import load_plan
 from flywheel.runtime.outbox import Outbox
 from flywheel.stages.dedup import CLOCK, entry_key
@@ -218,3 +218,45 @@ def test_a_replay_rejected_again_names_the_original_and_may_be_replayed_later():
     later = Producer()
     s.handle([replayed(viewed("anon-r", "m9"), "raw/3@7", offset=201)], later)
     assert [e["messageId"] for e in later.values("identified")] == ["m9"]
+
+
+def forget_request(request: dict, offset: int) -> Message:
+    m = Message(orjson.dumps(request), b"anon-a", partition=3, offset=offset)
+    m.headers = [*m.headers, (HEADER_FORGET, b"req-1")]
+    return m
+
+
+def test_a_forget_request_deletes_the_persons_links_and_dedup_entries_and_nothing_else():
+    s = Stage()
+    s.handle(batch(JOURNEY), Producer())
+    # anon-b belongs to another user: named in the request (say, a refused link), its link stays.
+    s.linked.data[3][b"anon-b"] = b"user-2\x00raw/3@90"
+    producer = Producer()
+    s.handle([forget_request({"requestId": "req-1", "person": "user-1", "ids": ["anon-a", "anon-b"],
+                              "messageIds": ["m1", "m2", "m3", "m4", "m-unknown"]}, offset=200)], producer)
+    assert b"anon-a" not in s.linked.data[3] and s.linked.data[3][b"anon-b"] == b"user-2\x00raw/3@90"
+    assert [k for k in s.first_seen.data[3] if k.startswith(b"\x01")] == []
+    # with tombstones on the changelogs, and nothing forwarded: a request is not an event
+    assert producer.records[("identity-changelog", 3)] == [(b"anon-a", None)]
+    assert sorted(k for k, v in producer.records[("message-ids-changelog", 3)] if v is None) == sorted(
+        entry(m) for m in (b"m1", b"m2", b"m3", b"m4"))
+    assert producer.values("identified") == [] and producer.values("invalid") == []
+
+    # An SDK retry of m2 now is a new event, and anon-a may link to another user
+    after = Producer()
+    s.handle(batch([viewed("anon-a", "m2"), {"type": "identify", "anonymousId": "anon-a", "userId": "user-3",
+                                             "messageId": "m5", "timestamp": "2026-11-10T09:05:00Z"}]), after)
+    assert {e["messageId"]: e["personId"] for e in after.values("identified") if e["type"] != "merge"} == {
+        "m2": "anon-a", "m5": "user-3"}
+    assert [c["type"] for c in after.values("changes")] == ["link"]
+
+
+def test_a_malformed_forget_request_is_skipped_not_fatal():
+    s = Stage()
+    s.handle(batch(JOURNEY), Producer())
+    bad = Message(b"{not json", b"anon-a", partition=3, offset=200)
+    bad.headers = [*bad.headers, (HEADER_FORGET, b"req-2")]
+    producer = Producer()
+    s.handle([bad], producer)
+    assert s.linked.data[3][b"anon-a"] == b"user-1\x00raw/3@102"
+    assert producer.values("identified") == [] and producer.values("invalid") == []

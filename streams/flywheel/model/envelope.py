@@ -28,6 +28,7 @@ class Limits:
 HEADER_SOURCE = "flywheel-source"  # where it came from: writekey:<hash>, or a producer's name
 HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms
 HEADER_REPLAY_OF = "flywheel-replay-of"  # a replayed DLQ record: the origin of the rejected one (flywheel dlq)
+HEADER_FORGET = "flywheel-forget"  # not an event: a request to forget a person's ids here (flywheel persons)
 
 
 def as_id(value: Any) -> str | None:

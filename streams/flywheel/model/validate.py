@@ -43,6 +43,7 @@ from pydantic_core.core_schema import CoreSchema
 from flywheel.model import envelope, identity
 from flywheel.model.clock import to_ms
 from flywheel.model.envelope import (
+    HEADER_FORGET,
     HEADER_RECEIVED_AT,
     HEADER_REPLAY_OF,
     HEADER_SOURCE,
@@ -66,6 +67,7 @@ class Raw:
     partition: int = -1
     offset: int = -1
     replay_of: str = ""  # a replayed DLQ record: the origin of the record first rejected
+    forget: str = ""  # not an event but a forget request (flywheel persons forget): its id
 
     @property
     def origin(self) -> str:
@@ -84,12 +86,14 @@ class Raw:
             received_ms = int(record.timestamp * 1000)
         value = record.value
         replay_of = headers.get(HEADER_REPLAY_OF)
+        forget = headers.get(HEADER_FORGET)
         return cls(
             value=value if isinstance(value, bytes) else bytes(value or b""),
             source=source,
             received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
             topic=topic, partition=record.partition, offset=record.offset,
             replay_of=replay_of.decode("utf-8", "replace") if replay_of else "",
+            forget=forget.decode("utf-8", "replace") if forget else "",
         )
 
 

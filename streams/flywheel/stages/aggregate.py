@@ -7,8 +7,8 @@ events.identified records (one consumer, several partitions):
 1. each record is applied to its person's state, read from the `persons` table, in partition order:
    an event that is activity or satisfies a metric's condition (unless late: its row is stored with
    late=1 and it touches no state; identity calls touch no state at all), a merge marker
-   (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
-   handed-over state (joined into the user's);
+   (the anonymous person's state is handed to its user, keyed by the user, and forgotten), a
+   handed-over state (joined into the user's), or a forget request (the state is deleted; see `_forgotten`);
 2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
 3. the batch's rows go to flywheel.events (with their late flag);
 4. the batch's effect on the partials is computed (not applied), and the table is written: per
@@ -44,7 +44,7 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
-from flywheel.metrics.cells import Cell, cell_id, parse_cell_id, record
+from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
@@ -248,7 +248,7 @@ class AggregateStage:
                 slot = touched[(part, key)] = [old, new]
             return slot
 
-        rows, handoffs = [], []
+        rows, handoffs, forgets = [], [], []
         for i, (part, rec) in enumerate(batch):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -259,6 +259,9 @@ class AggregateStage:
                     handoffs.append({"type": "state", "person": rec["into"], "from": rec["from"],
                                      "messageId": rec["messageId"], "state": slot[1].to_json()})
                 slot[1] = None  # forgotten here once the hand-off is acknowledged
+            elif kind == "forget":
+                state_of(part, rec["person"].encode())[1] = None
+                forgets.append((part, rec))
             elif kind == "state":
                 slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
@@ -316,6 +319,8 @@ class AggregateStage:
                 writes.put(part, prefix + cell_id(cell).encode(), None)
             writes.put(part, _mark(END, part),
                        self._end_record(part, change.watermark, change.unpublished_zeros, seq))
+        for part, rec in forgets:
+            await self._forgotten(part, rec, outbox, open_from={c.partition: c.open_from for c, _ in changes})
         offsets = await outbox.send()
         # Kafka holds the batch's states: the store and the partials take them together (no await here).
         writes.apply(offsets)
@@ -324,6 +329,33 @@ class AggregateStage:
             self.seq[change.partition] = seq
         # 5. the changed cells
         await self._publish([change.partition for change, _ in changes])
+
+    async def _forgotten(self, part: int, rec: dict, outbox: Outbox, *, open_from: dict[int, int]) -> None:
+        """The rest of a forget request, sent with the batch that deletes the state (docs/design.md §3).
+
+        Open cells lose the person through the partials' delta, like any state change. Closed cells are
+        final in ClickHouse and no state explains them any more: the request lists every cell the person
+        counted in (the oracle's, over the person's events), and each one closed here is published again
+        one lower — from its value before the request (`at`, ns), under the version `at`: a retry or a
+        redelivery publishes the same record again. Then `forgotten` on identity.changes, for services."""
+        if not rec.get("primary"):
+            return  # one of the person's other ids: its state is gone, nothing else to do
+        first_open = open_from.get(part, self.partials.open_from(part))
+        cells = [c for c in (parse_cell_id(t, self.metrics) for t in rec.get("cells", ())) if c is not None]
+        closed = [c for c in cells if not is_open(c, first_open)]
+        before = await self.sink.values_before(part, closed, rec["at"]) if closed else {}
+        for cell in closed:
+            value = before.get(cell, 0)
+            if value > 0:
+                kind, key, published = record(cell, part, value - 1, rec["at"])
+                outbox.add(getattr(self.topics, kind.name), key, orjson.dumps(published))
+        outbox.add(self.topics.identity_changes, rec["person"].encode(), orjson.dumps(
+            {"type": "forgotten", "person": rec["person"], "ids": rec.get("ids", []),
+             "requestId": rec["requestId"], "timestamp": rec["at"] // 1_000_000}))
+        obs.FORGET_REQUESTS.labels("aggregate").inc()
+        log.info("forget request %s: person state deleted on events.identified partition %d, %d open and %d "
+                 "closed cells corrected", rec["requestId"], part, len(cells) - len(closed),
+                 sum(1 for c in closed if before.get(c, 0) > 0))
 
     def _event(self, part: int, rec: dict, state_of: Callable[[int, bytes], list], watermarks: dict[int, int]) -> dict:
         """Apply one event to its person (state_of → its slot [old, new]); its row, with the late flag.

@@ -125,6 +125,20 @@ class DedupBatch:
     def remember(self, partition: int, key: bytes, origin: bytes) -> None:
         self.writes.put(partition, key, origin)
 
+    def forget(self, partition: int, message_id: bytes) -> bool:
+        """Delete this messageId wherever a lookup would find it (a person forgotten); whether it was there."""
+        clock = self._clock(partition)
+        if clock.day < 0:
+            return False
+        if not clock.prefixes:
+            self._prefixes(clock)
+        found = False
+        for prefix in clock.prefixes:
+            if self.writes.get(partition, prefix + message_id) is not None:
+                self.writes.put(partition, prefix + message_id, None)
+                found = True
+        return found
+
     def finish(self) -> None:
         """Before the batch's outbox is sent: the clocks, and a slice of the expired generations' tombstones."""
         for partition, clock in self.clocks.items():

@@ -87,6 +87,9 @@ class Ingest:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
         dedup.arrived(record.partition, to_ms(raw.received_at))
+        if raw.forget:
+            self._forget(raw, dedup, linked, counts)
+            return
         counts[obs.RECEIVED, raw.source] += 1
         if raw.replay_of:
             counts[obs.REPLAYED, raw.source] += 1
@@ -116,6 +119,31 @@ class Ingest:
         dedup.remember(record.partition, key, here)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
+
+    def _forget(self, raw: Raw, dedup: DedupBatch, linked: Writes, counts: Counter) -> None:
+        """A forget request (flywheel persons forget; docs/design.md §3) for the ids and messageIds of one
+        person kept on this partition: their links (only those to this person: an anonymous id another user
+        holds stays theirs) and their dedup entries go, with changelog tombstones. Not an event: not
+        counted, nothing forwarded. Logged by request id only — the ids are what is being erased."""
+        try:
+            request = orjson.loads(raw.value)
+            person = request["person"].encode()
+            ids = [i.encode() for i in request.get("ids", ())]
+            message_ids = [m.encode() for m in request.get("messageIds", ())]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            log.warning("forget request %s at %s is malformed: skipped (send it again with flywheel persons "
+                        "forget)", raw.forget, raw.origin)
+            return
+        links = 0
+        for anon in ids:
+            entry = linked.get(raw.partition, anon)
+            if entry is not None and entry.partition(b"\x00")[0] == person:
+                linked.put(raw.partition, anon, None)
+                links += 1
+        entries = sum(dedup.forget(raw.partition, m) for m in message_ids)
+        counts[obs.FORGET_REQUESTS, "ingest"] += 1
+        log.info("forget request %s: %d links and %d dedup entries deleted on events.raw partition %d",
+                 raw.forget, links, entries, raw.partition)
 
     def _resolve_identity(self, ev: dict, raw: Raw, outbox: Outbox, linked: Writes, counts: Counter) -> None:
         """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""

@@ -51,3 +51,6 @@ class ClickHouseWriter(Protocol):
 
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0."""
+
+    async def values_before(self, partition: int, cells: Sequence[Any], version: int) -> dict[Any, int]:
+        """Metric cells' values on a partition as published below `version`."""

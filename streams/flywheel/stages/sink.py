@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import orjson
 
 from flywheel import observability as obs
-from flywheel.metrics.cells import KIND_BY_NAME, row
+from flywheel.metrics.cells import KIND_BY_NAME, Cell, kind_of, row
 from flywheel.metrics.oracle import quote
 from flywheel.model.rows import identity_rows, invalid_row
 from flywheel.model.validate import dlq_record
@@ -130,6 +130,29 @@ class Sink:
         return {r[0] for r in found}
 
 
+    async def values_before(self, partition: int, cells: Sequence[Cell], version: int) -> dict[Cell, int]:
+        """Each cell's value on `partition` as last published with a version below `version` (absent: 0).
+        Raises if ClickHouse cannot say: the batch asking is retried."""
+        by_kind: dict[Any, list[Cell]] = {}
+        for cell in cells:
+            by_kind.setdefault(kind_of(cell), []).append(cell)
+        found: dict[Cell, int] = {}
+        for kind, group in by_kind.items():
+            columns = [column for _, column in kind.fields]
+            wanted = {tuple(str(v) for v in kind.values(c)): c for c in group}
+            tuples = ", ".join("(" + ", ".join(quote(v) for v in key) + ")" for key in wanted)
+            names = ", ".join(columns)
+            sql = (f"SELECT {', '.join(f'toString({c})' for c in columns)}, argMax(persons, version) "
+                   f"FROM {kind.table} WHERE kafka_partition = {int(partition)} AND version < {int(version)} "
+                   f"AND tuple({', '.join(f'toString({c})' for c in columns)}) IN ({tuples}) GROUP BY {names}")
+            _, rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.ch.rows, sql)
+            for r in rows:
+                cell = wanted.get(tuple(str(v) for v in r[:-1]))
+                if cell is not None:
+                    found[cell] = int(r[-1])
+        return found
+
+
 class SinkStage:
     """Handlers of the topics that only go to ClickHouse."""
 
@@ -146,7 +169,10 @@ class SinkStage:
     async def identity(self, records: Sequence[Record]) -> None:
         by_table: dict[str, Rows] = {}
         for r in records:
-            table, row_ = identity_rows(orjson.loads(r.value))
+            change = orjson.loads(r.value)
+            if change["type"] == "forgotten":  # for services; the command that asked deletes the rows
+                continue
+            table, row_ = identity_rows(change)
             by_table.setdefault(table, []).append(row_)
         for table, rows in by_table.items():
             await self.sink.write(table, rows)
