@@ -160,6 +160,17 @@ def create_changelogs(settings: Settings) -> None:
         admin.close()
 
 
+def rss_parts(pid: int) -> dict[str, float]:
+    """RssAnon (heaps: Python, RocksDB, ClickHouse) and RssFile (mapped code and files), in MB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile"):
+                out[name] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def log_bytes(path: Path) -> int:
     """A partition directory's segment bytes (its .index/.timeindex files are preallocated, 10 MB each)."""
     return sum(f.stat().st_size for f in path.glob("*.log"))
@@ -194,6 +205,8 @@ def sample(worker: WorkerProcess, broker_logs: Path, settings: Settings, day: in
     changelog_mb = {name: round(sum(log_bytes(p) for p in broker_logs.glob(f"{changelog_topic(settings, t)}-*"))
                                 / 2**20, 1) for name, t in TABLES.items()}
     tracked = worker.scalar("SELECT value FROM system.metrics WHERE metric = 'MemoryTracking'")
+    caches = dict(worker.sql("SELECT metric, value FROM system.asynchronous_metrics WHERE metric IN "
+                             "('MarkCacheBytes', 'UncompressedCacheBytes', 'PrimaryIndexCacheBytes')"))
     rocksdb = sum(t.get(k, 0) for t in tables.values() for k in ("memtables", "block_cache", "index_filters"))
     return {
         "day": day, "seconds": round(time.monotonic() - started),
@@ -207,6 +220,8 @@ def sample(worker: WorkerProcess, broker_logs: Path, settings: Settings, day: in
         "rocksdb_by_table_mb": {name: {k: round(t.get(k, 0) / 2**20, 1) for k in
                                        ("memtables", "block_cache", "index_filters")} for name, t in tables.items()},
         "clickhouse_mb": round(int(tracked) / 2**20, 1),
+        "clickhouse_caches_mb": {k: round(float(v) / 2**20, 1) for k, v in caches.items()},
+        "rss_parts_mb": rss_parts(worker.proc.pid),
     }
 
 

@@ -231,7 +231,7 @@ def persons_forget(
         return
     named = f" ({person_id} is one of their ids)" if person.person_id != person_id else ""
     typer.echo(f"person {person.person_id}{named}: {len(person.ids)} ids, {len(person.events):,} events, "
-               f"counted in {len(person.cells):,} metric cells")
+               f"counted in {sum(map(len, person.cells.values())):,} metric cells")
     if dry_run:
         typer.echo("ids: " + ", ".join(person.ids))
         return

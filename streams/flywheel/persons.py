@@ -6,8 +6,8 @@
 2. Ask the stream to forget them, through the topics the state lives on:
    - events.raw, one request per partition that keeps some of it (header `flywheel-forget`): their
      links in the identity table and their messageIds in the dedup table are deleted (stages/ingest.py);
-   - events.identified, one request per id: a state kept under it is deleted; the person's own request
-     carries the cells, so the aggregate stage corrects the closed ones too (stages/aggregate.py), and
+   - events.identified, one request per id: a state kept under it is deleted, and the closed cells of
+     the events resolved to that id are corrected (stages/aggregate.py); the person's own request
      answers `forgotten` on identity.changes — what services follow.
 3. Wait for that answer, then delete their rows from ClickHouse (events, identity links and conflicts,
    rejected events naming their ids) and wait for the deletions to finish.
@@ -31,48 +31,60 @@ from flywheel.metrics import oracle
 from flywheel.metrics.cells import Cell, cell_id
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.oracle import quote
+from flywheel.model.clock import DAY_MS
 from flywheel.model.envelope import HEADER_FORGET, kafka_key
 from flywheel.runtime.partitioner import partition_for
 
 Rows = Callable[[str], list]
 EPOCH = date(1970, 1, 1).toordinal()
-CHUNK = 1000  # ids per DELETE statement: ClickHouse's max_query_size is 256 KiB
+CHUNK = 1000  # ids per DELETE statement (ClickHouse's max_query_size is 256 KiB), messageIds per request
 
 
 @dataclass
 class Person:
     person_id: str
     ids: list[str]  # the person id first
-    events: list[tuple[str, str]]  # (messageId, events.raw key)
-    cells: list[Cell] = field(default_factory=list)
+    events: list[tuple[str, str, int]]  # (messageId, events.raw key, receivedAt ms)
+    cells: dict[str, list[Cell]] = field(default_factory=dict)  # by the id ClickHouse resolves events to
 
 
 def day_number(value) -> int:
     return date.fromisoformat(str(value)[:10]).toordinal() - EPOCH
 
 
+def _in(ids: list[str]) -> str:
+    return "(" + ", ".join(quote(i) for i in ids) + ")"
+
+
 def find(rows: Rows, given: str, metrics: Metrics) -> Person | None:
     """The person `given` names, or None if ClickHouse knows no such id."""
-    g = quote(given)
-    linked = rows(f"SELECT person_id FROM flywheel.identity_map FINAL WHERE distinct_id = {g} LIMIT 1")
+    linked = rows(f"SELECT person_id FROM flywheel.identity_map FINAL WHERE distinct_id = {quote(given)} LIMIT 1")
     person = linked[0][0] if linked else given
-    p = quote(person)
-    events = rows("SELECT message_id, any(type), any(anonymous_id), any(user_id), any(previous_id) "
-                  f"FROM flywheel.events_resolved WHERE person_id = {p} GROUP BY message_id ORDER BY message_id")
-    links = [r[0] for r in rows(f"SELECT DISTINCT distinct_id FROM flywheel.identity_map WHERE person_id = {p}")]
-    if not events and not links:
+    ids = [person]
+    # Their ids, to a fixed point: ids linked to any of them (an alias of an alias), and the anonymous ids
+    # of their anonymous events. An event with a user id may carry another user's anonymous id (a refused
+    # link): that id is not theirs. An id that is a user id of its own (aliased: previousId → userId) has
+    # events resolved to it: those are theirs too.
+    while True:
+        known = _in(ids)
+        more = [r[0] for r in rows(f"SELECT DISTINCT distinct_id FROM flywheel.identity_map "
+                                   f"WHERE person_id IN {known}")]
+        more += [i for r in rows(f"SELECT DISTINCT anonymous_id, previous_id FROM flywheel.events_resolved "
+                                 f"WHERE person_id IN {known} AND user_id = ''") for i in r]
+        new = sorted({i for i in more if i and i not in ids})
+        if not new:
+            break
+        ids += new
+    events = rows("SELECT message_id, any(type), any(anonymous_id), any(user_id), any(previous_id), "
+                  "toUInt64(toUnixTimestamp64Milli(max(received_at))) FROM flywheel.events_resolved "
+                  f"WHERE person_id IN {_in(ids)} GROUP BY message_id ORDER BY message_id")
+    if not events and len(ids) == 1 and not linked:
         return None
-    ids = [person, *sorted(set(links) - {person})]
-    # An anonymous event of theirs names an id of theirs; one with a user id may carry another user's
-    # anonymous id (a refused link): that id is not theirs.
-    for _, _, anon, user, previous in events:
-        if not user:
-            for i in (anon, previous):
-                if i and i not in ids:
-                    ids.append(i)
-    keyed = [(mid, kafka_key({"type": type_, "anonymousId": anon, "userId": user, "previousId": previous}) or "")
-             for mid, type_, anon, user, previous in events]
-    return Person(person, ids, keyed, cells(rows, metrics, person))
+    keyed = [(mid, kafka_key({"type": t, "anonymousId": a, "userId": u, "previousId": p}) or "", int(at))
+             for mid, t, a, u, p, at in events]
+    resolved = {r[0] for r in rows(f"SELECT DISTINCT person_id FROM flywheel.events_resolved WHERE person_id IN "
+                                   f"{_in(ids)}")}
+    return Person(person, ids, keyed, {i: cells(rows, metrics, i) for i in ids if i in resolved})
 
 
 def cells(rows: Rows, metrics: Metrics, person: str) -> list[Cell]:
@@ -92,9 +104,11 @@ def cells(rows: Rows, metrics: Metrics, person: str) -> list[Cell]:
     return out
 
 
-def raw_requests(person: Person, request_id: str, partitions: list[int]) -> list[tuple[str, bytes]]:
-    """(key, value) of the events.raw requests: one per partition keeping some of the person's links
-    (an anonymous id's, on its own partition) or messageIds (on their event's key's partition)."""
+def raw_requests(person: Person, request_id: str, partitions: list[int], *,
+                 since_ms: int = 0) -> list[tuple[str, bytes]]:
+    """(key, value) of the events.raw requests: per partition keeping some of the person's links (an
+    anonymous id's, on its own partition) or messageIds (on their event's key's partition) — only those
+    received since `since_ms` (the dedup table keeps nothing older), CHUNK to a record."""
     by_partition: dict[int, dict] = {}
 
     def slot(key: str) -> dict:
@@ -103,21 +117,28 @@ def raw_requests(person: Person, request_id: str, partitions: list[int]) -> list
 
     for i in person.ids[1:]:
         slot(i)["ids"].append(i)
-    for mid, key in person.events:
-        if key:
+    for mid, key, received_ms in person.events:
+        if key and received_ms >= since_ms:
             slot(key)["messageIds"].append(mid)
-    return [(s["key"], orjson.dumps({"requestId": request_id, "person": person.person_id, "ids": s["ids"],
-                                     "messageIds": s["messageIds"]}))
-            for _, s in sorted(by_partition.items())]
+    out = []
+    for _, s in sorted(by_partition.items()):
+        mids = s["messageIds"]
+        for n in range(0, max(len(mids), 1), CHUNK):
+            out.append((s["key"], orjson.dumps({"requestId": request_id, "person": person.person_id,
+                                                 "ids": s["ids"] if n == 0 else [],
+                                                 "messageIds": mids[n:n + CHUNK]})))
+    return out
 
 
 def identified_requests(person: Person, request_id: str, at_ns: int) -> list[tuple[str, bytes]]:
-    """(key, value) of the events.identified requests: one per id; the person's own carries the cells."""
+    """(key, value) of the events.identified requests: one per id, with the cells of the events ClickHouse
+    resolves to that id (its partition counted them); the person's own is `primary`."""
     out = []
     for i in person.ids:
-        rec = {"type": "forget", "person": i, "requestId": request_id, "at": at_ns}
+        rec = {"type": "forget", "person": i, "requestId": request_id, "at": at_ns,
+               "cells": [cell_id(c) for c in person.cells.get(i, ())]}
         if i == person.person_id:
-            rec |= {"primary": True, "ids": person.ids, "cells": [cell_id(c) for c in person.cells]}
+            rec |= {"primary": True, "ids": person.ids}
         out.append((i, orjson.dumps(rec)))
     return out
 
@@ -125,13 +146,14 @@ def identified_requests(person: Person, request_id: str, at_ns: int) -> list[tup
 def delete_statements(person: Person) -> list[str]:
     """ClickHouse mutations removing the person's rows (ALTER … DELETE: also on old servers)."""
     out = []
-    mids = [m for m, _ in person.events]
-    for i in range(0, len(mids), CHUNK):
+    mids = [m for m, _, _ in person.events]
+    ids = _in(person.ids)
+    for i in range(0, len(mids), CHUNK):  # a messageId that another person's event reused stays theirs
         out.append("ALTER TABLE flywheel.events DELETE WHERE message_id IN ("
-                   + ", ".join(quote(m) for m in mids[i:i + CHUNK]) + ")")
-    p = quote(person.person_id)
-    out.append(f"ALTER TABLE flywheel.identity_map DELETE WHERE person_id = {p}")
-    out.append(f"ALTER TABLE flywheel.identity_conflicts DELETE WHERE linked_to = {p} OR refused = {p}")
+                   + ", ".join(quote(m) for m in mids[i:i + CHUNK])
+                   + f") AND (user_id IN {ids} OR (user_id = '' AND (anonymous_id IN {ids} OR previous_id IN {ids})))")
+    out.append(f"ALTER TABLE flywheel.identity_map DELETE WHERE person_id IN {ids} OR distinct_id IN {ids}")
+    out.append(f"ALTER TABLE flywheel.identity_conflicts DELETE WHERE linked_to IN {ids} OR refused IN {ids}")
     for i in range(0, len(person.ids), CHUNK):
         ids = "(" + ", ".join(quote(x) for x in person.ids[i:i + CHUNK]) + ")"
         out.append("ALTER TABLE flywheel.invalid_events DELETE WHERE "
@@ -162,8 +184,10 @@ def send(settings: Settings, person: Person, request: str, *, wait: float,
             consumer.position(tp)  # fixed now: the answer comes after
         at_ns = time.time_ns()
         with Producer(settings.kafka_bootstrap, topic=names.raw, source="flywheel-persons") as raw:
+            # the dedup table keeps a messageId one to two horizons of arrival time (a day's slack)
+            since = int(time.time() * 1000) - (2 * settings.dedup_horizon_days + 1) * DAY_MS
             futures = [raw.send_raw(value, key=key, headers=[(HEADER_FORGET, request.encode())])
-                       for key, value in raw_requests(person, request, raw.partitions())]
+                       for key, value in raw_requests(person, request, raw.partitions(), since_ms=since)]
             raw.flush()
             for f in futures:
                 f.get(timeout=60)

@@ -97,6 +97,8 @@ def _via_worker(worker: dict, sql: str, timeout: float, *, retry_cut: bool) -> t
                                 f"{worker['port']}") from exc
         raise QueryError(f"the worker (pid {worker['pid']}) holds the embedded ClickHouse but does not answer "
                          f"on port {worker['port']}: {exc.reason}") from exc
+    except TimeoutError as exc:
+        raise QueryError(f"the worker (pid {worker['pid']}) did not answer within {timeout:.0f} s") from exc
     except (ConnectionError, http.client.HTTPException) as exc:  # the worker went away mid-answer
         if retry_cut:
             raise _NotAnswering(f"the worker (pid {worker['pid']}) went away while answering: "

@@ -137,7 +137,7 @@ def final_cells(kafka: Kafka, topic: str = TOPICS.retention) -> dict[tuple, int]
     """What ClickHouse's view would sum: per cell, the highest version per partition."""
     latest: dict[tuple, tuple[int, int]] = {}
     for r in kafka.cells(topic):
-        key = tuple(v for k, v in r.items() if k not in ("persons", "version"))
+        key = tuple(v for k, v in r.items() if k not in ("persons", "version", "correction"))
         if key not in latest or r["version"] > latest[key][0]:
             latest[key] = (r["version"], r["persons"])
     out: dict[tuple, int] = defaultdict(int)
@@ -349,37 +349,46 @@ def test_a_burst_of_trait_sync_identifies_changes_no_active_count():
 
 
 class Published(ClickHouse):
-    """values_before over what the stage published: per (cell, partition), the latest below a version."""
+    """closed_values over what the stage published, as ClickHouse would hold it once the metrics sink
+    caught up — or, with `lag`, before the sink has the last `lag` records of each metrics topic."""
 
     def __init__(self, kafka: Kafka) -> None:
         super().__init__()
         self.kafka = kafka
+        self.lag = 0
 
-    async def values_before(self, partition, cells, version):
+    async def closed_values(self, partition, cells, request):
         from flywheel.metrics.cells import record as cell_record
 
         out = {}
         for cell in cells:
             kind, key, _ = cell_record(cell, partition, 0, 0)
-            rows = [orjson.loads(v) for _, k, v in self.kafka.log[getattr(TOPICS, kind.name)] if k == key]
-            rows = [r for r in rows if r["version"] < version]
+            log = self.kafka.log[getattr(TOPICS, kind.name)]
+            rows = [orjson.loads(v) for _, k, v in log[:len(log) - self.lag] if k == key]
+            others = [r for r in rows if r.get("correction") != request]
             if rows:
-                out[cell] = max(rows, key=lambda r: r["version"])["persons"]
+                latest = max(others, key=lambda r: r["version"]) if others else {"persons": 0, "version": 0}
+                out[cell] = (latest["persons"], latest["version"], len(others) < len(rows))
         return out
 
 
-def forget(person: str, at: int, cells=(), ids=None) -> Record:
+def forget(person: str, request: str, cells=(), primary: bool = True) -> Record:
     from flywheel.metrics.cells import cell_id
 
-    return Record({"type": "forget", "person": person, "requestId": "r1", "at": at, "primary": True,
-                   "ids": ids or [person], "cells": [cell_id(c) for c in cells]})
+    rec = {"type": "forget", "person": person, "requestId": request, "at": 1_000_000_000,
+           "cells": [cell_id(c) for c in cells]}
+    return Record(rec | ({"primary": True, "ids": [person]} if primary else {}))
+
+
+def corrections(kafka: Kafka, request: str) -> list[dict]:
+    return [r for r in kafka.cells(TOPICS.funnels) if r.get("correction") == request]
 
 
 def test_forgetting_a_person_takes_them_out_of_open_and_closed_cells_once():
-    """p and q are active on day 0 and day 40 (lateness 7 d: horizon 7 + 30 + 29 + 1 = 67 days — so day 80
+    """p and q are active on day 0 and day 80 (lateness 7 d: horizon 7 + 30 + 29 + 1 = 67 days — so day 80
     closes day 0). Forgetting p: its state goes, open cells lose it through the delta, the closed cells it
-    is listed in are republished one lower (from their value before the request) — the same records
-    again on a redelivery — and services are told on identity.changes."""
+    is listed in are republished one lower, marked with the request — the same records again on a
+    redelivery, none on a second request (the command run again: no state left) — and services are told."""
     f, daily = METRICS.funnels[0], METRICS.retention[0]
     kafka = Kafka()
     table = Table(kafka)
@@ -394,20 +403,39 @@ def test_forgetting_a_person_takes_them_out_of_open_and_closed_cells_once():
         await s.process([event("p", "p2", 80), event(q, "q2", 80)])  # day 0's cells close on p's partition
         assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0), 1)] == 2
         assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0 + 80), 1)] == 2
-        at = 2**62  # after every publication
-        request = forget("p", at, cells=[(f, DAY0, 1), (f, DAY0 + 80, 1), (daily, DAY0, 0)])
-        await s.process([request])
+        cells = [(f, DAY0, 1), (f, DAY0 + 80, 1), (daily, DAY0, 0)]
+        await s.process([forget("p", "r1", cells)])
         assert table.get(p_part, b"p") is None
-        once = {t: list(kafka.log[t]) for t in (TOPICS.funnels, TOPICS.identity_changes)}
         funnels = final_cells(kafka, TOPICS.funnels)
-        assert funnels[("f", day_text(DAY0), 1)] == 1  # closed: republished one lower, version `at`
+        assert funnels[("f", day_text(DAY0), 1)] == 1  # closed: republished one lower
         assert funnels[("f", day_text(DAY0 + 80), 1)] == 1  # open: through p's state
         assert final_cells(kafka)[("daily", day_text(DAY0), 0)] == 1  # a cohort size is always open
+        assert [r["persons"] for r in corrections(kafka, "r1")] == [1]
         told = [orjson.loads(v) for _, _, v in kafka.log[TOPICS.identity_changes]]
-        assert told == [{"type": "forgotten", "person": "p", "ids": ["p"], "requestId": "r1",
-                         "timestamp": at // 1_000_000}]
-        await s.process([request])  # redelivered: the same correction, nothing lower
+        assert told == [{"type": "forgotten", "person": "p", "ids": ["p"], "requestId": "r1", "timestamp": 1000}]
+
+        await s.process([forget("p", "r1", cells)])  # redelivered
+        await s.process([forget("p", "r2", cells)])  # the command run again
         assert final_cells(kafka, TOPICS.funnels) == funnels
-        again = [orjson.loads(v) for _, _, v in kafka.log[TOPICS.funnels][len(once[TOPICS.funnels]):]]
-        assert [r["persons"] for r in again if r["version"] == at] == [1]
+        assert corrections(kafka, "r2") == [] and len(told) + 2 == len(kafka.log[TOPICS.identity_changes])
+    run(go())
+
+
+def test_two_persons_forgotten_while_the_sink_lags_are_both_taken_out_of_a_closed_cell():
+    f = METRICS.funnels[0]
+    kafka = Kafka()
+    ch = Published(kafka)
+    part = partition_of(b"p0", PARTITIONS)
+    people = [f"p{i}" for i in range(200) if partition_of(f"p{i}".encode(), PARTITIONS) == part][:3]
+
+    async def go():
+        s = stage(Table(kafka), kafka, ch)
+        await repair(s)
+        await s.process([event(p, f"{p}-1", 0) for p in people])
+        await s.process([event(p, f"{p}-2", 80) for p in people])
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0), 1)] == 3
+        await s.process([forget(people[0], "r1", [(f, DAY0, 1)])])
+        ch.lag = 10**6  # ClickHouse has none of it yet: the worker remembers its own correction
+        await s.process([forget(people[1], "r2", [(f, DAY0, 1)]), forget(people[2], "r3", [(f, DAY0, 1)])])
+        assert final_cells(kafka, TOPICS.funnels).get(("f", day_text(DAY0), 1), 0) == 0
     run(go())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flywheel.model.clock import DAY_MS
 from flywheel.stages import dedup as dedup_mod
-from flywheel.stages.dedup import CLOCK, GEN, LEGACY, Dedup, entry_key, key_day
+from flywheel.stages.dedup import GEN, Dedup, clock_key, entry_key, key_day, legacy_key
 from flywheel.stages.tables import MemoryTable, Writes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,7 +88,7 @@ def test_expired_generations_are_swept_a_slice_per_batch_with_tombstones(monkeyp
     s.batch([(0, at(4.6), b"new-2")])
     s.batch([(0, at(4.7), b"new-3")])
     assert sorted(key_day(k) for k in s.entries()) == [2, 4, 4, 4]
-    assert s.table.get(0, CLOCK) == b"4 2"  # arrival day 4; everything before day 2 is gone
+    assert s.table.get(0, clock_key(0)) == b"4 2"  # arrival day 4; everything before day 2 is gone
 
 
 def test_a_sweep_whose_batch_failed_is_done_again(monkeypatch):
@@ -106,10 +106,10 @@ def test_ids_stored_before_generations_count_as_the_first_generation_then_are_sw
     s = Stage(horizon_days=3)
     s.table.write(0, {b"legacy-1": b"raw/0@1", b"legacy-2": b"raw/0@2"}, None)  # flywheel <= 7ae8eae
     assert s.batch([(0, at(10), b"legacy-1")]) == [True]
-    assert s.table.get(0, LEGACY) == b"9"  # the generation starting on day 9
+    assert s.table.get(0, legacy_key(0)) == b"9"  # the generation starting on day 9
     assert s.batch([(0, at(13), b"legacy-2")]) == [True]  # still within the next generation
     s.batch([(0, at(15.5), b"x")])  # generation 9 expired
-    assert b"legacy-1" not in s.table.data[0] and s.table.get(0, LEGACY) is None
+    assert b"legacy-1" not in s.table.data[0] and s.table.get(0, legacy_key(0)) is None
     assert s.batch([(0, at(15.6), b"legacy-2")]) == [False]
 
 

@@ -18,7 +18,7 @@ from flywheel.config import Settings, Topics
 from flywheel.model.envelope import HEADER_FORGET, HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
 from flywheel.model.plan import load_plan
 from flywheel.runtime.outbox import Outbox
-from flywheel.stages.dedup import CLOCK, entry_key
+from flywheel.stages.dedup import clock_key, entry_key
 from flywheel.stages.ingest import REPLAY, Ingest
 from flywheel.stages.tables import MemoryTable
 
@@ -135,7 +135,7 @@ def test_a_batch_dedups_resolves_and_orders_the_merge_marker_after_the_anonymous
     assert first_seen.data[3][entry(b"m2")] == b"raw/3@101"  # the record that first carried it
     assert linked.data[3][b"anon-a"] == b"user-1\x00raw/3@102"
     changelog = producer.records[("message-ids-changelog", 3)]  # the record's own partition
-    assert [k for k, _ in changelog] == [entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), CLOCK]
+    assert [k for k, _ in changelog] == [entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), clock_key(3)]
     assert first_seen.persisted == {3: 4}  # the changelog offset the store now holds
     assert producer.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
 
@@ -169,7 +169,7 @@ def test_a_failed_send_leaves_nothing_a_retry_cannot_redo():
     assert sorted(ids) == ["m1", "m2", "m3", "m4"]
     assert [c["type"] for c in retry.values("changes")] == ["link"]
     assert [k for k, _ in retry.records[("message-ids-changelog", 3)]] == [
-        entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), CLOCK]
+        entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), clock_key(3)]
     assert retry.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
 
 
@@ -260,3 +260,18 @@ def test_a_malformed_forget_request_is_skipped_not_fatal():
     s.handle([bad], producer)
     assert s.linked.data[3][b"anon-a"] == b"user-1\x00raw/3@102"
     assert producer.values("identified") == [] and producer.values("invalid") == []
+
+
+def test_a_receivedat_days_ahead_of_our_clock_does_not_expire_the_dedup_table():
+    """A producer whose clock is 30 days fast: its arrival counts as tomorrow (ours), so the generation
+    holding today's messageIds survives, and a retry of today's event is still dropped."""
+    s = Stage()
+    s.ingest.clock = lambda: 1_700_000_000.0  # the Messages' receivedAt
+    s.handle(batch([viewed("anon-a", "m1")]), Producer())
+    fast = batch([viewed("anon-z", "m-fast")])[0]
+    fast.headers = [(HEADER_SOURCE, b"test"), (HEADER_RECEIVED_AT, str(1_700_000_000_000 + 30 * 86_400_000).encode())]
+    s.handle([fast], Producer())
+    retry = Producer()
+    s.handle(batch([viewed("anon-a", "m1")] * 2)[1:], retry)  # another record (offset 101) with m1
+    assert retry.values("identified") == []
+    assert s.first_seen.data[3][clock_key(3)].split()[0] == str(RECEIVED_DAY + 1).encode()

@@ -42,10 +42,14 @@ def ch(tmp_path_factory):
         ev("u2", "Viewed", 2, 30, user="U", person="U"),
         ev("al", "", 2, 40, previous="P", user="U", person="U", type_="alias"),
         ev("v1", "Viewed", 0, 10, user="V", person="V"),
+        ev("o1", "Viewed", 1, 10, user="U_old", person="U_old"),  # before U_old was aliased to U
+        ev("o2", "", 3, 0, previous="U_old", user="U", person="U", type_="alias"),
     ])
     for change in ({"type": "link", "anonymousId": "A", "userId": "U", "messageId": "a3", "timestamp": DAY0 * DAY_MS},
                    {"type": "link", "anonymousId": "P", "userId": "U", "messageId": "al", "timestamp": DAY0 * DAY_MS},
                    {"type": "link", "anonymousId": "B", "userId": "V", "messageId": "b", "timestamp": DAY0 * DAY_MS},
+                   {"type": "link", "anonymousId": "U_old", "userId": "U", "messageId": "o2",
+                    "timestamp": DAY0 * DAY_MS},
                    {"type": "conflict", "anonymousId": "B", "linkedTo": "V", "refused": "U", "messageId": "u1",
                     "timestamp": DAY0 * DAY_MS}):
         table, row = identity_rows(change)
@@ -67,13 +71,20 @@ def rows(ch):
 def test_an_id_names_its_person_with_every_id_event_and_cell_of_theirs(ch):
     person = persons.find(rows(ch), "A", METRICS)
     assert person.person_id == "U"
-    assert person.ids == ["U", "A", "P"]  # not B: V's, carried by a refused link
-    assert person.events == [("a1", "A"), ("a2", "A"), ("a3", "A"), ("al", "P"), ("u1", "B"), ("u2", "U")]
+    # not B: V's, carried by a refused link; U_old: aliased to U, with events of its own
+    assert person.ids == ["U", "A", "P", "U_old"]
+    assert [(m, k) for m, k, _ in person.events] == [
+        ("a1", "A"), ("a2", "A"), ("a3", "A"), ("al", "P"), ("o1", "U_old"), ("o2", "U_old"), ("u1", "B"),
+        ("u2", "U")]
     f, daily = METRICS.funnels[0], METRICS.retention[0]
-    cells = set(person.cells)
-    assert {(f, DAY0, 1), (f, DAY0, 2), (f, DAY0 + 2, 1)} <= cells and (f, DAY0 + 2, 2) not in cells
-    assert {(daily, DAY0, 0), (daily, DAY0, 2)} <= cells and (daily, DAY0, 1) not in cells
-    assert {c for c in cells if c[0] is MAU} == {(MAU, d) for d in range(DAY0, DAY0 + 32)}  # active days 0 and 2
+    # cells by the id ClickHouse resolves events to: that id's partition counted them
+    assert set(person.cells) == {"U", "U_old"}
+    u, old = set(person.cells["U"]), set(person.cells["U_old"])
+    assert {c for c in u if c[0] is f} == {(f, DAY0, 1), (f, DAY0, 2), (f, DAY0 + 2, 1)}
+    assert {c for c in u if c[0] is daily} == {(daily, DAY0, 0), (daily, DAY0, 2)}
+    assert {c for c in u if c[0] is MAU} == {(MAU, d) for d in range(DAY0, DAY0 + 32)}  # active days 0 and 2
+    assert {c for c in old if c[0] is not MAU and c[0].name not in ("dau", "wau")} == {
+        (f, DAY0 + 1, 1), (daily, DAY0 + 1, 0)}
     assert persons.find(rows(ch), "nobody", METRICS) is None
 
 
@@ -84,12 +95,22 @@ def test_requests_go_where_the_state_is(ch):
            for k, v in persons.raw_requests(person, "r", parts)}
     for i in ("A", "P"):  # a link lives on its anonymous id's partition
         assert i in raw[partition_for(i.encode(), parts)]["ids"]
-    for mid, key in person.events:  # a messageId on its event's key's partition
+    for mid, key, _ in person.events:  # a messageId on its event's key's partition
         assert mid in raw[partition_for(key.encode(), parts)]["messageIds"]
-    assert sum(len(r["messageIds"]) for r in raw.values()) == 6
+    assert sum(len(r["messageIds"]) for r in raw.values()) == 8
+    assert [r for r in persons.raw_requests(person, "r", parts, since_ms=10**15)] == [  # all older: ids only
+        (k, v) for k, v in persons.raw_requests(person, "r", parts, since_ms=10**15) if orjson.loads(v)["ids"]]
     identified = [orjson.loads(v) for _, v in persons.identified_requests(person, "r", 123)]
-    assert [(r["person"], r.get("primary", False)) for r in identified] == [("U", True), ("A", False), ("P", False)]
-    assert len(identified[0]["cells"]) == len(person.cells) and identified[0]["at"] == 123
+    assert [(r["person"], r.get("primary", False), len(r["cells"])) for r in identified] == [
+        ("U", True, len(person.cells["U"])), ("A", False, 0), ("P", False, 0),
+        ("U_old", False, len(person.cells["U_old"]))]
+    assert identified[0]["at"] == 123 and identified[0]["ids"] == person.ids
+
+
+def test_a_heavy_persons_messageids_are_split_over_several_requests():
+    person = persons.Person("U", ["U"], [(f"m{i}", "U", 0) for i in range(2500)])
+    requests = [orjson.loads(v) for _, v in persons.raw_requests(person, "r", [0, 1, 2])]
+    assert [len(r["messageIds"]) for r in requests] == [1000, 1000, 500]
 
 
 def test_the_deletions_leave_nothing_of_theirs_and_everything_else(ch):
@@ -97,7 +118,7 @@ def test_the_deletions_leave_nothing_of_theirs_and_everything_else(ch):
     assert persons.delete(rows(ch), person, wait=60) == []
     q = rows(ch)
     assert q("SELECT message_id FROM flywheel.events ORDER BY message_id") == [["v1"]]
-    assert q("SELECT distinct_id, person_id FROM flywheel.identity_map") == [["B", "V"]]
+    assert q("SELECT distinct_id, person_id FROM flywheel.identity_map") == [["B", "V"]]  # U_old's went too
     assert q("SELECT count() FROM flywheel.identity_conflicts") == [[0]]  # it named U
     assert q("SELECT origin FROM flywheel.invalid_events") == [["raw/0@10"]]
     assert persons.find(q, "U", METRICS) is None  # a second run finds nothing

@@ -153,13 +153,19 @@ def test_a_dead_or_foreign_pid_in_worker_json_is_no_worker(tmp_path):
         other.wait()
 
 
-def test_one_worker_per_data_directory(tmp_path, flywheel_process):
+def test_one_worker_per_data_directory(tmp_path):
     s = settings(tmp_path)
-    name_worker(s, flywheel_process.pid, 1)
-    with pytest.raises(AnotherWorker, match=f"another worker \\(pid {flywheel_process.pid}\\)"):
+    s.data_dir.mkdir(parents=True)
+    holder = subprocess.Popen(  # a worker: holds worker.lock as long as it lives
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(600)", str(s.data_dir / "worker.lock"),
+         "flywheel", "worker"], stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    name_worker(s, holder.pid, 1)
+    with pytest.raises(AnotherWorker, match=f"another worker \\(pid {holder.pid}\\)"):
         advertise(s.data_dir, host="0.0.0.0", port=8089)
-    flywheel_process.kill()
-    flywheel_process.wait()
+    holder.kill()  # as a kill -9: the kernel lets the lock go
+    holder.wait()
     token = advertise(s.data_dir, host="0.0.0.0", port=8089)  # the stale file is replaced
     info = orjson.loads((s.data_dir / WORKER_FILE).read_bytes())
     assert info == {"pid": os.getpid(), "host": "127.0.0.1", "port": 8089, "token": token}

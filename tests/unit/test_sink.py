@@ -91,7 +91,7 @@ def test_an_empty_batch_does_not_touch_clickhouse():
     assert ch.attempts == 0
 
 
-def test_values_before_reads_each_cells_latest_value_below_a_version_on_real_chdb(tmp_path):
+def test_closed_values_reads_each_cells_latest_value_and_finds_its_own_correction_on_real_chdb(tmp_path):
     from flywheel import paths
     from flywheel.clickhouse.embedded import EmbeddedClickHouse
     from flywheel.clickhouse.migrate import apply
@@ -103,14 +103,16 @@ def test_values_before_reads_each_cells_latest_value_below_a_version_on_real_chd
     ch = EmbeddedClickHouse(tmp_path / "chdb")
     try:
         apply(ch, paths.sql_dir() / "migrations")
-        for cell, partition, persons, version in [((f, 20_400, 1), 2, 5, 10), ((f, 20_400, 1), 2, 7, 20),
-                                                  ((f, 20_400, 1), 3, 9, 15), ((MAU, 20_401), 2, 4, 30)]:
-            kind, _, rec = record(cell, partition, persons, version)
+        for cell, partition, persons, version, correction in [
+                ((f, 20_400, 1), 2, 5, 10, ""), ((f, 20_400, 1), 2, 7, 20, ""), ((f, 20_400, 1), 3, 9, 25, ""),
+                ((MAU, 20_401), 2, 4, 30, ""), ((MAU, 20_401), 2, 3, 31, "r1")]:
+            kind, _, rec = record(cell, partition, persons, version, correction)
             ch.insert(kind.table, [row(kind, rec)])
         sink = Sink(ch, ThreadPoolExecutor(1), is_bad_data=RetryPolicy().is_bad_data, outbox=None, invalid_topic="x")
         cells = [(f, 20_400, 1), (MAU, 20_401), (f, 20_401, 2)]
-        assert asyncio.run(sink.values_before(2, cells, 25)) == {(f, 20_400, 1): 7}  # MAU's is newer; one absent
-        assert asyncio.run(sink.values_before(2, cells, 15)) == {(f, 20_400, 1): 5}
-        assert asyncio.run(sink.values_before(2, cells, 31)) == {(f, 20_400, 1): 7, (MAU, 20_401): 4}
+        assert asyncio.run(sink.closed_values(2, cells, "r1")) == {(f, 20_400, 1): (7, 20, False),
+                                                                  (MAU, 20_401): (4, 30, True)}
+        assert asyncio.run(sink.closed_values(2, cells, "r2")) == {(f, 20_400, 1): (7, 20, False),
+                                                                  (MAU, 20_401): (3, 31, False)}
     finally:
         ch.close()

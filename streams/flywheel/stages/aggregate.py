@@ -96,6 +96,8 @@ class AggregateStage:
         self.partials = Partials(metrics)
         self.versions: dict[int, int] = {}  # partition → last publication version
         self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
+        # (partition, closed cell) → (value, version) of this worker's last correction for a forgotten person
+        self.corrections: dict[tuple[int, Cell], tuple[int, int]] = {}
         self._repairs: dict[int, asyncio.Task] = {}
         self._publishing = asyncio.Lock()
         self._counting = asyncio.Lock()
@@ -122,11 +124,13 @@ class AggregateStage:
                      how["checkpoint"], how["count"], sum(cells for _, cells in restored))
 
     def revoked(self, partitions: Iterable[int]) -> None:
-        for p in list(partitions):
+        partitions = set(partitions)
+        for p in partitions:
             task = self._repairs.pop(p, None)
             if task is not None:
                 task.cancel()
         self.partials.forget(partitions)
+        self.corrections = {k: v for k, v in self.corrections.items() if k[0] not in partitions}
 
     async def _ready(self, partitions: Iterable[int]) -> None:
         """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
@@ -260,8 +264,9 @@ class AggregateStage:
                                      "messageId": rec["messageId"], "state": slot[1].to_json()})
                 slot[1] = None  # forgotten here once the hand-off is acknowledged
             elif kind == "forget":
-                state_of(part, rec["person"].encode())[1] = None
-                forgets.append((part, rec))
+                slot = state_of(part, rec["person"].encode())  # a fresh slot holds an empty state
+                forgets.append((part, rec, slot[1] is not None and slot[1].newest >= 0))
+                slot[1] = None
             elif kind == "state":
                 slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
@@ -319,9 +324,13 @@ class AggregateStage:
                 writes.put(part, prefix + cell_id(cell).encode(), None)
             writes.put(part, _mark(END, part),
                        self._end_record(part, change.watermark, change.unpublished_zeros, seq))
-        for part, rec in forgets:
-            await self._forgotten(part, rec, outbox, open_from={c.partition: c.open_from for c, _ in changes})
+        first_open = {c.partition: c.open_from for c, _ in changes}
+        corrections: dict[tuple[int, Cell], tuple[int, int]] = {}
+        for part, rec, had_state in forgets:
+            await self._forgotten(part, rec, outbox, corrections, first_open=first_open.get(part, 0),
+                                  had_state=had_state)
         offsets = await outbox.send()
+        self.corrections.update(corrections)
         # Kafka holds the batch's states: the store and the partials take them together (no await here).
         writes.apply(offsets)
         for change, seq in changes:
@@ -330,32 +339,41 @@ class AggregateStage:
         # 5. the changed cells
         await self._publish([change.partition for change, _ in changes])
 
-    async def _forgotten(self, part: int, rec: dict, outbox: Outbox, *, open_from: dict[int, int]) -> None:
+    async def _forgotten(self, part: int, rec: dict, outbox: Outbox, corrections: dict, *, first_open: int,
+                         had_state: bool) -> None:
         """The rest of a forget request, sent with the batch that deletes the state (docs/design.md §3).
 
         Open cells lose the person through the partials' delta, like any state change. Closed cells are
-        final in ClickHouse and no state explains them any more: the request lists every cell the person
-        counted in (the oracle's, over the person's events), and each one closed here is published again
-        one lower — from its value before the request (`at`, ns), under the version `at`: a retry or a
-        redelivery publishes the same record again. Then `forgotten` on identity.changes, for services."""
-        if not rec.get("primary"):
-            return  # one of the person's other ids: its state is gone, nothing else to do
-        first_open = open_from.get(part, self.partials.open_from(part))
+        final in ClickHouse and no state explains them any more: the request lists the cells the person
+        counted in (the oracle's, over their events), and each one closed here is published again one
+        lower, marked with the request. Only when there was a state to delete: a request sent again (the
+        command run twice) finds none and corrects nothing twice. A retry of this batch finds its own
+        rows (or, not landed yet, computes the same ones again: same value, same version)."""
         cells = [c for c in (parse_cell_id(t, self.metrics) for t in rec.get("cells", ())) if c is not None]
-        closed = [c for c in cells if not is_open(c, first_open)]
-        before = await self.sink.values_before(part, closed, rec["at"]) if closed else {}
-        for cell in closed:
-            value = before.get(cell, 0)
-            if value > 0:
-                kind, key, published = record(cell, part, value - 1, rec["at"])
+        closed = [c for c in cells if not is_open(c, first_open)] if had_state else []
+        corrected = 0
+        if closed:
+            request = rec["requestId"]
+            stored = await self.sink.closed_values(part, closed, request)
+            for cell in closed:
+                value, version, ours = stored.get(cell, (0, 0, False))
+                # this batch's or this worker's last correction of it: the sink may not have it yet
+                mine = corrections.get((part, cell)) or self.corrections.get((part, cell))
+                if mine is not None and mine[1] > version:
+                    value, version = mine
+                if ours or value <= 0:
+                    continue
+                kind, key, published = record(cell, part, value - 1, version + 1, correction=request)
                 outbox.add(getattr(self.topics, kind.name), key, orjson.dumps(published))
-        outbox.add(self.topics.identity_changes, rec["person"].encode(), orjson.dumps(
-            {"type": "forgotten", "person": rec["person"], "ids": rec.get("ids", []),
-             "requestId": rec["requestId"], "timestamp": rec["at"] // 1_000_000}))
-        obs.FORGET_REQUESTS.labels("aggregate").inc()
-        log.info("forget request %s: person state deleted on events.identified partition %d, %d open and %d "
-                 "closed cells corrected", rec["requestId"], part, len(cells) - len(closed),
-                 sum(1 for c in closed if before.get(c, 0) > 0))
+                corrections[(part, cell)] = (value - 1, version + 1)
+                corrected += 1
+        if rec.get("primary"):
+            outbox.add(self.topics.identity_changes, rec["person"].encode(), orjson.dumps(
+                {"type": "forgotten", "person": rec["person"], "ids": rec.get("ids", []),
+                 "requestId": rec["requestId"], "timestamp": rec["at"] // 1_000_000}))
+            obs.FORGET_REQUESTS.labels("aggregate").inc()
+        log.info("forget request %s on events.identified partition %d: %s, %d closed cells corrected",
+                 rec["requestId"], part, "state deleted" if had_state else "no state", corrected)
 
     def _event(self, part: int, rec: dict, state_of: Callable[[int, bytes], list], watermarks: dict[int, int]) -> dict:
         """Apply one event to its person (state_of → its slot [old, new]); its row, with the late flag.

@@ -13,8 +13,8 @@ generation, the generation two back is deleted (tombstones on the changelog, so 
 of keys per batch, from where the last slice stopped: no scan of the live entries, ever.
 
 Per partition, besides the entries:
-- CLOCK → b"<arrival day> <first day not yet swept>" (ASCII);
-- LEGACY → b"<first day>": messageIds stored before generations existed (bare keys, flywheel ≤ 7ae8eae)
+- CLOCK + partition → b"<arrival day> <first day not yet swept>" (ASCII);
+- LEGACY + partition → b"<first day>": messageIds stored before generations existed (bare keys, flywheel ≤ 7ae8eae)
   count as that generation — looked up while they last, swept like it.
 Changing `horizon` is safe: the sweep goes by days; only retries straddling the change may be missed.
 """
@@ -28,10 +28,18 @@ from flywheel.stages.ports import Table
 from flywheel.stages.tables import Writes
 
 GEN = b"\x01"
-CLOCK = b"\x00clock"
-LEGACY = b"\x00legacy"
+CLOCK = b"\x00clock\x00"  # + partition (a memory store keeps every partition in one dict)
+LEGACY = b"\x00legacy\x00"  # + partition
 BARE = b"\x02"  # bare (legacy) keys sort from here; our own keys start with \x00 or \x01
 SWEEP_PER_BATCH = 2_000  # keys deleted per partition per batch while a generation expires
+
+
+def clock_key(partition: int) -> bytes:
+    return CLOCK + str(partition).encode()
+
+
+def legacy_key(partition: int) -> bytes:
+    return LEGACY + str(partition).encode()
 
 
 def entry_key(first_day: int, message_id: bytes) -> bytes:
@@ -80,8 +88,8 @@ class DedupBatch:
     def _clock(self, partition: int) -> _Clock:
         clock = self.clocks.get(partition)
         if clock is None:
-            value = self.writes.get(partition, CLOCK)
-            legacy = self.writes.get(partition, LEGACY)
+            value = self.writes.get(partition, clock_key(partition))
+            legacy = self.writes.get(partition, legacy_key(partition))
             if value is None:
                 # A fresh partition — or one written before generations: its bare keys become a generation.
                 clock = _Clock(day=-1, swept=0, legacy=None, dirty=True)
@@ -101,7 +109,7 @@ class DedupBatch:
             clock.day, clock.dirty = day, True
             if clock.legacy == -1:
                 clock.legacy = self.dedup.first_day(day)
-                self.writes.put(partition, LEGACY, str(clock.legacy).encode())
+                self.writes.put(partition, legacy_key(partition), str(clock.legacy).encode())
             self._prefixes(clock)
 
     def _prefixes(self, clock: _Clock) -> None:
@@ -153,9 +161,9 @@ class DedupBatch:
                 clock.legacy_cursor = self._sweep_legacy(partition)
                 if clock.legacy_cursor is None:
                     clock.legacy = None
-                    self.writes.put(partition, LEGACY, None)
+                    self.writes.put(partition, legacy_key(partition), None)
             if clock.dirty:
-                self.writes.put(partition, CLOCK, f"{clock.day} {clock.swept}".encode())
+                self.writes.put(partition, clock_key(partition), f"{clock.day} {clock.swept}".encode())
 
     def landed(self) -> None:
         """After the outbox landed and the writes were applied: the next sweep starts where this one stopped."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ import orjson
 from flywheel import observability as obs
 from flywheel.config import Topics
 from flywheel.model import identity
-from flywheel.model.clock import to_ms
+from flywheel.model.clock import DAY_MS, to_ms
 from flywheel.model.envelope import Limits
 from flywheel.model.plan import TrackingPlan
 from flywheel.model.validate import Invalid, Raw, validate
@@ -54,12 +55,15 @@ class Ingest:
     """
 
     def __init__(self, *, plan: TrackingPlan, limits: Limits, topics: Topics, first_seen: Table,
-                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]], dedup_horizon_days: int = 7):
+                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]], dedup_horizon_days: int = 7,
+                 clock: Callable[[], float] = time.time):
         self.plan = plan
         self.limits = limits
         self.topics = topics
         self.first_seen = first_seen
         self.dedup = Dedup(first_seen, dedup_horizon_days)
+        self.clock = clock
+        self._arrival_cap = 0
         self.linked_users = linked_users
         self.outbox = outbox
 
@@ -69,6 +73,9 @@ class Ingest:
         outbox = await self.outbox()
         first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
         dedup = self.dedup.batch(first_seen)
+        # receivedAt is the producer's clock (the collector's, a service's): one set days ahead must not
+        # expire the dedup table's live generations. Arrivals count at most a day past our own clock.
+        self._arrival_cap = int(self.clock() * 1000) + DAY_MS
         counts: Counter[tuple[Any, str | None]] = Counter()
         for i, record in enumerate(records):
             if i % YIELD_EVERY == YIELD_EVERY - 1:  # the collector and /health share the event loop
@@ -86,7 +93,7 @@ class Ingest:
              counts: Counter) -> None:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
-        dedup.arrived(record.partition, to_ms(raw.received_at))
+        dedup.arrived(record.partition, min(to_ms(raw.received_at), self._arrival_cap))
         if raw.forget:
             self._forget(raw, dedup, linked, counts)
             return

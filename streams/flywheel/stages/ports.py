@@ -52,5 +52,7 @@ class ClickHouseWriter(Protocol):
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0."""
 
-    async def values_before(self, partition: int, cells: Sequence[Any], version: int) -> dict[Any, int]:
-        """Metric cells' values on a partition as published below `version`."""
+    async def closed_values(self, partition: int, cells: Sequence[Any],
+                            request: str) -> dict[Any, tuple[int, int, bool]]:
+        """Metric cells' latest (value, version) on a partition not written for forget request `request`,
+        and whether one for it is there."""

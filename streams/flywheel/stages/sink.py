@@ -130,26 +130,30 @@ class Sink:
         return {r[0] for r in found}
 
 
-    async def values_before(self, partition: int, cells: Sequence[Cell], version: int) -> dict[Cell, int]:
-        """Each cell's value on `partition` as last published with a version below `version` (absent: 0).
-        Raises if ClickHouse cannot say: the batch asking is retried."""
+    async def closed_values(self, partition: int, cells: Sequence[Cell],
+                            request: str) -> dict[Cell, tuple[int, int, bool]]:
+        """Per cell on `partition`: (value, version) of its latest row not written for forget request
+        `request`, and whether a row for that request is there already (absent cells: none). Raises if
+        ClickHouse cannot say: the batch asking is retried."""
         by_kind: dict[Any, list[Cell]] = {}
         for cell in cells:
             by_kind.setdefault(kind_of(cell), []).append(cell)
-        found: dict[Cell, int] = {}
+        found: dict[Cell, tuple[int, int, bool]] = {}
+        r = quote(request)
         for kind, group in by_kind.items():
             columns = [column for _, column in kind.fields]
+            text = [f"toString({c})" for c in columns]
             wanted = {tuple(str(v) for v in kind.values(c)): c for c in group}
             tuples = ", ".join("(" + ", ".join(quote(v) for v in key) + ")" for key in wanted)
-            names = ", ".join(columns)
-            sql = (f"SELECT {', '.join(f'toString({c})' for c in columns)}, argMax(persons, version) "
-                   f"FROM {kind.table} WHERE kafka_partition = {int(partition)} AND version < {int(version)} "
-                   f"AND tuple({', '.join(f'toString({c})' for c in columns)}) IN ({tuples}) GROUP BY {names}")
+            sql = (f"SELECT {', '.join(text)}, argMaxIf(persons, version, correction != {r}), "
+                   f"maxIf(version, correction != {r}), countIf(correction = {r}) FROM {kind.table} "
+                   f"WHERE kafka_partition = {int(partition)} AND tuple({', '.join(text)}) IN ({tuples}) "
+                   f"GROUP BY {', '.join(columns)}")
             _, rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.ch.rows, sql)
-            for r in rows:
-                cell = wanted.get(tuple(str(v) for v in r[:-1]))
+            for row_ in rows:
+                cell = wanted.get(tuple(str(v) for v in row_[:-3]))
                 if cell is not None:
-                    found[cell] = int(r[-1])
+                    found[cell] = (int(row_[-3]), int(row_[-2]), int(row_[-1]) > 0)
         return found
 
 

@@ -12,6 +12,7 @@ itself (flywheel.query).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
 import logging
 import os
@@ -75,13 +76,23 @@ def running_worker(data_dir: Path) -> dict | None:
     return info
 
 
+_held: list[int] = []  # the lock file's descriptor, kept open for the life of the process
+
+
 def advertise(data_dir: Path, *, host: str, port: int) -> str:
-    """Write <data_dir>/worker.json (this pid, where /sql will answer, a new token; mode 0600) and return
-    the token. Refuses when another live worker already advertises this directory."""
-    other = running_worker(data_dir)
-    if other is not None and int(other["pid"]) != os.getpid():
-        raise AnotherWorker(f"another worker (pid {other['pid']}) runs on {data_dir}: one worker per data "
-                            "directory (set FLYWHEEL_DATA_DIR to another directory for a second worker)")
+    """Take <data_dir>/worker.lock (flock: released by the kernel however the process ends), write
+    <data_dir>/worker.json (this pid, where /sql will answer, a new token; mode 0600) and return the
+    token. Refuses when another worker holds the directory."""
+    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = running_worker(data_dir)
+        who = f" (pid {other['pid']})" if other else ""
+        raise AnotherWorker(f"another worker{who} runs on {data_dir}: one worker per data directory (set "
+                            "FLYWHEEL_DATA_DIR to another directory for a second worker)") from None
+    _held.append(fd)
     token = secrets.token_urlsafe(24)
     reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     info = {"pid": os.getpid(), "host": reach, "port": port, "token": token}
