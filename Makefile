@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-shutdown sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-shutdown bench-soak sample stop lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-restart: $(STAMP)
 
 bench-shutdown: $(STAMP)
 	$(BIN)/python bench/shutdown.py $(BENCH_ARGS)
+
+# Options: make bench-soak BENCH_ARGS="--events 2000000 --days 90 --store-memory-mb 512"
+bench-soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(BENCH_ARGS)
 
 sample: $(STAMP)
 	$(BIN)/flywheel sample

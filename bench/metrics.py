@@ -54,7 +54,7 @@ import tempfile
 import time
 import tracemalloc
 import uuid
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -73,6 +73,7 @@ from flywheel.model.plan import load_plan
 from flywheel.model.validate import Raw, validate
 from flywheel.runtime.partitioner import partition_of
 from flywheel.stages.aggregate import BEGIN, AggregateStage, is_bookkeeping
+from flywheel.stages.tables import MemoryTable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline as pl  # noqa: E402  (bench/pipeline.py: Kafka, worker and CPU machinery)
@@ -249,29 +250,11 @@ class FakeMessage:
         self.value = value
 
 
-class FakeTable:
-    """The persons table as stages.ports.Table, in memory: one dict per partition."""
-
-    changelog = "flywheel-persons-changelog"
+class FakeTable(MemoryTable):
+    """The persons table in memory."""
 
     def __init__(self) -> None:
-        self.data: dict[int, dict[bytes, bytes]] = defaultdict(dict)
-
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        return self.data[partition].get(key)
-
-    def scan(self, partition: int, prefix: bytes = b""):
-        for k in sorted(self.data[partition]):
-            if k.startswith(prefix):
-                yield k, self.data[partition][k]
-
-    def write(self, partition: int, items, changelog_offset) -> None:
-        store = self.data[partition]
-        for k, v in items.items():
-            if v is None:
-                store.pop(k, None)
-            else:
-                store[k] = v
+        super().__init__("flywheel-persons-changelog")
 
     def items(self):
         return [(k, v) for store in self.data.values() for k, v in store.items()]

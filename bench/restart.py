@@ -32,8 +32,8 @@ One invocation, one machine:
    (rebalance and outage phases) must reach flywheel.events; /health is reported for the whole phase,
    while the server was down, and after it was back (the backlog being caught up).
 
-Measured per phase: wall seconds, the workers' CPU seconds (/proc/<pid>/stat), assignment (Faust's
-"Executing _on_partitions_assigned") → first metrics.* record published, → every owned partition
+Measured per phase: wall seconds, the workers' CPU seconds (/proc/<pid>/stat), assignment (the worker's
+"assigned (generation N)" line) → first metrics.* record published, → every owned partition
 published, process start → "Recovery complete" / "Worker ready", and /health on every worker's admin
 listener polled every 100 ms by a separate process (a request that fails or times out at 5 s counts as
 5 s; before a worker's first answer nothing counts); the slowest answers are listed with the worker's
@@ -438,18 +438,25 @@ class Worker:
         return [(t, line) for t, line in self.lines(since) if needle in line]
 
     def repaired(self, since: float = 0.0) -> dict[int, dict[str, Any]]:
-        """Partitions whose partials this worker restored since `since`: partition → how, cells, seconds."""
+        """Partitions whose partials this worker restored since `since`: partition → how, cells, seconds.
+
+        From the stage's one line per assignment: "partials of partitions [0, 1] restored in 0.52s: 2 from
+        checkpoints, 0 counted from the person states; 1400 cells republished" — how is per assignment
+        (checkpoint, count or mixed), cells the assignment's average per partition."""
         out = {}
-        for t, line in self.all(": partials ", since):
+        for t, line in self.all("partials of partitions ", since):
             try:
-                rest = line.split("partition ", 1)[1]
-                p = int(rest.split(":", 1)[0])
-                how = "checkpoint" if "loaded from its checkpoint" in rest else "count"
-                cells = int(rest.split("(", 1)[1].split(" cells", 1)[0])
-                secs = float(rest.rsplit(" in ", 1)[1].strip().rstrip("s"))
+                rest = line.split("partials of partitions ", 1)[1]
+                parts = [int(p) for p in rest.split("[", 1)[1].split("]", 1)[0].split(",")]
+                secs = float(rest.split(" restored in ", 1)[1].split("s:", 1)[0])
+                loaded = int(rest.split("s: ", 1)[1].split(" from checkpoints", 1)[0])
+                counted = int(rest.split("checkpoints, ", 1)[1].split(" counted", 1)[0])
+                cells = int(rest.split("; ", 1)[1].split(" cells", 1)[0])
             except (IndexError, ValueError):
                 continue
-            out[p] = {"how": how, "cells": cells, "seconds": secs, "at": t}
+            how = "checkpoint" if not counted else "count" if not loaded else "mixed"
+            for p in parts:
+                out[p] = {"how": how, "cells": cells // len(parts), "seconds": secs, "at": t}
         return out
 
     def metric(self, name: str, **labels: str) -> float:
@@ -524,7 +531,7 @@ def wait_phase(workers: list[Worker], watch: MetricsWatch, since: float, *, part
 
 def startup_facts(w: Worker, watch: MetricsWatch, since: float) -> dict[str, Any]:
     """Times from one worker's log and the metrics records, relative to its spawn and assignment."""
-    assigned = w.all("Executing _on_partitions_assigned", since)
+    assigned = w.all("assigned (generation ", since)
     recovery = w.first("Recovery complete", since)
     ready = w.first("Worker ready", since)
     repaired = w.repaired(since)
@@ -558,7 +565,19 @@ def startup_facts(w: Worker, watch: MetricsWatch, since: float) -> dict[str, Any
         "first_cell_by_partition_after_assignment_s": {p: rel(t, first_assign)
                                                        for p, t in sorted(by_partition.items())},
         "cells_published": len(recs),
+        "rss_mb": round(pl.rss_bytes(w.pid) / 2**20, 1),
+        "tables": tables_of(w),
     }
+
+
+def tables_of(w: Worker) -> dict[str, Any]:
+    """The worker's state tables from /status: keys and RocksDB memory (MB)."""
+    try:
+        doc = orjson.loads(w.proc.get("/status"))
+    except (OSError, ValueError):
+        return {}
+    return {name: {k: (v if k in ("keys", "partitions") else round(v / 2**20, 1)) for k, v in t.items()}
+            for name, t in (doc.get("tables") or {}).items()}
 
 
 def sample_usage(pids: dict[str, int]) -> dict[str, float]:
@@ -890,6 +909,9 @@ def render(doc: dict[str, Any]) -> str:
                          f"complete {s['spawn_to_recovery_complete_s']} s, -> first cell "
                          f"{s['spawn_to_first_cell_s']} s; recovery complete -> first cell "
                          f"{s['recovery_complete_to_first_cell_s']} s")
+            tables = "; ".join(f"{n} {t.get('keys', 0):,} keys, RocksDB memtables {t.get('memtables')} MB, "
+                               f"block cache {t.get('block_cache')} MB" for n, t in s.get("tables", {}).items())
+            lines.append(f"    worker RSS {s.get('rss_mb')} MB; {tables}")
         for name, stalls in rec.get("loop_stalls", {}).items():
             for coro, st in list(stalls.items())[:6]:
                 lines.append(f"    {name} loop held > 100 ms by {coro}: {st['count']}x, max {st['max_s']} s, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,26 @@ def _settings() -> config_mod.Settings:
 def _fail(message: str, code: int = 1):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _query(settings: config_mod.Settings):
+    """flywheel.query.run for the commands: while it waits (a worker starting, the directory held for a
+    moment) it says why on stderr — once per reason, then every 10 s."""
+    from flywheel.query import run
+
+    said: dict[str, float] = {}
+    started = time.monotonic()
+
+    def on_wait(why: str) -> None:
+        now = time.monotonic()
+        if why not in said:
+            typer.echo(f"waiting: {why}", err=True)
+            said[why] = now
+        elif now - said[why] >= 10:
+            typer.echo(f"still waiting ({now - started:.0f} s): {why}", err=True)
+            said[why] = now
+
+    return lambda sql: run(settings, sql, on_wait=on_wait)
 
 
 @cli.command()
@@ -78,13 +99,15 @@ def sql(
     query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM flywheel.events\"")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | tsv | json (one object per row)")] = "table",
 ) -> None:
-    """Run a query on the configured ClickHouse (embedded included, also while a worker holds it)."""
-    from flywheel.query import QueryError, format_table, run
+    """Run a query on the configured ClickHouse (embedded included, also while a worker holds it). While a
+    worker is starting, or another command holds embedded ClickHouse for a moment, it waits (up to 120 s)
+    and says so on stderr."""
+    from flywheel.query import QueryError, format_table
 
     if fmt not in ("table", "tsv", "json"):
         _fail(f"--format must be table, tsv or json, not {fmt!r}", 2)
     try:
-        columns, rows = run(_settings(), query)
+        columns, rows = _query(_settings())(query)
     except QueryError as exc:
         _fail(str(exc))
     if columns:
@@ -127,6 +150,111 @@ def sample(
     typer.echo(f"sent {n} events to {settings.topics.raw} at {settings.kafka_bootstrap}")
 
 
+dlq_cli = typer.Typer(help="The dead-letter queue: rejected events (flywheel.invalid_events) and their replay.")
+cli.add_typer(dlq_cli, name="dlq")
+
+
+@dlq_cli.command("replay")
+def dlq_replay(
+    since: Annotated[str | None, typer.Option(help="received at or after: a time (2026-11-30T08:00, UTC unless "
+                                                   "it says otherwise) or a duration back from now (2h, 7d)")] = None,
+    until: Annotated[str | None, typer.Option(help="received before: a time or a duration back from now")] = None,
+    reason: Annotated[str | None, typer.Option(help="only events with a reason containing this text "
+                                                    "(case-insensitive), e.g. 'Checkout Started'")] = None,
+    source: Annotated[str | None, typer.Option(help="only events from this source (column `source`)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many, oldest first")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be replayed; send nothing")] = False,
+) -> None:
+    """Send rejected events back through validation, after fixing the tracking plan (restart the workers
+    with it first) or the client. Each goes to events.raw with its original bytes, key, source and
+    receivedAt; it is counted as received again, and as valid — or invalid, rejected again, its DLQ row
+    naming the original in `replay_of`. Replaying the same events twice counts them once. Rows ClickHouse
+    refused (origin sink:…) are not events and are never replayed."""
+    from datetime import UTC, datetime
+
+    from flywheel import dlq
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    now = datetime.now(UTC)
+    try:
+        start = dlq.when(since, now=now) if since else None
+        end = dlq.when(until, now=now) if until else None
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        query = _query(settings)
+        rejected = dlq.select(lambda q: query(q)[1], since=start, until=end, reason=reason, source=source,
+                              limit=limit)
+    except QueryError as exc:
+        _fail(f"could not read flywheel.invalid_events: {exc}")
+    for line in dlq.summary(rejected):
+        typer.echo(line)
+    if dry_run or not rejected:
+        return
+    try:
+        sent = dlq.replay(settings, rejected)
+    except Exception as exc:  # kafka-python raises its own errors: say which broker, keep the message
+        _fail(f"replay to {settings.topics.raw} at {settings.kafka_bootstrap} failed: {exc}; nothing is lost — "
+              f"the rejected events stay in flywheel.invalid_events, and replaying again counts each once")
+    typer.echo(f"replayed {sent:,} events to {settings.topics.raw}; watch flywheel_events_replayed_total "
+               f"(`flywheel status`), and invalid_events WHERE replay_of != '' for any rejected again")
+
+
+persons_cli = typer.Typer(help="Persons: erasure requests.")
+cli.add_typer(persons_cli, name="persons")
+
+
+@persons_cli.command("forget")
+def persons_forget(
+    person_id: Annotated[str, typer.Argument(metavar="ID", help="a user id, or any id linked to one")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be forgotten; change nothing")] = False,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the worker's confirmation")] = 120.0,
+) -> None:
+    """Forget a person (an erasure request): every id of theirs, their links, dedup entries and state in
+    the stream's tables (changelog tombstones), their rows in ClickHouse (events, identity, rejected
+    events naming their ids), and their place in every metric cell — open ones through their state,
+    closed ones republished one lower. `forgotten` on identity.changes tells services. Needs a running
+    worker. Run it once their traffic has stopped; running it again is harmless."""
+    from flywheel import persons
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    query = _query(settings)
+    try:
+        person = persons.find(lambda q: query(q)[1], person_id, load_metrics(settings.metrics))
+    except (MetricsError, QueryError) as exc:
+        _fail(str(exc))
+    if person is None:  # never seen, or forgotten already: the request is honoured either way
+        typer.echo(f"no events or links of {person_id!r} in ClickHouse: nothing to forget")
+        return
+    named = f" ({person_id} is one of their ids)" if person.person_id != person_id else ""
+    typer.echo(f"person {person.person_id}{named}: {len(person.ids)} ids, {len(person.events):,} events, "
+               f"counted in {sum(map(len, person.cells.values())):,} metric cells")
+    if dry_run:
+        typer.echo("ids: " + ", ".join(person.ids))
+        return
+    request = persons.request_id()
+    try:
+        confirmed = persons.send(settings, person, request, wait=wait, on_wait=lambda m: typer.echo(m, err=True))
+    except Exception as exc:  # kafka-python's errors: say where
+        _fail(f"could not send the forget request to Kafka at {settings.kafka_bootstrap}: {exc}; nothing was "
+              "deleted from ClickHouse — run it again")
+    if not confirmed:
+        _fail(f"no confirmation from a worker within {wait:.0f} s (is one running? `flywheel status`): the "
+              f"request {request} waits in Kafka and applies when one runs; ClickHouse rows were not deleted "
+              "— run the command again once it has")
+    typer.echo(f"the stream forgot them (request {request}); deleting their rows from ClickHouse")
+    try:
+        pending = persons.delete(lambda q: query(q)[1], person, wait=wait)
+    except QueryError as exc:
+        _fail(f"deleting from ClickHouse failed: {exc}; run the command again")
+    if pending:
+        _fail(f"ClickHouse is still deleting ({len(pending)} mutations running): check system.mutations", 1)
+    typer.echo(f"forgotten: {person.person_id} ({len(person.ids)} ids, {len(person.events):,} events)")
+
+
 metrics_cli = typer.Typer(help="Funnel / retention definitions (FLYWHEEL_METRICS) and their oracle check.")
 cli.add_typer(metrics_cli, name="metrics")
 
@@ -163,12 +291,13 @@ def metrics_verify() -> None:
     """
     from flywheel.metrics import verify
     from flywheel.metrics.definitions import MetricsError, load_metrics
-    from flywheel.query import QueryError, run
+    from flywheel.query import QueryError
 
     settings = _settings()
+    query = _query(settings)
     try:
         metrics = load_metrics(settings.metrics)
-        diffs = verify.compare(lambda q: run(settings, q)[1], metrics)
+        diffs = verify.compare(lambda q: query(q)[1], metrics)
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     for name, (view_only, oracle_only) in diffs.items():
@@ -188,7 +317,8 @@ def status(
 ) -> None:
     """Say how the worker is doing, from its admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT):
     ready or why not, each stage's lag and failures, event rates (received, valid, invalid, late,
-    duplicates), ClickHouse inserts waiting, table restore progress. Exit 0 ready, 1 not ready, 2 no answer."""
+    duplicates, replayed), ClickHouse inserts waiting, table restore progress, state tables' keys and
+    memory. Exit 0 ready, 1 not ready, 2 no answer."""
     import urllib.error
     import urllib.request
 
@@ -223,13 +353,22 @@ def status(
         if r:
             share = f" ({doc['invalid_share']:.1%} of received)" if doc["invalid_share"] is not None else ""
             typer.echo(f"events/s: received {r['received']:,}, valid {r['valid']:,}, invalid {r['invalid']:,}{share}, "
-                       f"late {r['late']:,}, duplicates {r['duplicates']:,}")
+                       f"late {r['late']:,}, duplicates {r['duplicates']:,}, replayed {r['replayed']:,}")
         blocked = doc["sink_blocked_s"]
         typer.echo("clickhouse inserts: " + (", ".join(f"{t} waiting {s:.0f} s" for t, s in blocked.items())
                                              if blocked else "ok"))
         if doc["restoring"]:
             left = (f"{t} {n:,} changelog records left" for t, n in doc["restoring"].items())
             typer.echo("restoring: " + ", ".join(left))
+        tables = doc.get("tables") or {}
+        if tables:
+            def mb(n: int | None) -> str:
+                return "-" if n is None else f"{n / 2**20:,.1f}"
+
+            typer.echo(format_table(
+                ["table", "keys", "memtables MB", "block cache MB", "index+filters MB", "disk MB"],
+                [[name, f"{t['keys']:,}", mb(t.get("memtables")), mb(t.get("block_cache")),
+                  mb(t.get("index_filters")), mb(t.get("sst_files"))] for name, t in tables.items()], "table"))
     raise typer.Exit(0 if ready["ready"] else 1)
 
 

@@ -62,9 +62,18 @@ class Settings(BaseSettings):
     partitions: int = Field(8, description="partitions for topics Flywheel creates")
     replication: int = Field(1, description="replication factor for topics Flywheel creates")
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+    store_memory_mb: int = Field(
+        512, ge=24, description="RocksDB memory of a worker's state tables (memtables and block caches), split "
+                                "evenly over every table partition it could hold (3 tables × FLYWHEEL_PARTITIONS); "
+                                "the data itself lives on disk"
+    )
     session_timeout_seconds: float = Field(
         60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "
                           "they move); heartbeats go every 3 s"
+    )
+    dedup_horizon_days: int = Field(
+        7, ge=1, description="an SDK retry (same messageId) arriving within this many days of the first copy is "
+                             "dropped; the dedup table keeps between one and two horizons of messageIds"
     )
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")

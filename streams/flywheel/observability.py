@@ -12,8 +12,15 @@ from prometheus_client import Counter, Gauge, Histogram
 RECEIVED = Counter("flywheel_events_received_total", "Raw records read from events.raw", ["source"])
 VALID = Counter("flywheel_events_valid_total", "Records that passed validation", ["source"])
 INVALID = Counter("flywheel_events_invalid_total", "Records sent to the DLQ", ["source"])
+REPLAYED = Counter(
+    "flywheel_events_replayed_total",
+    "Raw records that are replays of rejected ones (flywheel dlq replay); counted in received too", ["source"],
+)
 DUPLICATES = Counter(
     "flywheel_events_duplicate_total", "Valid records dropped as SDK retries of a seen messageId", ["source"]
+)
+FORGET_REQUESTS = Counter(
+    "flywheel_forget_requests_total", "Forget requests (flywheel persons forget) applied, by stage", ["stage"]
 )
 IDENTITY_LINKS = Counter("flywheel_identity_links_total", "First links of an anonymous id to a user")
 IDENTITY_CONFLICTS = Counter(

@@ -30,14 +30,18 @@ class Producer:
         options.update(kafka)
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, **options)
 
-    def send_raw(self, value: bytes, *, key: str | None = None, received_at: datetime | None = None) -> None:
-        """Send bytes as they are (valid or not): what an SDK retry or a broken client would send."""
+    def send_raw(self, value: bytes, *, key: str | None = None, received_at: datetime | None = None,
+                 source: str | None = None, headers: list[tuple[str, bytes]] = ()) -> Any:
+        """Send bytes as they are (valid or not): what an SDK retry or a broken client would send. `source`
+        overrides the producer's (a DLQ replay keeps the original's); `headers` go along. Returns kafka-python's
+        future: `.get()` raises if Kafka did not take the record."""
         received = received_at or datetime.now(UTC)
         headers = [
-            (HEADER_SOURCE, self.source),
+            (HEADER_SOURCE, source.encode() if source is not None else self.source),
             (HEADER_RECEIVED_AT, str(int(received.timestamp() * 1000)).encode()),
+            *headers,
         ]
-        self._producer.send(self.topic, value=value, key=key.encode() if key else None, headers=headers)
+        return self._producer.send(self.topic, value=value, key=key.encode() if key else None, headers=headers)
 
     def send(self, message: dict[str, Any], *, received_at: datetime | None = None) -> str:
         """Send one Segment message (dict); returns its messageId."""
@@ -62,6 +66,10 @@ class Producer:
 
     def alias(self, *, previous_id: str, user_id: str, **extra: Any) -> str:
         return self.send({"type": "alias", "previousId": previous_id, "userId": user_id, **extra})
+
+    def partitions(self) -> list[int]:
+        """The topic's partitions, as its records are spread over them (runtime/partitioner.py)."""
+        return sorted(self._producer.partitions_for(self.topic))
 
     def flush(self, timeout: float | None = 60) -> None:
         self._producer.flush(timeout=timeout)

@@ -2,42 +2,68 @@
 
 Server URL set → straight to the server. Embedded → through the running worker's /sql endpoint when a
 worker holds the data directory, else open the directory directly.
+
+Through a restart (docs/design.md §7): a starting worker names itself in <data_dir>/worker.json before it
+opens ClickHouse, and its /sql answers before its tables are recovered. So a query waits — saying so
+through `on_wait` — while that worker is not answering yet, or while another process holds the directory
+for a moment; a read cut by a worker dying is sent again. A write is never sent twice: it may have run.
 """
 
 from __future__ import annotations
 
-import os
+import http.client
+import re
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import orjson
 
 from flywheel import clickhouse
-from flywheel.clickhouse import ClickHouseUnavailable
+from flywheel.clickhouse import ClickHouseBusy, ClickHouseUnavailable
 from flywheel.config import Settings
-from flywheel.web.admin import WORKER_FILE
+from flywheel.web.admin import running_worker
+
+WAIT_SECONDS = 120.0
+_READ = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
 
 
 class QueryError(RuntimeError):
     pass
 
 
-def _running_worker(settings: Settings) -> dict | None:
-    try:
-        info = orjson.loads((settings.data_dir / WORKER_FILE).read_bytes())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
-        return None
-    return info
+class _NotAnswering(Exception):
+    """The worker named in worker.json does not answer (yet, or any more): worth waiting for."""
 
 
-def run(settings: Settings, sql: str, *, timeout: float = 300.0) -> tuple[list[str], list[list]]:
-    if not settings.clickhouse_url:
-        worker = _running_worker(settings)
-        if worker is not None:
-            return _via_worker(worker, sql, timeout)
+def run(settings: Settings, sql: str, *, timeout: float = 300.0, wait: float = WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None) -> tuple[list[str], list[list]]:
+    """Column names and rows. Waits up to `wait` seconds for a starting worker or a busy directory,
+    calling `on_wait(why)` each time it does."""
+    if settings.clickhouse_url:
+        return _direct(settings, sql)
+    deadline = time.monotonic() + wait
+    while True:
+        worker = running_worker(settings.data_dir)
+        try:
+            if worker is not None:
+                return _via_worker(worker, sql, timeout, retry_cut=bool(_READ.match(sql)))
+            return _direct(settings, sql)
+        except (_NotAnswering, ClickHouseBusy) as exc:
+            why = str(exc)
+        if time.monotonic() >= deadline:
+            raise QueryError(f"{why}; gave up after {wait:.0f} s")
+        if on_wait is not None:
+            on_wait(why)
+        time.sleep(0.25)
+
+
+def _direct(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
     try:
         ch = clickhouse.connect(url=settings.clickhouse_url, data_dir=settings.clickhouse_dir)
+    except ClickHouseBusy:
+        raise
     except ClickHouseUnavailable as exc:
         raise QueryError(str(exc)) from exc
     try:
@@ -51,7 +77,7 @@ def run(settings: Settings, sql: str, *, timeout: float = 300.0) -> tuple[list[s
         ch.close()
 
 
-def _via_worker(worker: dict, sql: str, timeout: float) -> tuple[list[str], list[list]]:
+def _via_worker(worker: dict, sql: str, timeout: float, *, retry_cut: bool) -> tuple[list[str], list[list]]:
     request = urllib.request.Request(
         f"http://{worker.get('host', '127.0.0.1')}:{worker['port']}/sql", data=sql.encode(), method="POST",
         headers={"Authorization": f"Bearer {worker['token']}", "Content-Type": "text/plain"},
@@ -66,10 +92,19 @@ def _via_worker(worker: dict, sql: str, timeout: float) -> tuple[list[str], list
             message = str(exc)
         raise QueryError(message.strip()) from exc
     except urllib.error.URLError as exc:
-        raise QueryError(
-            f"the worker (pid {worker['pid']}) holds the embedded ClickHouse but does not answer on port "
-            f"{worker['port']}: {exc.reason}"
-        ) from exc
+        if isinstance(exc.reason, ConnectionRefusedError):
+            raise _NotAnswering(f"the worker (pid {worker['pid']}) is starting: waiting for its /sql on port "
+                                f"{worker['port']}") from exc
+        raise QueryError(f"the worker (pid {worker['pid']}) holds the embedded ClickHouse but does not answer "
+                         f"on port {worker['port']}: {exc.reason}") from exc
+    except TimeoutError as exc:
+        raise QueryError(f"the worker (pid {worker['pid']}) did not answer within {timeout:.0f} s") from exc
+    except (ConnectionError, http.client.HTTPException) as exc:  # the worker went away mid-answer
+        if retry_cut:
+            raise _NotAnswering(f"the worker (pid {worker['pid']}) went away while answering: "
+                                "asking again") from exc
+        raise QueryError(f"the worker (pid {worker['pid']}) went away while running the statement ({exc}): "
+                         "it may or may not have run; check before running it again") from exc
     return doc["columns"], doc["rows"]
 
 

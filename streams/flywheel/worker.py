@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from flywheel import clickhouse, paths
-from flywheel.clickhouse import migrate
+from flywheel.clickhouse import ClickHouseBusy, migrate
 from flywheel.config import Settings
 from flywheel.observability import logging_config, setup_logging
+from flywheel.web.admin import AnotherWorker, advertise
 
 log = logging.getLogger(__name__)
+
+BUSY_WAIT_SECONDS = 300.0
 
 
 def run(settings: Settings) -> None:
@@ -30,11 +34,19 @@ def run(settings: Settings) -> None:
     load_plan(settings.tracking_plan)
     load_metrics(settings.metrics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ch = clickhouse.connect(url=settings.clickhouse_url, data_dir=settings.clickhouse_dir)
+    token = None
+    if not settings.clickhouse_url:
+        # First, so that from now on `flywheel sql` waits for our /sql instead of opening the directory.
+        try:
+            token = advertise(settings.data_dir, host=settings.admin_host, port=settings.admin_port)
+        except AnotherWorker as exc:
+            log.error("%s", exc)
+            sys.exit(1)
+    ch = _open_clickhouse(settings)
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
-    parts = create_worker(settings, ch)
+    parts = create_worker(settings, ch, sql_token=token)
     tty = sys.stdout.isatty()
     worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
                     logging_config=logging_config(settings.log_level, settings.log_format))
@@ -55,6 +67,26 @@ def run(settings: Settings) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _open_clickhouse(settings: Settings, *, wait: float = BUSY_WAIT_SECONDS, clock=time.monotonic,
+                     sleep=time.sleep):
+    """Embedded ClickHouse may be held for a moment by a command that opened it just before we
+    advertised ourselves (`flywheel sql`, `migrate`, `dlq replay`): wait for it, saying so."""
+    deadline, said = clock() + wait, None
+    while True:
+        try:
+            return clickhouse.connect(url=settings.clickhouse_url, data_dir=settings.clickhouse_dir)
+        except ClickHouseBusy as exc:
+            now = clock()
+            if now >= deadline:
+                raise ClickHouseBusy(f"{exc} — waited {wait:.0f} s; stop the process holding it (fuser -v "
+                                     f"{settings.clickhouse_dir}/status names it) and start again") from exc
+            if said is None or now - said >= 10:
+                log.warning("embedded ClickHouse at %s is held by another process (a flywheel command?): "
+                            "waiting for it", settings.clickhouse_dir)
+                said = now
+            sleep(0.2)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from flywheel.metrics.definitions import Retention, parse_metrics
 from flywheel.model.clock import DAY_MS, day_text
 from flywheel.runtime.partitioner import partition_of
 from flywheel.stages.aggregate import BEGIN, END, AggregateStage, owner_of
+from flywheel.stages.tables import MemoryTable
 
 METRICS = parse_metrics({
     "lateness": "7d",
@@ -66,36 +67,21 @@ class Kafka:
         return [orjson.loads(v) for _, _, v in self.log[topic]]
 
 
-class Table:
-    """The persons table: one dict per partition, restored from the changelog like Faust's recovery."""
-
-    changelog = CHANGELOG
+class Table(MemoryTable):
+    """The persons table, restored from the changelog like Faust's recovery; counts the person states
+    scans read (what a rebuild costs)."""
 
     def __init__(self, kafka: Kafka) -> None:
-        self.data: dict[int, dict[bytes, bytes]] = defaultdict(dict)
+        super().__init__(CHANGELOG)
         for p, k, v in kafka.log[CHANGELOG]:
-            if v is None:
-                self.data[p].pop(k, None)
-            else:
-                self.data[p][k] = v
-        self.person_reads = 0  # person states read by scans: what a rebuild costs
+            self.write(p, {k: v}, None)
+        self.person_reads = 0
 
-    def get(self, partition, key):
-        return self.data[partition].get(key)
-
-    def scan(self, partition, prefix=b""):
-        for k in sorted(self.data[partition]):
-            if k.startswith(prefix):
-                if not k.startswith(b"\x00"):
-                    self.person_reads += 1
-                yield k, self.data[partition][k]
-
-    def write(self, partition, items, changelog_offset):
-        for k, v in items.items():
-            if v is None:
-                self.data[partition].pop(k, None)
-            else:
-                self.data[partition][k] = v
+    def scan(self, partition, prefix=b"", start=b""):
+        for k, v in super().scan(partition, prefix, start):
+            if not k.startswith(b"\x00"):
+                self.person_reads += 1
+            yield k, v
 
 
 class ClickHouse:
@@ -131,7 +117,7 @@ def stage(table: Table, kafka: Kafka, ch: ClickHouse | None = None) -> Aggregate
 class Record:
     def __init__(self, value: dict):
         # Its key, as Kafka partitioned it: the person, a merge marker's anonymous id, a hand-off's user.
-        key = {"merge": "from", "state": "person"}.get(value["type"], "personId")
+        key = {"merge": "from", "state": "person", "forget": "person"}.get(value["type"], "personId")
         self.partition = partition_of(value[key].encode(), PARTITIONS)
         self.value = orjson.dumps(value)
 
@@ -151,7 +137,7 @@ def final_cells(kafka: Kafka, topic: str = TOPICS.retention) -> dict[tuple, int]
     """What ClickHouse's view would sum: per cell, the highest version per partition."""
     latest: dict[tuple, tuple[int, int]] = {}
     for r in kafka.cells(topic):
-        key = tuple(v for k, v in r.items() if k not in ("persons", "version"))
+        key = tuple(v for k, v in r.items() if k not in ("persons", "version", "correction"))
         if key not in latest or r["version"] > latest[key][0]:
             latest[key] = (r["version"], r["persons"])
     out: dict[tuple, int] = defaultdict(int)
@@ -359,4 +345,97 @@ def test_a_burst_of_trait_sync_identifies_changes_no_active_count():
         assert {t: len(kafka.cells(t)) for t in before} == published  # not even re-published
         assert all(table.get(partition_of(f"p{i}".encode(), PARTITIONS), f"p{i}".encode()) is None
                    for i in range(2, 50))  # persons that only synced traits have no state
+    run(go())
+
+
+class Published(ClickHouse):
+    """closed_values over what the stage published, as ClickHouse would hold it once the metrics sink
+    caught up — or, with `lag`, before the sink has the last `lag` records of each metrics topic."""
+
+    def __init__(self, kafka: Kafka) -> None:
+        super().__init__()
+        self.kafka = kafka
+        self.lag = 0
+
+    async def closed_values(self, partition, cells, request):
+        from flywheel.metrics.cells import record as cell_record
+
+        out = {}
+        for cell in cells:
+            kind, key, _ = cell_record(cell, partition, 0, 0)
+            log = self.kafka.log[getattr(TOPICS, kind.name)]
+            rows = [orjson.loads(v) for _, k, v in log[:len(log) - self.lag] if k == key]
+            others = [r for r in rows if r.get("correction") != request]
+            if rows:
+                latest = max(others, key=lambda r: r["version"]) if others else {"persons": 0, "version": 0}
+                out[cell] = (latest["persons"], latest["version"], len(others) < len(rows))
+        return out
+
+
+def forget(person: str, request: str, cells=(), primary: bool = True) -> Record:
+    from flywheel.metrics.cells import cell_id
+
+    rec = {"type": "forget", "person": person, "requestId": request, "at": 1_000_000_000,
+           "cells": [cell_id(c) for c in cells]}
+    return Record(rec | ({"primary": True, "ids": [person]} if primary else {}))
+
+
+def corrections(kafka: Kafka, request: str) -> list[dict]:
+    return [r for r in kafka.cells(TOPICS.funnels) if r.get("correction") == request]
+
+
+def test_forgetting_a_person_takes_them_out_of_open_and_closed_cells_once():
+    """p and q are active on day 0 and day 80 (lateness 7 d: horizon 7 + 30 + 29 + 1 = 67 days — so day 80
+    closes day 0). Forgetting p: its state goes, open cells lose it through the delta, the closed cells it
+    is listed in are republished one lower, marked with the request — the same records again on a
+    redelivery, none on a second request (the command run again: no state left) — and services are told."""
+    f, daily = METRICS.funnels[0], METRICS.retention[0]
+    kafka = Kafka()
+    table = Table(kafka)
+    ch = Published(kafka)
+    p_part = partition_of(b"p", PARTITIONS)
+    q = next(f"q{i}" for i in range(100) if partition_of(f"q{i}".encode(), PARTITIONS) == p_part)  # p's partition
+
+    async def go():
+        s = stage(table, kafka, ch)
+        await repair(s)
+        await s.process([event("p", "p1", 0), event(q, "q1", 0)])
+        await s.process([event("p", "p2", 80), event(q, "q2", 80)])  # day 0's cells close on p's partition
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0), 1)] == 2
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0 + 80), 1)] == 2
+        cells = [(f, DAY0, 1), (f, DAY0 + 80, 1), (daily, DAY0, 0)]
+        await s.process([forget("p", "r1", cells)])
+        assert table.get(p_part, b"p") is None
+        funnels = final_cells(kafka, TOPICS.funnels)
+        assert funnels[("f", day_text(DAY0), 1)] == 1  # closed: republished one lower
+        assert funnels[("f", day_text(DAY0 + 80), 1)] == 1  # open: through p's state
+        assert final_cells(kafka)[("daily", day_text(DAY0), 0)] == 1  # a cohort size is always open
+        assert [r["persons"] for r in corrections(kafka, "r1")] == [1]
+        told = [orjson.loads(v) for _, _, v in kafka.log[TOPICS.identity_changes]]
+        assert told == [{"type": "forgotten", "person": "p", "ids": ["p"], "requestId": "r1", "timestamp": 1000}]
+
+        await s.process([forget("p", "r1", cells)])  # redelivered
+        await s.process([forget("p", "r2", cells)])  # the command run again
+        assert final_cells(kafka, TOPICS.funnels) == funnels
+        assert corrections(kafka, "r2") == [] and len(told) + 2 == len(kafka.log[TOPICS.identity_changes])
+    run(go())
+
+
+def test_two_persons_forgotten_while_the_sink_lags_are_both_taken_out_of_a_closed_cell():
+    f = METRICS.funnels[0]
+    kafka = Kafka()
+    ch = Published(kafka)
+    part = partition_of(b"p0", PARTITIONS)
+    people = [f"p{i}" for i in range(200) if partition_of(f"p{i}".encode(), PARTITIONS) == part][:3]
+
+    async def go():
+        s = stage(Table(kafka), kafka, ch)
+        await repair(s)
+        await s.process([event(p, f"{p}-1", 0) for p in people])
+        await s.process([event(p, f"{p}-2", 80) for p in people])
+        assert final_cells(kafka, TOPICS.funnels)[("f", day_text(DAY0), 1)] == 3
+        await s.process([forget(people[0], "r1", [(f, DAY0, 1)])])
+        ch.lag = 10**6  # ClickHouse has none of it yet: the worker remembers its own correction
+        await s.process([forget(people[1], "r2", [(f, DAY0, 1)]), forget(people[2], "r3", [(f, DAY0, 1)])])
+        assert final_cells(kafka, TOPICS.funnels).get(("f", day_text(DAY0), 1), 0) == 0
     run(go())

@@ -200,6 +200,9 @@ def test_a_rocksdb_store_is_written_and_read_per_partition(tmp_path):
         # what Faust reads at a restart to replay the changelog only from there
         assert store.persisted_offset(TP(t.changelog, 5)) == 42
         assert list(t.scan(5)) == [(b"5a", b"1"), (b"5c", b"3")]  # the offset record is not a key
+        assert list(t.scan(5, start=b"5b")) == [(b"5c", b"3")]
+        stats = t.stats()  # what /status and flywheel_table_* report
+        assert stats["partitions"] == 2 and stats["keys"] >= 3 and stats["memtables"] > 0
         # Faust's recovery writes the same databases: a changelog record lands where we read it
         store._db_for_partition(5).put(b"5d", b"4")
         assert t.get(5, b"5d") == b"4"

@@ -15,30 +15,15 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from flywheel.config import Settings, Topics
-from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
+from flywheel.model.envelope import HEADER_FORGET, HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
 from flywheel.model.plan import load_plan
 from flywheel.runtime.outbox import Outbox
-from flywheel.stages.ingest import Ingest
+from flywheel.stages.dedup import clock_key, entry_key
+from flywheel.stages.ingest import REPLAY, Ingest
+from flywheel.stages.tables import MemoryTable
 
 TOPICS = Topics(raw="raw", invalid="invalid", identified="identified", identity_changes="changes")
 PARTITIONS = list(range(8))
-
-
-class Table:
-    """stages.ports.Table in memory (one partition is enough here: every record is on partition 3)."""
-
-    def __init__(self, changelog: str):
-        self.changelog = changelog
-        self.data: dict[bytes, bytes] = {}
-        self.persisted: dict[int, int] = {}
-
-    def get(self, partition, key):
-        return self.data.get(key)
-
-    def write(self, partition, items, changelog_offset):
-        for k, v in items.items():
-            self.data[k] = v
-        self.persisted[partition] = changelog_offset
 
 
 class Producer:
@@ -93,7 +78,7 @@ class Stage:
     """The stage, its tables, and the producer its outboxes send through (swap it to change Kafka)."""
 
     def __init__(self):
-        self.first_seen, self.linked = Table("message-ids-changelog"), Table("identity-changelog")
+        self.first_seen, self.linked = MemoryTable("message-ids-changelog"), MemoryTable("identity-changelog")
         self.producer = Producer()
 
         async def outbox():
@@ -105,6 +90,14 @@ class Stage:
     def handle(self, messages, producer: Producer) -> None:
         self.producer = producer
         asyncio.run(self.ingest.handle(messages))
+
+
+RECEIVED_DAY = 1_700_000_000_000 // 86_400_000  # every Message's receivedAt
+
+
+def entry(mid: bytes) -> bytes:
+    """Where the dedup table keeps a messageId received on RECEIVED_DAY (7-day generations)."""
+    return entry_key(RECEIVED_DAY - RECEIVED_DAY % 7, mid)
 
 
 def viewed(anon: str, mid: str) -> dict:
@@ -139,11 +132,11 @@ def test_a_batch_dedups_resolves_and_orders_the_merge_marker_after_the_anonymous
     assert [c["type"] for c in producer.values("changes")] == ["link"]
     assert [i["origin"] for i in producer.values("invalid")] == ["raw/3@104"]
 
-    assert first_seen.data[b"m2"] == b"raw/3@101"  # the record that first carried it
-    assert linked.data[b"anon-a"] == b"user-1\x00raw/3@102"
+    assert first_seen.data[3][entry(b"m2")] == b"raw/3@101"  # the record that first carried it
+    assert linked.data[3][b"anon-a"] == b"user-1\x00raw/3@102"
     changelog = producer.records[("message-ids-changelog", 3)]  # the record's own partition
-    assert [k for k, _ in changelog] == [b"m1", b"m2", b"m3", b"m4"]
-    assert first_seen.persisted == {3: 3}  # the changelog offset the store now holds
+    assert [k for k, _ in changelog] == [entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), clock_key(3)]
+    assert first_seen.persisted == {3: 4}  # the changelog offset the store now holds
     assert producer.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
 
 
@@ -175,5 +168,110 @@ def test_a_failed_send_leaves_nothing_a_retry_cannot_redo():
     ids = [e["messageId"] for e in retry.values("identified") if e["type"] != "merge"]
     assert sorted(ids) == ["m1", "m2", "m3", "m4"]
     assert [c["type"] for c in retry.values("changes")] == ["link"]
-    assert [k for k, _ in retry.records[("message-ids-changelog", 3)]] == [b"m1", b"m2", b"m3", b"m4"]
+    assert [k for k, _ in retry.records[("message-ids-changelog", 3)]] == [
+        entry(b"m1"), entry(b"m2"), entry(b"m3"), entry(b"m4"), clock_key(3)]
     assert retry.records[("identity-changelog", 3)] == [(b"anon-a", b"user-1\x00raw/3@102")]
+
+
+def replayed(message: dict | bytes, of: str, offset: int) -> Message:
+    """A record `flywheel dlq replay` sent: the rejected bytes again, naming the record first rejected."""
+    record = batch([message])[0]
+    record.offset = offset
+    record.headers = [*record.headers, (HEADER_REPLAY_OF, of.encode())]
+    return record
+
+
+def test_a_replayed_dlq_record_passes_once_however_often_it_is_replayed():
+    s = Stage()
+    event = viewed("anon-r", "m9")
+    first = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=200)], first)
+    assert [e["messageId"] for e in first.values("identified")] == ["m9"]
+    assert s.first_seen.data[3][REPLAY + b"raw/3@7"] == b"raw/3@200"
+
+    # The same replay record again (a crash before its offset was committed): forwarded again, as any record.
+    again = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=200)], again)
+    assert [e["messageId"] for e in again.values("identified")] == ["m9"]
+
+    # A second replay run: another record, dropped — also once the messageId has left the dedup table.
+    del s.first_seen.data[3][entry(b"m9")]
+    second = Producer()
+    s.handle([replayed(event, "raw/3@7", offset=300)], second)
+    assert second.values("identified") == []
+
+    # Another rejected record with that messageId (an SDK retry of the bad event): while the messageId is in
+    # the dedup table it is a retry, dropped; past the table's reach only the messageId could tell them apart.
+    s.first_seen.data[3][entry(b"m9")] = b"raw/3@200"
+    retry = Producer()
+    s.handle([replayed(event, "raw/3@8", offset=301)], retry)
+    assert retry.values("identified") == []
+
+
+def test_a_replay_rejected_again_names_the_original_and_may_be_replayed_later():
+    s = Stage()
+    producer = Producer()
+    s.handle([replayed(b"{still not json", "raw/3@7", offset=200)], producer)
+    [dead] = producer.values("invalid")
+    assert dead["origin"] == "raw/3@200" and dead["replayOf"] == "raw/3@7"
+    assert REPLAY + b"raw/3@7" not in s.first_seen.data[3]
+    later = Producer()
+    s.handle([replayed(viewed("anon-r", "m9"), "raw/3@7", offset=201)], later)
+    assert [e["messageId"] for e in later.values("identified")] == ["m9"]
+
+
+def forget_request(request: dict, offset: int) -> Message:
+    m = Message(orjson.dumps(request), b"anon-a", partition=3, offset=offset)
+    m.headers = [*m.headers, (HEADER_FORGET, b"req-1")]
+    return m
+
+
+def test_a_forget_request_deletes_the_persons_links_and_dedup_entries_and_nothing_else():
+    s = Stage()
+    s.handle(batch(JOURNEY), Producer())
+    # anon-b belongs to another user: named in the request (say, a refused link), its link stays.
+    s.linked.data[3][b"anon-b"] = b"user-2\x00raw/3@90"
+    producer = Producer()
+    s.handle([forget_request({"requestId": "req-1", "person": "user-1", "ids": ["anon-a", "anon-b"],
+                              "messageIds": ["m1", "m2", "m3", "m4", "m-unknown"]}, offset=200)], producer)
+    assert b"anon-a" not in s.linked.data[3] and s.linked.data[3][b"anon-b"] == b"user-2\x00raw/3@90"
+    assert [k for k in s.first_seen.data[3] if k.startswith(b"\x01")] == []
+    # with tombstones on the changelogs, and nothing forwarded: a request is not an event
+    assert producer.records[("identity-changelog", 3)] == [(b"anon-a", None)]
+    assert sorted(k for k, v in producer.records[("message-ids-changelog", 3)] if v is None) == sorted(
+        entry(m) for m in (b"m1", b"m2", b"m3", b"m4"))
+    assert producer.values("identified") == [] and producer.values("invalid") == []
+
+    # An SDK retry of m2 now is a new event, and anon-a may link to another user
+    after = Producer()
+    s.handle(batch([viewed("anon-a", "m2"), {"type": "identify", "anonymousId": "anon-a", "userId": "user-3",
+                                             "messageId": "m5", "timestamp": "2026-11-10T09:05:00Z"}]), after)
+    assert {e["messageId"]: e["personId"] for e in after.values("identified") if e["type"] != "merge"} == {
+        "m2": "anon-a", "m5": "user-3"}
+    assert [c["type"] for c in after.values("changes")] == ["link"]
+
+
+def test_a_malformed_forget_request_is_skipped_not_fatal():
+    s = Stage()
+    s.handle(batch(JOURNEY), Producer())
+    bad = Message(b"{not json", b"anon-a", partition=3, offset=200)
+    bad.headers = [*bad.headers, (HEADER_FORGET, b"req-2")]
+    producer = Producer()
+    s.handle([bad], producer)
+    assert s.linked.data[3][b"anon-a"] == b"user-1\x00raw/3@102"
+    assert producer.values("identified") == [] and producer.values("invalid") == []
+
+
+def test_a_receivedat_days_ahead_of_our_clock_does_not_expire_the_dedup_table():
+    """A producer whose clock is 30 days fast: its arrival counts as tomorrow (ours), so the generation
+    holding today's messageIds survives, and a retry of today's event is still dropped."""
+    s = Stage()
+    s.ingest.clock = lambda: 1_700_000_000.0  # the Messages' receivedAt
+    s.handle(batch([viewed("anon-a", "m1")]), Producer())
+    fast = batch([viewed("anon-z", "m-fast")])[0]
+    fast.headers = [(HEADER_SOURCE, b"test"), (HEADER_RECEIVED_AT, str(1_700_000_000_000 + 30 * 86_400_000).encode())]
+    s.handle([fast], Producer())
+    retry = Producer()
+    s.handle(batch([viewed("anon-a", "m1")] * 2)[1:], retry)  # another record (offset 101) with m1
+    assert retry.values("identified") == []
+    assert s.first_seen.data[3][clock_key(3)].split()[0] == str(RECEIVED_DAY + 1).encode()

@@ -89,3 +89,30 @@ def test_an_empty_batch_does_not_touch_clickhouse():
     ch = FlakyClickHouse()
     write(ch, [])
     assert ch.attempts == 0
+
+
+def test_closed_values_reads_each_cells_latest_value_and_finds_its_own_correction_on_real_chdb(tmp_path):
+    from flywheel import paths
+    from flywheel.clickhouse.embedded import EmbeddedClickHouse
+    from flywheel.clickhouse.migrate import apply
+    from flywheel.metrics.cells import record, row
+    from flywheel.metrics.definitions import MAU, parse_metrics
+
+    metrics = parse_metrics({"funnels": [{"name": "f", "window": "1h", "steps": [{"event": "A"}, {"event": "B"}]}]})
+    f = metrics.funnels[0]
+    ch = EmbeddedClickHouse(tmp_path / "chdb")
+    try:
+        apply(ch, paths.sql_dir() / "migrations")
+        for cell, partition, persons, version, correction in [
+                ((f, 20_400, 1), 2, 5, 10, ""), ((f, 20_400, 1), 2, 7, 20, ""), ((f, 20_400, 1), 3, 9, 25, ""),
+                ((MAU, 20_401), 2, 4, 30, ""), ((MAU, 20_401), 2, 3, 31, "r1")]:
+            kind, _, rec = record(cell, partition, persons, version, correction)
+            ch.insert(kind.table, [row(kind, rec)])
+        sink = Sink(ch, ThreadPoolExecutor(1), is_bad_data=RetryPolicy().is_bad_data, outbox=None, invalid_topic="x")
+        cells = [(f, 20_400, 1), (MAU, 20_401), (f, 20_401, 2)]
+        assert asyncio.run(sink.closed_values(2, cells, "r1")) == {(f, 20_400, 1): (7, 20, False),
+                                                                  (MAU, 20_401): (4, 30, True)}
+        assert asyncio.run(sink.closed_values(2, cells, "r2")) == {(f, 20_400, 1): (7, 20, False),
+                                                                  (MAU, 20_401): (3, 31, False)}
+    finally:
+        ch.close()

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from flywheel.clickhouse.errors import ClickHouseUnavailable, is_bad_data
+from flywheel.clickhouse.errors import ClickHouseBusy, ClickHouseUnavailable, is_bad_data
 
-__all__ = ["ClickHouse", "ClickHouseUnavailable", "connect", "is_bad_data"]
+__all__ = ["ClickHouse", "ClickHouseBusy", "ClickHouseUnavailable", "connect", "is_bad_data"]
 
 
 class ClickHouse(Protocol):

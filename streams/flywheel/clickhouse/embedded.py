@@ -1,7 +1,8 @@
 """Embedded ClickHouse: chdb, one process per data directory.
 
 chdb locks its data directory, so while a worker runs, `flywheel sql` reaches this engine through the
-worker's /sql endpoint (see flywheel.query) instead of opening the directory itself.
+worker's /sql endpoint (see flywheel.query) instead of opening the directory itself. Opening a directory
+another process holds raises ClickHouseBusy, which callers wait out (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from flywheel.clickhouse.errors import ClickHouseUnavailable
+from flywheel.clickhouse.errors import ClickHouseBusy, ClickHouseUnavailable
 
 
 def _held_by_another_process(path: Path) -> bool:
@@ -37,14 +38,15 @@ class EmbeddedClickHouse:
         self.path = Path(data_dir)
         self.path.mkdir(parents=True, exist_ok=True)
         self.label = f"embedded ClickHouse (chdb) at {self.path}"
+        busy = ClickHouseBusy(f"{self.path} is held by another process (a worker, or a `flywheel` command "
+                              "that opened it): query through `flywheel sql`, which goes through the worker")
         if _held_by_another_process(self.path):
-            raise ClickHouseUnavailable(
-                f"{self.path} is held by another process (a running worker?): "
-                "query through `flywheel sql`, which goes through the worker"
-            )
+            raise busy
         try:
             self._session = session.Session(str(self.path))
         except Exception as exc:
+            if _held_by_another_process(self.path):  # taken between the look and the open
+                raise busy from exc
             raise ClickHouseUnavailable(
                 f"could not open {self.label}: {exc} (chdb prints the cause on stderr)"
             ) from exc

@@ -29,6 +29,11 @@ class ClickHouseUnavailable(RuntimeError):
     """ClickHouse could not be reached; the message says where we tried."""
 
 
+class ClickHouseBusy(ClickHouseUnavailable):
+    """The embedded ClickHouse's directory is held by another process (a worker, or a command that opened
+    it for a moment): worth waiting for, unlike a broken directory."""
+
+
 def error_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     if isinstance(code, int):

@@ -73,19 +73,23 @@ def is_open(cell: Cell, open_from: int) -> bool:
     return KINDS[type(cell[0])].is_open(cell, open_from)
 
 
-def record(cell: Cell, partition: int, persons: int, version: int) -> tuple[Kind, bytes, dict[str, Any]]:
+def record(cell: Cell, partition: int, persons: int, version: int,
+           correction: str = "") -> tuple[Kind, bytes, dict[str, Any]]:
     """A cell's absolute value on a partition → (kind, Kafka key, record). Documented in the README, "Topics":
 
       metrics.funnels       {"funnel", "day", "step", "partition", "persons", "version"}
       metrics.retention     {"retention", "cohortDay", "period", "partition", "persons", "version"}
       metrics.active_users  {"kind": "dau"|"wau"|"mau", "day", "partition", "persons", "version"}
 
+    plus `"correction": <request id>` on a closed cell republished for a forgotten person.
     The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.
     """
     kind = KINDS[type(cell[0])]
     values = kind.values(cell)
     out = {name: v for (name, _), v in zip(kind.fields, values, strict=True)}
     out.update(partition=partition, persons=persons, version=version)
+    if correction:
+        out["correction"] = correction
     key = "|".join(map(str, (*values, partition))).encode()
     return kind, key, out
 
@@ -95,6 +99,8 @@ def row(kind: Kind, rec: dict[str, Any]) -> dict[str, Any]:
     out = {column: (date.fromisoformat(rec[name]) if name in kind.dates else rec[name])
            for name, column in kind.fields}
     out.update({column: rec[name] for name, column in COMMON})
+    if "correction" in rec:
+        out["correction"] = rec["correction"]
     return out
 
 

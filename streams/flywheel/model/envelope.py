@@ -27,6 +27,8 @@ class Limits:
 # Headers of an events.raw record, stamped by whoever writes it (collector, flywheel.producer).
 HEADER_SOURCE = "flywheel-source"  # where it came from: writekey:<hash>, or a producer's name
 HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms
+HEADER_REPLAY_OF = "flywheel-replay-of"  # a replayed DLQ record: the origin of the rejected one (flywheel dlq)
+HEADER_FORGET = "flywheel-forget"  # not an event: a request to forget a person's ids here (flywheel persons)
 
 
 def as_id(value: Any) -> str | None:

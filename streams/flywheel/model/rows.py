@@ -43,6 +43,7 @@ def invalid_row(record: dict[str, Any]) -> dict[str, Any]:
         "payload": record["payload"],
         "payload_encoding": record["payloadEncoding"],
         "origin": record["origin"],
+        "replay_of": record.get("replayOf", ""),
     }
 
 

@@ -42,7 +42,15 @@ from pydantic_core.core_schema import CoreSchema
 
 from flywheel.model import envelope, identity
 from flywheel.model.clock import to_ms
-from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, MESSAGE_TYPES, BadTimestamp, Limits
+from flywheel.model.envelope import (
+    HEADER_FORGET,
+    HEADER_RECEIVED_AT,
+    HEADER_REPLAY_OF,
+    HEADER_SOURCE,
+    MESSAGE_TYPES,
+    BadTimestamp,
+    Limits,
+)
 from flywheel.model.plan import EventRule, TrackingPlan
 
 _MIN_TIME = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
@@ -58,6 +66,8 @@ class Raw:
     topic: str = ""
     partition: int = -1
     offset: int = -1
+    replay_of: str = ""  # a replayed DLQ record: the origin of the record first rejected
+    forget: str = ""  # not an event but a forget request (flywheel persons forget): its id
 
     @property
     def origin(self) -> str:
@@ -75,11 +85,15 @@ class Raw:
         except ValueError:
             received_ms = int(record.timestamp * 1000)
         value = record.value
+        replay_of = headers.get(HEADER_REPLAY_OF)
+        forget = headers.get(HEADER_FORGET)
         return cls(
             value=value if isinstance(value, bytes) else bytes(value or b""),
             source=source,
             received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
             topic=topic, partition=record.partition, offset=record.offset,
+            replay_of=replay_of.decode("utf-8", "replace") if replay_of else "",
+            forget=forget.decode("utf-8", "replace") if forget else "",
         )
 
 
@@ -96,17 +110,23 @@ class Invalid:
     def dlq_record(self) -> dict[str, Any]:
         """The documented value of events.invalid."""
         return dlq_record(self.raw.value, source=self.raw.source, reasons=self.reasons,
-                          received_ms=to_ms(self.raw.received_at), origin=self.raw.origin)
+                          received_ms=to_ms(self.raw.received_at), origin=self.raw.origin,
+                          replay_of=self.raw.replay_of)
 
 
-def dlq_record(payload: bytes, *, source: str, reasons: list[str], received_ms: int, origin: str) -> dict[str, Any]:
-    """A record of events.invalid: the original bytes (base64 if they are not UTF-8), why, and from where."""
+def dlq_record(payload: bytes, *, source: str, reasons: list[str], received_ms: int, origin: str,
+               replay_of: str = "") -> dict[str, Any]:
+    """A record of events.invalid: the original bytes (base64 if they are not UTF-8), why, from where, and — a
+    replay rejected again — the origin of the record first rejected."""
     try:
         text, encoding = payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(payload).decode(), "base64"
-    return {"receivedAt": received_ms, "source": source, "reasons": reasons, "payload": text,
-            "payloadEncoding": encoding, "origin": origin}
+    record = {"receivedAt": received_ms, "source": source, "reasons": reasons, "payload": text,
+              "payloadEncoding": encoding, "origin": origin}
+    if replay_of:
+        record["replayOf"] = replay_of
+    return record
 
 
 DEFAULT_LIMITS = Limits()

@@ -143,7 +143,16 @@ def partitions_text(tps, topics: dict) -> str:
     return "; ".join(parts) or "nothing"
 
 
-def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
+def rocksdb_memory(budget_mb: int, *, tables: int, partitions: int) -> dict[str, int]:
+    """RocksDB options (Faust's Table options) keeping a worker's tables within `budget_mb`: each table
+    partition gets an even share, half for two write buffers, half for its block cache. Faust's defaults —
+    3 × 64 MB write buffers and a 2 GB block cache per partition — let 24 partitions grow to gigabytes."""
+    share = budget_mb * 2**20 // (tables * partitions)
+    return {"write_buffer_size": max(2**20, share // 4), "max_write_buffer_number": 2,
+            "block_cache_size": max(2**20, share // 2)}
+
+
+def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None = None) -> Pipeline:
     plan = load_plan(settings.tracking_plan)
     metrics = load_metrics(settings.metrics)
     batches = BatchTopics()
@@ -169,8 +178,11 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     policy = RetryPolicy(max_backoff=settings.sink_max_backoff_seconds)
     output = Output(settings)
 
+    memory = rocksdb_memory(settings.store_memory_mb, tables=3, partitions=settings.partitions)
+
     def table(name: str, owner) -> faust_seams.StoreTable:
-        t = app.Table(name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+        t = app.Table(name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                      options=memory)
         return faust_seams.StoreTable(t, owner)
 
     def partitions(topic_name: str) -> int:
@@ -187,7 +199,7 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chdb calls block
     sink = Sink(ch, executor, is_bad_data=policy.is_bad_data, outbox=output.outbox, invalid_topic=names.invalid)
     ingest = Ingest(plan=plan, limits=settings.limits(), topics=names, first_seen=first_seen,
-                    linked_users=linked_users, outbox=output.outbox)
+                    linked_users=linked_users, outbox=output.outbox, dedup_horizon_days=settings.dedup_horizon_days)
     aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
                                retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size))
     sinks = SinkStage(sink)
@@ -239,12 +251,12 @@ def create_worker(settings: Settings, ch: ClickHouse) -> Pipeline:
 
     kafka = KafkaProbe(settings.kafka_bootstrap)
     status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,
-                          stages={bt.name: bt.topic_name for bt in batches.values()})
+                          stages={bt.name: bt.topic_name for bt in batches.values()},
+                          tables={"dedup": first_seen, "identity": linked_users, "persons": persons})
     admin = admin_app(role="worker", checks=[kafka, status.clickhouse, status.recovery, status.behind])
     add_status(admin, status.status)
-    if not settings.clickhouse_url:  # a server is queried directly by `flywheel sql`
-        add_sql(admin, ch=ch, executor=executor, data_dir=settings.data_dir, host=settings.admin_host,
-                port=settings.admin_port)
+    if sql_token is not None:  # embedded ClickHouse (a server is queried directly by `flywheel sql`)
+        add_sql(admin, ch=ch, executor=executor, token=sql_token, port=settings.admin_port)
     listeners = Listeners([
         Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
                  port=settings.http_port, name="collector"),

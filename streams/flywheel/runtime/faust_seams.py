@@ -254,15 +254,15 @@ class StoreTable:
             return self._db(partition).get(key)
         return self.table.data.data.get(key)
 
-    def scan(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, partition: int, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         if not self._rocksdb:
             data = self.table.data.data
-            keys = sorted(k for k in data if k.startswith(prefix) and self._owner(k) == partition)
+            keys = sorted(k for k in data if k.startswith(prefix) and k >= start and self._owner(k) == partition)
             yield from ((k, data[k]) for k in keys if k in data)
             return
         offset_key = self.table.data.offset_key
         it = self._db(partition).iter()
-        it.seek(prefix)
+        it.seek(max(prefix, start))
         while it.valid():
             key = it.key()
             if not key.startswith(prefix):
@@ -270,6 +270,20 @@ class StoreTable:
             if key != offset_key:
                 yield key, it.value()
             it.next()
+
+    # RocksDB's own figures, summed over the partitions this worker has open (ours: stores._dbs).
+    STATS = {"keys": "rocksdb.estimate-num-keys", "memtables": "rocksdb.cur-size-all-mem-tables",
+             "block_cache": "rocksdb.block-cache-usage", "index_filters": "rocksdb.estimate-table-readers-mem",
+             "sst_files": "rocksdb.total-sst-files-size"}
+
+    def stats(self) -> dict[str, int]:
+        """keys (RocksDB's estimate), memtables, block_cache, index_filters (bytes in memory), sst_files
+        (bytes on disk), and how many partitions are open; the memory store: keys only."""
+        if not self._rocksdb:
+            return {"keys": len(self.table.data.data), "partitions": 0}
+        dbs = list(self.table.data._dbs.values())
+        totals = {name: sum(db.property_int_value(prop) or 0 for db in dbs) for name, prop in self.STATS.items()}
+        return totals | {"partitions": len(dbs)}
 
     def write(self, partition: int, items: Mapping[bytes, bytes | None], changelog_offset: int | None) -> None:
         store = self.table.data

@@ -32,9 +32,13 @@ log = logging.getLogger(__name__)
 REFRESH_SECONDS = 5.0
 LAG = Gauge("flywheel_consumer_lag", "Records of a topic partition the worker owns not yet fetched (end - position)",
             ["topic", "partition"])
+TABLE_KEYS = Gauge("flywheel_table_keys", "Keys in a state table's partitions open here (RocksDB's estimate)",
+                   ["table"])
+TABLE_BYTES = Gauge("flywheel_table_bytes", "A state table's RocksDB memory (memtables, block_cache, index_filters) "
+                    "and disk (sst_files), over its partitions open here", ["table", "kind"])
 # Counters whose rates /status shows: (name, the counter).
 RATES = (("received", obs.RECEIVED), ("valid", obs.VALID), ("invalid", obs.INVALID), ("late", obs.LATE_EVENTS),
-         ("duplicates", obs.DUPLICATES))
+         ("duplicates", obs.DUPLICATES), ("replayed", obs.REPLAYED))
 
 
 def _total(counter) -> float:
@@ -43,7 +47,7 @@ def _total(counter) -> float:
 
 class WorkerStatus(Service):
     def __init__(self, app: faust.App, *, topics: Topics, sink: Sink, retry: RetryPolicy, stages: dict[str, str],
-                 max_lag: int, **kwargs):
+                 max_lag: int, tables: dict[str, faust_seams.StoreTable] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.app = app
         self.topics = topics
@@ -51,6 +55,8 @@ class WorkerStatus(Service):
         self.retry = retry
         self.stages = stages  # stage name → its topic
         self.max_lag = max_lag
+        self.tables = tables or {}
+        self.table_stats: dict[str, dict[str, int]] = {}
         self.lag: dict[tuple[str, int], int] = {}
         self.rates: dict[str, float] = {}
         self._last: tuple[float, dict[str, float]] | None = None
@@ -86,6 +92,12 @@ class WorkerStatus(Service):
             elapsed = max(1e-6, now - self._last[0])
             self.rates = {name: (totals[name] - self._last[1][name]) / elapsed for name in totals}
         self._last = (now, totals)
+        self.table_stats = {name: table.stats() for name, table in self.tables.items()}
+        for name, stats in self.table_stats.items():
+            TABLE_KEYS.labels(name).set(stats["keys"])
+            for kind in ("memtables", "block_cache", "index_filters", "sst_files"):
+                if kind in stats:
+                    TABLE_BYTES.labels(name, kind).set(stats[kind])
         self.refreshed = time.time()
 
     # ---- readiness checks (web/health.py) --------------------------------------------------------------
@@ -130,5 +142,6 @@ class WorkerStatus(Service):
             "late_share": round(self.rates.get("late", 0.0) / received, 4) if received else None,
             "sink_blocked_s": {t: round(s, 1) for t, s in self.sink.blocked().items()},
             "restoring": faust_seams.recovery_remaining(self.app),
+            "tables": self.table_stats,
             "as_of": self.refreshed,
         }

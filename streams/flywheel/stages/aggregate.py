@@ -7,8 +7,8 @@ events.identified records (one consumer, several partitions):
 1. each record is applied to its person's state, read from the `persons` table, in partition order:
    an event that is activity or satisfies a metric's condition (unless late: its row is stored with
    late=1 and it touches no state; identity calls touch no state at all), a merge marker
-   (the anonymous person's state is handed to its user, keyed by the user, and forgotten), or a
-   handed-over state (joined into the user's);
+   (the anonymous person's state is handed to its user, keyed by the user, and forgotten), a
+   handed-over state (joined into the user's), or a forget request (the state is deleted; see `_forgotten`);
 2. handed-over states are sent, and acknowledged, before the states they leave are forgotten;
 3. the batch's rows go to flywheel.events (with their late flag);
 4. the batch's effect on the partials is computed (not applied), and the table is written: per
@@ -44,7 +44,7 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
-from flywheel.metrics.cells import Cell, cell_id, parse_cell_id, record
+from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
@@ -96,6 +96,8 @@ class AggregateStage:
         self.partials = Partials(metrics)
         self.versions: dict[int, int] = {}  # partition → last publication version
         self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
+        # (partition, closed cell) → (value, version) of this worker's last correction for a forgotten person
+        self.corrections: dict[tuple[int, Cell], tuple[int, int]] = {}
         self._repairs: dict[int, asyncio.Task] = {}
         self._publishing = asyncio.Lock()
         self._counting = asyncio.Lock()
@@ -122,11 +124,13 @@ class AggregateStage:
                      how["checkpoint"], how["count"], sum(cells for _, cells in restored))
 
     def revoked(self, partitions: Iterable[int]) -> None:
-        for p in list(partitions):
+        partitions = set(partitions)
+        for p in partitions:
             task = self._repairs.pop(p, None)
             if task is not None:
                 task.cancel()
         self.partials.forget(partitions)
+        self.corrections = {k: v for k, v in self.corrections.items() if k[0] not in partitions}
 
     async def _ready(self, partitions: Iterable[int]) -> None:
         """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
@@ -248,7 +252,7 @@ class AggregateStage:
                 slot = touched[(part, key)] = [old, new]
             return slot
 
-        rows, handoffs = [], []
+        rows, handoffs, forgets = [], [], []
         for i, (part, rec) in enumerate(batch):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -259,6 +263,10 @@ class AggregateStage:
                     handoffs.append({"type": "state", "person": rec["into"], "from": rec["from"],
                                      "messageId": rec["messageId"], "state": slot[1].to_json()})
                 slot[1] = None  # forgotten here once the hand-off is acknowledged
+            elif kind == "forget":
+                slot = state_of(part, rec["person"].encode())  # a fresh slot holds an empty state
+                forgets.append((part, rec, slot[1] is not None and slot[1].newest >= 0))
+                slot[1] = None
             elif kind == "state":
                 slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
@@ -316,7 +324,13 @@ class AggregateStage:
                 writes.put(part, prefix + cell_id(cell).encode(), None)
             writes.put(part, _mark(END, part),
                        self._end_record(part, change.watermark, change.unpublished_zeros, seq))
+        first_open = {c.partition: c.open_from for c, _ in changes}
+        corrections: dict[tuple[int, Cell], tuple[int, int]] = {}
+        for part, rec, had_state in forgets:
+            await self._forgotten(part, rec, outbox, corrections, first_open=first_open.get(part, 0),
+                                  had_state=had_state)
         offsets = await outbox.send()
+        self.corrections.update(corrections)
         # Kafka holds the batch's states: the store and the partials take them together (no await here).
         writes.apply(offsets)
         for change, seq in changes:
@@ -324,6 +338,42 @@ class AggregateStage:
             self.seq[change.partition] = seq
         # 5. the changed cells
         await self._publish([change.partition for change, _ in changes])
+
+    async def _forgotten(self, part: int, rec: dict, outbox: Outbox, corrections: dict, *, first_open: int,
+                         had_state: bool) -> None:
+        """The rest of a forget request, sent with the batch that deletes the state (docs/design.md §3).
+
+        Open cells lose the person through the partials' delta, like any state change. Closed cells are
+        final in ClickHouse and no state explains them any more: the request lists the cells the person
+        counted in (the oracle's, over their events), and each one closed here is published again one
+        lower, marked with the request. Only when there was a state to delete: a request sent again (the
+        command run twice) finds none and corrects nothing twice. A retry of this batch finds its own
+        rows (or, not landed yet, computes the same ones again: same value, same version)."""
+        cells = [c for c in (parse_cell_id(t, self.metrics) for t in rec.get("cells", ())) if c is not None]
+        closed = [c for c in cells if not is_open(c, first_open)] if had_state else []
+        corrected = 0
+        if closed:
+            request = rec["requestId"]
+            stored = await self.sink.closed_values(part, closed, request)
+            for cell in closed:
+                value, version, ours = stored.get(cell, (0, 0, False))
+                # this batch's or this worker's last correction of it: the sink may not have it yet
+                mine = corrections.get((part, cell)) or self.corrections.get((part, cell))
+                if mine is not None and mine[1] > version:
+                    value, version = mine
+                if ours or value <= 0:
+                    continue
+                kind, key, published = record(cell, part, value - 1, version + 1, correction=request)
+                outbox.add(getattr(self.topics, kind.name), key, orjson.dumps(published))
+                corrections[(part, cell)] = (value - 1, version + 1)
+                corrected += 1
+        if rec.get("primary"):
+            outbox.add(self.topics.identity_changes, rec["person"].encode(), orjson.dumps(
+                {"type": "forgotten", "person": rec["person"], "ids": rec.get("ids", []),
+                 "requestId": rec["requestId"], "timestamp": rec["at"] // 1_000_000}))
+            obs.FORGET_REQUESTS.labels("aggregate").inc()
+        log.info("forget request %s on events.identified partition %d: %s, %d closed cells corrected",
+                 rec["requestId"], part, "state deleted" if had_state else "no state", corrected)
 
     def _event(self, part: int, rec: dict, state_of: Callable[[int, bytes], list], watermarks: dict[int, int]) -> dict:
         """Apply one event to its person (state_of → its slot [old, new]); its row, with the late flag.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -27,33 +28,42 @@ import orjson
 from flywheel import observability as obs
 from flywheel.config import Topics
 from flywheel.model import identity
+from flywheel.model.clock import DAY_MS, to_ms
 from flywheel.model.envelope import Limits
 from flywheel.model.plan import TrackingPlan
 from flywheel.model.validate import Invalid, Raw, validate
+from flywheel.stages.dedup import Dedup, DedupBatch
 from flywheel.stages.ports import Outbox, Record, Table
 from flywheel.stages.tables import Writes
 
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 500  # records between two turns of the event loop (~10 ms)
+REPLAY = b"\x00replay\x00"  # + origin of a replayed DLQ record, in first_seen beside the messageIds (no expiry)
 
 
 class Ingest:
     """The ingest stage over a batch of events.raw records, with the dedup and identity tables.
 
     Tables (changelog-backed, co-partitioned with events.raw):
-    - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it.
-      An SDK retry (same messageId, another record) is dropped; a redelivery of that record itself
-      (after a crash) is forwarded again and collapses downstream.
+    - `first_seen`: messageId → origin (topic/partition@offset) of the raw record that first carried it,
+      for `dedup_horizon_days` of arrival time (stages/dedup.py). An SDK retry (same messageId, another
+      record) is dropped; a redelivery of that record itself (after a crash) is forwarded again and
+      collapses downstream. Also: a replayed DLQ record that passed → its origin, under REPLAY + the
+      origin of the record first rejected.
     - `linked_users`: anonymous id → b"<user>\\x00<origin of the linking record>" (identity.resolve).
     """
 
     def __init__(self, *, plan: TrackingPlan, limits: Limits, topics: Topics, first_seen: Table,
-                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]]):
+                 linked_users: Table, outbox: Callable[[], Awaitable[Outbox]], dedup_horizon_days: int = 7,
+                 clock: Callable[[], float] = time.time):
         self.plan = plan
         self.limits = limits
         self.topics = topics
         self.first_seen = first_seen
+        self.dedup = Dedup(first_seen, dedup_horizon_days)
+        self.clock = clock
+        self._arrival_cap = 0
         self.linked_users = linked_users
         self.outbox = outbox
 
@@ -62,21 +72,34 @@ class Ingest:
         retried from the tables as they were before it (stages/tables.py)."""
         outbox = await self.outbox()
         first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
+        dedup = self.dedup.batch(first_seen)
+        # receivedAt is the producer's clock (the collector's, a service's): one set days ahead must not
+        # expire the dedup table's live generations. Arrivals count at most a day past our own clock.
+        self._arrival_cap = int(self.clock() * 1000) + DAY_MS
         counts: Counter[tuple[Any, str | None]] = Counter()
         for i, record in enumerate(records):
             if i % YIELD_EVERY == YIELD_EVERY - 1:  # the collector and /health share the event loop
                 await asyncio.sleep(0)
-            self._one(record, outbox, first_seen, linked, counts)
+            self._one(record, outbox, first_seen, dedup, linked, counts)
+        dedup.finish()
         offsets = await outbox.send()
         first_seen.apply(offsets)
         linked.apply(offsets)
+        dedup.landed()
         for (metric, source), n in counts.items():  # once, for the attempt that landed
             (metric.labels(source) if source is not None else metric).inc(n)
 
-    def _one(self, record: Record, outbox: Outbox, first_seen: Writes, linked: Writes, counts: Counter) -> None:
+    def _one(self, record: Record, outbox: Outbox, first_seen: Writes, dedup: DedupBatch, linked: Writes,
+             counts: Counter) -> None:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
+        dedup.arrived(record.partition, min(to_ms(raw.received_at), self._arrival_cap))
+        if raw.forget:
+            self._forget(raw, dedup, linked, counts)
+            return
         counts[obs.RECEIVED, raw.source] += 1
+        if raw.replay_of:
+            counts[obs.REPLAYED, raw.source] += 1
         outcome = validate(raw, self.plan, self.limits)
         if isinstance(outcome, Invalid):
             counts[obs.INVALID, raw.source] += 1
@@ -86,14 +109,48 @@ class Ingest:
         ev = outcome.event
         mid = ev["messageId"].encode()
         here = raw.origin.encode()
-        seen = first_seen.get(record.partition, mid)
+        key, seen = dedup.seen(record.partition, mid)
         if seen is not None and seen != here:
             counts[obs.DUPLICATES, raw.source] += 1
             return
+        if raw.replay_of:
+            # A DLQ record replayed: once it passed, it passed for good — a replay run twice counts once, also
+            # after its messageId left the dedup table. (Rejected again, it may be replayed again.)
+            replayed = REPLAY + raw.replay_of.encode()
+            first = first_seen.get(record.partition, replayed)
+            if first is not None and first != here:
+                counts[obs.DUPLICATES, raw.source] += 1
+                return
+            first_seen.put(record.partition, replayed, here)
         # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
-        first_seen.put(record.partition, mid, here)
+        dedup.remember(record.partition, key, here)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
+
+    def _forget(self, raw: Raw, dedup: DedupBatch, linked: Writes, counts: Counter) -> None:
+        """A forget request (flywheel persons forget; docs/design.md §3) for the ids and messageIds of one
+        person kept on this partition: their links (only those to this person: an anonymous id another user
+        holds stays theirs) and their dedup entries go, with changelog tombstones. Not an event: not
+        counted, nothing forwarded. Logged by request id only — the ids are what is being erased."""
+        try:
+            request = orjson.loads(raw.value)
+            person = request["person"].encode()
+            ids = [i.encode() for i in request.get("ids", ())]
+            message_ids = [m.encode() for m in request.get("messageIds", ())]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            log.warning("forget request %s at %s is malformed: skipped (send it again with flywheel persons "
+                        "forget)", raw.forget, raw.origin)
+            return
+        links = 0
+        for anon in ids:
+            entry = linked.get(raw.partition, anon)
+            if entry is not None and entry.partition(b"\x00")[0] == person:
+                linked.put(raw.partition, anon, None)
+                links += 1
+        entries = sum(dedup.forget(raw.partition, m) for m in message_ids)
+        counts[obs.FORGET_REQUESTS, "ingest"] += 1
+        log.info("forget request %s: %d links and %d dedup entries deleted on events.raw partition %d",
+                 raw.forget, links, entries, raw.partition)
 
     def _resolve_identity(self, ev: dict, raw: Raw, outbox: Outbox, linked: Writes, counts: Counter) -> None:
         """Set ev["personId"]; record a first link (identity.changes + the merge marker) or a conflict."""

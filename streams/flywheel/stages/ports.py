@@ -37,8 +37,8 @@ class Table(Protocol):
 
     def get(self, partition: int, key: bytes) -> bytes | None: ...
 
-    def scan(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """The partition's keys starting with `prefix` and their values, in key order."""
+    def scan(self, partition: int, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """The partition's keys starting with `prefix` and their values, in key order — from `start` on."""
 
     def write(self, partition: int, items: Mapping[bytes, bytes | None], changelog_offset: int | None) -> None:
         """Write (None = delete) what the changelog already holds, up to `changelog_offset`."""
@@ -51,3 +51,8 @@ class ClickHouseWriter(Protocol):
 
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0."""
+
+    async def closed_values(self, partition: int, cells: Sequence[Any],
+                            request: str) -> dict[Any, tuple[int, int, bool]]:
+        """Metric cells' latest (value, version) on a partition not written for forget request `request`,
+        and whether one for it is there."""

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import orjson
 
 from flywheel import observability as obs
-from flywheel.metrics.cells import KIND_BY_NAME, row
+from flywheel.metrics.cells import KIND_BY_NAME, Cell, kind_of, row
 from flywheel.metrics.oracle import quote
 from flywheel.model.rows import identity_rows, invalid_row
 from flywheel.model.validate import dlq_record
@@ -130,6 +130,33 @@ class Sink:
         return {r[0] for r in found}
 
 
+    async def closed_values(self, partition: int, cells: Sequence[Cell],
+                            request: str) -> dict[Cell, tuple[int, int, bool]]:
+        """Per cell on `partition`: (value, version) of its latest row not written for forget request
+        `request`, and whether a row for that request is there already (absent cells: none). Raises if
+        ClickHouse cannot say: the batch asking is retried."""
+        by_kind: dict[Any, list[Cell]] = {}
+        for cell in cells:
+            by_kind.setdefault(kind_of(cell), []).append(cell)
+        found: dict[Cell, tuple[int, int, bool]] = {}
+        r = quote(request)
+        for kind, group in by_kind.items():
+            columns = [column for _, column in kind.fields]
+            text = [f"toString({c})" for c in columns]
+            wanted = {tuple(str(v) for v in kind.values(c)): c for c in group}
+            tuples = ", ".join("(" + ", ".join(quote(v) for v in key) + ")" for key in wanted)
+            sql = (f"SELECT {', '.join(text)}, argMaxIf(persons, version, correction != {r}), "
+                   f"maxIf(version, correction != {r}), countIf(correction = {r}) FROM {kind.table} "
+                   f"WHERE kafka_partition = {int(partition)} AND tuple({', '.join(text)}) IN ({tuples}) "
+                   f"GROUP BY {', '.join(columns)}")
+            _, rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.ch.rows, sql)
+            for row_ in rows:
+                cell = wanted.get(tuple(str(v) for v in row_[:-3]))
+                if cell is not None:
+                    found[cell] = (int(row_[-3]), int(row_[-2]), int(row_[-1]) > 0)
+        return found
+
+
 class SinkStage:
     """Handlers of the topics that only go to ClickHouse."""
 
@@ -146,7 +173,10 @@ class SinkStage:
     async def identity(self, records: Sequence[Record]) -> None:
         by_table: dict[str, Rows] = {}
         for r in records:
-            table, row_ = identity_rows(orjson.loads(r.value))
+            change = orjson.loads(r.value)
+            if change["type"] == "forgotten":  # for services; the command that asked deletes the rows
+                continue
+            table, row_ = identity_rows(change)
             by_table.setdefault(table, []).append(row_)
         for table, rows in by_table.items():
             await self.sink.write(table, rows)

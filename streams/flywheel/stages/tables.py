@@ -11,7 +11,7 @@ A batch that fails before step 3 leaves the store as it was: its retry starts fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from flywheel.stages.ports import Outbox, Table
 
@@ -39,3 +39,32 @@ class Writes:
         for partition, values in self.pending.items():
             self.table.write(partition, values, last_offsets.get((changelog, partition)))
         self.pending.clear()
+
+
+class MemoryTable:
+    """stages.ports.Table in plain dicts, one per partition: for unit tests and the in-process benches (a
+    worker's tables are Faust's, through runtime/faust_seams.py)."""
+
+    def __init__(self, changelog: str):
+        self.changelog = changelog
+        self.data: dict[int, dict[bytes, bytes]] = {}
+        self.persisted: dict[int, int] = {}  # partition → changelog offset its store holds
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        return self.data.get(partition, {}).get(key)
+
+    def scan(self, partition: int, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        store = self.data.get(partition, {})
+        for key in sorted(k for k in store if k.startswith(prefix) and k >= start):
+            if key in store:  # deleted while the scan went on
+                yield key, store[key]
+
+    def write(self, partition: int, items: Mapping[bytes, bytes | None], changelog_offset: int | None) -> None:
+        store = self.data.setdefault(partition, {})
+        for key, value in items.items():
+            if value is None:
+                store.pop(key, None)
+            else:
+                store[key] = value
+        if changelog_offset is not None:
+            self.persisted[partition] = changelog_offset
