@@ -81,6 +81,31 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+class Batches:
+    """Records to one topic through aiokafka's batch API: a record batch per partition, sent when full;
+    `flush` sends the rest and awaits every send."""
+
+    def __init__(self, producer, topic: str, partitions: int):
+        self.producer, self.topic = producer, topic
+        self.batches = {p: producer.create_batch() for p in range(partitions)}
+        self.pending: list = []
+
+    async def add(self, partition: int, key: bytes, value: bytes, headers=None) -> None:
+        if self.batches[partition].append(key=key, value=value, timestamp=None, headers=headers) is None:  # full
+            self.pending.append(await self.producer.send_batch(self.batches[partition], self.topic,
+                                                               partition=partition))
+            self.batches[partition] = self.producer.create_batch()
+            self.batches[partition].append(key=key, value=value, timestamp=None, headers=headers)
+
+    async def flush(self) -> None:
+        for p, batch in self.batches.items():
+            if batch.record_count():
+                self.pending.append(await self.producer.send_batch(batch, self.topic, partition=p))
+            self.batches[p] = self.producer.create_batch()
+        await asyncio.gather(*self.pending)
+        self.pending = []
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS), 0 if it is gone."""
     try:

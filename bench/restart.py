@@ -177,8 +177,7 @@ async def _fill_persons(settings: Settings, n: int, seed: int) -> dict[str, Any]
     nbytes = 0
     per_partition = [0] * settings.partitions
     matching_cache: dict[int, list] = {}
-    batches = {p: producer.create_batch() for p in range(settings.partitions)}
-    pending: list = []
+    batches = pl.Batches(producer, topic, settings.partitions)
     try:
         for i in range(n):
             pid = person_id(i)
@@ -194,18 +193,11 @@ async def _fill_persons(settings: Settings, n: int, seed: int) -> dict[str, Any]
             p = partition_of(key, settings.partitions)
             per_partition[p] += 1
             nbytes += len(key) + len(value)
-            if batches[p].append(key=key, value=value, timestamp=None) is None:  # full: send it
-                pending.append(await producer.send_batch(batches[p], topic, partition=p))
-                batches[p] = producer.create_batch()
-                batches[p].append(key=key, value=value, timestamp=None)
+            await batches.add(p, key, value)
             if i and i % 200_000 == 0:
                 log(f"  {i:,} persons sent ({i / (time.monotonic() - started):,.0f}/s)")
-                await asyncio.gather(*pending)
-                pending = []
-        for p, batch in batches.items():
-            if batch.record_count():
-                pending.append(await producer.send_batch(batch, topic, partition=p))
-        await asyncio.gather(*pending)
+                await batches.flush()
+        await batches.flush()
     finally:
         await producer.stop()
     seconds = time.monotonic() - started
