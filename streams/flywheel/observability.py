@@ -83,11 +83,25 @@ FAUST_STATE_CHANGES = ("Worker ready", "Restoring state from changelog", "Recove
                        "[^Worker]: Stopping", "Closing event loop")
 
 
+# Faust's stall detector (faust/transport/drivers/aiokafka.py): its ERROR lines carry this explanation.
+STALL_EXPLAINED = "There are multiple possible explanations for this"
+STALL_NOTE = " (Faust's stall detector; `flywheel status` shows which stages are failing, and why)"
+
+
 class Readable(logging.Filter):
     """Below WARNING, Faust and mode (and mode's services of ours) say only the worker's state changes, each
-    on one line (some come with an ASCII table under them)."""
+    on one line (some come with an ASCII table under them). Faust's stall detector says its finding in
+    one line, as a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("faust.") and record.levelno == logging.ERROR:
+            message = record.getMessage()
+            if STALL_EXPLAINED in message:  # Faust's stall detector: twenty lines, "report as bug"
+                # A batch held by the retry policy (ClickHouse down) or a partition without traffic looks
+                # stalled to it; our retry lines and `flywheel status` say which. One line, a warning.
+                record.msg, record.args = message.split(STALL_EXPLAINED, 1)[0].strip() + STALL_NOTE, ()
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
         if record.levelno >= logging.WARNING or logging.getLogger().isEnabledFor(logging.DEBUG):
             return True
         message = record.getMessage()

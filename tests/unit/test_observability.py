@@ -66,3 +66,20 @@ def test_json_lines(captured):
     first, second = (orjson.loads(line) for line in out.getvalue().splitlines())
     assert (first["level"], first["logger"], first["message"]) == ("INFO", "flywheel.worker", "ClickHouse: embedded")
     assert "time" in first and second["message"] == "a batch failed" and "ValueError: boom" in second["error"]
+
+
+def test_fausts_stall_detector_says_its_finding_in_one_warning_line(captured):
+    """Faust's own text, as its consumer thread builds it: if Faust changes it, this fails, not the logs."""
+    from faust.transport.drivers import aiokafka as driver
+    from faust.types import TP
+
+    out = captured()
+    message = driver.AIOKafkaConsumerThread._make_slow_processing_error(
+        None, driver.SLOW_PROCESSING_NO_RECENT_COMMIT, [driver.SLOW_PROCESSING_CAUSE_COMMIT],
+        "broker_commit_livelock_soft_timeout", 300.0)
+    logging.getLogger(driver.__name__).error(message, TP("identity.changes", 6), "5.89 minutes ago")
+    [line] = out.getvalue().splitlines()
+    assert line.split(" ", 3)[2:] == ["WARNING", "faust.transport.drivers.aiokafka: Has not committed "
+                                      "TP(topic='identity.changes', partition=6) (last commit 5.89 minutes ago). "
+                                      "(Faust's stall detector; `flywheel status` shows which stages are failing, "
+                                      "and why)"]
