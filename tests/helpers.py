@@ -91,6 +91,8 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         "sink_max_backoff_seconds": 2.0,
         # a killed worker's partitions move after 10 s, not a minute: every kill -9 test waits for that
         "session_timeout_seconds": 10.0,
+        # every recovery with anything to read goes through the bulk restore (runtime/faust_seams.py §7)
+        "restore_bulk_min_records": 1,
     }
     values.update(overrides)
     return Settings(**values)

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "
                           "they move); heartbeats go every 3 s"
     )
+    restore_bulk_min_records: int = Field(
+        10_000, ge=1, description="a table partition this many changelog records behind is restored in bulk "
+                                  "(write batches, ~180k records/s) before Faust's recovery reads the rest"
+    )
     dedup_horizon_days: int = Field(
         7, ge=1, description="an SDK retry (same messageId) arriving within this many days of the first copy is "
                              "dropped; the dedup table keeps between one and two horizons of messageIds"

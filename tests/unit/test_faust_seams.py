@@ -256,3 +256,33 @@ def test_recovery_progress_reads_what_faust_keeps():
         assert recovery_remaining(app) == {"persons": 600}
 
     asyncio.run(main())
+
+
+# ---- seam 7: bulk restore -----------------------------------------------------------------------------
+
+def test_recovery_builds_active_offsets_after_the_highwaters_where_the_bulk_restore_hooks_in():
+    """install_bulk_restore wraps Recovery._build_offsets: it must see the highwaters already built and
+    come before the records are read, and its arguments must be what bulk_restore takes. (The restore
+    itself runs on a real broker in every integration test: tests/helpers.py sets
+    restore_bulk_min_records=1.)"""
+    import inspect
+
+    from faust.tables.recovery import Recovery
+    from flywheel.runtime.faust_seams import install_bulk_restore
+
+    source = " ".join(inspect.getsource(Recovery._restart_recovery.fun).split())  # a mode Service.task
+    highwaters = source.index('_build_highwaters)( consumer, assigned_active_tps, active_highwaters, "active"')
+    offsets = source.index('_build_offsets)( consumer, assigned_active_tps, active_offsets, "active"')
+    seek = source.index("_seek_offsets")
+    assert highwaters < offsets < seek
+    assert list(inspect.signature(Recovery._build_offsets).parameters) == ["self", "consumer", "tps",
+                                                                           "destination", "title"]
+
+    async def main():
+        app = faust.App("seams-bulk", broker="kafka://127.0.0.1:1", store="rocksdb://")
+        install_bulk_restore(app, "127.0.0.1:1", min_records=10)
+        recovery = app.tables.recovery
+        assert "_build_offsets" in vars(recovery)  # this instance's, wrapped
+        assert hasattr(recovery, "active_highwaters") and hasattr(recovery, "tp_to_table")
+
+    asyncio.run(main())

@@ -172,6 +172,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
         monitor=faust_seams.LeanMonitor(),
     )
     faust_seams.install_transport(app, batches)
+    faust_seams.install_bulk_restore(app, settings.kafka_bootstrap, min_records=settings.restore_bulk_min_records)
     names = settings.topics
     topic = {name: app.topic(getattr(names, name), key_type=bytes, value_type=bytes)
              for name in names.model_fields}

@@ -28,11 +28,18 @@ fails loudly when an upgrade changes what it relies on. Versions are pinned in p
 6. Recovery (`recovered`, `recovery_remaining`): whether Faust's table recovery has completed once, and
    what it still has to read per table, from `Recovery.completed`, `in_recovery`, `active_remaining()`
    and `tp_to_table`.
+7. Bulk restore (`install_bulk_restore`): Faust's recovery reads a changelog at ~4,400 records/s here (a
+   Python event per record); a worker without its local state would take minutes per million persons.
+   Once Faust's recovery knows where each active changelog partition's store stands and where the
+   changelog ends (`Recovery._build_offsets` for "active", after `_build_highwaters`), the records in
+   between are read in large fetches and written in RocksDB write batches (~180,000 records/s, see
+   bench/restore.py), the store's persisted offset moved along; Faust then recovers only what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
@@ -46,6 +53,8 @@ from mode import Service, ServiceT
 
 if TYPE_CHECKING:
     import faust
+
+log = logging.getLogger(__name__)
 
 READ_COMMITTED = "read_committed"
 
@@ -334,3 +343,76 @@ def recovery_remaining(app: faust.App) -> dict[str, int] | None:
         name = recovery.tp_to_table[tp].name
         remaining[name] = remaining.get(name, 0) + max(0, left)
     return remaining
+
+
+# ---- 7. bulk restore ---------------------------------------------------------------------------------
+BULK_PER_TURN = 10_000  # records written between two turns of the event loop (/health shares it)
+
+
+def install_bulk_restore(app: faust.App, bootstrap: str, *, min_records: int) -> None:
+    """Restore active changelog partitions at least `min_records` behind their changelog in bulk, before
+    Faust's recovery."""
+    recovery = app.tables.recovery
+    build_offsets = recovery._build_offsets
+
+    async def _build_offsets(consumer, tps, destination, title: str) -> None:
+        await build_offsets(consumer, tps, destination, title)
+        if title == "active":
+            await bulk_restore(bootstrap, recovery, tps, destination, recovery.active_highwaters,
+                               min_records=min_records)
+
+    recovery._build_offsets = _build_offsets
+
+
+async def bulk_restore(bootstrap: str, recovery: Any, tps: Iterable[TP], offsets: dict[TP, int],
+                       highwaters: Mapping[TP, int], *, min_records: int) -> int:
+    """Write the changelog records after `offsets[tp]` (the last one the store holds, Faust's reckoning)
+    up to `highwaters[tp]` (the last one there is) into each RocksDB store, and move `offsets` on.
+    Returns how many records were written. The persisted offset moves with each write batch: a kill in
+    the middle resumes from there."""
+    from rocksdict import WriteBatch
+
+    todo = {tp: highwaters[tp] for tp in tps
+            if highwaters.get(tp, -1) - max(offsets.get(tp, -1), -1) >= min_records
+            and hasattr(recovery.tp_to_table[tp].data, "_db_for_partition")}
+    if not todo:
+        return 0
+    started, written = monotonic(), 0
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                         max_partition_fetch_bytes=8 * 2**20, fetch_max_bytes=32 * 2**20)
+    await consumer.start()
+    try:
+        ours = {aiokafka.TopicPartition(tp.topic, tp.partition): tp for tp in todo}
+        consumer.assign(list(ours))
+        for atp, tp in ours.items():
+            consumer.seek(atp, max(offsets.get(tp, -1), -1) + 1)
+        remaining = set(ours)
+        while remaining:
+            fetched = await consumer.getmany(*remaining, timeout_ms=1000, max_records=BULK_PER_TURN)
+            for atp, records in fetched.items():
+                tp = ours[atp]
+                store = recovery.tp_to_table[tp].data
+                batch, last = WriteBatch(raw_mode=True), None
+                for r in records:
+                    if r.offset > todo[tp]:
+                        break
+                    if r.value is None:
+                        batch.delete(r.key)
+                    else:
+                        batch.put(r.key, r.value)
+                    last = r.offset
+                if last is not None:
+                    store._db_for_partition(tp.partition).write(batch)
+                    store.set_persisted_offset(tp, last)
+                    offsets[tp] = last
+                    written += len(records)
+            for atp in list(remaining):
+                if await consumer.position(atp) > todo[ours[atp]]:
+                    remaining.discard(atp)
+            await asyncio.sleep(0)
+    finally:
+        await consumer.stop()
+    log.info("bulk restore: %d changelog records into %d partitions in %.1f s", written, len(todo),
+             monotonic() - started)
+    return written
+
