@@ -401,11 +401,11 @@ async def bulk_restore(bootstrap: str, recovery: Any, tps: Iterable[TP], offsets
                     else:
                         batch.put(r.key, r.value)
                     last = r.offset
+                    written += 1
                 if last is not None:
                     store._db_for_partition(tp.partition).write(batch)
                     store.set_persisted_offset(tp, last)
                     offsets[tp] = last
-                    written += len(records)
             for atp in list(remaining):
                 if await consumer.position(atp) > todo[ours[atp]]:
                     remaining.discard(atp)
