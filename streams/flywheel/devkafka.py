@@ -201,7 +201,9 @@ def start(broker: Broker, *, timeout: float = 90.0) -> int:
     if not (broker.data_dir / "logs" / "meta.properties").exists():
         cluster_id = str(uuid.uuid4())
         fmt = subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", _kafka_uuid(cluster_id), "-c", str(props)],
+            # "--cluster-id=…" in one argument: a base64 id may start with "-" (1 in 64), which the tool's
+            # argument parser would take for an option
+            [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={_kafka_uuid(cluster_id)}", "-c", str(props)],
             capture_output=True, text=True,
         )
         if fmt.returncode != 0:
