@@ -87,10 +87,7 @@ def replay(settings: Settings, rejected: list[Rejected]) -> int:
             key = kafka_key(message) if isinstance(message, dict) else None
             futures.append(producer.send_raw(r.payload, key=key, received_at=from_ms(r.received_ms),
                                              source=r.source, headers=[(HEADER_REPLAY_OF, r.origin.encode())]))
-        producer.flush()
-        for future in futures:
-            future.get(timeout=60)
-    return len(futures)
+        return producer.confirm(futures)
 
 
 def summary(rejected: list[Rejected]) -> list[str]:

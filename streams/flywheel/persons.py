@@ -186,17 +186,11 @@ def send(settings: Settings, person: Person, request: str, *, wait: float,
         with Producer(settings.kafka_bootstrap, topic=names.raw, source="flywheel-persons") as raw:
             # the dedup table keeps a messageId one to two horizons of arrival time (a day's slack)
             since = int(time.time() * 1000) - (2 * settings.dedup_horizon_days + 1) * DAY_MS
-            futures = [raw.send_raw(value, key=key, headers=[(HEADER_FORGET, request.encode())])
-                       for key, value in raw_requests(person, request, raw.partitions(), since_ms=since)]
-            raw.flush()
-            for f in futures:
-                f.get(timeout=60)
+            raw.confirm([raw.send_raw(value, key=key, headers=[(HEADER_FORGET, request.encode())])
+                         for key, value in raw_requests(person, request, raw.partitions(), since_ms=since)])
         with Producer(settings.kafka_bootstrap, topic=names.identified, source="flywheel-persons") as identified:
-            futures = [identified.send_raw(value, key=key)
-                       for key, value in identified_requests(person, request, at_ns)]
-            identified.flush()
-            for f in futures:
-                f.get(timeout=60)
+            identified.confirm([identified.send_raw(value, key=key)
+                                for key, value in identified_requests(person, request, at_ns)])
         deadline = time.monotonic() + wait
         on_wait(f"waiting for the worker to confirm on {names.identity_changes} (request {request})")
         while time.monotonic() < deadline:

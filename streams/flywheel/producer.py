@@ -71,6 +71,13 @@ class Producer:
         """The topic's partitions, as its records are spread over them (runtime/partitioner.py)."""
         return sorted(self._producer.partitions_for(self.topic))
 
+    def confirm(self, futures: list, timeout: float = 60) -> int:
+        """Flush and wait until Kafka took every record `send_raw` returned a future for (raises if not)."""
+        self.flush()
+        for future in futures:
+            future.get(timeout=timeout)
+        return len(futures)
+
     def flush(self, timeout: float | None = 60) -> None:
         self._producer.flush(timeout=timeout)
 

@@ -65,7 +65,7 @@ class SqlServer:
                 self.wfile.write(body)
 
             def log_message(self, *args) -> None:
-                pass
+                """Quiet: http.server would print every request to stderr."""
 
         self.server = http.server.HTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -98,6 +98,7 @@ class DedupBatch:
             else:
                 day, swept = map(int, value.split())
                 clock = _Clock(day=day, swept=swept, legacy=int(legacy) if legacy is not None else None)
+                self._prefixes(clock)
             self.clocks[partition] = clock
         return clock
 
@@ -120,9 +121,7 @@ class DedupBatch:
 
     def seen(self, partition: int, message_id: bytes) -> tuple[bytes, bytes | None]:
         """Where this messageId is (or would be) kept, and the origin of its first record if it is."""
-        clock = self.clocks.get(partition) or self._clock(partition)
-        if not clock.prefixes:
-            self._prefixes(clock)
+        clock = self._clock(partition)
         get = self.writes.get
         for prefix in clock.prefixes:
             origin = get(partition, prefix + message_id)
@@ -136,10 +135,6 @@ class DedupBatch:
     def forget(self, partition: int, message_id: bytes) -> bool:
         """Delete this messageId wherever a lookup would find it (a person forgotten); whether it was there."""
         clock = self._clock(partition)
-        if clock.day < 0:
-            return False
-        if not clock.prefixes:
-            self._prefixes(clock)
         found = False
         for prefix in clock.prefixes:
             if self.writes.get(partition, prefix + message_id) is not None:
