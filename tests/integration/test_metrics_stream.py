@@ -120,6 +120,17 @@ def test_views_equal_the_oracles_uninterrupted_and_after_kill_9(kafka, tmp_path)
         assert all(person.startswith(("user-", "cohort-user")) for seg, person in members if seg == "pro")
         assert ("pro", "cohort-user") in members
         wait_until(lambda: replayed(worker) == members, timeout=60, what="segments.changes to replay into the members")
+        # the commands an operator uses
+        listed = subprocess.run([sys.executable, "-m", "flywheel.cli", "segments", "list"], env=worker.env,
+                                capture_output=True, text=True, timeout=120)
+        pro = sorted(person for seg, person in members if seg == "pro")
+        assert listed.returncode == 0 and f"pro\t{len(pro)} members" in listed.stdout, listed.stdout + listed.stderr
+        csv_out = subprocess.run([sys.executable, "-m", "flywheel.cli", "segments", "members", "pro",
+                                  "--format", "csv"], env=worker.env, capture_output=True, text=True, timeout=120)
+        lines = csv_out.stdout.splitlines()
+        assert csv_out.returncode == 0 and lines[0] == "person_id,user_id,anonymous_id,since", csv_out.stderr
+        assert [line.split(",")[0] for line in lines[1:]] == pro
+        assert all(line.split(",")[1] == line.split(",")[0] for line in lines[1:])  # user ids, named as such
         # time passes, no events: the windows run out; members leave through the sweep, and say so
         exited = worker.metric("flywheel_audience_changes_total", event="Audience Exited")
         clock_at(tmp_path, "clean", LATER)

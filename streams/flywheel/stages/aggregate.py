@@ -358,7 +358,11 @@ class AggregateStage:
         touched: dict[tuple[int, bytes], list] = {}  # (partition, key) → [old, new]
         watermarks: dict[int, int] = defaultdict(lambda: -1)
 
-        def state_of(part: int, key: bytes) -> list:
+        changed: set[tuple[int, bytes]] = set()  # persons whose history this batch changes (not the sweep's)
+
+        def state_of(part: int, key: bytes, history: bool = True) -> list:
+            if history:
+                changed.add((part, key))
             slot = touched.get((part, key))
             if slot is None:
                 raw = writes.get(part, key)
@@ -390,7 +394,7 @@ class AggregateStage:
                 watermarks[part] = max(watermarks[part], slot[1].newest)
             elif kind == "due":  # the sweep: a person whose segment memberships may have changed by now
                 key = rec["person"].encode()
-                slot = state_of(part, key)
+                slot = state_of(part, key, history=False)
                 if rec["at"] is not None and (slot[0] is None or slot[0].due != rec["at"]):  # a stale index key
                     writes.put(part, _due_key(part, rec["at"], key), None)
                 if slot[0] is None:
@@ -423,7 +427,7 @@ class AggregateStage:
         audience: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
         now = self.clock()
         for (part, key), (old, new) in touched.items():
-            if self.metrics.segments or (old is not None and old.members):  # (members of removed segments exit)
+            if self.metrics.segments or (old is not None and (old.members or old.due >= 0)):  # (segments removed)
                 self._decide(part, key, old, new, now, writes, audience)
         # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
         by_partition: dict[int, list] = defaultdict(list)
@@ -432,9 +436,10 @@ class AggregateStage:
         changes: list[tuple[Change, int]] = []
         for part, persons in by_partition.items():
             delta: Counter = Counter()
-            for i in range(0, len(persons), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
-                delta.update(self.partials.delta(part, watermarks[part],
-                                                 [(old, new) for _, old, new in persons[i:i + YIELD_EVERY // 10]]))
+            # the sweep changes no history: its persons' contributions stay as they were
+            movers = [(old, new) for key, old, new in persons if (part, key) in changed]
+            for i in range(0, len(movers), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
+                delta.update(self.partials.delta(part, watermarks[part], movers[i:i + YIELD_EVERY // 10]))
                 await asyncio.sleep(0)
             change = self.partials.change(part, watermarks[part], delta)
             seq = self.seq.get(part, 0) + 1
