@@ -466,7 +466,8 @@ def topics_for(prefix: str) -> Topics:
     return Topics(raw=f"{prefix}.events.raw", invalid=f"{prefix}.events.invalid",
                   identified=f"{prefix}.events.identified", identity_changes=f"{prefix}.identity.changes",
                   funnels=f"{prefix}.metrics.funnels", retention=f"{prefix}.metrics.retention",
-                  active_users=f"{prefix}.metrics.active_users", segments=f"{prefix}.segments.changes")
+                  active_users=f"{prefix}.metrics.active_users", lifecycle=f"{prefix}.metrics.lifecycle",
+                  segments=f"{prefix}.segments.changes")
 
 
 def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clickhouse_url: str) -> Settings:

@@ -280,6 +280,9 @@ def metrics_check(
                    f"return {r.returning.event or 'any'}, {r.horizon} {r.period}s")
     for seg in m.segments:
         typer.echo(f"segment {seg.name} (version {seg.version}): {describe_segment(seg)}")
+    if m.lifecycle is not None:
+        typer.echo(f"lifecycle (version {m.lifecycle.version}): new / returning / resurrecting / dormant per "
+                   f"{m.lifecycle.period}")
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 
@@ -288,7 +291,8 @@ def metrics_verify() -> None:
     """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).
 
     funnel_daily vs windowFunnel(W, 'strict_once'), retention_daily vs retention(...),
-    active_users_daily vs uniqExact, segment_members vs each segment's conditions now, over
+    active_users_daily vs uniqExact, lifecycle_daily vs each person's active periods, segment_members vs
+    each segment's conditions now, over
     events_resolved (non-late). Scans all events: run it to check, not on a schedule. Exit 1 and the
     differing cells when they differ (allow for events still in flight on a busy pipeline, and for
     memberships due within the last sweep interval, FLYWHEEL_SEGMENT_SWEEP_SECONDS).
@@ -313,7 +317,8 @@ def metrics_verify() -> None:
             typer.echo(f"  oracle {cell}")
     if diffs:
         raise typer.Exit(1)
-    typer.echo("funnel_daily, retention_daily, active_users_daily and segment_members equal the oracles")
+    typer.echo("funnel_daily, retention_daily, active_users_daily, lifecycle_daily and segment_members equal the "
+               "oracles")
 
 
 segments_cli = typer.Typer(help="Segments (the metrics file's segments: and churn_risk:): sizes and members.")

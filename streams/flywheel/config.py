@@ -35,6 +35,7 @@ class Topics(BaseSettings):
     funnels: str = "metrics.funnels"
     retention: str = "metrics.retention"
     active_users: str = "metrics.active_users"
+    lifecycle: str = "metrics.lifecycle"
     segments: str = "segments.changes"
 
 

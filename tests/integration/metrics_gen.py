@@ -62,6 +62,7 @@ segments:
         within: 3d
       - trait: {plan: pro}
 churn_risk: {active_within: 5d, silent_for: 3d}
+lifecycle: {period: day}
 """
 
 BASE = datetime(2026, 10, 1, tzinfo=UTC)  # a Thursday

@@ -416,6 +416,27 @@ class Segment:
     universe: Performed | None  # None: every person the stream holds a state for
 
 
+LIFECYCLE_STATUSES = ("new", "returning", "resurrecting", "dormant")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Lifecycle:
+    """Persons per period by status, as PostHog defines it (activity by the metrics file's rule): new (first
+    active period), returning (active now and in the previous period), resurrecting (active now, not in the
+    previous period, but before it), dormant (active in the previous period, not now)."""
+
+    name: str
+    version: str
+    period: str  # day | week
+
+    @property
+    def period_days(self) -> int:
+        return 7 if self.period == "week" else 1
+
+    def period_of(self, day: int) -> int:
+        return day if self.period == "day" else day - (day + 3) % 7
+
+
 DAU, WAU, MAU = ActiveWindow("dau", 1), ActiveWindow("wau", 7), ActiveWindow("mau", 30)
 ACTIVE_WINDOWS = (DAU, WAU, MAU)
 
@@ -431,6 +452,7 @@ class Metrics:
     close_after_ms: int
     activity: Activity = Activity(frozenset(ACTIVITY_TYPES), frozenset())
     segments: tuple[Segment, ...] = ()
+    lifecycle: Lifecycle | None = None
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
@@ -445,7 +467,7 @@ class Metrics:
     horizon_days: int = field(init=False)
     _by_event: dict[str, tuple[Predicate, ...]] = field(init=False)
     _any_event: tuple[Predicate, ...] = field(init=False)
-    _by_ref: dict[str, Funnel | Retention] = field(init=False)
+    _by_ref: dict[str, Funnel | Retention | Lifecycle] = field(init=False)
 
     def __post_init__(self) -> None:
         unique: dict[str, Predicate] = {}
@@ -490,7 +512,7 @@ class Metrics:
             "lateness_days": lateness_days, "reach_days": reach_days, "horizon_days": horizon_days,
             "_by_event": {name: tuple(ps) for name, ps in by_event.items()},
             "_any_event": tuple(p for p in predicates if p.event is None),
-            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention)},
+            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention, *filter(None, [self.lifecycle]))},
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -500,7 +522,7 @@ class Metrics:
         return [p for p in (*self._by_event.get(event_name, ()), *self._any_event)
                 if p.matches(mtype, event_name, properties)]
 
-    def by_ref(self, reference: str) -> Funnel | Retention | None:
+    def by_ref(self, reference: str) -> Funnel | Retention | Lifecycle | None:
         """The definition `name@version`, if the registry holds it."""
         return self._by_ref.get(reference)
 
@@ -517,7 +539,7 @@ def walk(segment: Segment) -> list[Condition]:
     return out
 
 
-def ref(definition: Funnel | Retention) -> str:
+def ref(definition: Funnel | Retention | Lifecycle) -> str:
     """A definition's registry key: name@version."""
     return f"{definition.name}@{definition.version}"
 
@@ -553,8 +575,12 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
         anything = predicate(None, {})
         segments.append(_versioned(spec.churn_risk.name, Group(True, (
             Performed(anything, "gte", 1, active + silent), Performed(anything, "gte", 1, silent, negate=True))), None))
+    lifecycle = None
+    if spec.lifecycle is not None:  # its version follows the activity rule it counts by
+        lifecycle = Lifecycle("lifecycle", _digest("lifecycle", spec.lifecycle.period, predicate(None, {}).pid),
+                              spec.lifecycle.period)
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after), activity, tuple(segments))
+                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle)
 
 
 def _segment(spec: SegmentSpec, predicate: Callable[[str | None, dict[str, Any]], Predicate]) -> Segment:

@@ -14,6 +14,7 @@ from flywheel.metrics.definitions import (
     Activity,
     Condition,
     Funnel,
+    Lifecycle,
     Metrics,
     Performed,
     Predicate,
@@ -139,6 +140,30 @@ FROM (
 )
 WHERE mau > 0
 ORDER BY day"""
+
+
+def lifecycle_sql(lifecycle: Lifecycle, activity: Activity, source: str = "flywheel.events_resolved") -> str:
+    """(day, status, persons): per period (its first day), the persons new (first active period), returning
+    (active in the previous period too), resurrecting (active, not in the previous period, but before it)
+    and dormant (active in the previous period, not in this one) — over activity events."""
+    per = "toDate(timestamp)" if lifecycle.period == "day" else "toMonday(timestamp)"
+    pd = lifecycle.period_days
+    return f"""
+SELECT day, status, count() AS persons
+FROM (
+    SELECT cell.1 AS day, cell.2 AS status
+    FROM (
+        SELECT groupUniqArray({per}) AS ps, min({per}) AS first
+        FROM {_events(source)} WHERE {activity_sql(activity)}
+        GROUP BY person_id
+    )
+    ARRAY JOIN arrayConcat(
+        arrayMap(p -> (p, multiIf(p = first, 'new', has(ps, p - {pd}), 'returning', 'resurrecting')), ps),
+        arrayMap(p -> (p + {pd}, 'dormant'), arrayFilter(p -> NOT has(ps, p + {pd}), ps))
+    ) AS cell
+)
+GROUP BY day, status
+ORDER BY day, status"""
 
 
 def segment_members_sql(segment: Segment, metrics: Metrics, at_ms: int,

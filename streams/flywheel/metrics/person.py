@@ -27,8 +27,10 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "e": {segment predicate id: [[ts_ms, messageId hash], ...]},   # by time (segments.trim)
      "t": {trait: [value, ts_ms, messageId]},                       # latest identify value
      "s": {segment: [version, since_ms]}, "u": due_ms,              # memberships (stages/aggregate.py)
-     "k": 1}                                                         # the person id is a userId
-"e", "t", "s", "u" and "k" are written only when set. Days are UTC day numbers (days since
+     "k": 1,                                                         # the person id is a userId
+     "a": first active day}                                          # kept for good (lifecycle)
+"e", "t", "s", "u", "k" and "a" are written only when set. A state without "a" (an older release) takes
+its first active day from its days: right for every period the state still derives. Days are UTC day numbers (days since
 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by `_from_v1`).
 """
 
@@ -48,6 +50,7 @@ from flywheel.metrics.funnel import levels_by_day
 from flywheel.model.clock import DAY_MS
 
 FORMAT = 2
+NEW, RETURNING, RESURRECTING, DORMANT = range(4)  # lifecycle statuses (definitions.LIFECYCLE_STATUSES)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class PersonState:
     members: dict[str, tuple[str, int]] = field(default_factory=dict)
     due: int = -1
     user: bool = False  # the person id is a userId (else an anonymousId): how audience records name it
+    first_active: int = -1  # the first day with an activity event, kept for good (lifecycle: "new")
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
@@ -75,7 +79,7 @@ class PersonState:
         return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
                            {k: set(v) for k, v in self.returns.items()}, dict(self.applied),
                            {k: list(v) for k, v in self.events.items()}, dict(self.traits), dict(self.members),
-                           self.due, self.user)
+                           self.due, self.user, self.first_active)
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -87,7 +91,8 @@ class PersonState:
                 **({"t": {k: list(v) for k, v in self.traits.items()}} if self.traits else {}),
                 **({"s": {k: list(v) for k, v in self.members.items()}} if self.members else {}),
                 **({"u": self.due} if self.due >= 0 else {}),
-                **({"k": 1} if self.user else {})}
+                **({"k": 1} if self.user else {}),
+                **({"a": self.first_active} if self.first_active >= 0 else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -101,7 +106,7 @@ class PersonState:
                     {k: [(int(ts), int(h)) for ts, h in v] for k, v in data.get("e", {}).items()},
                     {k: (v[0], int(v[1]), v[2]) for k, v in data.get("t", {}).items()},
                     {k: (v[0], int(v[1])) for k, v in data.get("s", {}).items()}, int(data.get("u", -1)),
-                    bool(data.get("k")))
+                    bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))))
         return _fit(state, metrics)
 
 
@@ -112,6 +117,7 @@ def _from_v1(data: dict[str, Any], metrics: Metrics) -> PersonState:
                         [p.pid for p in legacy_bits(metrics)],
                         {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, {}, {},
                         {int(h): int(d) for h, d in data.get("m", ())})
+    state.first_active = min(state.days, default=-1)
     daily = {r.returning.pid for r in metrics.retention if r.period == "day"}
     for r, first, periods in zip(metrics.retention, data.get("c", ()), data.get("r", ()), strict=False):
         if first is not None:
@@ -169,6 +175,8 @@ def apply(
     state.newest = max(state.newest, ts_ms)
     if active:
         state.days.add(day)
+        if state.first_active < 0 or day < state.first_active:
+            state.first_active = day
     mhash = message_hash(message_id)
     state.applied[mhash] = day
     if traits:
@@ -251,7 +259,8 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
     for key, value in b.traits.items():
         _set_trait(traits, key, value)
     out = PersonState(max(a.newest, b.newest), a.days | b.days, legend, funnel, first, returns,
-                      {**a.applied, **b.applied}, events, traits, user=a.user or b.user)
+                      {**a.applied, **b.applied}, events, traits, user=a.user or b.user,
+                      first_active=min((d for d in (a.first_active, b.first_active) if d >= 0), default=-1))
     return prune(out, metrics)
 
 
@@ -324,6 +333,16 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
             for day in state.days:
                 ending.update(range(max(day, active_from), day + window.days))
             out.update(zip(repeat(window), ending))
+    lifecycle = metrics.lifecycle
+    if lifecycle is not None and state.days:
+        # a period's status needs it and the previous one: open from open_from + a period on
+        pd, first = lifecycle.period_days, lifecycle.period_of(state.first_active)
+        periods = {lifecycle.period_of(d) for d in state.days}
+        for p in periods:
+            if p - pd >= open_from:
+                out.add((lifecycle, p, NEW if p == first else RETURNING if p - pd in periods else RESURRECTING))
+            if p + pd not in periods and p >= open_from:
+                out.add((lifecycle, p + pd, DORMANT))
     for r in metrics.retention:
         first = state.first.get(r.cohort.pid)
         if first is None:

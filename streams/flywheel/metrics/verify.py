@@ -27,6 +27,9 @@ def views(query: Query) -> dict[str, set]:
             "SELECT retention, cohort_day, period, persons, cohort_size FROM flywheel.retention_daily"), 3),
         "active_users_daily": _cells(query(
             "SELECT day, dau, wau, mau, stickiness FROM flywheel.active_users_daily"), 1),
+        "lifecycle_daily": _cells(query(
+            "SELECT day, s.1, s.2 FROM flywheel.lifecycle_daily ARRAY JOIN [('new', new), ('returning', returning), "
+            "('resurrecting', resurrecting), ('dormant', dormant)] AS s WHERE s.2 > 0"), 2),
         "segment_members": _cells(query("SELECT segment, person_id FROM flywheel.segment_members"), 2),
     }
 
@@ -37,6 +40,11 @@ def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[st
     members = set()
     for s in metrics.segments:
         members |= {(s.name, str(r[0])) for r in query(oracle.segment_members_sql(s, metrics, at_ms))}
+    lifecycle: set = set()
+    if metrics.lifecycle is not None:  # up to the last period anyone was active in, as the view
+        rows = query(oracle.lifecycle_sql(metrics.lifecycle, metrics.activity))
+        last = max((r[0] for r in rows if r[1] != "dormant"), default=None)
+        lifecycle = _cells([r for r in rows if r[0] <= last], 2)
     funnels, retention = set(), set()
     for f in metrics.funnels:
         funnels |= _cells(query(oracle.funnel_sql(f)), 3)
@@ -44,7 +52,7 @@ def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[st
         retention |= _cells(query(oracle.retention_sql(r)), 3)
     return {"funnel_daily": funnels, "retention_daily": retention,
             "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1),
-            "segment_members": members}
+            "lifecycle_daily": lifecycle, "segment_members": members}
 
 
 def compare(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[str, tuple[set, set]]:

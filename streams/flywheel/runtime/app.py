@@ -6,11 +6,11 @@ Stages, in the order data flows (docs/design.md §1):
     events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
                               │                                   ├──▶ identity.changes
                               └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
-    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users
+    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users / .lifecycle
                               │                      └──▶ segments.changes (Audience Entered / Exited; also
                               │                           when a due time comes: the sweep)
                               └─────────▶ flywheel.events (with the late flag)
-    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user}_partials
+    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle}_partials
     segments.changes  ──sink──────────▶ flywheel.segment_changes
     events.invalid    ──sink──────────▶ flywheel.invalid_events
     identity.changes  ──sink──────────▶ flywheel.identity_map / identity_conflicts
@@ -271,7 +271,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     # Lingers like the sinks: each batch inserts its events' rows.
     batches.add(app, topic["identified"], aggregate.process, name="aggregate", retry=policy,
                 max_records=BATCH_RECORDS, linger=settings.sink_flush_seconds)
-    for kind in ("funnels", "retention", "active_users"):
+    for kind in ("funnels", "retention", "active_users", "lifecycle"):
         batches.add(app, topic[kind], sinks.partials(kind), name=f"sink_{kind}", retry=policy, **flush)
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
