@@ -246,7 +246,9 @@ def test_the_views_follow_the_records_order_and_count_days(ch):
     """segment_members: the latest change by offset, whatever `at` says (a fixed clock, or a new owner's
     clock behind the old one's); segment_sizes_daily: members at each day's end, distinct persons entering
     and leaving that day."""
-    from flywheel.metrics.segments import ENTERED, EXITED, audience_record
+    from flywheel.metrics.segments import audience_record
+    from flywheel.model.envelope import AUDIENCE_ENTERED as ENTERED
+    from flywheel.model.envelope import AUDIENCE_EXITED as EXITED
     from flywheel.model.rows import audience_row
 
     ch.command("TRUNCATE TABLE flywheel.segment_changes")

@@ -30,8 +30,9 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "k": 1,                                                         # the person id is a userId
      "a": first active day}                                          # kept for good (lifecycle)
 "e", "t", "s", "u", "k" and "a" are written only when set. A state without "a" (an older release) takes
-its first active day from its days: right for every period the state still derives. Days are UTC day numbers (days since
-1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by `_from_v1`).
+its first active day from its days: right for every period the state still derives. Days are UTC day
+numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
+`_from_v1`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Segment membership: a pure function of a person's state and the time now (docs/design.md §9).
 
 A segment's windows are relative to now ("performed within 7d" = an event in (now − 7d, now]), so
-membership changes as time passes, without a new event. `evaluate` says who is a member now and
+membership changes as time passes, without a new event. `is_member` says who is a member now and
 `next_change` when that may change next without an event: the earliest time an event enters a window
 (an event dated after now) or leaves one (its time + the window). The aggregate stage keeps, per
 partition, an index of those times and re-evaluates a person when its time comes (the sweep), so an exit
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from flywheel.metrics.definitions import Condition, Group, Metrics, Performed, Segment, Trait, same_json_value
 from flywheel.metrics.person import PersonState
-from flywheel.model.clock import iso_ms
+from flywheel.model.clock import DAY_MS, iso_ms
 from flywheel.model.envelope import AUDIENCE_ENTERED, AUDIENCE_EXITED
 
 NEVER = -1
@@ -100,7 +100,6 @@ def memberships(state: PersonState | None, metrics: Metrics, now: int) -> dict[s
 
 
 # ---- what the stream publishes -----------------------------------------------------------------------
-ENTERED, EXITED = AUDIENCE_ENTERED, AUDIENCE_EXITED
 
 
 def decide(before: dict[str, tuple[str, int]], now_members: dict[str, str],
@@ -110,9 +109,9 @@ def decide(before: dict[str, tuple[str, int]], now_members: dict[str, str],
     exits first. A segment whose version changed is left and entered again."""
     after = {name: (version, before[name][1] if before.get(name, ("",))[0] == version else now)
              for name, version in now_members.items()}
-    changes = [(EXITED, name, version, since) for name, (version, since) in sorted(before.items())
+    changes = [(AUDIENCE_EXITED, name, version, since) for name, (version, since) in sorted(before.items())
                if after.get(name, ("",))[0] != version]
-    changes += [(ENTERED, name, version, since) for name, (version, since) in sorted(after.items())
+    changes += [(AUDIENCE_ENTERED, name, version, since) for name, (version, since) in sorted(after.items())
                 if before.get(name, ("",))[0] != version]
     return after, changes
 
@@ -140,7 +139,7 @@ def describe_segment(segment: Segment) -> str:
     ops = {"gte": ">=", "lte": "<=", "eq": "=="}
 
     def within(ms: int) -> str:
-        for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000)):
+        for unit, size in (("d", DAY_MS), ("h", 3_600_000), ("m", 60_000)):
             if ms % size == 0:
                 return f"{ms // size}{unit}"
         return f"{ms // 1000}s"
