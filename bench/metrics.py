@@ -376,7 +376,7 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
         "events_per_s": round(events / wall), "cpu_us_per_event": round(cpu / events * 1e6, 1),
         "handoffs": published[topics.identified],
         "published": {"funnels": published[topics.funnels], "retention": published[topics.retention],
-                      "active_users": published[topics.active_users]},
+                      "active_users": published[topics.active_users], "segments": published[topics.segments]},
         "persons_stored": sum(1 for k, _ in stage.persons.items() if not is_bookkeeping(k)),
     }, stage
 
@@ -634,7 +634,8 @@ def topics_for(tag: str, raw: str | None = None) -> Topics:
     return Topics(raw=raw or f"mb-{tag}.events.raw", invalid=f"mb-{tag}.events.invalid",
                   identified=f"mb-{tag}.events.identified", identity_changes=f"mb-{tag}.identity.changes",
                   funnels=f"mb-{tag}.metrics.funnels", retention=f"mb-{tag}.metrics.retention",
-                  active_users=f"mb-{tag}.metrics.active_users")
+                  active_users=f"mb-{tag}.metrics.active_users", lifecycle=f"mb-{tag}.metrics.lifecycle",
+                  segments=f"mb-{tag}.segments.changes")
 
 
 def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,

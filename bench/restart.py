@@ -24,10 +24,12 @@ One invocation, one machine:
    changelog into RocksDB, the aggregate stage counts every partition's partials from the states and
    re-publishes every cell;
 3. restart (checkpoint): SIGTERM, start again on the same data dir: partials loaded from checkpoints;
-4. rebalance: a traffic thread sends --rate events/s; a second worker (same app id, own data dir and
+4. fresh start (checkpoint): SIGTERM, the data dir emptied, start again: a worker without local state
+   recovers the changelog, which now holds the checkpoints the first start wrote;
+5. rebalance: a traffic thread sends --rate events/s; a second worker (same app id, own data dir and
    ports) joins; both are measured until every partition is published again (the second worker's
    standby replicas go on recovering after that, into the next phase: Faust does not log their end);
-5. ClickHouse outage: traffic on, the server is stopped for --outage-seconds and started again; the
+6. ClickHouse outage: traffic on, the server is stopped for --outage-seconds and started again; the
    sink must say it is blocked (/metrics flywheel_sink_blocked) and every event of the traffic
    (rebalance and outage phases) must reach flywheel.events; /health is reported for the whole phase,
    while the server was down, and after it was back (the backlog being caught up).
@@ -464,7 +466,8 @@ def topics_for(prefix: str) -> Topics:
     return Topics(raw=f"{prefix}.events.raw", invalid=f"{prefix}.events.invalid",
                   identified=f"{prefix}.events.identified", identity_changes=f"{prefix}.identity.changes",
                   funnels=f"{prefix}.metrics.funnels", retention=f"{prefix}.metrics.retention",
-                  active_users=f"{prefix}.metrics.active_users")
+                  active_users=f"{prefix}.metrics.active_users", lifecycle=f"{prefix}.metrics.lifecycle",
+                  segments=f"{prefix}.segments.changes")
 
 
 def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clickhouse_url: str) -> Settings:
@@ -685,7 +688,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            startup=startup_facts(w1, watch, w1.spawned))
         log(f"  {summary_line(rec)}")
 
-        # ---- 5. rebalance: a second worker joins while events flow
+        # ---- 5. a fresh worker (no local state) on the table that now holds checkpoints
+        log("phase fresh-start: SIGTERM, empty the data dir, start again (checkpoints from the changelog)")
+        load0, m0 = loadavg(), pl.machine_ticks()
+        w1.stop()
+        for entry in s1.data_dir.iterdir():  # everything but the log
+            if entry != w1.proc.log_path:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        cpu0 = sample_usage(pids)
+        w1.start()
+        t1 = wait_phase([w1], watch, w1.spawned, partitions=args.partitions, timeout=args.phase_timeout,
+                        what="fresh start")
+        time.sleep(args.settle)
+        rec = phase_record("fresh start (checkpoint)", w1.spawned, time.time(), cpu0, m0, load0, [w1],
+                           done_after_s=round(t1 - w1.spawned, 1), startup=startup_facts(w1, watch, w1.spawned))
+        log(f"  {summary_line(rec)}")
+
+        # ---- 6. rebalance: a second worker joins while events flow
         log(f"phase rebalance: traffic at {args.rate} ev/s, a second worker joins")
         traffic = Traffic(s1, args.persons, args.rate, args.seed + 2)
         traffic.start()
@@ -712,7 +731,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            startup=startup_facts(w2, watch, t0), w1_after_rebalance=startup_facts(w1, watch, t0))
         log(f"  {summary_line(rec)}")
 
-        # ---- 6. ClickHouse outage
+        # ---- 7. ClickHouse outage
         log(f"phase outage: ClickHouse stopped for {args.outage_seconds} s, traffic at {args.rate} ev/s")
         load0, m0, cpu0 = loadavg(), pl.machine_ticks(), sample_usage(pids | {w.name: w.pid for w in workers})
         t0 = time.time()

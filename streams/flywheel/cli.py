@@ -265,6 +265,7 @@ def metrics_check(
 ) -> None:
     """Validate a metrics file and print what it defines (the worker does the same at start)."""
     from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.segments import describe_segment
 
     path = path or _settings().metrics
     try:
@@ -277,6 +278,11 @@ def metrics_check(
     for r in m.retention:
         typer.echo(f"retention {r.name} (version {r.version}): cohort {r.cohort.event or 'any'}, "
                    f"return {r.returning.event or 'any'}, {r.horizon} {r.period}s")
+    for seg in m.segments:
+        typer.echo(f"segment {seg.name} (version {seg.version}): {describe_segment(seg)}")
+    if m.lifecycle is not None:
+        typer.echo(f"lifecycle (version {m.lifecycle.version}): new / returning / resurrecting / dormant per "
+                   f"{m.lifecycle.period}")
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 
@@ -285,9 +291,11 @@ def metrics_verify() -> None:
     """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).
 
     funnel_daily vs windowFunnel(W, 'strict_once'), retention_daily vs retention(...),
-    active_users_daily vs uniqExact, over events_resolved (non-late). Scans all events: run it to
-    check, not on a schedule. Exit 1 and the differing cells when they differ (allow for events still
-    in flight on a busy pipeline).
+    active_users_daily vs uniqExact, lifecycle_daily vs each person's active periods, segment_members vs
+    each segment's conditions now, over
+    events_resolved (non-late). Scans all events: run it to check, not on a schedule. Exit 1 and the
+    differing cells when they differ (allow for events still in flight on a busy pipeline, and for
+    memberships due within the last sweep interval, FLYWHEEL_SEGMENT_SWEEP_SECONDS).
     """
     from flywheel.metrics import verify
     from flywheel.metrics.definitions import MetricsError, load_metrics
@@ -297,7 +305,8 @@ def metrics_verify() -> None:
     query = _query(settings)
     try:
         metrics = load_metrics(settings.metrics)
-        diffs = verify.compare(lambda q: query(q)[1], metrics)
+        at = int(settings.clock_file.read_text()) if settings.clock_file else None  # the workers' now
+        diffs = verify.compare(lambda q: query(q)[1], metrics, at)
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     for name, (view_only, oracle_only) in diffs.items():
@@ -308,7 +317,64 @@ def metrics_verify() -> None:
             typer.echo(f"  oracle {cell}")
     if diffs:
         raise typer.Exit(1)
-    typer.echo("funnel_daily, retention_daily and active_users_daily equal the oracles")
+    typer.echo("funnel_daily, retention_daily, active_users_daily, lifecycle_daily and segment_members equal the "
+               "oracles")
+
+
+segments_cli = typer.Typer(help="Segments (the metrics file's segments: and churn_risk:): sizes and members.")
+cli.add_typer(segments_cli, name="segments")
+
+
+@segments_cli.command("list")
+def segments_list() -> None:
+    """Every segment of the metrics file with its definition and its current size (flywheel.segment_members)."""
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.segments import describe_segment
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    try:
+        metrics = load_metrics(settings.metrics)
+        _, rows = _query(settings)("SELECT segment, count() FROM flywheel.segment_members GROUP BY segment")
+    except (MetricsError, QueryError) as exc:
+        _fail(str(exc))
+    sizes = {name: int(n) for name, n in rows}
+    if not metrics.segments:
+        typer.echo(f"no segments in {settings.metrics}")
+    for seg in metrics.segments:
+        typer.echo(f"{seg.name}\t{sizes.pop(seg.name, 0)} members\tversion {seg.version}: {describe_segment(seg)}")
+    for name, n in sorted(sizes.items()):  # members of a segment no longer in the file, not yet sent away
+        typer.echo(f"{name}\t{n} members\tnot in the metrics file any more")
+
+
+@segments_cli.command("members")
+def segments_members(
+    name: Annotated[str, typer.Argument(help="the segment's name")],
+    fmt: Annotated[str, typer.Option("--format", help="table or csv")] = "table",
+) -> None:
+    """The current members of a segment: person id, userId / anonymousId, member since (UTC)."""
+    import csv
+
+    from flywheel.metrics.oracle import quote
+    from flywheel.query import QueryError
+
+    if fmt not in ("table", "csv"):
+        _fail(f"--format {fmt}: use table or csv")
+    settings = _settings()
+    try:
+        columns, rows = _query(settings)(
+            "SELECT person_id, user_id, anonymous_id, since FROM flywheel.segment_members "
+            f"WHERE segment = {quote(name)} ORDER BY person_id")
+    except QueryError as exc:
+        _fail(str(exc))
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    for row in rows:
+        typer.echo("\t".join(str(v) for v in row))
+    typer.echo(f"{len(rows)} members of {name}", err=True)
 
 
 @cli.command()

@@ -35,6 +35,8 @@ class Topics(BaseSettings):
     funnels: str = "metrics.funnels"
     retention: str = "metrics.retention"
     active_users: str = "metrics.active_users"
+    lifecycle: str = "metrics.lifecycle"
+    segments: str = "segments.changes"
 
 
 class Settings(BaseSettings):
@@ -72,12 +74,21 @@ class Settings(BaseSettings):
                           "they move); heartbeats go every 3 s"
     )
     restore_bulk_min_records: int = Field(
-        10_000, ge=1, description="a table partition this many changelog records behind is restored in bulk "
-                                  "(write batches, ~180k records/s) before Faust's recovery reads the rest"
+        10_000, ge=1, description="once a table partition is this many changelog records behind, every partition "
+                                  "behind is restored in bulk (write batches, ~180k records/s) before Faust's "
+                                  "recovery (~4.4k records/s)"
     )
     dedup_horizon_days: int = Field(
         7, ge=1, description="an SDK retry (same messageId) arriving within this many days of the first copy is "
                              "dropped; the dedup table keeps between one and two horizons of messageIds"
+    )
+    segment_sweep_seconds: float = Field(
+        10.0, gt=0, description="how often the persons whose segment membership is due to change are re-evaluated: "
+                                "an exit by time comes at most this late (plus the sweep's own work)"
+    )
+    clock_file: Path | None = Field(
+        None, description="testing only: read the time now (epoch ms) from this file instead of the system clock "
+                          "(segment windows are relative to now)"
     )
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")

@@ -155,6 +155,12 @@ PERSON_HANDOFFS = Counter("flywheel_person_handoffs_total", "Anonymous person st
 PARTIALS_PUBLISHED = Counter(
     "flywheel_partials_published_total", "Metric cells published (absolute per-partition values)", ["metric"]
 )
+AUDIENCE_CHANGES = Counter(
+    "flywheel_audience_changes_total", "Segment membership changes published to segments.changes", ["event"]
+)
+SEGMENT_SWEPT = Counter(
+    "flywheel_segment_sweep_persons_total", "Persons re-evaluated by the segment sweep because their due time came"
+)
 PARTIALS_RESTORED = Counter(
     "flywheel_partials_restored_total",
     "Partitions whose partials were restored at assignment, by how (checkpoint | count: from the person states)",

@@ -29,7 +29,7 @@ import orjson
 from flywheel.config import Settings
 from flywheel.metrics import oracle
 from flywheel.metrics.cells import Cell, cell_id
-from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, LIFECYCLE_STATUSES, Metrics
 from flywheel.metrics.oracle import quote
 from flywheel.model.clock import DAY_MS
 from flywheel.model.envelope import HEADER_FORGET, kafka_key
@@ -96,6 +96,10 @@ def cells(rows: Rows, metrics: Metrics, person: str) -> list[Cell]:
     for r in metrics.retention:
         out += [(r, day_number(day), int(n)) for _, day, n, _, _ in rows(oracle.retention_sql(r, source))]
         out += [(r, day_number(day), 0) for _, day, _ in rows(oracle.cohort_sizes_sql(r, source))]
+    if metrics.lifecycle is not None:
+        statuses = {name: i for i, name in enumerate(LIFECYCLE_STATUSES)}
+        out += [(metrics.lifecycle, day_number(day), statuses[status])
+                for day, status, _ in rows(oracle.lifecycle_sql(metrics.lifecycle, metrics.activity, source))]
     active = rows(f"SELECT DISTINCT toString(toDate(timestamp)) FROM {source} WHERE late = 0 "
                   f"AND {oracle.activity_sql(metrics.activity)}")
     days = sorted(day_number(d) for (d,) in active)

@@ -44,11 +44,40 @@ retention:
     return_event: Order Completed
     period: week
     horizon: 3
+segments:
+  - name: shoe_browsers
+    all:
+      - performed: Product Viewed
+        where: {category: shoes}
+        count: {gte: 2}
+        within: 7d
+      - not_performed: Order Completed
+        within: 5d
+  - name: pro
+    all:
+      - trait: {plan: pro}
+  - name: buyers_or_pro
+    any:
+      - performed: Order Completed
+        within: 3d
+      - trait: {plan: pro}
+churn_risk: {active_within: 5d, silent_for: 3d}
+lifecycle: {period: day}
 """
 
 BASE = datetime(2026, 10, 1, tzinfo=UTC)  # a Thursday
 JOURNEY_DAY = BASE + timedelta(days=13)  # only the journey person is active that day
 COHORT_DAY = BASE + timedelta(days=15)  # only the cohort person is active that day (and day + 2)
+
+
+# The workers' clock (FLYWHEEL_CLOCK_FILE): segment windows are relative to it. NOW is after every event;
+# by LATER every windowed membership has run out (only the trait ones remain).
+NOW = BASE + timedelta(days=18)
+LATER = BASE + timedelta(days=40)
+
+
+def ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
 
 
 def _iso(ts: datetime) -> str:

@@ -1,7 +1,9 @@
-"""Funnels, retention and active users on real Kafka + embedded ClickHouse (issues 5 and 6).
+"""Funnels, retention, active users and segments on real Kafka + embedded ClickHouse (issues 5, 6, 14).
 
 The views must equal ClickHouse's own functions (metrics/oracle.py) over events_resolved, non-late
-events, cell by cell — uninterrupted, after a kill -9 mid-stream, and with two workers.
+events, cell by cell — uninterrupted, after a kill -9 mid-stream, and with two workers; segment_members
+must equal the oracle's members at the workers' clock (a file: FLYWHEEL_CLOCK_FILE), also after that
+clock moves on with no events, and segments.changes must replay into exactly segment_members.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import subprocess
 import sys
 import threading
 
+import orjson
 import yaml
 from flywheel.metrics import verify
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.producer import Producer
-from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
-from metrics_gen import COHORT_DAY, JOURNEY_DAY, METRICS_YAML, journeys
+from helpers import WorkerProcess, free_port, read_topic, settled, unique_settings, wait_until
+from metrics_gen import COHORT_DAY, JOURNEY_DAY, LATER, METRICS_YAML, NOW, journeys, ms
 
 METRICS = parse_metrics(yaml.safe_load(METRICS_YAML))
 
@@ -24,15 +27,32 @@ def views(worker: WorkerProcess) -> dict[str, set]:
     return verify.views(worker.sql)
 
 
-def oracles(worker: WorkerProcess) -> dict[str, set]:
-    return verify.oracles(worker.sql, METRICS)
+def oracles(worker: WorkerProcess, at=NOW) -> dict[str, set]:
+    return verify.oracles(worker.sql, METRICS, ms(at))
+
+
+def clock_at(tmp_path, name: str, at=NOW):
+    """The workers' clock file, set to `at`."""
+    path = tmp_path / f"{name}-clock"
+    path.write_text(str(ms(at)))
+    return path
+
+
+def replayed(worker: WorkerProcess) -> set[tuple[str, str]]:
+    """segments.changes as a compacted topic keeps it: per segment|person, the latest record is an entry."""
+    latest = {}
+    for r in read_topic(worker.settings.kafka_bootstrap, worker.settings.topics.segments):
+        latest[r.key] = orjson.loads(r.value)
+    return {(v["properties"]["segment"], v["properties"]["person_id"]) for v in latest.values()
+            if v["event"] == "Audience Entered"}
 
 
 def run_pipeline(kafka, tmp_path, name: str, *, kill: bool) -> tuple[WorkerProcess, dict, dict]:
     messages, late = journeys()
     metrics_file = tmp_path / f"{name}-metrics.yaml"
     metrics_file.write_text(METRICS_YAML)
-    settings = unique_settings(kafka, tmp_path / name, metrics=metrics_file)
+    settings = unique_settings(kafka, tmp_path / name, metrics=metrics_file, clock_file=clock_at(tmp_path, name),
+                               segment_sweep_seconds=1)
     worker = WorkerProcess(settings).start()
     total = len(messages) + len(late)
 
@@ -93,6 +113,34 @@ def test_views_equal_the_oracles_uninterrupted_and_after_kill_9(kafka, tmp_path)
         check = subprocess.run([sys.executable, "-m", "flywheel.cli", "metrics", "verify"], env=worker.env,
                                capture_output=True, text=True, timeout=300)
         assert check.returncode == 0 and "equal the oracles" in check.stdout, check.stdout + check.stderr
+        # segments: stitched members (the journey's anonymous views count for its user), every segment has
+        # some, and the topic replays into exactly segment_members
+        members = clean["segment_members"]
+        assert {seg for seg, _ in members} == {"shoe_browsers", "pro", "buyers_or_pro", "churn_risk"}
+        assert all(person.startswith(("user-", "cohort-user")) for seg, person in members if seg == "pro")
+        assert ("pro", "cohort-user") in members
+        wait_until(lambda: replayed(worker) == members, timeout=60, what="segments.changes to replay into the members")
+        # the commands an operator uses
+        listed = subprocess.run([sys.executable, "-m", "flywheel.cli", "segments", "list"], env=worker.env,
+                                capture_output=True, text=True, timeout=120)
+        pro = sorted(person for seg, person in members if seg == "pro")
+        assert listed.returncode == 0 and f"pro\t{len(pro)} members" in listed.stdout, listed.stdout + listed.stderr
+        csv_out = subprocess.run([sys.executable, "-m", "flywheel.cli", "segments", "members", "pro",
+                                  "--format", "csv"], env=worker.env, capture_output=True, text=True, timeout=120)
+        lines = csv_out.stdout.splitlines()
+        assert csv_out.returncode == 0 and lines[0] == "person_id,user_id,anonymous_id,since", csv_out.stderr
+        assert [line.split(",")[0] for line in lines[1:]] == pro
+        assert all(line.split(",")[1] == line.split(",")[0] for line in lines[1:])  # user ids, named as such
+        # time passes, no events: the windows run out; members leave through the sweep, and say so
+        exited = worker.metric("flywheel_audience_changes_total", event="Audience Exited")
+        clock_at(tmp_path, "clean", LATER)
+        later = wait_until(lambda: (lambda v, o: v if v == o else None)(views(worker)["segment_members"],
+                                                                          oracles(worker, LATER)["segment_members"]),
+                           timeout=120, interval=1, what="segment members at the later time to equal the oracle")
+        # only `pro` is left: a trait, no window; buyers_or_pro's universe is activity within its 3 days
+        assert {seg for seg, _ in later} == {"pro"} and later < members
+        assert worker.metric("flywheel_audience_changes_total", event="Audience Exited") > exited
+        assert replayed(worker) == later
     finally:
         worker.stop()
     killed_worker, killed, _ = run_pipeline(kafka, tmp_path, "killed", kill=True)
@@ -112,7 +160,8 @@ def test_two_workers_give_the_same_views_as_one(kafka, tmp_path):
     messages, late = journeys()
     metrics_file = tmp_path / "metrics.yaml"
     metrics_file.write_text(METRICS_YAML)
-    a = unique_settings(kafka, tmp_path / "a", metrics=metrics_file, partitions=8)
+    a = unique_settings(kafka, tmp_path / "a", metrics=metrics_file, partitions=8,
+                        clock_file=clock_at(tmp_path, "two"), segment_sweep_seconds=1)
     b = a.model_copy(update={"data_dir": tmp_path / "b", "http_port": free_port(),
                                  "admin_port": free_port()})
     first, second = WorkerProcess(a).start(), WorkerProcess(b)
@@ -129,7 +178,7 @@ def test_two_workers_give_the_same_views_as_one(kafka, tmp_path):
 
     def union_state(tag: str) -> tuple[dict, dict, int]:
         with union_of(tmp_path / f"union-{tag}", workers) as union:
-            return (verify.views(union.sql), verify.oracles(union.sql, METRICS),
+            return (verify.views(union.sql), verify.oracles(union.sql, METRICS, ms(NOW)),
                     union.scalar("SELECT count() FROM flywheel.events FINAL WHERE late = 1"))
 
     try:

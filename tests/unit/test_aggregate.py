@@ -322,10 +322,11 @@ def test_owner_of_a_bookkeeping_key_is_the_partition_it_names():
     assert owner_of(b"user-1", lambda k: 1) == 1
 
 
-def identify(person: str, mid: str, day: int) -> Record:
+def identify(person: str, mid: str, day: int, traits: dict | None = None) -> Record:
     return Record({"type": "identify", "event": "", "messageId": mid, "personId": person, "anonymousId": "",
                    "userId": person, "previousId": "", "groupId": "", "timestamp": (DAY0 + day) * DAY_MS,
-                   "receivedAt": 0, "properties": {}, "traits": {"plan": "pro"}, "context": {}, "source": "crm"})
+                   "receivedAt": 0, "properties": {}, "traits": {"plan": "pro"} if traits is None else traits,
+                   "context": {}, "source": "crm"})
 
 
 def test_a_burst_of_trait_sync_identifies_changes_no_active_count():
@@ -439,3 +440,240 @@ def test_two_persons_forgotten_while_the_sink_lags_are_both_taken_out_of_a_close
         await s.process([forget(people[1], "r2", [(f, DAY0, 1)]), forget(people[2], "r3", [(f, DAY0, 1)])])
         assert final_cells(kafka, TOPICS.funnels).get(("f", day_text(DAY0), 1), 0) == 0
     run(go())
+
+
+# ---- segments (docs/design.md §9) ------------------------------------------------------------------
+SEGMENTS = parse_metrics({
+    "lateness": "7d",
+    "segments": [
+        {"name": "viewers", "all": [{"performed": "Page Viewed", "count": {"gte": 2}, "within": "2d"}]},
+        {"name": "pro", "all": [{"trait": {"plan": "pro"}}]},
+    ],
+})
+
+
+class Clock:
+    def __init__(self, ms: int):
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def segment_stage(table: Table, kafka: Kafka, clock: Clock) -> AggregateStage:
+    return AggregateStage(metrics=SEGMENTS, persons=table, sink=ClickHouse(), outbox=kafka.outbox,
+                          topics=TOPICS, retry=retry_forever, clock=clock)
+
+
+def handoff(kafka: Kafka) -> list[Record]:
+    """The hand-offs the stage sent to events.identified, as the records its next batch reads."""
+    return [Record(orjson.loads(v)) for _, _, v in kafka.log[TOPICS.identified]]
+
+
+def audiences(kafka: Kafka) -> list[tuple[str, str, str]]:
+    return [(r["event"].split()[1], r["properties"]["segment"], r["properties"]["person_id"])
+            for r in kafka.cells(TOPICS.segments)]
+
+
+def members(kafka: Kafka) -> set[tuple[str, str]]:
+    """What the compacted topic replays into: per segment|person key, the latest record is an entry."""
+    latest = {}
+    for _, key, value in kafka.log[TOPICS.segments]:
+        latest[key] = orjson.loads(value)
+    return {tuple(k.decode().split("|")) for k, r in latest.items() if r["event"] == "Audience Entered"}
+
+
+def test_a_stitched_person_enters_once_and_the_anonymous_one_leaves():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+
+    async def go():
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        await s.process([event("anon", "v1", 0), event("anon", "v2", 0)])
+        assert audiences(kafka) == [("Entered", "viewers", "anon")]
+        await s.process([merge("anon", "user")])  # the anonymous state leaves for its user...
+        await s.process(handoff(kafka))  # ...who joins it
+        await s.process([event("user", "v3", 1)])  # nothing new: already a member
+    run(go())
+    assert audiences(kafka) == [("Entered", "viewers", "anon"), ("Exited", "viewers", "anon"),
+                                ("Entered", "viewers", "user")]
+    user_entry = kafka.cells(TOPICS.segments)[2]
+    assert user_entry["userId"] == "user" and user_entry["anonymousId"] is None
+    assert kafka.cells(TOPICS.segments)[0]["anonymousId"] == "anon"
+    assert members(kafka) == {("viewers", "user")}
+
+
+def test_time_passing_makes_a_member_exit_through_the_sweep_without_a_scan():
+    kafka = Kafka()
+    table = Table(kafka)
+    clock = Clock((DAY0 + 1) * DAY_MS + 7_200_000)  # day 1, 02:00
+    others = [event(f"o{i}", f"o{i}", 0) for i in range(30)]  # one view each: never members
+
+    async def go():
+        s = segment_stage(table, kafka, clock)
+        await repair(s)
+        await s.process([event("p", "v1", 0), event("p", "v2", 1), *others])
+        assert members(kafka) == {("viewers", "p")}
+        clock.ms = (DAY0 + 2) * DAY_MS + 3_600_000  # v1 (day 0, 01:00) has just left the 2-day window
+        reads = table.person_reads
+        assert await s.sweep() == 31  # p and the 30 others, whose views left the window too: nobody else
+        assert table.person_reads == reads  # the due index, not a scan of the persons
+        assert members(kafka) == set()
+        assert await s.sweep() == 0  # nothing is due any more
+    run(go())
+    assert audiences(kafka) == [("Entered", "viewers", "p"), ("Exited", "viewers", "p")]
+    exit_ = kafka.cells(TOPICS.segments)[1]
+    assert exit_["timestamp"] == "2024-10-06T01:00:00.000Z"
+    assert exit_["properties"]["since"] == "2024-10-05T02:00:00.000Z"
+    # what is left in the index: p's next change (v2 leaves the window on day 3), and nobody else's
+    due = sorted(k for part in table.data.values() for k in part if k.startswith(b"\x00due\x00"))
+    assert due == [b"\x00due\x00%d\x00%013d\x00p" % (partition_of(b"p", PARTITIONS), (DAY0 + 3) * DAY_MS + 3_600_000)]
+
+
+def test_traits_take_the_latest_identify():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 5) * DAY_MS)
+
+    async def go():
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        await s.process([identify("u", "i1", 1, {"plan": "pro"})])
+        await s.process([identify("u", "i0", 0, {"plan": "free"})])  # older: changes nothing
+        assert members(kafka) == {("pro", "u")}
+        await s.process([identify("u", "i2", 2, {"plan": "free"})])
+    run(go())
+    assert audiences(kafka) == [("Entered", "pro", "u"), ("Exited", "pro", "u")]
+
+
+def test_a_change_whose_publication_was_cut_is_published_at_assignment():
+    """The state with its new membership landed, the Audience Entered did not (a crash): the next owner
+    publishes it from the table — the same record, the same messageId."""
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+
+    async def go():
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        kafka.fail_on = {TOPICS.segments}
+        with pytest.raises(ConnectionError):
+            await s.process([event("p", "v1", 0), event("p", "v2", 0)])
+        assert audiences(kafka) == []
+        kafka.fail_on = set()
+        again = segment_stage(Table(kafka), kafka, clock)  # a new owner, from the changelog
+        await repair(again)
+        assert audiences(kafka) == [("Entered", "viewers", "p")]
+        assert kafka.log[TOPICS.segments][0][1] == b"viewers|p"
+        await again.process([event("p", "v3", 1)])
+        assert audiences(kafka) == [("Entered", "viewers", "p")]  # nothing new for p
+        third = segment_stage(Table(kafka), kafka, clock)
+        await repair(third)  # published and since cleared from the table: not again
+    run(go())
+    assert audiences(kafka) == [("Entered", "viewers", "p")]
+
+
+def test_a_retried_batch_publishes_the_change_it_decided():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+
+    async def go():
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        kafka.fail_on = {TOPICS.segments}
+        with pytest.raises(ConnectionError):
+            await s.process([event("p", "v1", 0), event("p", "v2", 0)])
+        kafka.fail_on = set()
+        await s.process([event("p", "v1", 0), event("p", "v2", 0)])  # the retry: the state has it already
+    run(go())
+    assert audiences(kafka) == [("Entered", "viewers", "p")]
+
+
+def test_a_forgotten_person_leaves_every_segment():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+
+    async def go():
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        await s.process([event("p", "v1", 0), event("p", "v2", 0), identify("p", "i1", 0, {"plan": "pro"})])
+        await s.process([forget("p", "r1", [])])
+    run(go())
+    assert sorted(audiences(kafka)) == [("Entered", "pro", "p"), ("Entered", "viewers", "p"),
+                                        ("Exited", "pro", "p"), ("Exited", "viewers", "p")]
+    assert members(kafka) == set()
+
+
+def test_changed_segments_evaluate_every_person_once():
+    """The metrics file changes: `viewers` needs 2 views instead of 3, `gone` is removed. At assignment,
+    every person of the partition is evaluated under the new definitions (in the background) with the
+    history its state holds; the end mark records the versions, so the next owner does not do it again."""
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+    viewers = [f"p{i}" for i in range(12)]
+    old = parse_metrics({"segments": [
+        {"name": "viewers", "all": [{"performed": "Page Viewed", "count": {"gte": 3}, "within": "2d"}]},
+        {"name": "gone", "all": [{"performed": "Page Viewed", "within": "2d"}]}]})
+
+    async def go():
+        before = AggregateStage(metrics=old, persons=Table(kafka), sink=ClickHouse(), outbox=kafka.outbox,
+                                topics=TOPICS, retry=retry_forever, clock=clock)
+        await repair(before)
+        await before.process([event(p, f"{p}-{n}", 0) for p in viewers for n in (1, 2)] + [event("q", "q1", 0)])
+        assert members(kafka) == {("gone", p) for p in [*viewers, "q"]}
+        s = segment_stage(Table(kafka), kafka, clock)
+        await repair(s)
+        await asyncio.gather(*s._reevaluations.values())
+        assert members(kafka) == {("viewers", p) for p in viewers}
+        table = Table(kafka)
+        again = segment_stage(table, kafka, clock)
+        await repair(again)
+        assert again._reevaluations == {} and table.person_reads == 0
+    run(go())
+    published = kafka.cells(TOPICS.segments)
+    # 13 entries into `gone`, then 13 exits and 12 entries into the new `viewers`; the 13 entries once more:
+    # the old owner stopped before its next batch could mark them published (at least once, same messageIds)
+    assert len({r["messageId"] for r in published}) == 38 and len(published) == 38 + 13
+
+
+def test_a_rebalance_waits_for_the_sweep_batch_in_hand_and_stops_the_sweep():
+    """The sweep is not a Faust batch, which a rebalance waits for: handing partitions over lets the sweep's
+    batch in hand land (its states and exits), then stops the sweep — nothing is written after."""
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS + 7_200_000)
+    gate = asyncio.Event()
+    sending = asyncio.Event()
+    outbox = kafka.outbox
+
+    async def gated_outbox():
+        box = await outbox()
+        send = box.send
+
+        async def slow_send():
+            if any(t == TOPICS.segments for t, *_ in box.records):
+                sending.set()
+                await gate.wait()
+            return await send()
+        box.send = slow_send
+        return box
+
+    async def go():
+        s = AggregateStage(metrics=SEGMENTS, persons=Table(kafka), sink=ClickHouse(), outbox=gated_outbox,
+                           topics=TOPICS, retry=retry_forever, clock=clock, sweep_seconds=0.01)
+        await repair(s)
+        gate.set()
+        await s.process([event("p", "v1", 0), event("p", "v2", 1)])
+        gate.clear()
+        sending.clear()
+        clock.ms = (DAY0 + 3) * DAY_MS + 7_200_000  # both views have left the window: an exit is due
+        await asyncio.wait_for(sending.wait(), 5)  # the sweeper's batch is publishing the exit
+        handover = asyncio.ensure_future(s.handing_over(range(PARTITIONS)))
+        await asyncio.sleep(0.05)
+        assert not handover.done()  # waiting for the batch in hand
+        gate.set()
+        await asyncio.wait_for(handover, 5)
+        assert s._sweeper is None
+        written = len(kafka.log[CHANGELOG])
+        await asyncio.sleep(0.05)
+        assert len(kafka.log[CHANGELOG]) == written  # nothing after the hand-over
+    run(go())
+    assert audiences(kafka) == [("Entered", "viewers", "p"), ("Exited", "viewers", "p")]

@@ -17,7 +17,7 @@ from flywheel import paths
 from flywheel.clickhouse.embedded import EmbeddedClickHouse
 from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import oracle
-from flywheel.metrics.definitions import Funnel, Retention, parse_metrics
+from flywheel.metrics.definitions import LIFECYCLE_STATUSES, Funnel, Lifecycle, Retention, parse_metrics
 from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
 from flywheel.model.clock import DAY_MS
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +41,11 @@ METRICS = parse_metrics({
         {"name": "buyers", "cohort_event": "View", "return_event": "Buy", "period": "day", "horizon": 3},
         {"name": "weekly", "cohort_event": "any", "return_event": "View", "period": "week", "horizon": 2},
     ],
+    "lifecycle": {"period": "day"},
 })
+# the same activity rule, weekly lifecycle periods: evaluated on the states built with METRICS
+WEEKLY = parse_metrics({"activity": {"types": ["track", "page"], "exclude_events": ["Other"]},
+                        "lifecycle": {"period": "week"}})
 
 BASE_DAY = 20_400  # 2025-11-08 (a Saturday): weeks and midnights are crossed
 NAMES = ["View", "Add", "Buy", "Other"]
@@ -103,11 +107,14 @@ def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict]]
 
 
 def tagged(cell) -> tuple:
-    """A typed cell as the tuples below: ("f", funnel, day, step), ("r", retention, cohort, n), ("a", kind, day)."""
+    """A typed cell as the tuples below: ("f", funnel, day, step), ("r", retention, cohort, n), ("a", kind, day),
+    ("l", day, status)."""
     if isinstance(cell[0], Funnel):
         return ("f", cell[0].name, *cell[1:])
     if isinstance(cell[0], Retention):
         return ("r", cell[0].name, *cell[1:])
+    if isinstance(cell[0], Lifecycle):
+        return ("l", cell[1], LIFECYCLE_STATUSES[cell[2]])
     return ("a", cell[0].name, cell[1])
 
 
@@ -139,6 +146,8 @@ def oracle_cells(ch) -> Counter:
             got[("r", name, _day(cohort), int(n))] = int(persons)
         for name, cohort, size in ch.rows(oracle.cohort_sizes_sql(r))[1]:
             got[("r", name, _day(cohort), 0)] = int(size)
+    for day, status, persons in ch.rows(oracle.lifecycle_sql(METRICS.lifecycle, METRICS.activity))[1]:
+        got[("l", _day(day), status)] = int(persons)
     for day, dau, wau, mau, _ in ch.rows(oracle.active_users_sql(METRICS.activity))[1]:
         for kind, value in (("dau", dau), ("wau", wau), ("mau", mau)):
             if int(value):
@@ -159,6 +168,19 @@ def test_state_equals_clickhouse_on_random_streams(ch, events):
     persons, rows = run_stream(events)
     load(ch, rows)
     assert state_cells(persons) == oracle_cells(ch)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(event_st, min_size=1, max_size=45))
+def test_weekly_lifecycle_equals_clickhouse(ch, events):
+    persons, rows = run_stream(events)
+    load(ch, rows)
+    ours: Counter = Counter()
+    for state in persons.values():
+        ours.update(tagged(c) for c in contributions(state, WEEKLY, open_from=-(10**6)) if isinstance(c[0], Lifecycle))
+    theirs = Counter({("l", _day(day), status): int(n)
+                      for day, status, n in ch.rows(oracle.lifecycle_sql(WEEKLY.lifecycle, WEEKLY.activity))[1]})
+    assert ours == theirs
 
 
 def test_a_known_stream_cell_by_cell(ch):
@@ -183,4 +205,8 @@ def test_a_known_stream_cell_by_cell(ch):
     assert cells[("r", "daily", BASE_DAY, 2)] == 0
     assert cells[("a", "mau", BASE_DAY + 3)] == 1 and cells[("a", "dau", BASE_DAY + 2)] == 0
     assert cells[("r", "daily", BASE_DAY + 2, 0)] == 0  # the trait-synced person has no cohort
+    # lifecycle: new on day 0, returning on day 1, dormant on day 2 (a trait sync is no activity),
+    # resurrecting on day 3, dormant again on day 4
+    assert [cells[("l", BASE_DAY + d, s)] for d, s in enumerate(
+        ["new", "returning", "dormant", "resurrecting", "dormant"])] == [1, 1, 1, 1, 1]
     assert cells == oracle_cells(ch)

@@ -5,6 +5,7 @@ A cell is a tuple headed by the compiled definition it belongs to (docs/design.m
     (funnel, day, step)          persons whose level on `day` reached `step`
     (retention, cohort, n)       persons of the cohort (n = 0) / returning n periods later
     (window, day)                persons active in the dau/wau/mau window ending on `day`
+    (lifecycle, period, status)  persons of that lifecycle status in the period (its first day)
 
 The head's type says what the rest means (`KINDS`), and definitions compare by identity, so two metrics
 never share a cell. Plain tuples because contributions build millions of them: a tuple display costs a
@@ -22,7 +23,16 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from flywheel.metrics.definitions import ACTIVE_WINDOWS, ActiveWindow, Funnel, Metrics, Retention, ref
+from flywheel.metrics.definitions import (
+    ACTIVE_WINDOWS,
+    LIFECYCLE_STATUSES,
+    ActiveWindow,
+    Funnel,
+    Lifecycle,
+    Metrics,
+    Retention,
+    ref,
+)
 from flywheel.model.clock import day_text
 
 Cell = tuple  # (definition, *coordinates), as above
@@ -32,7 +42,7 @@ Cell = tuple  # (definition, *coordinates), as above
 class Kind:
     """One kind of cell: when it is open, and how it is published."""
 
-    name: str  # "funnels" | "retention" | "active_users": the Topics field and the record kind
+    name: str  # "funnels" | "retention" | "active_users" | "lifecycle": the Topics field and the record kind
     table: str  # ClickHouse table of the per-partition values
     fields: tuple[tuple[str, str], ...]  # (record field, ClickHouse column) of the cell's identity
     dates: frozenset[str]  # record fields holding a 'YYYY-MM-DD' day
@@ -58,6 +68,10 @@ KINDS: dict[type, Kind] = {
     ActiveWindow: Kind("active_users", "flywheel.active_user_partials", (("kind", "kind"), ("day", "day")),
                        frozenset({"day"}), lambda c, open_from: c[1] >= open_from + 29,
                        lambda c: (c[0].name, day_text(c[1])), "a"),
+    # a period's status needs the previous period too
+    Lifecycle: Kind("lifecycle", "flywheel.lifecycle_partials", (("day", "day"), ("status", "status")),
+                    frozenset({"day"}), lambda c, open_from: c[1] - c[0].period_days >= open_from,
+                    lambda c: (day_text(c[1]), LIFECYCLE_STATUSES[c[2]]), "l"),
 }
 KIND_BY_NAME = {k.name: k for k in KINDS.values()}
 # What every record carries besides the cell: (record field, ClickHouse column).
@@ -80,6 +94,8 @@ def record(cell: Cell, partition: int, persons: int, version: int,
       metrics.funnels       {"funnel", "day", "step", "partition", "persons", "version"}
       metrics.retention     {"retention", "cohortDay", "period", "partition", "persons", "version"}
       metrics.active_users  {"kind": "dau"|"wau"|"mau", "day", "partition", "persons", "version"}
+      metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
+                             "version"}
 
     plus `"correction": <request id>` on a closed cell republished for a forgotten person.
     The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.

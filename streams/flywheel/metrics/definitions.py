@@ -21,6 +21,19 @@ Shape, YAML:
         return_event: any
         period: day                    # day | week (weeks start on Monday, UTC)
         horizon: 14                    # periods after the cohort's
+    segments:                          # groups of persons, live (metrics/segments.py)
+      - name: browsers_not_buyers
+        all:                           # all | any, nestable
+          - performed: Product Viewed  # an event name, or 'any' (an activity event)
+            where: {category: shoes}
+            count: {gte: 3}            # gte | lte | eq; default gte 1
+            within: 7d                 # relative to now; required
+          - not_performed: Order Completed
+            within: 30d
+          - trait: {plan: pro}         # the person's latest identify traits
+        universe: all                  # optional; default: persons active within the longest window
+    churn_risk: {active_within: 28d, silent_for: 14d}   # a segment named churn_risk
+    lifecycle: {period: day}           # new / returning / resurrecting / dormant per period
 
 Errors name the file and the place (`funnels[0].steps[2].where.category: ...`), so an operator can fix
 the file without reading code.
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,12 +146,122 @@ class ActivitySpec(_Strict):
         return v
 
 
+MAX_SEGMENT_WINDOW_MS = 400 * DAY_MS  # a window's events are kept in the person state (docs/design.md §9)
+MAX_COUNT = 100  # a count condition keeps that many event times per person
+
+
+class CountSpec(_Strict):
+    gte: int | None = Field(None, ge=0, le=MAX_COUNT)
+    lte: int | None = Field(None, ge=0, le=MAX_COUNT)
+    eq: int | None = Field(None, ge=0, le=MAX_COUNT)
+
+    @model_validator(mode="after")
+    def _one(self) -> CountSpec:
+        given = [k for k in ("gte", "lte", "eq") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of gte, lte, eq (e.g. count: {gte: 3})")
+        return self
+
+
+_KINDS = ("performed", "not_performed", "trait", "all", "any")
+
+
+class ConditionSpec(_Strict):
+    """One condition of a segment: exactly one of the kinds in _KINDS."""
+
+    performed: str | None = Field(None, min_length=1)
+    not_performed: str | None = Field(None, min_length=1)
+    trait: dict[str, str | bool | int | float] | None = None
+    all: list[ConditionSpec] | None = Field(None, min_length=1)
+    any: list[ConditionSpec] | None = Field(None, min_length=1)
+    where: dict[str, str | bool | int | float] = Field(default_factory=dict)
+    count: CountSpec | None = None
+    within: str | int | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ConditionSpec:
+        kinds = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"a condition has exactly one of {', '.join(_KINDS)}; got {kinds or 'none'}")
+        kind = kinds[0]
+        if kind in ("performed", "not_performed"):
+            if self.within is None:
+                raise ValueError(f"{kind}: `within` is required (e.g. within: 7d): membership is relative to now")
+            ms = parse_duration_ms(self.within)
+            if not 0 < ms <= MAX_SEGMENT_WINDOW_MS:
+                raise ValueError(f"within must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+            if kind == "not_performed" and self.count is not None:
+                raise ValueError("not_performed takes no count (use performed with count: {lte: N})")
+            if "" in self.where:
+                raise ValueError("where: an empty property name")
+        elif self.where or self.count is not None or self.within is not None:
+            raise ValueError(f"where, count and within belong to performed / not_performed, not to {kind}")
+        if kind == "trait" and (not self.trait or "" in self.trait):
+            raise ValueError("trait: give at least one trait name and value (e.g. trait: {plan: pro})")
+        return self
+
+
+class UniverseSpec(_Strict):
+    active_within: str | int
+
+    @field_validator("active_within")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
+            raise ValueError(f"active_within must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+        return v
+
+
+class SegmentSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    all: list[ConditionSpec] | None = Field(None, min_length=1)
+    any: list[ConditionSpec] | None = Field(None, min_length=1)
+    universe: str | UniverseSpec | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SegmentSpec:
+        if (self.all is None) == (self.any is None):
+            raise ValueError("a segment has exactly one of `all` or `any` (a list of conditions)")
+        if isinstance(self.universe, str) and self.universe != "all":
+            raise ValueError("universe: `all`, or {active_within: 90d}")
+        return self
+
+
+class ChurnRiskSpec(_Strict):
+    name: str = Field("churn_risk", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    active_within: str | int
+    silent_for: str | int
+
+    @model_validator(mode="after")
+    def _windows(self) -> ChurnRiskSpec:
+        for what in ("active_within", "silent_for"):
+            if parse_duration_ms(getattr(self, what)) <= 0:
+                raise ValueError(f"{what} must be positive")
+        if parse_duration_ms(self.active_within) + parse_duration_ms(self.silent_for) > MAX_SEGMENT_WINDOW_MS:
+            raise ValueError(f"active_within + silent_for must be at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+        return self
+
+
+class LifecycleSpec(_Strict):
+    period: str = "day"
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str) -> str:
+        if v not in ("day", "week"):
+            raise ValueError("period must be day or week")
+        return v
+
+
 class MetricsSpec(_Strict):
     lateness: str | int = "7d"
     close_after: str | int = "30d"
     activity: ActivitySpec = Field(default_factory=ActivitySpec)
     funnels: list[FunnelSpec] = Field(default_factory=list)
     retention: list[RetentionSpec] = Field(default_factory=list)
+    segments: list[SegmentSpec] = Field(default_factory=list)
+    churn_risk: ChurnRiskSpec | None = None
+    lifecycle: LifecycleSpec | None = None
 
     @field_validator("lateness", "close_after")
     @classmethod
@@ -148,7 +272,8 @@ class MetricsSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetricsSpec:
-        for kind, items in (("funnels", self.funnels), ("retention", self.retention)):
+        segments = [*self.segments, *([self.churn_risk] if self.churn_risk else [])]
+        for kind, items in (("funnels", self.funnels), ("retention", self.retention), ("segments", segments)):
             names = [i.name for i in items]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -247,6 +372,71 @@ class ActiveWindow:
     days: int
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Performed:
+    """`op n` events satisfying `predicate` in the window (now − within, now]; `negate` for not_performed
+    (= not at least one). Evaluated in metrics/segments.py."""
+
+    predicate: Predicate
+    op: str  # gte | lte | eq
+    n: int
+    within_ms: int
+    negate: bool = False
+
+    @property
+    def keep(self) -> int:
+        """How many of the newest event times decide it: at least n, or whether there are more than n."""
+        return max(self.n, 1) if self.op == "gte" else self.n + 1
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Trait:
+    """The person's latest value of identify trait `key` equals `value` (same_json_value)."""
+
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Group:
+    every: bool  # all (True) or any (False) of the items
+    items: tuple[Performed | Trait | Group, ...]
+
+
+Condition = Performed | Trait | Group
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Segment:
+    """A group of persons, live: members are the persons of the universe that meet the condition now."""
+
+    name: str
+    version: str
+    condition: Group
+    universe: Performed | None  # None: every person the stream holds a state for
+
+
+LIFECYCLE_STATUSES = ("new", "returning", "resurrecting", "dormant")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Lifecycle:
+    """Persons per period by status, as PostHog defines it (activity by the metrics file's rule): new (first
+    active period), returning (active now and in the previous period), resurrecting (active now, not in the
+    previous period, but before it), dormant (active in the previous period, not now)."""
+
+    name: str
+    version: str
+    period: str  # day | week
+
+    @property
+    def period_days(self) -> int:
+        return 7 if self.period == "week" else 1
+
+    def period_of(self, day: int) -> int:
+        return day if self.period == "day" else day - (day + 3) % 7
+
+
 DAU, WAU, MAU = ActiveWindow("dau", 1), ActiveWindow("wau", 7), ActiveWindow("mau", 30)
 ACTIVE_WINDOWS = (DAU, WAU, MAU)
 
@@ -261,18 +451,23 @@ class Metrics:
     lateness_ms: int
     close_after_ms: int
     activity: Activity = Activity(frozenset(ACTIVITY_TYPES), frozenset())
+    segments: tuple[Segment, ...] = ()
+    lifecycle: Lifecycle | None = None
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
     funnel_pids: frozenset[str] = field(init=False)  # predicates of funnel steps: their events are kept
     cohort_pids: frozenset[str] = field(init=False)
     return_pids: frozenset[str] = field(init=False)
+    # predicates of segment conditions → (newest event times kept, window ms): metrics/segments.py
+    segment_pids: dict[str, tuple[int, int]] = field(init=False)
+    trait_keys: frozenset[str] = field(init=False)  # identify traits segments read
     lateness_days: int = field(init=False)
     reach_days: int = field(init=False)
     horizon_days: int = field(init=False)
     _by_event: dict[str, tuple[Predicate, ...]] = field(init=False)
     _any_event: tuple[Predicate, ...] = field(init=False)
-    _by_ref: dict[str, Funnel | Retention] = field(init=False)
+    _by_ref: dict[str, Funnel | Retention | Lifecycle] = field(init=False)
 
     def __post_init__(self) -> None:
         unique: dict[str, Predicate] = {}
@@ -282,6 +477,16 @@ class Metrics:
         for r in self.retention:
             unique.setdefault(r.cohort.pid, r.cohort)
             unique.setdefault(r.returning.pid, r.returning)
+        segment_pids: dict[str, tuple[int, int]] = {}
+        trait_keys: set[str] = set()
+        for seg in self.segments:
+            for c in walk(seg):
+                if isinstance(c, Performed):
+                    unique.setdefault(c.predicate.pid, c.predicate)
+                    keep, window = segment_pids.get(c.predicate.pid, (0, 0))
+                    segment_pids[c.predicate.pid] = (max(keep, c.keep), max(window, c.within_ms))
+                elif isinstance(c, Trait):
+                    trait_keys.add(c.key)
         predicates = tuple(unique.values())
         by_event: dict[str, list[Predicate]] = {}
         for p in predicates:
@@ -303,10 +508,11 @@ class Metrics:
             "funnel_pids": frozenset(s.pid for f in self.funnels for s in f.steps),
             "cohort_pids": frozenset(r.cohort.pid for r in self.retention),
             "return_pids": frozenset(r.returning.pid for r in self.retention),
+            "segment_pids": segment_pids, "trait_keys": frozenset(trait_keys),
             "lateness_days": lateness_days, "reach_days": reach_days, "horizon_days": horizon_days,
             "_by_event": {name: tuple(ps) for name, ps in by_event.items()},
             "_any_event": tuple(p for p in predicates if p.event is None),
-            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention)},
+            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention, *filter(None, [self.lifecycle]))},
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -316,12 +522,24 @@ class Metrics:
         return [p for p in (*self._by_event.get(event_name, ()), *self._any_event)
                 if p.matches(mtype, event_name, properties)]
 
-    def by_ref(self, reference: str) -> Funnel | Retention | None:
+    def by_ref(self, reference: str) -> Funnel | Retention | Lifecycle | None:
         """The definition `name@version`, if the registry holds it."""
         return self._by_ref.get(reference)
 
 
-def ref(definition: Funnel | Retention) -> str:
+def walk(segment: Segment) -> list[Condition]:
+    """Every condition of a segment, its universe's included (depth first)."""
+    out: list[Condition] = [segment.universe] if segment.universe is not None else []
+    stack: list[Condition] = [segment.condition]
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        if isinstance(c, Group):
+            stack.extend(reversed(c.items))
+    return out
+
+
+def ref(definition: Funnel | Retention | Lifecycle) -> str:
     """A definition's registry key: name@version."""
     return f"{definition.name}@{definition.version}"
 
@@ -349,8 +567,62 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
         returning = predicate(None if r.return_event == ANY else r.return_event, {})
         version = _digest("retention", cohort.pid, returning.pid, r.period, r.horizon)
         retention.append(Retention(r.name, version, cohort, returning, r.period, r.horizon))
+    segments = [_segment(c, predicate) for c in spec.segments]
+    if spec.churn_risk is not None:
+        # last activity in (now − active_within − silent_for, now − silent_for]: active in the window before
+        # the silence, and not since
+        silent, active = parse_duration_ms(spec.churn_risk.silent_for), parse_duration_ms(spec.churn_risk.active_within)
+        anything = predicate(None, {})
+        segments.append(_versioned(spec.churn_risk.name, Group(True, (
+            Performed(anything, "gte", 1, active + silent), Performed(anything, "gte", 1, silent, negate=True))), None))
+    lifecycle = None
+    if spec.lifecycle is not None:  # its version follows the activity rule it counts by
+        lifecycle = Lifecycle("lifecycle", _digest("lifecycle", spec.lifecycle.period, predicate(None, {}).pid),
+                              spec.lifecycle.period)
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after), activity)
+                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle)
+
+
+def _segment(spec: SegmentSpec, predicate: Callable[[str | None, dict[str, Any]], Predicate]) -> Segment:
+    def condition(c: ConditionSpec) -> Condition:
+        if c.performed is not None or c.not_performed is not None:
+            name = c.performed if c.performed is not None else c.not_performed
+            p = predicate(None if name == ANY else name, c.where)
+            op, n = next(((k, v) for k, v in (c.count or CountSpec(gte=1)).model_dump().items() if v is not None))
+            return Performed(p, op, n, parse_duration_ms(c.within), negate=c.not_performed is not None)
+        if c.trait is not None:
+            traits = [Trait(k, v) for k, v in sorted(c.trait.items())]
+            return traits[0] if len(traits) == 1 else Group(True, tuple(traits))
+        return Group(c.all is not None, tuple(condition(i) for i in (c.all if c.all is not None else c.any)))
+
+    top = Group(spec.all is not None, tuple(condition(i) for i in (spec.all if spec.all is not None else spec.any)))
+    if isinstance(spec.universe, UniverseSpec):
+        universe = Performed(predicate(None, {}), "gte", 1, parse_duration_ms(spec.universe.active_within))
+    elif spec.universe == "all":
+        universe = None
+    else:  # persons active within the longest window; none without a window
+        stack, longest = [top], 0
+        while stack:
+            c = stack.pop()
+            if isinstance(c, Group):
+                stack.extend(c.items)
+            elif isinstance(c, Performed):
+                longest = max(longest, c.within_ms)
+        universe = Performed(predicate(None, {}), "gte", 1, longest) if longest else None
+    return _versioned(spec.name, top, universe)
+
+
+def _versioned(name: str, condition: Group, universe: Performed | None) -> Segment:
+    def describe(c: Condition | None) -> Any:
+        if isinstance(c, Performed):
+            return ("performed", c.predicate.pid, c.op, c.n, c.within_ms, c.negate)
+        if isinstance(c, Trait):
+            return ("trait", c.key, type(c.value).__name__, c.value)
+        if isinstance(c, Group):
+            return ("all" if c.every else "any", [describe(i) for i in c.items])
+        return None
+
+    return Segment(name, _digest("segment", describe(condition), describe(universe)), condition, universe)
 
 
 def legacy_bits(metrics: Metrics) -> tuple[Predicate, ...]:

@@ -8,7 +8,20 @@ dashboards (that is what the views are for).
 
 from __future__ import annotations
 
-from flywheel.metrics.definitions import Activity, Funnel, Predicate, Retention
+from typing import Any
+
+from flywheel.metrics.definitions import (
+    Activity,
+    Condition,
+    Funnel,
+    Lifecycle,
+    Metrics,
+    Performed,
+    Predicate,
+    Retention,
+    Segment,
+    Trait,
+)
 
 
 def quote(text: str) -> str:
@@ -27,23 +40,19 @@ def condition(p: Predicate) -> str:
     Predicate.matches and same_json_value)."""
     if p.event is None:
         return activity_sql(p.activity)
-    parts = [f"event = {quote(p.event)}"]
-    for key, want in p.where:
-        k = quote(key)
-        if isinstance(want, bool):
-            parts.append(
-                f"(JSONType(properties, {k}) = 'Bool' AND JSONExtractBool(properties, {k}) = {int(want)})"
-            )
-        elif isinstance(want, str):
-            parts.append(
-                f"(JSONType(properties, {k}) = 'String' AND JSONExtractString(properties, {k}) = {quote(want)})"
-            )
-        else:
-            parts.append(
-                f"(JSONType(properties, {k}) IN ('Int64', 'UInt64', 'Double') "
-                f"AND JSONExtractFloat(properties, {k}) = toFloat64({float(want)!r}))"
-            )
-    return "(" + " AND ".join(parts) + ")" if parts else "1"
+    parts = [f"event = {quote(p.event)}"] + [json_equals("properties", key, want) for key, want in p.where]
+    return "(" + " AND ".join(parts) + ")"
+
+
+def json_equals(column: str, key: str, want: Any) -> str:
+    """A JSON object column's `key` equals `want`, typed as same_json_value compares."""
+    k = quote(key)
+    if isinstance(want, bool):
+        return f"(JSONType({column}, {k}) = 'Bool' AND JSONExtractBool({column}, {k}) = {int(want)})"
+    if isinstance(want, str):
+        return f"(JSONType({column}, {k}) = 'String' AND JSONExtractString({column}, {k}) = {quote(want)})"
+    return (f"(JSONType({column}, {k}) IN ('Int64', 'UInt64', 'Double') "
+            f"AND JSONExtractFloat({column}, {k}) = toFloat64({float(want)!r}))")
 
 
 def _events(source: str) -> str:
@@ -131,3 +140,66 @@ FROM (
 )
 WHERE mau > 0
 ORDER BY day"""
+
+
+def lifecycle_sql(lifecycle: Lifecycle, activity: Activity, source: str = "flywheel.events_resolved") -> str:
+    """(day, status, persons): per period (its first day), the persons new (first active period), returning
+    (active in the previous period too), resurrecting (active, not in the previous period, but before it)
+    and dormant (active in the previous period, not in this one) — over activity events."""
+    per = "toDate(timestamp)" if lifecycle.period == "day" else "toMonday(timestamp)"
+    pd = lifecycle.period_days
+    return f"""
+SELECT day, status, count() AS persons
+FROM (
+    SELECT cell.1 AS day, cell.2 AS status
+    FROM (
+        SELECT groupUniqArray({per}) AS ps, min({per}) AS first
+        FROM {_events(source)} WHERE {activity_sql(activity)}
+        GROUP BY person_id
+    )
+    ARRAY JOIN arrayConcat(
+        arrayMap(p -> (p, multiIf(p = first, 'new', has(ps, p - {pd}), 'returning', 'resurrecting')), ps),
+        arrayMap(p -> (p + {pd}, 'dormant'), arrayFilter(p -> NOT has(ps, p + {pd}), ps))
+    ) AS cell
+)
+GROUP BY day, status
+ORDER BY day, status"""
+
+
+def segment_members_sql(segment: Segment, metrics: Metrics, at_ms: int,
+                        source: str = "flywheel.events_resolved") -> str:
+    """The persons in `segment` at time `at_ms` (docs/design.md §9), from the non-late events up to then.
+    Without a universe window, the universe is every person the stream holds a state for: one with an
+    activity event, an event a definition's condition matches, or an identify call with a trait a segment
+    reads."""
+    ms = "toUnixTimestamp64Milli(timestamp)"
+
+    def expr(c: Condition) -> str:
+        if isinstance(c, Performed):
+            n = f"countIf({condition(c.predicate)} AND {ms} > {at_ms - c.within_ms})"
+            if c.negate:
+                return f"({n} = 0)"
+            return f"({n} {dict(gte='>=', lte='<=', eq='=')[c.op]} {c.n})"
+        if isinstance(c, Trait):
+            return (f"(argMaxIf({json_equals('traits', c.key, c.value)}, (timestamp, message_id), "
+                    f"type = 'identify' AND JSONHas(traits, {quote(c.key)})) = 1)")
+        return "(" + (" AND " if c.every else " OR ").join(expr(i) for i in c.items) + ")"
+
+    if segment.universe is not None:
+        universe = expr(segment.universe)
+    else:
+        known = [activity_sql(metrics.activity), *(condition(p) for p in metrics.predicates)]
+        if metrics.trait_keys:
+            keys = ", ".join(quote(k) for k in sorted(metrics.trait_keys))
+            known.append(f"(type = 'identify' AND arrayExists(k -> JSONHas(traits, k), [{keys}]))")
+        universe = f"(countIf({' OR '.join(known)}) > 0)"
+    return f"""
+SELECT person_id
+FROM (
+    SELECT person_id, {universe} AS universe, {expr(segment.condition)} AS member
+    FROM (SELECT person_id, message_id, timestamp, type, event, properties, traits FROM {source}
+          WHERE late = 0 AND {ms} <= {at_ms})
+    GROUP BY person_id
+)
+WHERE universe AND member
+ORDER BY person_id"""

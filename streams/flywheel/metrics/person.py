@@ -23,9 +23,16 @@ Serialized compactly (orjson) into the Faust table `persons`:
     {"v": 2, "n": newest_ms, "d": [active days],
      "p": [predicate ids: the bits of "f"], "f": {messageId: [ts_ms, bits]},
      "c": {cohort predicate id: first ms}, "r": {return predicate id: [days]},
-     "m": [[messageId hash, day], ...]}
-Days are UTC day numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and
-earlier; read by `_from_v1`).
+     "m": [[messageId hash, day], ...],
+     "e": {segment predicate id: [[ts_ms, messageId hash], ...]},   # by time (segments.trim)
+     "t": {trait: [value, ts_ms, messageId]},                       # latest identify value
+     "s": {segment: [version, since_ms]}, "u": due_ms,              # memberships (stages/aggregate.py)
+     "k": 1,                                                         # the person id is a userId
+     "a": first active day}                                          # kept for good (lifecycle)
+"e", "t", "s", "u", "k" and "a" are written only when set. A state without "a" (an older release) takes
+its first active day from its days: right for every period the state still derives. Days are UTC day
+numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
+`_from_v1`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from flywheel.metrics.funnel import levels_by_day
 from flywheel.model.clock import DAY_MS
 
 FORMAT = 2
+NEW, RETURNING, RESURRECTING, DORMANT = range(4)  # lifecycle statuses (definitions.LIFECYCLE_STATUSES)
 
 
 @dataclass
@@ -55,20 +63,37 @@ class PersonState:
     first: dict[str, int] = field(default_factory=dict)  # cohort predicate id → first ts
     returns: dict[str, set[int]] = field(default_factory=dict)  # return predicate id → days it matched
     applied: dict[int, int] = field(default_factory=dict)  # message_hash(messageId) → day
+    # segment predicate id → sorted [(ts, message hash)] within the window; the stage trims them (segments.trim)
+    events: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    traits: dict[str, tuple[Any, int, str]] = field(default_factory=dict)  # key → (value, ts, messageId)
+    # Membership bookkeeping, owned by the aggregate stage, not by join: segment → (version, since ms)
+    # as last decided, and when a decision may next change without an event (-1: never).
+    members: dict[str, tuple[str, int]] = field(default_factory=dict)
+    due: int = -1
+    user: bool = False  # the person id is a userId (else an anonymousId): how audience records name it
+    first_active: int = -1  # the first day with an activity event, kept for good (lifecycle: "new")
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
 
     def copy(self) -> PersonState:
         return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
-                           {k: set(v) for k, v in self.returns.items()}, dict(self.applied))
+                           {k: set(v) for k, v in self.returns.items()}, dict(self.applied),
+                           {k: list(v) for k, v in self.events.items()}, dict(self.traits), dict(self.members),
+                           self.due, self.user, self.first_active)
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"v": FORMAT, "n": self.newest, "d": sorted(self.days), "p": self.legend,
                 "f": {k: list(v) for k, v in self.funnel.items()}, "c": self.first,
                 "r": {k: sorted(v) for k, v in self.returns.items()},
-                "m": sorted([h, d] for h, d in self.applied.items())}
+                "m": sorted([h, d] for h, d in self.applied.items()),
+                **({"e": {k: [list(e) for e in v] for k, v in self.events.items()}} if self.events else {}),
+                **({"t": {k: list(v) for k, v in self.traits.items()}} if self.traits else {}),
+                **({"s": {k: list(v) for k, v in self.members.items()}} if self.members else {}),
+                **({"u": self.due} if self.due >= 0 else {}),
+                **({"k": 1} if self.user else {}),
+                **({"a": self.first_active} if self.first_active >= 0 else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -78,7 +103,11 @@ class PersonState:
                     {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()},
                     {k: int(v) for k, v in data.get("c", {}).items()},
                     {k: set(v) for k, v in data.get("r", {}).items()},
-                    {int(h): int(d) for h, d in data.get("m", ())})
+                    {int(h): int(d) for h, d in data.get("m", ())},
+                    {k: [(int(ts), int(h)) for ts, h in v] for k, v in data.get("e", {}).items()},
+                    {k: (v[0], int(v[1]), v[2]) for k, v in data.get("t", {}).items()},
+                    {k: (v[0], int(v[1])) for k, v in data.get("s", {}).items()}, int(data.get("u", -1)),
+                    bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))))
         return _fit(state, metrics)
 
 
@@ -89,6 +118,7 @@ def _from_v1(data: dict[str, Any], metrics: Metrics) -> PersonState:
                         [p.pid for p in legacy_bits(metrics)],
                         {k: (int(v[0]), int(v[1])) for k, v in data.get("f", {}).items()}, {}, {},
                         {int(h): int(d) for h, d in data.get("m", ())})
+    state.first_active = min(state.days, default=-1)
     daily = {r.returning.pid for r in metrics.retention if r.period == "day"}
     for r, first, periods in zip(metrics.retention, data.get("c", ()), data.get("r", ()), strict=False):
         if first is not None:
@@ -118,6 +148,10 @@ def _fit(state: PersonState, metrics: Metrics) -> PersonState:
         state.first = {k: v for k, v in state.first.items() if k in metrics.cohort_pids}
     if any(pid not in metrics.return_pids for pid in state.returns):
         state.returns = {k: v for k, v in state.returns.items() if k in metrics.return_pids}
+    if any(pid not in metrics.segment_pids for pid in state.events):
+        state.events = {k: v for k, v in state.events.items() if k in metrics.segment_pids}
+    if any(key not in metrics.trait_keys for key in state.traits):
+        state.traits = {k: v for k, v in state.traits.items() if k in metrics.trait_keys}
     return state
 
 
@@ -133,18 +167,27 @@ def is_late(state: PersonState, ts_ms: int, metrics: Metrics) -> bool:
 
 def apply(
     state: PersonState, message_id: str, ts_ms: int, matched: Iterable[Predicate], metrics: Metrics, *,
-    active: bool = True, prune_history: bool = True,
+    active: bool = True, prune_history: bool = True, traits: dict[str, Any] | None = None,
 ) -> PersonState:
     """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching) and is activity
-    or not (Metrics.activity). Mutates and returns `state`. Applying it again changes nothing."""
+    or not (Metrics.activity), with the `traits` of an identify call. Mutates and returns `state`. Applying
+    it again changes nothing."""
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
     if active:
         state.days.add(day)
-    state.applied[message_hash(message_id)] = day
+        if state.first_active < 0 or day < state.first_active:
+            state.first_active = day
+    mhash = message_hash(message_id)
+    state.applied[mhash] = day
+    if traits:
+        for key in metrics.trait_keys.intersection(traits):
+            _set_trait(state.traits, key, (_scalar(traits[key]), ts_ms, message_id))
     steps = []
     for p in matched:
         pid = p.pid
+        if pid in metrics.segment_pids:  # (trimmed to what decides, given now: segments.trim)
+            bisect.insort(state.events.setdefault(pid, []), (ts_ms, mhash))
         if pid in metrics.funnel_pids:
             steps.append(pid)
         if pid in metrics.cohort_pids:
@@ -160,6 +203,19 @@ def apply(
             bits |= 1 << bisect.bisect_left(state.legend, pid)
         state.funnel[message_id] = (ts_ms, bits)
     return prune(state, metrics) if prune_history else state
+
+
+def _scalar(value: Any) -> Any:
+    """A trait value as segments compare it: a string, number or boolean; anything else (null, a list, an
+    object) equals no condition's value and is kept as None."""
+    return value if isinstance(value, str | int | float | bool) else None
+
+
+def _set_trait(traits: dict[str, tuple[Any, int, str]], key: str, value: tuple[Any, int, str]) -> None:
+    """Keep the latest value: by event time, then messageId (the oracle's argMax order)."""
+    old = traits.get(key)
+    if old is None or (value[1], value[2]) > (old[1], old[2]):
+        traits[key] = value
 
 
 def _add_to_legend(state: PersonState, pid: str) -> None:
@@ -185,7 +241,8 @@ def _moved(bits: int, positions: list[int]) -> int:
 
 
 def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
-    """The state of a person who is both a and b (an anonymous id handed to its user). Pure."""
+    """The state of a person who is both a and b (an anonymous id handed to its user). Pure. The history
+    only: membership bookkeeping (`members`, `due`) is the aggregate stage's to carry over."""
     legend = sorted(set(a.legend) | set(b.legend))
     funnel = {}
     for s in (a, b):
@@ -197,8 +254,14 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
     returns = {pid: set(days) for pid, days in a.returns.items()}
     for pid, days in b.returns.items():
         returns.setdefault(pid, set()).update(days)
+    events = {pid: sorted(set(a.events.get(pid, ())) | set(b.events.get(pid, ())))
+              for pid in a.events.keys() | b.events.keys()}
+    traits = dict(a.traits)
+    for key, value in b.traits.items():
+        _set_trait(traits, key, value)
     out = PersonState(max(a.newest, b.newest), a.days | b.days, legend, funnel, first, returns,
-                      {**a.applied, **b.applied})
+                      {**a.applied, **b.applied}, events, traits, user=a.user or b.user,
+                      first_active=min((d for d in (a.first_active, b.first_active) if d >= 0), default=-1))
     return prune(out, metrics)
 
 
@@ -220,6 +283,14 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
     for pid, days in state.returns.items():
         if days and min(days) < bound:
             state.returns[pid] = {d for d in days if d >= bound}
+    # A segment window is relative to now, which follows the newest event: what lies a window (and the
+    # lateness, for a clock behind the events) before the newest event can count for no member any more.
+    for pid, times in state.events.items():
+        window = metrics.segment_pids.get(pid, (0, 0))[1]
+        if times and times[0][0] <= state.newest - window - metrics.lateness_ms:
+            state.events[pid] = [e for e in times if e[0] > state.newest - window - metrics.lateness_ms]
+    if state.events and not all(state.events.values()):
+        state.events = {k: v for k, v in state.events.items() if v}
     return state
 
 
@@ -263,6 +334,16 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
             for day in state.days:
                 ending.update(range(max(day, active_from), day + window.days))
             out.update(zip(repeat(window), ending))
+    lifecycle = metrics.lifecycle
+    if lifecycle is not None and state.days:
+        # a period's status needs it and the previous one: open from open_from + a period on
+        pd, first = lifecycle.period_days, lifecycle.period_of(state.first_active)
+        periods = {lifecycle.period_of(d) for d in state.days}
+        for p in periods:
+            if p - pd >= open_from:
+                out.add((lifecycle, p, NEW if p == first else RETURNING if p - pd in periods else RESURRECTING))
+            if p + pd not in periods and p >= open_from:
+                out.add((lifecycle, p + pd, DORMANT))
     for r in metrics.retention:
         first = state.first.get(r.cohort.pid)
         if first is None:

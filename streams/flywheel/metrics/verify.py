@@ -1,4 +1,5 @@
-"""Views vs oracles: the live metric views compared with ClickHouse's own functions, cell by cell.
+"""Views vs oracles: the live metric views compared with ClickHouse's own functions, cell by cell, and
+segment_members with the members the oracle finds at a time (the worker's now).
 
 Used by `flywheel metrics verify` and by the integration tests. `query` runs SQL on the configured
 ClickHouse and returns rows.
@@ -6,6 +7,7 @@ ClickHouse and returns rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flywheel.metrics import oracle
@@ -25,20 +27,35 @@ def views(query: Query) -> dict[str, set]:
             "SELECT retention, cohort_day, period, persons, cohort_size FROM flywheel.retention_daily"), 3),
         "active_users_daily": _cells(query(
             "SELECT day, dau, wau, mau, stickiness FROM flywheel.active_users_daily"), 1),
+        "lifecycle_daily": _cells(query(
+            "SELECT day, s.1, s.2 FROM flywheel.lifecycle_daily ARRAY JOIN [('new', new), ('returning', returning), "
+            "('resurrecting', resurrecting), ('dormant', dormant)] AS s WHERE s.2 > 0"), 2),
+        "segment_members": _cells(query("SELECT segment, person_id FROM flywheel.segment_members"), 2),
     }
 
 
-def oracles(query: Query, metrics: Metrics) -> dict[str, set]:
+def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[str, set]:
+    """The oracles; segment members at `at_ms` (default: now)."""
+    at_ms = time.time_ns() // 1_000_000 if at_ms is None else at_ms
+    members = set()
+    for s in metrics.segments:
+        members |= {(s.name, str(r[0])) for r in query(oracle.segment_members_sql(s, metrics, at_ms))}
+    lifecycle: set = set()
+    if metrics.lifecycle is not None:  # up to the last period anyone was active in, as the view
+        rows = query(oracle.lifecycle_sql(metrics.lifecycle, metrics.activity))
+        last = max((r[0] for r in rows if r[1] != "dormant"), default=None)
+        lifecycle = _cells([r for r in rows if r[0] <= last], 2)
     funnels, retention = set(), set()
     for f in metrics.funnels:
         funnels |= _cells(query(oracle.funnel_sql(f)), 3)
     for r in metrics.retention:
         retention |= _cells(query(oracle.retention_sql(r)), 3)
     return {"funnel_daily": funnels, "retention_daily": retention,
-            "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1)}
+            "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1),
+            "lifecycle_daily": lifecycle, "segment_members": members}
 
 
-def compare(query: Query, metrics: Metrics) -> dict[str, tuple[set, set]]:
+def compare(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[str, tuple[set, set]]:
     """{view: (cells only in the view, cells only in the oracle)} for the views that differ."""
-    v, o = views(query), oracles(query, metrics)
+    v, o = views(query), oracles(query, metrics, at_ms)
     return {k: (v[k] - o[k], o[k] - v[k]) for k in v if v[k] != o[k]}

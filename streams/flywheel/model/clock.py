@@ -24,3 +24,8 @@ def day_text(day: int) -> str:
     """UTC day number → 'YYYY-MM-DD'."""
     return (EPOCH + timedelta(days=day)).isoformat()
 
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds → '2024-10-04T12:00:00.000Z' (ISO 8601, as Segment's timestamps)."""
+    return from_ms(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"

@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 MESSAGE_TYPES = frozenset({"track", "identify", "alias", "page", "screen", "group"})
+# Segment-spec track events of the audiences Flywheel publishes (segments.changes)
+AUDIENCE_ENTERED, AUDIENCE_EXITED = "Audience Entered", "Audience Exited"
 
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from flywheel.model.clock import from_ms
+from flywheel.model.envelope import AUDIENCE_ENTERED
 
 
 def _json(value: Any) -> str:
@@ -58,4 +60,17 @@ def identity_rows(change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "flywheel.identity_conflicts", {
         "anonymous_id": change["anonymousId"], "linked_to": change["linkedTo"], "refused": change["refused"],
         "message_id": change["messageId"], "at": at,
+    }
+
+
+def audience_row(record: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
+    """A segments.changes record (metrics/segments.py audience_record) at `partition`@`offset` → a
+    flywheel.segment_changes row."""
+    props = record["properties"]
+    return {
+        "segment": props["segment"], "version": props["version"], "person_id": props["person_id"],
+        "user_id": record["userId"] or "", "anonymous_id": record["anonymousId"] or "",
+        "change": "entered" if record["event"] == AUDIENCE_ENTERED else "exited",
+        "at": datetime.fromisoformat(record["timestamp"]), "since": datetime.fromisoformat(props["since"]),
+        "message_id": record["messageId"], "kafka_partition": partition, "kafka_offset": offset,
     }

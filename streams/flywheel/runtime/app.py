@@ -6,9 +6,12 @@ Stages, in the order data flows (docs/design.md §1):
     events.raw ──ingest──▶ validate ──▶ dedup (messageId) ──▶ identity ──▶ events.identified
                               │                                   ├──▶ identity.changes
                               └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
-    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users
+    events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users / .lifecycle
+                              │                      └──▶ segments.changes (Audience Entered / Exited; also
+                              │                           when a due time comes: the sweep)
                               └─────────▶ flywheel.events (with the late flag)
-    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user}_partials
+    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle}_partials
+    segments.changes  ──sink──────────▶ flywheel.segment_changes
     events.invalid    ──sink──────────▶ flywheel.invalid_events
     identity.changes  ──sink──────────▶ flywheel.identity_map / identity_conflicts
 """
@@ -36,7 +39,7 @@ from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
 from flywheel.runtime.status import WorkerStatus
 from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
-from flywheel.stages.aggregate import AggregateStage, owner_of
+from flywheel.stages.aggregate import AggregateStage, owner_of, wall_ms
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
 from flywheel.web.admin import add_sql, add_status, admin_app
@@ -72,6 +75,28 @@ class Listeners(Service):
     async def on_stop(self) -> None:
         for listener in reversed(self.listeners):
             await listener.stop()
+
+
+class Stopping(Service):
+    """Calls `stop` on the worker's stop (the aggregate stage's segment sweep)."""
+
+    def __init__(self, stop, **kwargs):
+        super().__init__(**kwargs)
+        self._stop = stop
+
+    async def on_stop(self) -> None:
+        self._stop()
+
+
+def clock_of(settings: Settings):
+    """The time segment windows are relative to: the system clock, or (tests) the epoch ms in a file."""
+    path = settings.clock_file
+    if path is None:
+        return wall_ms
+
+    def from_file() -> int:
+        return int(path.read_text().strip())
+    return from_file
 
 
 class Progress(Service):
@@ -202,7 +227,8 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     ingest = Ingest(plan=plan, limits=settings.limits(), topics=names, first_seen=first_seen,
                     linked_users=linked_users, outbox=output.outbox, dedup_horizon_days=settings.dedup_horizon_days)
     aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
-                               retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size))
+                               retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size),
+                               clock=clock_of(settings), sweep_seconds=settings.segment_sweep_seconds)
     sinks = SinkStage(sink)
 
     def owned() -> set[int]:
@@ -234,7 +260,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
 
     @app.on_partitions_revoked.connect
     async def _revoked(app_: faust.App, revoked, **kwargs) -> None:
-        aggregate.revoked({tp.partition for tp in revoked if tp.topic == names.identified})
+        await aggregate.handing_over({tp.partition for tp in revoked if tp.topic == names.identified})
 
     @app.on_partitions_assigned.connect
     async def _assigned(app_: faust.App, assigned, **kwargs) -> None:
@@ -245,10 +271,11 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     # Lingers like the sinks: each batch inserts its events' rows.
     batches.add(app, topic["identified"], aggregate.process, name="aggregate", retry=policy,
                 max_records=BATCH_RECORDS, linger=settings.sink_flush_seconds)
-    for kind in ("funnels", "retention", "active_users"):
+    for kind in ("funnels", "retention", "active_users", "lifecycle"):
         batches.add(app, topic[kind], sinks.partials(kind), name=f"sink_{kind}", retry=policy, **flush)
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
+    batches.add(app, topic["segments"], sinks.segments, name="sink_segments", retry=policy, **flush)
 
     kafka = KafkaProbe(settings.kafka_bootstrap)
     status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,
@@ -263,4 +290,4 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    return Pipeline(app, [listeners, output, Progress(app), status])
+    return Pipeline(app, [listeners, output, Progress(app), status, Stopping(aggregate.stop)])

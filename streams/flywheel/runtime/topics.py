@@ -31,8 +31,9 @@ def ensure_topics(settings: Settings) -> list[str]:
     try:
         existing = set(admin.list_topics())
         names = settings.topics
-        # metrics.* hold absolute values keyed by (cell, partition): compaction keeps the latest of each.
-        compacted = {names.funnels, names.retention, names.active_users}
+        # metrics.* hold absolute values keyed by (cell, partition), segments.changes membership changes keyed
+        # by segment|person: compaction keeps the latest of each.
+        compacted = {names.funnels, names.retention, names.active_users, names.lifecycle, names.segments}
         # Faust creates its tables' changelogs itself, but a changelog created while the consumer group
         # forms can be missing from the first assignment (faust then crashes the agent with
         # PartitionsMismatch "changelog has 0 partitions"): create them up front, like Faust would.

@@ -48,6 +48,7 @@ from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
+from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
 from flywheel.model.rows import event_row
 from flywheel.stages.ports import ClickHouseWriter, Outbox, Record, Table
 from flywheel.stages.tables import Writes
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 END = b"\x00partition\x00"  # + partition: the checkpoint's end mark (the first release's meta record)
 BEGIN = b"\x00begin\x00"  # + partition: the sequence number of the last batch that started writing
 CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
+# Segments (docs/design.md §9): the sweep's index, one key per person with a due time, in time order; and
+# the membership changes of the partition's last batches, kept until their publication is known to have landed.
+DUE = b"\x00due\x00"  # + partition + NUL + due ms (13 digits) + NUL + person id → b""
+AUDIENCE = b"\x00audience\x00"  # + partition + NUL + segment|person → [audience record, ...]
+SWEEP_MAX = 500  # persons re-evaluated per partition per sweep batch
 # A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
 # every YIELD_EVERY records: the collector and /health share the loop.
 SLICE = 100
@@ -74,6 +80,22 @@ def _cell_prefix(partition: int) -> bytes:
     return _mark(CELL, partition) + b"\x00"
 
 
+def _due_prefix(partition: int) -> bytes:
+    return _mark(DUE, partition) + b"\x00"
+
+
+def _due_key(partition: int, due: int, person: bytes) -> bytes:
+    return _due_prefix(partition) + b"%013d\x00" % due + person
+
+
+def _audience_prefix(partition: int) -> bytes:
+    return _mark(AUDIENCE, partition) + b"\x00"
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def is_bookkeeping(key: bytes) -> bool:
     return key[:1] == b"\x00"
 
@@ -86,7 +108,8 @@ def owner_of(key: bytes, person_partition: Callable[[bytes], int]) -> int:
 
 class AggregateStage:
     def __init__(self, *, metrics: Metrics, persons: Table, sink: ClickHouseWriter,
-                 outbox: Callable[[], Awaitable[Outbox]], topics: Topics, retry: Retry):
+                 outbox: Callable[[], Awaitable[Outbox]], topics: Topics, retry: Retry,
+                 clock: Callable[[], int] = wall_ms, sweep_seconds: float = 10.0):
         self.metrics = metrics
         self.persons = persons  # person id → PersonState JSON, and the bookkeeping above
         self.sink = sink
@@ -101,6 +124,17 @@ class AggregateStage:
         self._repairs: dict[int, asyncio.Task] = {}
         self._publishing = asyncio.Lock()
         self._counting = asyncio.Lock()
+        # Segments: the clock "within" windows are relative to (injectable: tests move time), how often the
+        # due index is swept, and membership changes not yet published / published but still stored.
+        self.clock = clock
+        self.sweep_seconds = sweep_seconds
+        self._batch = asyncio.Lock()  # a batch of events and a sweep batch do not interleave
+        self._unannounced: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
+        self._announced: dict[int, set[bytes]] = defaultdict(set)
+        self._sweeper: asyncio.Task | None = None
+        # partition → the segment versions every person of it was evaluated under (its end mark keeps them)
+        self.evaluated: dict[int, dict[str, str]] = {}
+        self._reevaluations: dict[int, asyncio.Task] = {}
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -111,6 +145,8 @@ class AggregateStage:
         self._repairs.update(new)
         if new:
             asyncio.ensure_future(self._report(new))
+        if self.metrics.segments and (self._sweeper is None or self._sweeper.done()):
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
 
     async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
         """One line once an assignment's partitions are repaired."""
@@ -131,6 +167,25 @@ class AggregateStage:
                 task.cancel()
         self.partials.forget(partitions)
         self.corrections = {k: v for k, v in self.corrections.items() if k[0] not in partitions}
+        for p in partitions:
+            self._unannounced.pop(p, None)
+            self._announced.pop(p, None)
+            task = self._reevaluations.pop(p, None)
+            if task is not None:
+                task.cancel()
+
+    async def handing_over(self, partitions: Iterable[int]) -> None:
+        """Faust is about to hand these partitions' tables over (a rebalance). The sweep and the evaluations
+        are not Faust's batches, which a rebalance waits for: finish the batch in hand, stop them (assignment
+        starts them again), then revoke — so none of them writes a state it no longer owns."""
+        async with self._batch:
+            self.stop()
+            self.revoked(partitions)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _ready(self, partitions: Iterable[int]) -> None:
         """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
@@ -154,7 +209,54 @@ class AggregateStage:
         obs.PARTIALS_RESTORED.labels(how).inc()
         cells = len(self.partials.parts[partition].counts)
         await self.retry(lambda: self._publish([partition]), f"republish p{partition}", cells)
+        # membership changes whose publication a crash may have cut: published again (same messageIds)
+        prefix = _audience_prefix(partition)
+        pending = {key[len(prefix):]: orjson.loads(value) for key, value in self.persons.scan(partition, prefix)}
+        if pending:
+            self._unannounced[partition].update(pending)
+            await self.retry(lambda: self._announce([partition]), f"audiences p{partition}", len(pending))
+        if self.evaluated.get(partition, {}) != self._segment_versions():
+            # segments added or changed since the partition's persons were last evaluated: all of them, once
+            self._reevaluations[partition] = asyncio.ensure_future(self._reevaluate(partition))
         return how, cells
+
+    def _segment_versions(self) -> dict[str, str]:
+        return {s.name: s.version for s in self.metrics.segments}
+
+    async def _reevaluate(self, partition: int) -> None:
+        """Every person of the partition evaluated under the current segment definitions, SWEEP_MAX at a time
+        through the batch path (O(persons), in the background, once per change of the definitions); then
+        the end mark records the versions, so a restart does not do it again."""
+        started, start, done = time.monotonic(), b"\x01", 0  # person ids never start with NUL
+        versions = self._segment_versions()
+        log.info("segments changed on partition %d (%s → %s): evaluating every person", partition,
+                 sorted(self.evaluated.get(partition, {}).items()), sorted(versions.items()))
+        while True:
+            keys = []
+            for key, _ in self.persons.scan(partition, b"", start):
+                if is_bookkeeping(key):
+                    continue
+                keys.append(key)
+                if len(keys) == SWEEP_MAX:
+                    break
+            if not keys:
+                break
+            due = [(partition, {"type": "due", "person": k.decode(), "at": None}) for k in keys]
+
+            async def attempt(due: list = due) -> None:
+                async with self._batch:
+                    await self._run(due)
+            await self.retry(attempt, f"segments evaluation p{partition}", len(due))
+            done += len(keys)
+            start = keys[-1] + b"\x00"
+        self.evaluated[partition] = versions
+
+        async def checkpoint() -> None:
+            async with self._batch:
+                await self._write_checkpoint(partition)
+        await self.retry(checkpoint, f"checkpoint p{partition}", 1)
+        log.info("segments on partition %d: %d persons evaluated in %.1fs", partition, done,
+                 time.monotonic() - started)
 
     def _end(self, partition: int) -> dict:
         raw = self.persons.get(partition, _mark(END, partition))
@@ -164,6 +266,7 @@ class AggregateStage:
         """Partials from the checkpoint, if it is whole."""
         end = self._end(partition)
         self.versions[partition] = int(end.get("version", 0))
+        self.evaluated[partition] = end.get("segments", {})
         begin = self.persons.get(partition, _mark(BEGIN, partition))
         if "seq" not in end or begin is None or int(begin) != end["seq"]:
             return False
@@ -225,25 +328,41 @@ class AggregateStage:
             writes.put(partition, key, str(persons).encode())
         for key in stale:
             writes.put(partition, key, None)
+        announced = self._announced.pop(partition, set())
+        for akey in announced:
+            writes.put(partition, _audience_prefix(partition) + akey, None)
         zeros = [c for c in part.dirty if not part.counts.get(c)]
         writes.put(partition, _mark(END, partition), self._end_record(partition, part.watermark, zeros, seq))
-        writes.apply(await outbox.send())
+        try:
+            writes.apply(await outbox.send())
+        except BaseException:
+            self._announced[partition] |= announced
+            raise
         self.seq[partition] = seq
 
     def _end_record(self, partition: int, watermark: int, zeros: Iterable[Cell], seq: int) -> bytes:
         return orjson.dumps({"watermark": watermark, "version": self.versions.get(partition, 0),
-                             "zeros": sorted(cell_id(c) for c in zeros), "seq": seq})
+                             "zeros": sorted(cell_id(c) for c in zeros), "seq": seq,
+                             "segments": self.evaluated.get(partition, {})})
 
     # ---- one batch ----------------------------------------------------------------------------------
     async def process(self, records: Sequence[Record]) -> None:
-        batch = [(r.partition, orjson.loads(r.value)) for r in records]
+        async with self._batch:
+            await self._run([(r.partition, orjson.loads(r.value)) for r in records])
+
+    async def _run(self, batch: list[tuple[int, dict]]) -> None:
+        """One batch: events.identified records, or the sweep's {"type": "due"} ones."""
         await self._ready({p for p, _ in batch})
         outbox = await self.outbox()
         writes = Writes(self.persons, outbox)
         touched: dict[tuple[int, bytes], list] = {}  # (partition, key) → [old, new]
         watermarks: dict[int, int] = defaultdict(lambda: -1)
 
-        def state_of(part: int, key: bytes) -> list:
+        changed: set[tuple[int, bytes]] = set()  # persons whose history this batch changes (not the sweep's)
+
+        def state_of(part: int, key: bytes, history: bool = True) -> list:
+            if history:
+                changed.add((part, key))
             slot = touched.get((part, key))
             if slot is None:
                 raw = writes.get(part, key)
@@ -271,7 +390,15 @@ class AggregateStage:
                 slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
                 slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
+                slot[1].user = True  # a hand-off goes to the user the anonymous id was linked to
                 watermarks[part] = max(watermarks[part], slot[1].newest)
+            elif kind == "due":  # the sweep: a person whose segment memberships may have changed by now
+                key = rec["person"].encode()
+                slot = state_of(part, key, history=False)
+                if rec["at"] is not None and (slot[0] is None or slot[0].due != rec["at"]):  # a stale index key
+                    writes.put(part, _due_key(part, rec["at"], key), None)
+                if slot[0] is None:
+                    slot[1] = None
             else:
                 rows.append(self._event(part, rec, state_of, watermarks))
 
@@ -296,6 +423,12 @@ class AggregateStage:
             obs.PERSON_HANDOFFS.inc(len(handoffs))
         # 3. rows
         await self.sink.write("flywheel.events", rows)
+        # segment memberships of every person touched, now (docs/design.md §9)
+        audience: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
+        now = self.clock()
+        for (part, key), (old, new) in touched.items():
+            if self.metrics.segments or (old is not None and (old.members or old.due >= 0)):  # (segments removed)
+                self._decide(part, key, old, new, now, writes, audience)
         # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
         by_partition: dict[int, list] = defaultdict(list)
         for (part, key), slot in touched.items():
@@ -303,9 +436,10 @@ class AggregateStage:
         changes: list[tuple[Change, int]] = []
         for part, persons in by_partition.items():
             delta: Counter = Counter()
-            for i in range(0, len(persons), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
-                delta.update(self.partials.delta(part, watermarks[part],
-                                                 [(old, new) for _, old, new in persons[i:i + YIELD_EVERY // 10]]))
+            # the sweep changes no history: its persons' contributions stay as they were
+            movers = [(old, new) for key, old, new in persons if (part, key) in changed]
+            for i in range(0, len(movers), YIELD_EVERY // 10):  # ~50 persons' contributions, twice, per turn
+                delta.update(self.partials.delta(part, watermarks[part], movers[i:i + YIELD_EVERY // 10]))
                 await asyncio.sleep(0)
             change = self.partials.change(part, watermarks[part], delta)
             seq = self.seq.get(part, 0) + 1
@@ -322,6 +456,12 @@ class AggregateStage:
                 writes.put(part, prefix + cell_id(cell).encode(), str(value).encode() if value else None)
             for cell in change.closed:
                 writes.put(part, prefix + cell_id(cell).encode(), None)
+            prefix = _audience_prefix(part)
+            for akey in self._announced.get(part, ()):  # published: no longer needed for a repair
+                writes.put(part, prefix + akey, None)
+            for akey, recs in audience.get(part, {}).items():
+                recs[:0] = self._unannounced.get(part, {}).get(akey, [])
+                writes.put(part, prefix + akey, orjson.dumps(recs))
             writes.put(part, _mark(END, part),
                        self._end_record(part, change.watermark, change.unpublished_zeros, seq))
         first_open = {c.partition: c.open_from for c, _ in changes}
@@ -336,8 +476,96 @@ class AggregateStage:
         for change, seq in changes:
             self.partials.commit(change)
             self.seq[change.partition] = seq
-        # 5. the changed cells
+            self._announced.pop(change.partition, None)
+        for part, pending in audience.items():
+            self._unannounced[part].update(pending)
+        # 5. the changed cells, and the membership changes (with any a failed attempt left)
         await self._publish([change.partition for change, _ in changes])
+        await self._announce([p for p, pending in self._unannounced.items() if pending])
+
+    def _decide(self, part: int, key: bytes, old: PersonState | None, new: PersonState | None, now: int,
+                writes: Writes, audience: dict[int, dict[bytes, list[dict]]]) -> None:
+        """A touched person's segment memberships at `now`: its changes (as audience records), its new
+        memberships and due time in `new`, and the due index moved along."""
+        before = old.members if old is not None else {}
+        if new is not None:
+            trim(new, self.metrics, now)
+        after, changes = decide(before, memberships(new, self.metrics, now), now)
+        if new is not None:
+            new.members = after
+            new.due = next_change(self.metrics.segments, new, now)
+        old_due, new_due = (old.due if old is not None else -1), (new.due if new is not None else -1)
+        if old_due != new_due:
+            if old_due >= 0:
+                writes.put(part, _due_key(part, old_due, key), None)
+            if new_due >= 0:
+                writes.put(part, _due_key(part, new_due, key), b"")
+        if changes:
+            person, user = key.decode(), (new or old).user
+            for event, name, version, since in changes:
+                akey, rec = audience_record(event, name, version, person, user=user, at=now, since=since)
+                audience[part].setdefault(akey, []).append(rec)
+
+    async def _announce(self, partitions: Iterable[int]) -> None:
+        """Publish the membership changes still due on these partitions (their states are written)."""
+        async with self._publishing:
+            due = {p: dict(self._unannounced[p]) for p in partitions if self._unannounced.get(p)}
+            if not due:
+                return
+            out = await self.outbox()
+            for pending in due.values():
+                for akey, recs in pending.items():
+                    for rec in recs:
+                        out.add(self.topics.segments, akey, orjson.dumps(rec))
+            await out.send()
+            for p, pending in due.items():
+                for akey, recs in pending.items():
+                    if self._unannounced[p].get(akey) is recs:
+                        del self._unannounced[p][akey]
+                    self._announced[p].add(akey)
+                    for rec in recs:
+                        obs.AUDIENCE_CHANGES.labels(rec["event"]).inc()
+
+    # ---- the sweep ----------------------------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the retry policy gave up (bad data): logged there; the next sweep tries again
+                log.exception("segments sweep failed; the next one in %.0f s tries again", self.sweep_seconds)
+
+    async def sweep(self) -> int:
+        """Re-evaluate the persons whose due time has come (the due index, in time order), SWEEP_MAX per
+        partition per batch, through the batch path. Returns how many. O(due persons), never O(persons)."""
+        total = 0
+        for p in sorted(self._repairs):
+            task = self._repairs.get(p)
+            if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+                continue  # a partition under repair is swept next time
+            while True:
+                prefix = _due_prefix(p)
+                limit = prefix + b"%013d\x01" % self.clock()
+                due: list[tuple[int, dict]] = []
+                for key, _ in self.persons.scan(p, prefix):
+                    if key >= limit or len(due) == SWEEP_MAX:
+                        break
+                    at, person = key[len(prefix):].split(b"\x00", 1)
+                    due.append((p, {"type": "due", "person": person.decode(), "at": int(at)}))
+                if not due:
+                    break
+
+                async def attempt(due: list = due) -> None:
+                    async with self._batch:
+                        await self._run(due)
+                await self.retry(attempt, f"segments sweep p{p}", len(due))
+                obs.SEGMENT_SWEPT.inc(len(due))
+                total += len(due)
+                if len(due) < SWEEP_MAX:
+                    break
+        return total
 
     async def _forgotten(self, part: int, rec: dict, outbox: Outbox, corrections: dict, *, first_open: int,
                          had_state: bool) -> None:
@@ -382,11 +610,14 @@ class AggregateStage:
         ts, mid, mtype, name = rec["timestamp"], rec["messageId"], rec["type"], rec.get("event", "")
         matched = self.metrics.matching(name, rec.get("properties") or {}, mtype)
         active = self.metrics.activity.matches(mtype, name)
+        traits = rec.get("traits") if mtype == "identify" and self.metrics.trait_keys else None
         late = None
-        if matched or active:
+        if matched or active or (traits and not self.metrics.trait_keys.isdisjoint(traits)):
             slot = state_of(part, rec["personId"].encode())
             state = slot[1] if slot[1] is not None else PersonState()
             slot[1] = state
+            if not state.user and rec["personId"] not in (rec.get("anonymousId"), rec.get("previousId")):
+                state.user = True
             if state.has_applied(mid):
                 pass  # applied before (a redelivery): not late, nothing to do
             elif is_late(state, ts, self.metrics):
@@ -397,7 +628,7 @@ class AggregateStage:
                     obs.CLOSED_CELL_UPDATES.inc()
                     log.warning("event %s (%d ms) changes cells already closed on partition %d: "
                                 "their published values stay as they are", mid, ts, part)
-                apply(state, mid, ts, matched, self.metrics, active=active)
+                apply(state, mid, ts, matched, self.metrics, active=active, traits=traits)
                 watermarks[part] = max(watermarks[part], ts)
         if late:
             obs.LATE_EVENTS.labels(late).inc()
