@@ -263,6 +263,14 @@ class MetricsSpec(_Strict):
     churn_risk: ChurnRiskSpec | None = None
     lifecycle: LifecycleSpec | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_yet(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rfm" in data:
+            raise ValueError("rfm: RFM segments are not supported by this release yet; remove `rfm:` (behavioral "
+                             "segments, churn_risk and lifecycle are)")
+        return data
+
     @field_validator("lateness", "close_after")
     @classmethod
     def _lateness(cls, v: Any) -> Any:
