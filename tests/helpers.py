@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -386,3 +387,16 @@ def settled(bootstrap: str, settings, n_workers: int) -> dict[str, list[list[int
         return None
     topics = [settings.topics.raw, *changelog_topics(bootstrap, settings.app_id)]
     return {t: [m.get(t, []) for m in members] for t in topics}
+
+
+def load_stream(ch, rows: list[dict]) -> None:
+    """Rows of `flywheel.events` into a store, replacing what it held, and identity_map linking every
+    anonymous id `u<n>-d<m>` to its user `u<n>` (the property tests' naming): events_resolved then resolves
+    them as the stream joins the devices' states."""
+    ch.command("TRUNCATE TABLE flywheel.events")
+    ch.command("TRUNCATE TABLE flywheel.identity_map")
+    ch.insert("flywheel.events", rows)
+    links = {r["anonymous_id"] for r in rows if r["anonymous_id"]}
+    ch.insert("flywheel.identity_map", [
+        {"distinct_id": a, "person_id": a.split("-")[0], "version": 1, "message_id": f"link-{a}",
+         "linked_at": datetime(2026, 1, 1, tzinfo=UTC)} for a in sorted(links)])

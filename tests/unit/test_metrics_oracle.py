@@ -20,6 +20,7 @@ from flywheel.metrics import oracle
 from flywheel.metrics.definitions import LIFECYCLE_STATUSES, Funnel, Lifecycle, Retention, parse_metrics
 from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
 from flywheel.model.clock import DAY_MS
+from helpers import load_stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -125,17 +126,6 @@ def expected_from_state(persons: dict[str, PersonState]) -> Counter:
     return total
 
 
-def load(ch, rows: list[dict]) -> None:
-    ch.command("TRUNCATE TABLE flywheel.events")
-    ch.command("TRUNCATE TABLE flywheel.identity_map")
-    ch.insert("flywheel.events", rows)
-    links = {r["anonymous_id"] for r in rows if r["anonymous_id"]}
-    ch.insert("flywheel.identity_map", [
-        {"distinct_id": a, "person_id": a.split("-")[0], "version": 1, "message_id": f"link-{a}",
-         "linked_at": datetime(2026, 1, 1, tzinfo=UTC)} for a in sorted(links)
-    ])
-
-
 def oracle_cells(ch) -> Counter:
     got: Counter = Counter()
     for f in METRICS.funnels:
@@ -166,7 +156,7 @@ def state_cells(persons: dict[str, PersonState]) -> Counter:
 @given(st.lists(event_st, min_size=1, max_size=45))
 def test_state_equals_clickhouse_on_random_streams(ch, events):
     persons, rows = run_stream(events)
-    load(ch, rows)
+    load_stream(ch, rows)
     assert state_cells(persons) == oracle_cells(ch)
 
 
@@ -174,7 +164,7 @@ def test_state_equals_clickhouse_on_random_streams(ch, events):
 @given(st.lists(event_st, min_size=1, max_size=45))
 def test_weekly_lifecycle_equals_clickhouse(ch, events):
     persons, rows = run_stream(events)
-    load(ch, rows)
+    load_stream(ch, rows)
     ours: Counter = Counter()
     for state in persons.values():
         ours.update(tagged(c) for c in contributions(state, WEEKLY, open_from=-(10**6)) if isinstance(c[0], Lifecycle))
@@ -196,7 +186,7 @@ def test_a_known_stream_cell_by_cell(ch):
         (1, 0, d + 2, 0, "", 0, "identify"),              # a person who only ever synced traits
     ]
     persons, rows = run_stream(events)
-    load(ch, rows)
+    load_stream(ch, rows)
     cells = state_cells(persons)
     assert cells[("f", "checkout", BASE_DAY, 3)] == 1
     assert cells[("f", "twice", BASE_DAY, 1)] == 1 and cells[("f", "twice", BASE_DAY, 2)] == 0

@@ -20,6 +20,7 @@ from flywheel.metrics.definitions import MetricsError, parse_metrics
 from flywheel.metrics.person import PersonState, apply, is_late, join
 from flywheel.metrics.segments import NEVER, is_member, memberships, next_change, trim
 from flywheel.model.clock import DAY_MS
+from helpers import load_stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -105,16 +106,6 @@ def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict],
     return persons, rows, newest
 
 
-def load(ch, rows: list[dict]) -> None:
-    ch.command("TRUNCATE TABLE flywheel.events")
-    ch.command("TRUNCATE TABLE flywheel.identity_map")
-    ch.insert("flywheel.events", rows)
-    links = {r["anonymous_id"] for r in rows if r["anonymous_id"]}
-    ch.insert("flywheel.identity_map", [
-        {"distinct_id": a, "person_id": a.split("-")[0], "version": 1, "message_id": f"link-{a}",
-         "linked_at": datetime(2026, 1, 1, tzinfo=UTC)} for a in sorted(links)])
-
-
 def stream_members(persons: dict[str, PersonState], now: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {s.name: [] for s in METRICS.segments}
     for person, state in sorted(persons.items()):
@@ -135,7 +126,7 @@ OFFSETS = [0, 1, 6 * H, 12 * H + 1, DAY_MS, 2 * DAY_MS, 3 * DAY_MS + 5, 6 * DAY_
 @given(st.lists(event_st, min_size=1, max_size=40))
 def test_members_equal_clickhouse_on_random_streams(ch, events):
     persons, rows, newest = run_stream(events)
-    load(ch, rows)
+    load_stream(ch, rows)
     for offset in OFFSETS:
         assert stream_members(persons, newest + offset) == oracle_members(ch, newest + offset), offset
 
@@ -150,7 +141,7 @@ def test_a_known_stream(ch):
         (1, 0, 0, 12 * H, "Buy", 0, "track", 0),      # another person buys once
     ]
     persons, rows, newest = run_stream(events)
-    load(ch, rows)
+    load_stream(ch, rows)
     assert newest == d0 + 12 * H
     now = newest
     members = stream_members(persons, now)

@@ -352,24 +352,30 @@ class Funnel:
     steps: tuple[Predicate, ...]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Retention:
-    name: str
-    version: str
-    cohort: Predicate
-    returning: Predicate
-    period: str  # day | week
-    horizon: int
+class Periodic:
+    """A definition counted per `period`, day or week (weeks start on Monday, UTC)."""
+
+    __slots__ = ()
 
     @property
     def period_days(self) -> int:
         return 7 if self.period == "week" else 1
 
     def period_of(self, day: int) -> int:
-        """Day number (days since 1970-01-01) → the first day of its period (weeks start on Monday)."""
+        """Day number (days since 1970-01-01) → the first day of its period."""
         if self.period == "day":
             return day
         return day - (day + 3) % 7  # 1970-01-01 was a Thursday
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Retention(Periodic):
+    name: str
+    version: str
+    cohort: Predicate
+    returning: Predicate
+    period: str  # day | week
+    horizon: int
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -428,7 +434,7 @@ LIFECYCLE_STATUSES = ("new", "returning", "resurrecting", "dormant")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Lifecycle:
+class Lifecycle(Periodic):
     """Persons per period by status, as PostHog defines it (activity by the metrics file's rule): new (first
     active period), returning (active now and in the previous period), resurrecting (active now, not in the
     previous period, but before it), dormant (active in the previous period, not now)."""
@@ -436,13 +442,6 @@ class Lifecycle:
     name: str
     version: str
     period: str  # day | week
-
-    @property
-    def period_days(self) -> int:
-        return 7 if self.period == "week" else 1
-
-    def period_of(self, day: int) -> int:
-        return day if self.period == "day" else day - (day + 3) % 7
 
 
 DAU, WAU, MAU = ActiveWindow("dau", 1), ActiveWindow("wau", 7), ActiveWindow("mau", 30)

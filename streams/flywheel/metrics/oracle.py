@@ -17,6 +17,7 @@ from flywheel.metrics.definitions import (
     Lifecycle,
     Metrics,
     Performed,
+    Periodic,
     Predicate,
     Retention,
     Segment,
@@ -55,6 +56,11 @@ def json_equals(column: str, key: str, want: Any) -> str:
             f"AND JSONExtractFloat({column}, {k}) = toFloat64({float(want)!r}))")
 
 
+def period_sql(definition: Periodic, time: str) -> str:
+    """The first day of the period of `time`, as Periodic.period_of."""
+    return f"toDate({time})" if definition.period == "day" else f"toMonday({time})"
+
+
 def _events(source: str) -> str:
     return f"(SELECT person_id, timestamp, type, event, properties FROM {source} WHERE late = 0)"
 
@@ -79,12 +85,12 @@ ORDER BY day, step"""
 
 def retention_sql(r: Retention, source: str = "flywheel.events_resolved") -> str:
     """(retention, cohort_day, period, persons, cohort_size) for periods with at least one person."""
-    per = "toDate(e.timestamp)" if r.period == "day" else "toMonday(e.timestamp)"
+    per = period_sql(r, "e.timestamp")
     cohort, ret = condition(r.cohort), condition(r.returning)
     conds = [f"{per} = f.cohort AND {cohort}"] + [
         f"{per} = f.cohort + {n * r.period_days} AND {ret}" for n in range(1, r.horizon + 1)
     ]
-    first = "toDate(min_ts)" if r.period == "day" else "toMonday(min_ts)"
+    first = period_sql(r, "min_ts")
     return f"""
 SELECT {quote(r.name)} AS retention, cohort AS cohort_day, period, persons, cohort_size
 FROM (
@@ -109,7 +115,7 @@ ORDER BY cohort_day, period"""
 
 def cohort_sizes_sql(r: Retention, source: str = "flywheel.events_resolved") -> str:
     cohort = condition(r.cohort)
-    first = "toDate(min_ts)" if r.period == "day" else "toMonday(min_ts)"
+    first = period_sql(r, "min_ts")
     return f"""
 SELECT {quote(r.name)} AS retention, {first} AS cohort_day, count() AS cohort_size
 FROM (SELECT person_id, minIf(timestamp, {cohort}) AS min_ts, countIf({cohort}) AS c
@@ -146,7 +152,7 @@ def lifecycle_sql(lifecycle: Lifecycle, activity: Activity, source: str = "flywh
     """(day, status, persons): per period (its first day), the persons new (first active period), returning
     (active in the previous period too), resurrecting (active, not in the previous period, but before it)
     and dormant (active in the previous period, not in this one) — over activity events."""
-    per = "toDate(timestamp)" if lifecycle.period == "day" else "toMonday(timestamp)"
+    per = period_sql(lifecycle, "timestamp")
     pd = lifecycle.period_days
     return f"""
 SELECT day, status, count() AS persons
