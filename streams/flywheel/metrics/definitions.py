@@ -52,10 +52,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flywheel.model.clock import DAY_MS
 from flywheel.model.envelope import MESSAGE_TYPES
@@ -85,6 +85,16 @@ def parse_duration_ms(value: Any) -> int:
     return int(m.group(1)) * _UNITS_MS[m.group(2)]
 
 
+def _day_or_week(v: str) -> str:
+    if v not in ("day", "week"):
+        raise ValueError("period must be day or week")
+    return v
+
+
+Period = Annotated[str, AfterValidator(_day_or_week)]
+Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]  # of a definition
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -103,7 +113,7 @@ class StepSpec(_Strict):
 
 
 class FunnelSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: Name
     window: str | int
     steps: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
 
@@ -116,18 +126,11 @@ class FunnelSpec(_Strict):
 
 
 class RetentionSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: Name
     cohort_event: str = Field(ANY, min_length=1)
     return_event: str = Field(ANY, min_length=1)
-    period: str = "day"
+    period: Period = "day"
     horizon: int = Field(ge=1, le=MAX_HORIZON)
-
-    @field_validator("period")
-    @classmethod
-    def _period(cls, v: str) -> str:
-        if v not in ("day", "week"):
-            raise ValueError("period must be day or week")
-        return v
 
 
 ACTIVITY_TYPES = ("track", "page", "screen")
@@ -213,7 +216,7 @@ class UniverseSpec(_Strict):
 
 
 class SegmentSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: Name
     all: list[ConditionSpec] | None = Field(None, min_length=1)
     any: list[ConditionSpec] | None = Field(None, min_length=1)
     universe: str | UniverseSpec | None = None
@@ -228,7 +231,7 @@ class SegmentSpec(_Strict):
 
 
 class ChurnRiskSpec(_Strict):
-    name: str = Field("churn_risk", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: Name = "churn_risk"
     active_within: str | int
     silent_for: str | int
 
@@ -243,14 +246,7 @@ class ChurnRiskSpec(_Strict):
 
 
 class LifecycleSpec(_Strict):
-    period: str = "day"
-
-    @field_validator("period")
-    @classmethod
-    def _period(cls, v: str) -> str:
-        if v not in ("day", "week"):
-            raise ValueError("period must be day or week")
-        return v
+    period: Period = "day"
 
 
 class MetricsSpec(_Strict):
