@@ -31,6 +31,7 @@ from flywheel.clickhouse import ClickHouse
 from flywheel.collector.server import Collector, collector_app
 from flywheel.config import Settings
 from flywheel.metrics.definitions import load_metrics
+from flywheel.model.clock import wall_ms
 from flywheel.model.plan import load_plan
 from flywheel.runtime import faust_seams
 from flywheel.runtime.delivery import BatchTopics
@@ -39,7 +40,7 @@ from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
 from flywheel.runtime.status import WorkerStatus
 from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
-from flywheel.stages.aggregate import AggregateStage, owner_of, wall_ms
+from flywheel.stages.aggregate import AggregateStage, owner_of
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
 from flywheel.web.admin import add_sql, add_status, admin_app
