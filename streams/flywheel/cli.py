@@ -291,11 +291,11 @@ def metrics_verify() -> None:
     """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).
 
     funnel_daily vs windowFunnel(W, 'strict_once'), retention_daily vs retention(...),
-    active_users_daily vs uniqExact, lifecycle_daily vs each person's active periods, segment_members vs
-    each segment's conditions now, over
-    events_resolved (non-late). Scans all events: run it to check, not on a schedule. Exit 1 and the
-    differing cells when they differ (allow for events still in flight on a busy pipeline, and for
-    memberships due within the last sweep interval, FLYWHEEL_SEGMENT_SWEEP_SECONDS).
+    active_users_daily vs uniqExact, lifecycle_daily vs each person's active periods, segment_members
+    vs each segment's conditions now — over events_resolved (non-late). Scans all events: run it to
+    check, not on a schedule. Exit 1 and the differing cells when they differ (allow for events still
+    in flight on a busy pipeline, and for memberships due within the last sweep interval,
+    FLYWHEEL_SEGMENT_SWEEP_SECONDS).
     """
     from flywheel.metrics import verify
     from flywheel.metrics.definitions import MetricsError, load_metrics
@@ -305,8 +305,7 @@ def metrics_verify() -> None:
     query = _query(settings)
     try:
         metrics = load_metrics(settings.metrics)
-        at = int(settings.clock_file.read_text()) if settings.clock_file else None  # the workers' now
-        diffs = verify.compare(lambda q: query(q)[1], metrics, at)
+        diffs = verify.compare(lambda q: query(q)[1], metrics, settings.clock()())  # the workers' now
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     for name, (view_only, oracle_only) in diffs.items():
@@ -355,6 +354,7 @@ def segments_members(
     """The current members of a segment: person id, userId / anonymousId, member since (UTC)."""
     import csv
 
+    from flywheel.metrics.definitions import MetricsError, load_metrics
     from flywheel.metrics.oracle import quote
     from flywheel.query import QueryError
 
@@ -362,11 +362,15 @@ def segments_members(
         _fail(f"--format {fmt}: use table or csv")
     settings = _settings()
     try:
+        defined = {s.name for s in load_metrics(settings.metrics).segments}
         columns, rows = _query(settings)(
             "SELECT person_id, user_id, anonymous_id, since FROM flywheel.segment_members "
             f"WHERE segment = {quote(name)} ORDER BY person_id")
-    except QueryError as exc:
+    except (MetricsError, QueryError) as exc:
         _fail(str(exc))
+    if name not in defined and not rows:
+        _fail(f"no segment {name!r} in {settings.metrics} and no members of one: `flywheel segments list` "
+              "shows the segments")
     if fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)

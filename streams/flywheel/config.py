@@ -9,6 +9,7 @@ case (`kafka_bootstrap: ...`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flywheel import paths
+from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import Limits
 
 DEV_WRITE_KEY = "flywheel-dev-key"
@@ -128,6 +130,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_scheme(cls, v: str) -> str:
         return v.removeprefix("kafka://")
+
+    def clock(self) -> Callable[[], int]:
+        """The time segment windows are relative to, epoch ms: the system clock, or (tests) `clock_file`'s."""
+        path = self.clock_file
+        if path is None:
+            return wall_ms
+        return lambda: int(path.read_text().strip())
 
     def as_env(self) -> dict[str, str]:
         """These settings as FLYWHEEL_* environment variables (for starting a child process)."""

@@ -119,6 +119,9 @@ def test_views_equal_the_oracles_uninterrupted_and_after_kill_9(kafka, tmp_path)
         assert {seg for seg, _ in members} == {"shoe_browsers", "pro", "buyers_or_pro", "churn_risk"}
         assert all(person.startswith(("user-", "cohort-user")) for seg, person in members if seg == "pro")
         assert ("pro", "cohort-user") in members
+        # the journey's person was active as an anonymous device, then as its user, 5 days before now: at churn
+        # risk once, as the user
+        assert ("churn_risk", "journey-user") in members and not any(p == "journey-anon" for _, p in members)
         wait_until(lambda: replayed(worker) == members, timeout=60, what="segments.changes to replay into the members")
         # the commands an operator uses
         listed = subprocess.run([sys.executable, "-m", "flywheel.cli", "segments", "list"], env=worker.env,

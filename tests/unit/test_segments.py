@@ -265,3 +265,31 @@ def test_the_views_follow_the_records_order_and_count_days(ch):
     sizes = ch.rows("SELECT toString(day), persons, entered, exited FROM flywheel.segment_sizes_daily "
                     "WHERE segment = 's' ORDER BY day LIMIT 2")[1]
     assert [tuple(r) for r in sizes] == [("2025-11-08", 1, 3, 2), ("2025-11-09", 2, 1, 0)]
+
+
+def test_cli_lists_segments_and_members_and_says_when_one_does_not_exist(ch, tmp_path, monkeypatch):
+    """`flywheel segments list / members` over a store holding one entry. The commands' queries go to the
+    module's store (chdb holds one directory per process; opening a store is tested with the worker)."""
+    from flywheel import cli as cli_module
+    from flywheel.cli import cli
+    from flywheel.metrics.segments import audience_record
+    from flywheel.model.envelope import AUDIENCE_ENTERED
+    from flywheel.model.rows import audience_row
+    from typer.testing import CliRunner
+
+    metrics_file = tmp_path / "metrics.yaml"
+    metrics_file.write_text("segments:\n  - name: pro\n    all:\n      - trait: {plan: pro}\n")
+    ch.command("TRUNCATE TABLE flywheel.segment_changes")
+    _, rec = audience_record(AUDIENCE_ENTERED, "pro", "v1", "u1", user=True, at=BASE_DAY * DAY_MS,
+                             since=BASE_DAY * DAY_MS)
+    ch.insert("flywheel.segment_changes", [audience_row(orjson.loads(orjson.dumps(rec)), 0, 0)])
+    monkeypatch.setattr(cli_module, "_query", lambda settings: ch.rows)
+    monkeypatch.setenv("FLYWHEEL_METRICS", str(metrics_file))
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["segments", "list"])
+    assert listed.exit_code == 0 and "pro\t1 members\tversion " in listed.output, listed.output
+    members = runner.invoke(cli, ["segments", "members", "pro", "--format", "csv"])
+    assert members.exit_code == 0 and members.output.splitlines()[:2] == [
+        "person_id,user_id,anonymous_id,since", "u1,u1,,2025-11-08 00:00:00.000"], members.output
+    unknown = runner.invoke(cli, ["segments", "members", "nope"])
+    assert unknown.exit_code == 1 and "no segment 'nope'" in unknown.output

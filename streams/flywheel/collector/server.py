@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import socket
-import time
 
 from aiohttp import web
 
@@ -25,6 +24,7 @@ from flywheel.collector.committer import Committer, GroupCommitter, KafkaUnavail
 from flywheel.collector.intake import Request, intake, too_large
 from flywheel.collector.outcomes import Accepted, Rejected
 from flywheel.config import Settings
+from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
 from flywheel.web.admin import admin_app
 from flywheel.web.health import Check, KafkaProbe, add_health
@@ -91,7 +91,7 @@ class Collector:
         outcome = intake(
             Request(kind, body, authorization=headers.get("Authorization"),
                     content_encoding=headers.get("Content-Encoding"), remote=request.remote),
-            self.keys, self.limits, now_ms=time.time_ns() // 1_000_000,
+            self.keys, self.limits, now_ms=wall_ms(),
         )
         if isinstance(outcome, Rejected):
             return self._reject(outcome)

@@ -7,11 +7,11 @@ ClickHouse and returns rows.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from flywheel.metrics import oracle
 from flywheel.metrics.definitions import Metrics
+from flywheel.model.clock import wall_ms
 
 Query = Callable[[str], list]
 
@@ -36,7 +36,7 @@ def views(query: Query) -> dict[str, set]:
 
 def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[str, set]:
     """The oracles; segment members at `at_ms` (default: now)."""
-    at_ms = time.time_ns() // 1_000_000 if at_ms is None else at_ms
+    at_ms = wall_ms() if at_ms is None else at_ms
     members = set()
     for s in metrics.segments:
         members |= {(s.name, str(r[0])) for r in query(oracle.segment_members_sql(s, metrics, at_ms))}

@@ -3,12 +3,18 @@ UTC day number (days since 1970-01-01)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 
 DAY_MS = 86_400_000
 EPOCH = date(1970, 1, 1)
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+
+
+def wall_ms() -> int:
+    """The system clock, epoch milliseconds."""
+    return time.time_ns() // 1_000_000
 
 
 def to_ms(ts: datetime) -> int:

@@ -39,7 +39,7 @@ from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
 from flywheel.runtime.status import WorkerStatus
 from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
-from flywheel.stages.aggregate import AggregateStage, owner_of, wall_ms
+from flywheel.stages.aggregate import AggregateStage, owner_of
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
 from flywheel.web.admin import add_sql, add_status, admin_app
@@ -86,17 +86,6 @@ class Stopping(Service):
 
     async def on_stop(self) -> None:
         self._stop()
-
-
-def clock_of(settings: Settings):
-    """The time segment windows are relative to: the system clock, or (tests) the epoch ms in a file."""
-    path = settings.clock_file
-    if path is None:
-        return wall_ms
-
-    def from_file() -> int:
-        return int(path.read_text().strip())
-    return from_file
 
 
 class Progress(Service):
@@ -228,7 +217,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                     linked_users=linked_users, outbox=output.outbox, dedup_horizon_days=settings.dedup_horizon_days)
     aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
                                retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size),
-                               clock=clock_of(settings), sweep_seconds=settings.segment_sweep_seconds)
+                               clock=settings.clock(), sweep_seconds=settings.segment_sweep_seconds)
     sinks = SinkStage(sink)
 
     def owned() -> set[int]:

@@ -49,6 +49,7 @@ from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
 from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
+from flywheel.model.clock import wall_ms
 from flywheel.model.rows import event_row
 from flywheel.stages.ports import ClickHouseWriter, Outbox, Record, Table
 from flywheel.stages.tables import Writes
@@ -90,10 +91,6 @@ def _due_key(partition: int, due: int, person: bytes) -> bytes:
 
 def _audience_prefix(partition: int) -> bytes:
     return _mark(AUDIENCE, partition) + b"\x00"
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def is_bookkeeping(key: bytes) -> bool:
