@@ -1,5 +1,6 @@
 """RFM's pure part (metrics/rfm.py) against ClickHouse (oracle.rfm_sql), in chdb: per-person values from the
-orders in the window, global quintile cuts, scores and the R×F grid — equal on random order streams."""
+orders a person state keeps (devices joined to their user, redeliveries applied once), global quintile cuts,
+scores and the R×F grid — equal on random order streams."""
 
 from __future__ import annotations
 
@@ -12,20 +13,28 @@ from flywheel.clickhouse.embedded import EmbeddedClickHouse
 from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import oracle, rfm
 from flywheel.metrics.definitions import parse_metrics
+from flywheel.metrics.person import PersonState, apply, join
 from flywheel.model.clock import DAY_MS
 from helpers import load_stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ORDER = parse_metrics({"funnels": [{"name": "f", "window": "1h", "steps": [{"event": "Order Completed"}]}]}
-                      ).funnels[0].steps[0]
-WINDOW = 30 * DAY_MS
+# lateness longer than the stream: no order is late, whatever the order of arrival
+METRICS = parse_metrics({"lateness": "60d",
+                         "rfm": {"event": "Order Completed", "monetary": "revenue", "window": "30d"}})
+ORDER = METRICS.rfm.order
+WINDOW = METRICS.rfm.window_ms
 NOW = 20_400 * DAY_MS + 12 * 3_600_000
 AMOUNTS = [10.0, 10, 0.1, 0.2, 19.99, 5.5, "12", True, None, 0]
 
-# (person, days before now, ms offset, amount index, counted: an Order Completed or another event)
-order_st = st.tuples(st.integers(0, 12), st.integers(0, 40), st.sampled_from([0, 1, 3_600_000]),
-                     st.sampled_from(range(len(AMOUNTS))), st.booleans())
+# (person, device (0 = the user id), days before now, ms offset, amount index, an Order Completed or not,
+#  sent twice)
+order_st = st.tuples(st.integers(0, 12), st.integers(0, 2), st.integers(0, 40), st.sampled_from([0, 1, 3_600_000]),
+                     st.sampled_from(range(len(AMOUNTS))), st.booleans(), st.booleans())
+
+
+def owner(person: int, device: int) -> str:
+    return f"u{person}" if device == 0 else f"u{person}-d{device}"
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +47,14 @@ def ch(tmp_path_factory):
 
 def rows_of(orders: list[tuple]) -> list[dict]:
     out = []
-    for i, (person, days, offset, amount, counted) in enumerate(orders):
+    for i, (person, device, days, offset, amount, counted, _twice) in enumerate(orders):
         ts = NOW - days * DAY_MS + offset
         props = {} if AMOUNTS[amount] is None else {"revenue": AMOUNTS[amount]}
+        who = owner(person, device)
         out.append({
             "message_id": f"m{i}", "type": "track", "event": "Order Completed" if counted else "Product Viewed",
-            "anonymous_id": "", "user_id": f"u{person}", "person_id": f"u{person}", "previous_id": "",
+            "anonymous_id": who if device else "", "user_id": "" if device else who, "person_id": who,
+            "previous_id": "",
             "group_id": "", "timestamp": datetime.fromtimestamp(ts / 1000, tz=UTC),
             "received_at": datetime(2026, 1, 1, tzinfo=UTC), "sent_at": None,
             "properties": orjson.dumps(props).decode(), "traits": "{}", "context": "{}", "source": "test", "late": 0})
@@ -51,14 +62,22 @@ def rows_of(orders: list[tuple]) -> list[dict]:
 
 
 def ours(orders: list[tuple]) -> dict[str, tuple]:
-    by_person: dict[str, list[tuple[int, float]]] = {}
-    for person, days, offset, amount, counted in orders:
-        if not counted:
-            continue
-        value = AMOUNTS[amount]
-        number = value if isinstance(value, int | float) and not isinstance(value, bool) else 0
-        by_person.setdefault(f"u{person}", []).append((NOW - days * DAY_MS + offset, float(number)))
-    people = {p: v for p, orders_ in by_person.items() if (v := rfm.values(orders_, NOW, WINDOW)) is not None}
+    """As the aggregate stage: each device's state applies its events once (a redelivery is recognised),
+    then is handed to its user, whose state joins it."""
+    states: dict[str, PersonState] = {}
+    for i, (person, device, days, offset, amount, counted, twice) in enumerate(orders):
+        name = "Order Completed" if counted else "Product Viewed"
+        props = {} if AMOUNTS[amount] is None else {"revenue": AMOUNTS[amount]}
+        state = states.setdefault(owner(person, device), PersonState())
+        for _ in range(2 if twice else 1):
+            if not state.has_applied(f"m{i}"):
+                apply(state, f"m{i}", NOW - days * DAY_MS + offset, METRICS.matching(name, props), METRICS,
+                      properties=props)
+    persons: dict[str, PersonState] = {}
+    for who, state in states.items():
+        user = who.split("-")[0]
+        persons[user] = join(persons[user], state, METRICS) if user in persons else state
+    people = {p: v for p, s in persons.items() if (v := rfm.values(s.orders, NOW, WINDOW)) is not None}
     scored = rfm.scores(people)
     return {p: (*people[p], *scored[p][:3]) for p in people}
 
@@ -88,3 +107,25 @@ def test_the_grid_places_every_score_pair_once():
     assert sorted(cells) == [(r, f) for r in range(1, 6) for f in range(1, 6)]
     assert rfm.grid_segment(5, 5) == "champions" and rfm.grid_segment(1, 5) == "cant_lose"
     assert len(set(rfm.SEGMENTS)) == 10
+
+
+def test_a_state_keeps_its_orders_within_the_window_and_only_with_rfm():
+    state = PersonState()
+    for i, days in enumerate((95, 40, 1)):
+        apply(state, f"o{i}", NOW - days * DAY_MS, METRICS.matching("Order Completed", {}), METRICS,
+              properties={"revenue": 2.5})
+    # pruned a window plus the lateness (30 + 60 days) behind the newest order
+    assert [(NOW - ts) // DAY_MS for ts, _, _ in state.orders] == [40, 1]
+    again = PersonState.from_json(orjson.loads(orjson.dumps(state.to_json())), METRICS)
+    assert again.orders == state.orders and rfm.values(again.orders, NOW, WINDOW) == (1, 1, 2.5)
+    without = PersonState.from_json(state.to_json(), parse_metrics({}))
+    assert without.orders == [] and "o" not in without.to_json()
+
+
+def test_rfm_definition_errors_say_where():
+    from flywheel.metrics.definitions import MetricsError
+
+    with pytest.raises(MetricsError, match=r"rfm.window: Value error, window must be positive"):
+        parse_metrics({"rfm": {"event": "Order Completed", "monetary": "revenue", "window": "500d"}})
+    with pytest.raises(MetricsError, match=r"rfm.monetary: Field required"):
+        parse_metrics({"rfm": {"event": "Order Completed"}})

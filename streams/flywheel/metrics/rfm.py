@@ -42,10 +42,10 @@ def grid_segment(r: int, f: int) -> str:
     return _BY_SCORES[(r, f)]
 
 
-def values(orders: Sequence[tuple[int, float]], now: int, window_ms: int) -> tuple[int, int, float] | None:
-    """(recency days, frequency, monetary) at `now` from (time, amount) orders, or None without an order in
-    the window."""
-    inside = [(ts, amount) for ts, amount in orders if now - window_ms < ts <= now]
+def values(orders: Sequence[tuple], now: int, window_ms: int) -> tuple[int, int, float] | None:
+    """(recency days, frequency, monetary) at `now` from (time, amount, ...) orders — a person state's — or
+    None without an order in the window."""
+    inside = [(o[0], o[1]) for o in orders if now - window_ms < o[0] <= now]
     if not inside:
         return None
     last = max(ts for ts, _ in inside)
