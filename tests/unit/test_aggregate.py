@@ -677,3 +677,36 @@ def test_a_rebalance_waits_for_the_sweep_batch_in_hand_and_stops_the_sweep():
         assert len(kafka.log[CHANGELOG]) == written  # nothing after the hand-over
     run(go())
     assert audiences(kafka) == [("Entered", "viewers", "p"), ("Exited", "viewers", "p")]
+
+
+# ---- RFM summaries (docs/design.md §9) ---------------------------------------------------------------
+RFM = parse_metrics({"rfm": {"event": "Buy", "monetary": "revenue", "window": "2d"}})
+
+
+def order(person: str, mid: str, day: int, revenue) -> Record:
+    rec = orjson.loads(event(person, mid, day, "Buy").value)
+    rec["properties"] = {"revenue": revenue}
+    return Record(rec)
+
+
+def test_a_persons_rfm_summary_is_published_when_it_changes_and_when_orders_leave_the_window():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS + 7_200_000)
+
+    async def go():
+        s = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ClickHouse(), outbox=kafka.outbox,
+                           topics=TOPICS, retry=retry_forever, clock=clock)
+        await repair(s)
+        await s.process([order("p", "o1", 0, 10.0)])
+        await s.process([order("p", "o2", 1, 2.5), event("p", "v1", 1)])  # a view changes no summary
+        await s.process([event("p", "v2", 1)])
+        clock.ms = (DAY0 + 2) * DAY_MS + 3_600_000  # o1 (day 0, 01:00) has left the 2-day window
+        assert await s.sweep() == 1
+        clock.ms = (DAY0 + 3) * DAY_MS + 3_600_000  # and o2
+        assert await s.sweep() == 1
+        assert await s.sweep() == 0
+    run(go())
+    published = [(r["frequency"], r["monetary"], r["lastOrder"]) for r in kafka.cells(TOPICS.rfm)]
+    assert published == [(1, 10.0, "2024-10-04T01:00:00.000Z"), (2, 12.5, "2024-10-05T01:00:00.000Z"),
+                         (1, 2.5, "2024-10-05T01:00:00.000Z"), (0, 0.0, None)]
+    assert {k for _, k, _ in kafka.log[TOPICS.rfm]} == {b"p"}

@@ -129,3 +129,15 @@ def test_rfm_definition_errors_say_where():
         parse_metrics({"rfm": {"event": "Order Completed", "monetary": "revenue", "window": "500d"}})
     with pytest.raises(MetricsError, match=r"rfm.monetary: Field required"):
         parse_metrics({"rfm": {"event": "Order Completed"}})
+
+
+def test_summary_records_become_rfm_values_rows_the_latest_per_person(ch):
+    from flywheel.model.rows import rfm_row
+
+    ch.command("TRUNCATE TABLE flywheel.rfm_values")
+    records = [rfm.summary_record("u1", (NOW - DAY_MS, 1, 10.0), NOW), rfm.summary_record("u1", None, NOW + 1),
+               rfm.summary_record("u2", (NOW, 2, 3.5), NOW)]
+    ch.insert("flywheel.rfm_values", [rfm_row(orjson.loads(orjson.dumps(r)), 0, i) for i, r in enumerate(records)])
+    rows = ch.rows("SELECT person_id, frequency, monetary, last_order IS NULL FROM flywheel.rfm_values FINAL "
+                   "ORDER BY person_id")[1]
+    assert [tuple(r) for r in rows] == [("u1", 0, 0.0, 1), ("u2", 2, 3.5, 0)]

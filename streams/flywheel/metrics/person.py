@@ -29,8 +29,9 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "s": {segment: [version, since_ms]}, "u": due_ms,              # memberships (stages/aggregate.py)
      "k": 1,                                                         # the person id is a userId
      "a": first active day,                                          # kept for good (lifecycle)
-     "o": [[ts_ms, amount, messageId hash], ...]}                   # orders within the RFM window
-"e", "t", "s", "u", "k", "a" and "o" are written only when set. A state without "a" (an older release) takes
+     "o": [[ts_ms, amount, messageId hash], ...],                   # orders within the RFM window
+     "rv": [newest order ms, frequency, monetary]}                  # RFM summary last published
+"e", "t", "s", "u", "k", "a", "o" and "rv" are written only when set. A state without "a" (an older release) takes
 its first active day from its days: right for every period the state still derives. Days are UTC day
 numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
 `_from_v1`).
@@ -74,6 +75,7 @@ class PersonState:
     user: bool = False  # the person id is a userId (else an anonymousId): how audience records name it
     first_active: int = -1  # the first day with an activity event, kept for good (lifecycle: "new")
     orders: list[tuple[int, float, int]] = field(default_factory=list)  # RFM: (ts, amount, message hash), by time
+    rfm_published: tuple[int, int, float] | None = None  # the stage's bookkeeping, like members
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
@@ -82,7 +84,7 @@ class PersonState:
         return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
                            {k: set(v) for k, v in self.returns.items()}, dict(self.applied),
                            {k: list(v) for k, v in self.events.items()}, dict(self.traits), dict(self.members),
-                           self.due, self.user, self.first_active, list(self.orders))
+                           self.due, self.user, self.first_active, list(self.orders), self.rfm_published)
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +98,8 @@ class PersonState:
                 **({"u": self.due} if self.due >= 0 else {}),
                 **({"k": 1} if self.user else {}),
                 **({"a": self.first_active} if self.first_active >= 0 else {}),
-                **({"o": [list(o) for o in self.orders]} if self.orders else {})}
+                **({"o": [list(o) for o in self.orders]} if self.orders else {}),
+                **({"rv": list(self.rfm_published)} if self.rfm_published is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -111,7 +114,8 @@ class PersonState:
                     {k: (v[0], int(v[1]), v[2]) for k, v in data.get("t", {}).items()},
                     {k: (v[0], int(v[1])) for k, v in data.get("s", {}).items()}, int(data.get("u", -1)),
                     bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))),
-                    [(int(ts), float(amount), int(h)) for ts, amount, h in data.get("o", ())])
+                    [(int(ts), float(amount), int(h)) for ts, amount, h in data.get("o", ())],
+                    (lambda rv: (int(rv[0]), int(rv[1]), float(rv[2])) if rv else None)(data.get("rv")))
         return _fit(state, metrics)
 
 

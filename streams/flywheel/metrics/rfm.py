@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from flywheel.model.clock import DAY_MS
+from flywheel.model.clock import DAY_MS, iso_ms
 
 # (R scores, F scores) → segment, the standard R×F grid; every (r, f) in 1..5 × 1..5 has exactly one.
 GRID = (
@@ -42,14 +42,28 @@ def grid_segment(r: int, f: int) -> str:
     return _BY_SCORES[(r, f)]
 
 
-def values(orders: Sequence[tuple], now: int, window_ms: int) -> tuple[int, int, float] | None:
-    """(recency days, frequency, monetary) at `now` from (time, amount, ...) orders — a person state's — or
-    None without an order in the window."""
+def summary(orders: Sequence[tuple], now: int, window_ms: int) -> tuple[int, int, float] | None:
+    """(time of the newest order, frequency, monetary) at `now` from (time, amount, ...) orders — a person
+    state's, sorted by time — or None without an order in the window. What the stream publishes per person:
+    recency follows from it at any later time."""
     inside = [(o[0], o[1]) for o in orders if now - window_ms < o[0] <= now]
     if not inside:
         return None
-    last = max(ts for ts, _ in inside)
-    return (now - last) // DAY_MS, len(inside), round(sum(amount for _, amount in inside), 6)
+    return inside[-1][0], len(inside), round(sum(amount for _, amount in inside), 6)
+
+
+def values(orders: Sequence[tuple], now: int, window_ms: int) -> tuple[int, int, float] | None:
+    """(recency days, frequency, monetary) at `now`, or None without an order in the window."""
+    s = summary(orders, now, window_ms)
+    return None if s is None else ((now - s[0]) // DAY_MS, s[1], s[2])
+
+
+def next_change(orders: Sequence[tuple], now: int, window_ms: int) -> int:
+    """When `summary` may next change without a new order (-1: never): the oldest order in the window leaves
+    it, or an order dated after now enters it."""
+    out = [o[0] + window_ms for o in orders if now - window_ms < o[0] <= now][:1]
+    out += [o[0] for o in orders if o[0] > now][:1]
+    return min(out, default=-1)
 
 
 def cuts(column: Iterable[float]) -> tuple[float, ...]:
@@ -76,3 +90,12 @@ def scores(people: dict[str, tuple[int, int, float]]) -> dict[str, tuple[int, in
         r, f = score(recency, r_cuts, reverse=True), score(frequency, f_cuts)
         out[person] = (r, f, score(monetary, m_cuts), grid_segment(r, f))
     return out
+
+
+def summary_record(person: str, summary: tuple[int, int, float] | None, now: int) -> dict:
+    """A person's RFM summary as published on segments.rfm (keyed by the person; a compacted topic keeps the
+    latest): the newest order's time, frequency and monetary in the window at `at` — frequency 0 when the
+    person has no order in it any more."""
+    last, frequency, monetary = summary if summary is not None else (None, 0, 0.0)
+    return {"person": person, "lastOrder": iso_ms(last) if last is not None else None, "frequency": frequency,
+            "monetary": monetary, "at": iso_ms(now)}

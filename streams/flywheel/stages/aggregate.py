@@ -44,6 +44,7 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
+from flywheel.metrics import rfm
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
@@ -63,7 +64,9 @@ CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
 # Segments (docs/design.md §9): the sweep's index, one key per person with a due time, in time order; and
 # the membership changes of the partition's last batches, kept until their publication is known to have landed.
 DUE = b"\x00due\x00"  # + partition + NUL + due ms (13 digits) + NUL + person id → b""
-AUDIENCE = b"\x00audience\x00"  # + partition + NUL + segment|person → [audience record, ...]
+# + partition + NUL + topic field (Topics) + NUL + the record's key → [record, ...]: segments.changes'
+# audience records (key segment|person), segments.rfm's per-person RFM summaries (key person)
+AUDIENCE = b"\x00audience\x00"
 SWEEP_MAX = 500  # persons re-evaluated per partition per sweep batch
 # A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
 # every YIELD_EVERY records: the collector and /health share the loop.
@@ -142,7 +145,7 @@ class AggregateStage:
         self._repairs.update(new)
         if new:
             asyncio.ensure_future(self._report(new))
-        if self.metrics.segments and (self._sweeper is None or self._sweeper.done()):
+        if (self.metrics.segments or self.metrics.rfm) and (self._sweeper is None or self._sweeper.done()):
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
 
     async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
@@ -424,7 +427,8 @@ class AggregateStage:
         audience: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
         now = self.clock()
         for (part, key), (old, new) in touched.items():
-            if self.metrics.segments or (old is not None and (old.members or old.due >= 0)):  # (segments removed)
+            if (self.metrics.segments or self.metrics.rfm is not None
+                    or (old is not None and (old.members or old.due >= 0 or old.rfm_published is not None))):
                 self._decide(part, key, old, new, now, writes, audience)
         # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
         by_partition: dict[int, list] = defaultdict(list)
@@ -491,6 +495,18 @@ class AggregateStage:
         if new is not None:
             new.members = after
             new.due = next_change(self.metrics.segments, new, now)
+        definition = self.metrics.rfm
+        if definition is not None or (old is not None and old.rfm_published is not None):
+            # the person's RFM summary, published when it changes (a person leaving: frequency 0)
+            summary = rfm.summary(new.orders, now, definition.window_ms) if new and definition else None
+            if summary != (old.rfm_published if old is not None else None):
+                record_ = rfm.summary_record(key.decode(), summary, now)
+                audience[part].setdefault(b"rfm\x00" + key, []).append(record_)
+            if new is not None:
+                new.rfm_published = summary
+                if definition is not None:
+                    new.due = min((d for d in (new.due, rfm.next_change(new.orders, now, definition.window_ms))
+                                   if d >= 0), default=-1)
         old_due, new_due = (old.due if old is not None else -1), (new.due if new is not None else -1)
         if old_due != new_due:
             if old_due >= 0:
@@ -500,8 +516,8 @@ class AggregateStage:
         if changes:
             person, user = key.decode(), (new or old).user
             for event, name, version, since in changes:
-                akey, rec = audience_record(event, name, version, person, user=user, at=now, since=since)
-                audience[part].setdefault(akey, []).append(rec)
+                key_, rec = audience_record(event, name, version, person, user=user, at=now, since=since)
+                audience[part].setdefault(b"segments\x00" + key_, []).append(rec)
 
     async def _announce(self, partitions: Iterable[int]) -> None:
         """Publish the membership changes still due on these partitions (their states are written)."""
@@ -512,16 +528,18 @@ class AggregateStage:
             out = await self.outbox()
             for pending in due.values():
                 for akey, recs in pending.items():
+                    field, key = akey.split(b"\x00", 1)
                     for rec in recs:
-                        out.add(self.topics.segments, akey, orjson.dumps(rec))
+                        out.add(getattr(self.topics, field.decode()), key, orjson.dumps(rec))
             await out.send()
             for p, pending in due.items():
                 for akey, recs in pending.items():
                     if self._unannounced[p].get(akey) is recs:
                         del self._unannounced[p][akey]
                     self._announced[p].add(akey)
-                    for rec in recs:
-                        obs.AUDIENCE_CHANGES.labels(rec["event"]).inc()
+                    if akey.startswith(b"segments\x00"):
+                        for rec in recs:
+                            obs.AUDIENCE_CHANGES.labels(rec["event"]).inc()
 
     # ---- the sweep ----------------------------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -625,7 +643,8 @@ class AggregateStage:
                     obs.CLOSED_CELL_UPDATES.inc()
                     log.warning("event %s (%d ms) changes cells already closed on partition %d: "
                                 "their published values stay as they are", mid, ts, part)
-                apply(state, mid, ts, matched, self.metrics, active=active, traits=traits)
+                apply(state, mid, ts, matched, self.metrics, active=active, traits=traits,
+                      properties=rec.get("properties"))
                 watermarks[part] = max(watermarks[part], ts)
         if late:
             obs.LATE_EVENTS.labels(late).inc()
