@@ -4,6 +4,7 @@
 CREATE TABLE IF NOT EXISTS flywheel.rfm_values
 (
     person_id        String,
+    user             UInt8 COMMENT '1: the person id is a userId, else an anonymousId',
     last_order       Nullable(DateTime64(3, 'UTC')),
     frequency        UInt32,
     monetary         Float64,

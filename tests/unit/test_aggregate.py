@@ -710,3 +710,56 @@ def test_a_persons_rfm_summary_is_published_when_it_changes_and_when_orders_leav
     assert published == [(1, 10.0, "2024-10-04T01:00:00.000Z"), (2, 12.5, "2024-10-05T01:00:00.000Z"),
                          (1, 2.5, "2024-10-05T01:00:00.000Z"), (0, 0.0, None)]
     assert {k for _, k, _ in kafka.log[TOPICS.rfm]} == {b"p"}
+
+
+
+class Scores(ClickHouse):
+    """ClickHouse answering the leader's scoring query with `scored` rows (person, recency, F, M, r, f, m, user)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored: list[tuple] = []
+        self.queries: list[str] = []
+
+    async def query(self, sql: str) -> list[tuple]:
+        self.queries.append(sql)
+        return list(self.scored)
+
+
+def test_the_leader_publishes_rfm_memberships_as_scores_change():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+    ch = Scores()
+
+    async def go():
+        leader = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                                retry=retry_forever, clock=clock)
+        await repair(leader)
+        ch.scored = [("u1", 0, 9, 90.0, 5, 5, 5, 1), ("a2", 40, 1, 5.0, 1, 1, 1, 0)]
+        assert await leader.refresh_rfm() == 2
+        assert await leader.refresh_rfm() == 0  # the same scores: nothing to say
+        ch.scored = [("u1", 30, 9, 90.0, 3, 3, 3, 1)]  # u1 moves on, a2 has no order in the window any more
+        assert await leader.refresh_rfm() == 2
+        follower = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                                  retry=retry_forever, clock=clock)
+        await repair(follower, partitions=[1, 2, 3])
+        asked = len(ch.queries)
+        assert await follower.refresh_rfm() == 0 and len(ch.queries) == asked  # only the leader asks
+        again = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                               retry=retry_forever, clock=clock)
+        await repair(again)  # a new leader, from the changelog: its decisions are the old leader's
+        assert await again.refresh_rfm() == 0
+    run(go())
+    # the new leader published the last refresh's changes once more at its assignment (same messageIds)
+    seen, once = set(), []
+    for r in kafka.cells(TOPICS.segments):
+        if r["messageId"] not in seen:
+            seen.add(r["messageId"])
+            once.append((r["event"].split()[1], r["properties"]["segment"], r["properties"]["person_id"]))
+    assert once == [("Entered", "rfm_hibernating", "a2"), ("Entered", "rfm_champions", "u1"),
+                    ("Exited", "rfm_hibernating", "a2"), ("Exited", "rfm_champions", "u1"),
+                    ("Entered", "rfm_need_attention", "u1")]
+    assert len(kafka.cells(TOPICS.segments)) == 5 + 3
+    assert members(kafka) == {("rfm_need_attention", "u1")}
+    first = kafka.cells(TOPICS.segments)[1]
+    assert first["userId"] == "u1" and kafka.cells(TOPICS.segments)[0]["anonymousId"] == "a2"

@@ -227,15 +227,16 @@ def rfm_sql(order: Predicate, monetary: str, window_ms: int, at_ms: int,
 
 
 def rfm_values_sql(at_ms: int) -> str:
-    """The same from the summaries the stream published (flywheel.rfm_values): what the RFM leader scores."""
+    """The same from the summaries the stream published (flywheel.rfm_values): what the RFM leader scores,
+    plus `user` (1 when the person id is a userId) as the last column."""
     return rfm_scored_sql(f"""
     SELECT person_id, intDiv({at_ms} - toUnixTimestamp64Milli(last_order), 86400000) AS recency_days, frequency,
-           monetary
+           monetary, user
     FROM flywheel.rfm_values FINAL
-    WHERE frequency > 0""")
+    WHERE frequency > 0""", extra=", user")
 
 
-def rfm_scored_sql(people: str) -> str:
+def rfm_scored_sql(people: str, extra: str = "") -> str:
     """(person_id, recency_days, frequency, monetary, r, f, m) for `people` (person_id, recency_days,
     frequency, monetary): cut k is the value at rank ceil(k·n/5); a score is 1 + the cuts below (recency: 5 −)."""
     def cut_points(column: str) -> str:
@@ -251,6 +252,6 @@ all_cuts AS (
 SELECT person_id, recency_days, frequency, monetary,
        5 - arrayCount(c -> c < recency_days, {cut_points("rs")}) AS r,
        1 + arrayCount(c -> c < frequency, {cut_points("fs")}) AS f,
-       1 + arrayCount(c -> c < monetary, {cut_points("ms")}) AS m
+       1 + arrayCount(c -> c < monetary, {cut_points("ms")}) AS m{extra}
 FROM people CROSS JOIN all_cuts
 ORDER BY person_id"""

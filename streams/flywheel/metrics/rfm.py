@@ -92,10 +92,10 @@ def scores(people: dict[str, tuple[int, int, float]]) -> dict[str, tuple[int, in
     return out
 
 
-def summary_record(person: str, summary: tuple[int, int, float] | None, now: int) -> dict:
+def summary_record(person: str, summary: tuple[int, int, float] | None, now: int, *, user: bool = False) -> dict:
     """A person's RFM summary as published on segments.rfm (keyed by the person; a compacted topic keeps the
     latest): the newest order's time, frequency and monetary in the window at `at` — frequency 0 when the
     person has no order in it any more."""
     last, frequency, monetary = summary if summary is not None else (None, 0, 0.0)
-    return {"person": person, "lastOrder": iso_ms(last) if last is not None else None, "frequency": frequency,
-            "monetary": monetary, "at": iso_ms(now)}
+    return {"person": person, "user": user, "lastOrder": iso_ms(last) if last is not None else None,
+            "frequency": frequency, "monetary": monetary, "at": iso_ms(now)}

@@ -120,6 +120,9 @@ class Sink:
             out.add(self.invalid_topic, None, orjson.dumps(record))
         await out.send()
 
+    async def query(self, sql: str) -> list[tuple]:
+        return list((await asyncio.get_running_loop().run_in_executor(self.executor, self.ch.rows, sql))[1])
+
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0; empty if ClickHouse cannot say right now."""
         ids = ", ".join(quote(m) for m in message_ids)
