@@ -156,3 +156,20 @@ def test_summary_records_become_rfm_values_rows_the_latest_per_person(ch):
     rows = ch.rows("SELECT person_id, frequency, monetary, last_order IS NULL FROM flywheel.rfm_values FINAL "
                    "ORDER BY person_id")[1]
     assert [tuple(r) for r in rows] == [("u1", 0, 0.0, 1), ("u2", 2, 3.5, 0)]
+
+
+def test_the_rfm_view_scores_the_published_summaries_now(ch):
+    """flywheel.rfm: the same scores and grid segments as metrics/rfm.py, over rfm_values, at query time."""
+    import time
+
+    from flywheel.model.rows import rfm_row
+
+    now = int(time.time() * 1000)
+    people = {f"p{i}": (now - (i % 7) * DAY_MS - 3_600_000, 1 + i % 4, float(i % 5) * 2.5) for i in range(23)}
+    ch.command("TRUNCATE TABLE flywheel.rfm_values")
+    ch.insert("flywheel.rfm_values", [rfm_row(orjson.loads(orjson.dumps(rfm.summary_record(p, v, now))), 0, i)
+                                      for i, (p, v) in enumerate(sorted(people.items()))])
+    expected = rfm.scores({p: ((now - last) // DAY_MS, f, m) for p, (last, f, m) in people.items()})
+    got = {r[0]: (int(r[4]), int(r[5]), int(r[6]), r[7]) for r in ch.rows(
+        "SELECT person_id, recency_days, frequency, monetary, r, f, m, segment FROM flywheel.rfm")[1]}
+    assert got == expected and len({v[3] for v in got.values()}) > 1
