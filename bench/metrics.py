@@ -635,7 +635,7 @@ def topics_for(tag: str, raw: str | None = None) -> Topics:
                   identified=f"mb-{tag}.events.identified", identity_changes=f"mb-{tag}.identity.changes",
                   funnels=f"mb-{tag}.metrics.funnels", retention=f"mb-{tag}.metrics.retention",
                   active_users=f"mb-{tag}.metrics.active_users", lifecycle=f"mb-{tag}.metrics.lifecycle",
-                  segments=f"mb-{tag}.segments.changes")
+                  segments=f"mb-{tag}.segments.changes", rfm=f"mb-{tag}.segments.rfm")
 
 
 def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,

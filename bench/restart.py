@@ -467,7 +467,7 @@ def topics_for(prefix: str) -> Topics:
                   identified=f"{prefix}.events.identified", identity_changes=f"{prefix}.identity.changes",
                   funnels=f"{prefix}.metrics.funnels", retention=f"{prefix}.metrics.retention",
                   active_users=f"{prefix}.metrics.active_users", lifecycle=f"{prefix}.metrics.lifecycle",
-                  segments=f"{prefix}.segments.changes")
+                  segments=f"{prefix}.segments.changes", rfm=f"{prefix}.segments.rfm")
 
 
 def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clickhouse_url: str) -> Settings:

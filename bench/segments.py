@@ -8,7 +8,7 @@ Parts (--parts, default all):
 
 stage   The aggregate stage alone, in-process (bench/metrics.py's stream, stubs and driver): the metrics
         of schemas/metrics.yaml ("base": funnels, retention, active users) vs the same plus SEGMENTS below
-        (5 segments, churn risk and a daily lifecycle), alternating, --repeats times. CPU µs per event of each, the
+        (5 segments, churn risk, a daily lifecycle and RFM), alternating, --repeats times. CPU µs per event of each, the
         difference (what segments cost per event), and the audience changes published. Then the bytes of
         each person's stored state in both (orjson of the state, as in the persons table).
 sweep   The due index on a real RocksDB (rocksdict, as Faust's store): --sweep-persons person states
@@ -92,6 +92,7 @@ segments:
       - trait: {plan: pro}
 churn_risk: {active_within: 28d, silent_for: 14d}
 lifecycle: {period: day}
+rfm: {event: Order Completed, monetary: revenue, window: 365d}
 """
 log = pl.log
 

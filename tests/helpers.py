@@ -85,7 +85,7 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         identified=f"{tag}.events.identified", identity_changes=f"{tag}.identity.changes",
         funnels=f"{tag}.metrics.funnels", retention=f"{tag}.metrics.retention",
         active_users=f"{tag}.metrics.active_users", lifecycle=f"{tag}.metrics.lifecycle",
-        segments=f"{tag}.segments.changes",
+        segments=f"{tag}.segments.changes", rfm=f"{tag}.segments.rfm",
     )
     values: dict[str, Any] = {
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),

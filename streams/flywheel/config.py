@@ -39,6 +39,7 @@ class Topics(BaseSettings):
     active_users: str = "metrics.active_users"
     lifecycle: str = "metrics.lifecycle"
     segments: str = "segments.changes"
+    rfm: str = "segments.rfm"
 
 
 class Settings(BaseSettings):

@@ -64,6 +64,11 @@ segments:
 churn_risk: {active_within: 5d, silent_for: 3d}
 lifecycle: {period: day}
 """
+# RFM needs every person's summary in one ClickHouse (README "Segments"): not for two workers with their own
+# embedded stores, whose tests use METRICS_YAML_ONE_STORE_EACH.
+METRICS_YAML_ONE_STORE_EACH = METRICS_YAML
+METRICS_YAML += """rfm: {event: Order Completed, monetary: revenue, window: 14d, refresh: 1s}
+"""
 
 BASE = datetime(2026, 10, 1, tzinfo=UTC)  # a Thursday
 JOURNEY_DAY = BASE + timedelta(days=13)  # only the journey person is active that day

@@ -677,3 +677,89 @@ def test_a_rebalance_waits_for_the_sweep_batch_in_hand_and_stops_the_sweep():
         assert len(kafka.log[CHANGELOG]) == written  # nothing after the hand-over
     run(go())
     assert audiences(kafka) == [("Entered", "viewers", "p"), ("Exited", "viewers", "p")]
+
+
+# ---- RFM summaries (docs/design.md §9) ---------------------------------------------------------------
+RFM = parse_metrics({"rfm": {"event": "Buy", "monetary": "revenue", "window": "2d"}})
+
+
+def order(person: str, mid: str, day: int, revenue) -> Record:
+    rec = orjson.loads(event(person, mid, day, "Buy").value)
+    rec["properties"] = {"revenue": revenue}
+    return Record(rec)
+
+
+def test_a_persons_rfm_summary_is_published_when_it_changes_and_when_orders_leave_the_window():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS + 7_200_000)
+
+    async def go():
+        s = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ClickHouse(), outbox=kafka.outbox,
+                           topics=TOPICS, retry=retry_forever, clock=clock)
+        await repair(s)
+        await s.process([order("p", "o1", 0, 10.0)])
+        await s.process([order("p", "o2", 1, 2.5), event("p", "v1", 1)])  # a view changes no summary
+        await s.process([event("p", "v2", 1)])
+        clock.ms = (DAY0 + 2) * DAY_MS + 3_600_000  # o1 (day 0, 01:00) has left the 2-day window
+        assert await s.sweep() == 1
+        clock.ms = (DAY0 + 3) * DAY_MS + 3_600_000  # and o2
+        assert await s.sweep() == 1
+        assert await s.sweep() == 0
+    run(go())
+    published = [(r["frequency"], r["monetary"], r["lastOrder"]) for r in kafka.cells(TOPICS.rfm)]
+    assert published == [(1, 10.0, "2024-10-04T01:00:00.000Z"), (2, 12.5, "2024-10-05T01:00:00.000Z"),
+                         (1, 2.5, "2024-10-05T01:00:00.000Z"), (0, 0.0, None)]
+    assert {k for _, k, _ in kafka.log[TOPICS.rfm]} == {b"p"}
+
+
+
+class Scores(ClickHouse):
+    """ClickHouse answering the leader's scoring query with `scored` rows (person, recency, F, M, r, f, m, user)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored: list[tuple] = []
+        self.queries: list[str] = []
+
+    async def query(self, sql: str) -> list[tuple]:
+        self.queries.append(sql)
+        return list(self.scored)
+
+
+def test_the_leader_publishes_rfm_memberships_as_scores_change():
+    kafka = Kafka()
+    clock = Clock((DAY0 + 1) * DAY_MS)
+    ch = Scores()
+
+    async def go():
+        leader = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                                retry=retry_forever, clock=clock)
+        await repair(leader)
+        ch.scored = [("u1", 0, 9, 90.0, 5, 5, 5, 1), ("a2", 40, 1, 5.0, 1, 1, 1, 0)]
+        assert await leader.refresh_rfm() == 2
+        assert await leader.refresh_rfm() == 0  # the same scores: nothing to say
+        ch.scored = [("u1", 30, 9, 90.0, 3, 3, 3, 1)]  # u1 moves on, a2 has no order in the window any more
+        assert await leader.refresh_rfm() == 2
+        follower = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                                  retry=retry_forever, clock=clock)
+        await repair(follower, partitions=[1, 2, 3])
+        asked = len(ch.queries)
+        assert await follower.refresh_rfm() == 0 and len(ch.queries) == asked  # only the leader asks
+        again = AggregateStage(metrics=RFM, persons=Table(kafka), sink=ch, outbox=kafka.outbox, topics=TOPICS,
+                               retry=retry_forever, clock=clock)
+        await repair(again)  # a new leader, from the changelog: its decisions are the old leader's
+        assert await again.refresh_rfm() == 0
+    run(go())
+    # the new leader published the last refresh's changes once more at its assignment (same messageIds)
+    seen, once = set(), []
+    for r in kafka.cells(TOPICS.segments):
+        if r["messageId"] not in seen:
+            seen.add(r["messageId"])
+            once.append((r["event"].split()[1], r["properties"]["segment"], r["properties"]["person_id"]))
+    assert once == [("Entered", "rfm_hibernating", "a2"), ("Entered", "rfm_champions", "u1"),
+                    ("Exited", "rfm_hibernating", "a2"), ("Exited", "rfm_champions", "u1"),
+                    ("Entered", "rfm_need_attention", "u1")]
+    assert len(kafka.cells(TOPICS.segments)) == 5 + 3
+    assert members(kafka) == {("rfm_need_attention", "u1")}
+    first = kafka.cells(TOPICS.segments)[1]
+    assert first["userId"] == "u1" and kafka.cells(TOPICS.segments)[0]["anonymousId"] == "a2"

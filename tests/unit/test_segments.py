@@ -225,11 +225,6 @@ def test_definition_errors_say_where(segment, message):
     assert "segments[0]" in str(err.value) and message in str(err.value)
 
 
-def test_rfm_is_refused_until_it_is_built():
-    with pytest.raises(MetricsError, match="rfm: RFM segments are not supported by this release yet"):
-        parse_metrics({"rfm": {"event": "Order Completed", "monetary": "revenue", "window": "365d"}})
-
-
 def test_versions_follow_meaning():
     a = parse_metrics({"segments": [{"name": "s", "all": [{"performed": "X", "within": "1d"}]}]}).segments[0]
     b = parse_metrics({"funnels": [{"name": "f", "window": "1h", "steps": [{"event": "Y"}]}],

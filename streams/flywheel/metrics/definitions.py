@@ -245,6 +245,27 @@ class ChurnRiskSpec(_Strict):
         return self
 
 
+class RfmSpec(_Strict):
+    event: str = Field(min_length=1)  # the order event
+    monetary: str = Field(min_length=1)  # its numeric property summed
+    window: str | int = "365d"
+    refresh: str | int = "60s"  # how often the scores are computed again (docs/design.md §9)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
+            raise ValueError(f"window must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+        return v
+
+    @field_validator("refresh")
+    @classmethod
+    def _refresh(cls, v: Any) -> Any:
+        if parse_duration_ms(v) < 1000:
+            raise ValueError("refresh must be at least 1s")
+        return v
+
+
 class LifecycleSpec(_Strict):
     period: Period = "day"
 
@@ -258,14 +279,7 @@ class MetricsSpec(_Strict):
     segments: list[SegmentSpec] = Field(default_factory=list)
     churn_risk: ChurnRiskSpec | None = None
     lifecycle: LifecycleSpec | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_yet(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "rfm" in data:
-            raise ValueError("rfm: RFM segments are not supported by this release yet; remove `rfm:` (behavioral "
-                             "segments, churn_risk and lifecycle are)")
-        return data
+    rfm: RfmSpec | None = None
 
     @field_validator("lateness", "close_after")
     @classmethod
@@ -426,6 +440,18 @@ class Segment:
     universe: Performed | None  # None: every person the stream holds a state for
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Rfm:
+    """Recency, frequency and monetary value over the orders in `window_ms` before now (metrics/rfm.py)."""
+
+    name: str
+    version: str
+    order: Predicate
+    monetary: str
+    window_ms: int
+    refresh_ms: int
+
+
 LIFECYCLE_STATUSES = ("new", "returning", "resurrecting", "dormant")
 
 
@@ -456,6 +482,7 @@ class Metrics:
     activity: Activity = Activity(frozenset(ACTIVITY_TYPES), frozenset())
     segments: tuple[Segment, ...] = ()
     lifecycle: Lifecycle | None = None
+    rfm: Rfm | None = None
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
@@ -490,6 +517,8 @@ class Metrics:
                     segment_pids[c.predicate.pid] = (max(keep, c.keep), max(window, c.within_ms))
                 elif isinstance(c, Trait):
                     trait_keys.add(c.key)
+        if self.rfm is not None:
+            unique.setdefault(self.rfm.order.pid, self.rfm.order)
         predicates = tuple(unique.values())
         by_event: dict[str, list[Predicate]] = {}
         for p in predicates:
@@ -582,8 +611,14 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
     if spec.lifecycle is not None:  # its version follows the activity rule it counts by
         lifecycle = Lifecycle("lifecycle", _digest("lifecycle", spec.lifecycle.period, predicate(None, {}).pid),
                               spec.lifecycle.period)
+    rfm = None
+    if spec.rfm is not None:
+        order = predicate(spec.rfm.event, {})
+        window_ms = parse_duration_ms(spec.rfm.window)
+        rfm = Rfm("rfm", _digest("rfm", order.pid, spec.rfm.monetary, window_ms), order, spec.rfm.monetary,
+                  window_ms, parse_duration_ms(spec.rfm.refresh))
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle)
+                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle, rfm)
 
 
 def _segment(spec: SegmentSpec, predicate: Callable[[str | None, dict[str, Any]], Predicate]) -> Segment:

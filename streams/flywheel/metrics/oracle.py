@@ -209,3 +209,49 @@ FROM (
 )
 WHERE universe AND member
 ORDER BY person_id"""
+
+
+def rfm_sql(order: Predicate, monetary: str, window_ms: int, at_ms: int,
+            source: str = "flywheel.events_resolved") -> str:
+    """(person_id, recency_days, frequency, monetary, r, f, m) at `at_ms` for every person with an order in
+    the window, from the events, scored by global quintiles as metrics/rfm.py defines them."""
+    ms = "toUnixTimestamp64Milli(timestamp)"
+    amount = (f"if(JSONType(properties, {quote(monetary)}) IN ('Int64', 'UInt64', 'Double'), "
+              f"JSONExtractFloat(properties, {quote(monetary)}), 0)")
+    return rfm_scored_sql(f"""
+    SELECT person_id, intDiv({at_ms} - max({ms}), 86400000) AS recency_days, count() AS frequency,
+           round(sum({amount}), 6) AS monetary
+    FROM (SELECT person_id, timestamp, type, event, properties FROM {source} WHERE late = 0)
+    WHERE {condition(order)} AND {ms} > {at_ms - window_ms} AND {ms} <= {at_ms}
+    GROUP BY person_id""")
+
+
+def rfm_values_sql(at_ms: int) -> str:
+    """The same from the summaries the stream published (flywheel.rfm_values): what the RFM leader scores,
+    plus `user` (1 when the person id is a userId) as the last column."""
+    return rfm_scored_sql(f"""
+    SELECT person_id, intDiv({at_ms} - toUnixTimestamp64Milli(last_order), 86400000) AS recency_days, frequency,
+           monetary, user
+    FROM flywheel.rfm_values FINAL
+    WHERE frequency > 0""", extra=", user")
+
+
+def rfm_scored_sql(people: str, extra: str = "") -> str:
+    """(person_id, recency_days, frequency, monetary, r, f, m) for `people` (person_id, recency_days,
+    frequency, monetary): cut k is the value at rank ceil(k·n/5); a score is 1 + the cuts below (recency: 5 −)."""
+    def cut_points(column: str) -> str:
+        return "[" + ", ".join(f"{column}[greatest(1, intDiv({k} * n + 4, 5))]" for k in range(1, 5)) + "]"
+    return f"""
+WITH people AS ({people}
+),
+all_cuts AS (
+    SELECT count() AS n, arraySort(groupArray(recency_days)) AS rs, arraySort(groupArray(frequency)) AS fs,
+           arraySort(groupArray(monetary)) AS ms
+    FROM people
+)
+SELECT person_id, recency_days, frequency, monetary,
+       5 - arrayCount(c -> c < recency_days, {cut_points("rs")}) AS r,
+       1 + arrayCount(c -> c < frequency, {cut_points("fs")}) AS f,
+       1 + arrayCount(c -> c < monetary, {cut_points("ms")}) AS m{extra}
+FROM people CROSS JOIN all_cuts
+ORDER BY person_id"""

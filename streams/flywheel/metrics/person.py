@@ -28,8 +28,10 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "t": {trait: [value, ts_ms, messageId]},                       # latest identify value
      "s": {segment: [version, since_ms]}, "u": due_ms,              # memberships (stages/aggregate.py)
      "k": 1,                                                         # the person id is a userId
-     "a": first active day}                                          # kept for good (lifecycle)
-"e", "t", "s", "u", "k" and "a" are written only when set. A state without "a" (an older release) takes
+     "a": first active day,                                          # kept for good (lifecycle)
+     "o": [[ts_ms, amount, messageId hash], ...],                   # orders within the RFM window
+     "rv": [newest order ms, frequency, monetary]}                  # RFM summary last published
+"e", "t", "s", "u", "k", "a", "o" and "rv" are written only when set. A state without "a" (an older release) takes
 its first active day from its days: right for every period the state still derives. Days are UTC day
 numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
 `_from_v1`).
@@ -72,6 +74,8 @@ class PersonState:
     due: int = -1
     user: bool = False  # the person id is a userId (else an anonymousId): how audience records name it
     first_active: int = -1  # the first day with an activity event, kept for good (lifecycle: "new")
+    orders: list[tuple[int, float, int]] = field(default_factory=list)  # RFM: (ts, amount, message hash), by time
+    rfm_published: tuple[int, int, float] | None = None  # the stage's bookkeeping, like members
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
@@ -80,7 +84,7 @@ class PersonState:
         return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
                            {k: set(v) for k, v in self.returns.items()}, dict(self.applied),
                            {k: list(v) for k, v in self.events.items()}, dict(self.traits), dict(self.members),
-                           self.due, self.user, self.first_active)
+                           self.due, self.user, self.first_active, list(self.orders), self.rfm_published)
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +97,9 @@ class PersonState:
                 **({"s": {k: list(v) for k, v in self.members.items()}} if self.members else {}),
                 **({"u": self.due} if self.due >= 0 else {}),
                 **({"k": 1} if self.user else {}),
-                **({"a": self.first_active} if self.first_active >= 0 else {})}
+                **({"a": self.first_active} if self.first_active >= 0 else {}),
+                **({"o": [list(o) for o in self.orders]} if self.orders else {}),
+                **({"rv": list(self.rfm_published)} if self.rfm_published is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -107,7 +113,9 @@ class PersonState:
                     {k: [(int(ts), int(h)) for ts, h in v] for k, v in data.get("e", {}).items()},
                     {k: (v[0], int(v[1]), v[2]) for k, v in data.get("t", {}).items()},
                     {k: (v[0], int(v[1])) for k, v in data.get("s", {}).items()}, int(data.get("u", -1)),
-                    bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))))
+                    bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))),
+                    [(int(ts), float(amount), int(h)) for ts, amount, h in data.get("o", ())],
+                    (lambda rv: (int(rv[0]), int(rv[1]), float(rv[2])) if rv else None)(data.get("rv")))
         return _fit(state, metrics)
 
 
@@ -152,6 +160,8 @@ def _fit(state: PersonState, metrics: Metrics) -> PersonState:
         state.events = {k: v for k, v in state.events.items() if k in metrics.segment_pids}
     if any(key not in metrics.trait_keys for key in state.traits):
         state.traits = {k: v for k, v in state.traits.items() if k in metrics.trait_keys}
+    if state.orders and metrics.rfm is None:
+        state.orders = []
     return state
 
 
@@ -168,10 +178,11 @@ def is_late(state: PersonState, ts_ms: int, metrics: Metrics) -> bool:
 def apply(
     state: PersonState, message_id: str, ts_ms: int, matched: Iterable[Predicate], metrics: Metrics, *,
     active: bool = True, prune_history: bool = True, traits: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
 ) -> PersonState:
     """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching) and is activity
-    or not (Metrics.activity), with the `traits` of an identify call. Mutates and returns `state`. Applying
-    it again changes nothing."""
+    or not (Metrics.activity), with the `traits` of an identify call and the event's `properties` (an
+    order's amount). Mutates and returns `state`. Applying it again changes nothing."""
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
     if active:
@@ -186,6 +197,10 @@ def apply(
     steps = []
     for p in matched:
         pid = p.pid
+        if metrics.rfm is not None and pid == metrics.rfm.order.pid:
+            amount = (properties or {}).get(metrics.rfm.monetary)
+            number = float(amount) if isinstance(amount, int | float) and not isinstance(amount, bool) else 0.0
+            bisect.insort(state.orders, (ts_ms, number, mhash))
         if pid in metrics.segment_pids:  # (trimmed to what decides, given now: segments.trim)
             bisect.insort(state.events.setdefault(pid, []), (ts_ms, mhash))
         if pid in metrics.funnel_pids:
@@ -261,7 +276,8 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
         _set_trait(traits, key, value)
     out = PersonState(max(a.newest, b.newest), a.days | b.days, legend, funnel, first, returns,
                       {**a.applied, **b.applied}, events, traits, user=a.user or b.user,
-                      first_active=min((d for d in (a.first_active, b.first_active) if d >= 0), default=-1))
+                      first_active=min((d for d in (a.first_active, b.first_active) if d >= 0), default=-1),
+                      orders=sorted(set(a.orders) | set(b.orders)))
     return prune(out, metrics)
 
 
@@ -291,6 +307,10 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
             state.events[pid] = [e for e in times if e[0] > state.newest - window - metrics.lateness_ms]
     if state.events and not all(state.events.values()):
         state.events = {k: v for k, v in state.events.items() if v}
+    if state.orders and metrics.rfm is not None:  # as segment windows: relative to now, behind the newest event
+        bound = state.newest - metrics.rfm.window_ms - metrics.lateness_ms
+        if state.orders[0][0] <= bound:
+            state.orders = [o for o in state.orders if o[0] > bound]
     return state
 
 

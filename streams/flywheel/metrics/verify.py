@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flywheel.metrics import oracle
+from flywheel.metrics import oracle, rfm
 from flywheel.metrics.definitions import Metrics
 from flywheel.model.clock import wall_ms
 
@@ -40,6 +40,10 @@ def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[st
     members = set()
     for s in metrics.segments:
         members |= {(s.name, str(r[0])) for r in query(oracle.segment_members_sql(s, metrics, at_ms))}
+    if metrics.rfm is not None:  # the R×F segments, as the leader publishes them
+        rfm_def = metrics.rfm
+        members |= {(f"rfm_{rfm.grid_segment(int(r[4]), int(r[5]))}", str(r[0]))
+                    for r in query(oracle.rfm_sql(rfm_def.order, rfm_def.monetary, rfm_def.window_ms, at_ms))}
     lifecycle: set = set()
     if metrics.lifecycle is not None:  # up to the last period anyone was active in, as the view
         rows = query(oracle.lifecycle_sql(metrics.lifecycle, metrics.activity))

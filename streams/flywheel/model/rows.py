@@ -74,3 +74,12 @@ def audience_row(record: dict[str, Any], partition: int, offset: int) -> dict[st
         "at": datetime.fromisoformat(record["timestamp"]), "since": datetime.fromisoformat(props["since"]),
         "message_id": record["messageId"], "kafka_partition": partition, "kafka_offset": offset,
     }
+
+
+def rfm_row(record: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
+    """A segments.rfm record (metrics/rfm.py summary_record) at `partition`@`offset` → a flywheel.rfm_values row."""
+    last = record["lastOrder"]
+    return {"person_id": record["person"], "user": 1 if record.get("user") else 0,
+            "last_order": datetime.fromisoformat(last) if last else None,
+            "frequency": record["frequency"], "monetary": record["monetary"],
+            "at": datetime.fromisoformat(record["at"]), "kafka_partition": partition, "kafka_offset": offset}

@@ -12,6 +12,7 @@ Stages, in the order data flows (docs/design.md §1):
                               └─────────▶ flywheel.events (with the late flag)
     metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle}_partials
     segments.changes  ──sink──────────▶ flywheel.segment_changes
+    segments.rfm      ──sink──────────▶ flywheel.rfm_values
     events.invalid    ──sink──────────▶ flywheel.invalid_events
     identity.changes  ──sink──────────▶ flywheel.identity_map / identity_conflicts
 """
@@ -265,6 +266,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
     batches.add(app, topic["segments"], sinks.segments, name="sink_segments", retry=policy, **flush)
+    batches.add(app, topic["rfm"], sinks.rfm, name="sink_rfm", retry=policy, **flush)
 
     kafka = KafkaProbe(settings.kafka_bootstrap)
     status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,

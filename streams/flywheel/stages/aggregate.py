@@ -44,12 +44,14 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
+from flywheel.metrics import oracle, rfm
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
 from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
 from flywheel.model.clock import wall_ms
+from flywheel.model.envelope import AUDIENCE_ENTERED, AUDIENCE_EXITED
 from flywheel.model.rows import event_row
 from flywheel.stages.ports import ClickHouseWriter, Outbox, Record, Table
 from flywheel.stages.tables import Writes
@@ -63,8 +65,14 @@ CELL = b"\x00cell\x00"  # + partition + NUL + cell id: a cell's count
 # Segments (docs/design.md §9): the sweep's index, one key per person with a due time, in time order; and
 # the membership changes of the partition's last batches, kept until their publication is known to have landed.
 DUE = b"\x00due\x00"  # + partition + NUL + due ms (13 digits) + NUL + person id → b""
-AUDIENCE = b"\x00audience\x00"  # + partition + NUL + segment|person → [audience record, ...]
+# + partition + NUL + topic field (Topics) + NUL + the record's key → [record, ...]: segments.changes'
+# audience records (key segment|person), segments.rfm's per-person RFM summaries (key person)
+AUDIENCE = b"\x00audience\x00"
 SWEEP_MAX = 500  # persons re-evaluated per partition per sweep batch
+# RFM memberships need global quintiles: the owner of partition LEADER decides them from ClickHouse's
+# rfm_values and keeps its last decision per person (docs/design.md §9).
+LEADER = 0
+RFM_DECIDED = b"\x00rfm\x00"  # + LEADER + NUL + person → "segment|version|since"
 # A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
 # every YIELD_EVERY records: the collector and /health share the loop.
 SLICE = 100
@@ -132,6 +140,8 @@ class AggregateStage:
         # partition → the segment versions every person of it was evaluated under (its end mark keeps them)
         self.evaluated: dict[int, dict[str, str]] = {}
         self._reevaluations: dict[int, asyncio.Task] = {}
+        self._rfm_decided: dict[str, tuple[str, str, int]] | None = None  # the leader's, loaded once
+        self._refresher: asyncio.Task | None = None
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -142,8 +152,10 @@ class AggregateStage:
         self._repairs.update(new)
         if new:
             asyncio.ensure_future(self._report(new))
-        if self.metrics.segments and (self._sweeper is None or self._sweeper.done()):
+        if (self.metrics.segments or self.metrics.rfm) and (self._sweeper is None or self._sweeper.done()):
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        if self.metrics.rfm and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.ensure_future(self._refresh_forever())
 
     async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
         """One line once an assignment's partitions are repaired."""
@@ -164,6 +176,8 @@ class AggregateStage:
                 task.cancel()
         self.partials.forget(partitions)
         self.corrections = {k: v for k, v in self.corrections.items() if k[0] not in partitions}
+        if LEADER in partitions:
+            self._rfm_decided = None
         for p in partitions:
             self._unannounced.pop(p, None)
             self._announced.pop(p, None)
@@ -180,9 +194,10 @@ class AggregateStage:
             self.revoked(partitions)
 
     def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._refresher):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._refresher = None
 
     async def _ready(self, partitions: Iterable[int]) -> None:
         """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
@@ -424,7 +439,8 @@ class AggregateStage:
         audience: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
         now = self.clock()
         for (part, key), (old, new) in touched.items():
-            if self.metrics.segments or (old is not None and (old.members or old.due >= 0)):  # (segments removed)
+            if (self.metrics.segments or self.metrics.rfm is not None
+                    or (old is not None and (old.members or old.due >= 0 or old.rfm_published is not None))):
                 self._decide(part, key, old, new, now, writes, audience)
         # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
         by_partition: dict[int, list] = defaultdict(list)
@@ -491,6 +507,18 @@ class AggregateStage:
         if new is not None:
             new.members = after
             new.due = next_change(self.metrics.segments, new, now)
+        definition = self.metrics.rfm
+        if definition is not None or (old is not None and old.rfm_published is not None):
+            # the person's RFM summary, published when it changes (a person leaving: frequency 0)
+            summary = rfm.summary(new.orders, now, definition.window_ms) if new and definition else None
+            if summary != (old.rfm_published if old is not None else None):
+                record_ = rfm.summary_record(key.decode(), summary, now, user=(new or old).user)
+                audience[part].setdefault(b"rfm\x00" + key, []).append(record_)
+            if new is not None:
+                new.rfm_published = summary
+                if definition is not None:
+                    new.due = min((d for d in (new.due, rfm.next_change(new.orders, now, definition.window_ms))
+                                   if d >= 0), default=-1)
         old_due, new_due = (old.due if old is not None else -1), (new.due if new is not None else -1)
         if old_due != new_due:
             if old_due >= 0:
@@ -500,8 +528,8 @@ class AggregateStage:
         if changes:
             person, user = key.decode(), (new or old).user
             for event, name, version, since in changes:
-                akey, rec = audience_record(event, name, version, person, user=user, at=now, since=since)
-                audience[part].setdefault(akey, []).append(rec)
+                key_, rec = audience_record(event, name, version, person, user=user, at=now, since=since)
+                audience[part].setdefault(b"segments\x00" + key_, []).append(rec)
 
     async def _announce(self, partitions: Iterable[int]) -> None:
         """Publish the membership changes still due on these partitions (their states are written)."""
@@ -512,16 +540,83 @@ class AggregateStage:
             out = await self.outbox()
             for pending in due.values():
                 for akey, recs in pending.items():
+                    field, key = akey.split(b"\x00", 1)
                     for rec in recs:
-                        out.add(self.topics.segments, akey, orjson.dumps(rec))
+                        out.add(getattr(self.topics, field.decode()), key, orjson.dumps(rec))
             await out.send()
             for p, pending in due.items():
                 for akey, recs in pending.items():
                     if self._unannounced[p].get(akey) is recs:
                         del self._unannounced[p][akey]
                     self._announced[p].add(akey)
-                    for rec in recs:
-                        obs.AUDIENCE_CHANGES.labels(rec["event"]).inc()
+                    if akey.startswith(b"segments\x00"):
+                        for rec in recs:
+                            obs.AUDIENCE_CHANGES.labels(rec["event"]).inc()
+
+    # ---- RFM memberships (the leader) -----------------------------------------------------------------
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.metrics.rfm.refresh_ms / 1000)
+            try:
+                await self.refresh_rfm()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # ClickHouse unreachable, or not yet holding rfm_values: next time
+                log.warning("RFM refresh failed (next in %.0f s): %s", self.metrics.rfm.refresh_ms / 1000, exc)
+
+    async def refresh_rfm(self) -> int:
+        """On the leader: score every person in rfm_values at the clock (oracle.rfm_values_sql — global quintiles),
+        and publish the changes against the last decision, as Audience Entered / Exited of `rfm_<segment>`;
+        the decisions are written (partition LEADER) before they are published, like any change. Returns how
+        many persons changed."""
+        definition = self.metrics.rfm
+        task = self._repairs.get(LEADER)
+        if definition is None or task is None or not task.done() or task.cancelled() or task.exception():
+            return 0
+        now = self.clock()
+        rows = await self.sink.query(oracle.rfm_values_sql(now))
+        scored = {r[0]: (rfm.grid_segment(int(r[4]), int(r[5])), bool(r[7])) for r in rows}
+        async with self._batch:
+            prefix = _mark(RFM_DECIDED, LEADER) + b"\x00"
+            if self._rfm_decided is None:
+                self._rfm_decided = {}
+                for key, value in self.persons.scan(LEADER, prefix):
+                    segment, version, since = value.decode().split("|")
+                    self._rfm_decided[key[len(prefix):].decode()] = (segment, version, int(since))
+            decided = dict(self._rfm_decided)
+            outbox = await self.outbox()
+            writes = Writes(self.persons, outbox)
+            audience: dict[bytes, list[dict]] = {}
+            changed = 0
+            for person in sorted(decided.keys() | scored.keys()):
+                before = decided.get(person)
+                segment, user = scored.get(person, (None, False))
+                if before is not None and (before[0], before[1]) == (segment, definition.version):
+                    continue
+                changed += 1
+                if before is not None:
+                    key, rec = audience_record(AUDIENCE_EXITED, f"rfm_{before[0]}", before[1], person, user=user,
+                                               at=now, since=before[2])
+                    audience.setdefault(b"segments\x00" + key, []).append(rec)
+                    del decided[person]
+                if segment is not None:
+                    key, rec = audience_record(AUDIENCE_ENTERED, f"rfm_{segment}", definition.version, person,
+                                               user=user, at=now, since=now)
+                    audience.setdefault(b"segments\x00" + key, []).append(rec)
+                    decided[person] = (segment, definition.version, now)
+                value = decided.get(person)
+                writes.put(LEADER, prefix + person.encode(), "|".join(map(str, value)).encode() if value else None)
+            if not audience:
+                return 0
+            pending = _audience_prefix(LEADER)
+            for akey, recs in audience.items():
+                recs[:0] = self._unannounced.get(LEADER, {}).get(akey, [])
+                writes.put(LEADER, pending + akey, orjson.dumps(recs))
+            writes.apply(await outbox.send())
+            self._rfm_decided = decided
+            self._unannounced[LEADER].update(audience)
+        await self._announce([LEADER])
+        return changed
 
     # ---- the sweep ----------------------------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -625,7 +720,8 @@ class AggregateStage:
                     obs.CLOSED_CELL_UPDATES.inc()
                     log.warning("event %s (%d ms) changes cells already closed on partition %d: "
                                 "their published values stay as they are", mid, ts, part)
-                apply(state, mid, ts, matched, self.metrics, active=active, traits=traits)
+                apply(state, mid, ts, matched, self.metrics, active=active, traits=traits,
+                      properties=rec.get("properties"))
                 watermarks[part] = max(watermarks[part], ts)
         if late:
             obs.LATE_EVENTS.labels(late).inc()

@@ -49,6 +49,9 @@ class ClickHouseWriter(Protocol):
 
     async def write(self, table: str, rows: list[dict[str, Any]]) -> None: ...
 
+    async def query(self, sql: str) -> list[tuple]:
+        """The rows of a query (raises if ClickHouse cannot answer: the caller tries again later)."""
+
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0."""
 

@@ -24,7 +24,7 @@ import orjson
 from flywheel import observability as obs
 from flywheel.metrics.cells import KIND_BY_NAME, Cell, kind_of, row
 from flywheel.metrics.oracle import quote
-from flywheel.model.rows import audience_row, identity_rows, invalid_row
+from flywheel.model.rows import audience_row, identity_rows, invalid_row, rfm_row
 from flywheel.model.validate import dlq_record
 from flywheel.stages.ports import Outbox, Record
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
 INVALID_EVENTS = "flywheel.invalid_events"
 SEGMENT_CHANGES = "flywheel.segment_changes"
+RFM_VALUES = "flywheel.rfm_values"
 
 
 class ClickHouse(Protocol):
@@ -119,6 +120,9 @@ class Sink:
             out.add(self.invalid_topic, None, orjson.dumps(record))
         await out.send()
 
+    async def query(self, sql: str) -> list[tuple]:
+        return list((await asyncio.get_running_loop().run_in_executor(self.executor, self.ch.rows, sql))[1])
+
     async def counted(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these events are stored with late = 0; empty if ClickHouse cannot say right now."""
         ids = ", ".join(quote(m) for m in message_ids)
@@ -184,6 +188,9 @@ class SinkStage:
 
     async def invalid(self, records: Sequence[Record]) -> None:
         await self.sink.write(INVALID_EVENTS, [invalid_row(orjson.loads(r.value)) for r in records])
+
+    async def rfm(self, records: Sequence[Record]) -> None:
+        await self.sink.write(RFM_VALUES, [rfm_row(orjson.loads(r.value), r.partition, r.offset) for r in records])
 
     async def segments(self, records: Sequence[Record]) -> None:
         await self.sink.write(SEGMENT_CHANGES, [audience_row(orjson.loads(r.value), r.partition, r.offset)
