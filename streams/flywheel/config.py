@@ -40,6 +40,8 @@ class Topics(BaseSettings):
     lifecycle: str = "metrics.lifecycle"
     segments: str = "segments.changes"
     rfm: str = "segments.rfm"
+    alert_series: str = "alerts.series"
+    alerts: str = "alerts"
 
 
 class Settings(BaseSettings):
@@ -88,6 +90,14 @@ class Settings(BaseSettings):
     segment_sweep_seconds: float = Field(
         10.0, gt=0, description="how often the persons whose segment membership is due to change are re-evaluated: "
                                 "an exit by time comes at most this late (plus the sweep's own work)"
+    )
+    alert_webhooks: str = Field(
+        "", description="comma-separated URL prefixes alert webhooks may post to (scheme, host, port and a path "
+                        "prefix, e.g. https://hooks.slack.com/services/); a rule naming another URL is refused"
+    )
+    alert_tick_seconds: float = Field(
+        2.0, gt=0, description="how often each worker reports how far its stages have processed their input, "
+                               "which closes alert periods: a period's verdict comes at most about this late"
     )
     clock_file: Path | None = Field(
         None, description="testing only: read the time now (epoch ms) from this file instead of the system clock "
