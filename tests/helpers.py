@@ -88,6 +88,7 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         funnels=f"{tag}.metrics.funnels", retention=f"{tag}.metrics.retention",
         active_users=f"{tag}.metrics.active_users", lifecycle=f"{tag}.metrics.lifecycle",
         segments=f"{tag}.segments.changes", rfm=f"{tag}.segments.rfm",
+        alert_series=f"{tag}.alerts.series", alerts=f"{tag}.alerts",
     )
     values: dict[str, Any] = {
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),

@@ -45,7 +45,7 @@ from flywheel.metrics.alerts import (
     transition_record,
 )
 from flywheel.metrics.definitions import Alert, Metrics, Notify
-from flywheel.model.clock import wall_ms
+from flywheel.model.clock import iso_ms, wall_ms
 from flywheel.stages.ports import Outbox, Record, Table
 from flywheel.stages.tables import Writes
 
@@ -141,8 +141,11 @@ class AlertStage:
         if data.get("version") != alert.version:
             data = {}
         if not data:  # a new or changed rule judges the periods that close from now on
+            start = newest_closed(alert, complete)
             writes.put(q, key, orjson.dumps({"version": alert.version, "history": {}, "pending": [],
-                                             "state": RuleState(last=newest_closed(alert, complete)).to_json()}))
+                                             "state": RuleState(last=start).to_json()}))
+            log.info("alert %s (version %s) starts: judges the %ss after the one from %s", alert.name,
+                     alert.version, alert.series.period, iso_ms(start))
             return
         state = RuleState.from_json(data["state"])
         periods = closable(alert, state.last, complete)
