@@ -267,6 +267,7 @@ def metrics_check(
     from flywheel.metrics.alerts import describe as describe_alert
     from flywheel.metrics.definitions import MetricsError, load_metrics
     from flywheel.metrics.segments import describe_segment
+    from flywheel.web.webhooks import problems as webhook_problems
 
     path = path or _settings().metrics
     try:
@@ -286,6 +287,9 @@ def metrics_check(
                    f"{m.lifecycle.period}")
     for a in m.alerts:
         typer.echo(f"alert {a.name} (version {a.version}): {describe_alert(a)}")
+    wrong = webhook_problems(m.alerts, _settings().alert_webhooks)
+    if wrong:  # the worker refuses to start with these
+        _fail("alerts cannot notify:\n  " + "\n  ".join(wrong))
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 

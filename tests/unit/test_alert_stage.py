@@ -264,3 +264,17 @@ def test_delivery_through_a_real_http_server(monkeypatch):
     keys = [h[webhooks.IDEMPOTENCY] for h, _ in received]
     assert keys == ["k2", "k2", "k3"]  # k2 refused once, then delivered; k1 superseded
     assert received[-1][1]["text"].startswith(":rotating_light: orders_low firing: 3")
+
+
+def test_a_failed_publication_is_made_good_by_the_next_attempt():
+    kafka = MemoryKafka(partitions=1)
+    s = stage(kafka, restored(kafka), now=closed(P0))
+    asyncio.run(s.process(start()))
+    kafka.fail_on = {TOPICS.alerts}  # Kafka refuses the alerts topic for one attempt, well after the start
+    batch = [share(P0, "i0", 1, 2), progress(0, closed(P0)), progress(1, closed(P0))]
+    with pytest.raises(ConnectionError):
+        asyncio.run(s.process(batch))
+    kafka.fail_on = set()
+    asyncio.run(s.process(batch))  # the retry: nothing left to judge, the transition still goes out
+    assert [r["state"] for r in published(kafka)] == [FIRING]
+    assert orjson.loads(restored(kafka).get(0, RULE + b"orders_low"))["pending"] == []

@@ -351,3 +351,27 @@ def test_backtest_and_list_commands(ch, tmp_path, monkeypatch):
     assert listed.exit_code == 0, listed.output
     assert "orders_drop: FIRING since the hour from 2024-09-30 03:00:00" in listed.stdout
     assert "quiet: never fired" in listed.stdout
+
+
+def test_segment_size_series_from_the_published_changes(ch):
+    """oracle.alert_series_sql for a segment: members at each period's end, from segment_changes (the latest
+    change per person by offset), as the backtest reads them."""
+    import orjson
+    from flywheel.metrics.oracle import alert_series_sql
+    from flywheel.metrics.segments import audience_record
+    from flywheel.model.envelope import AUDIENCE_ENTERED, AUDIENCE_EXITED
+    from flywheel.model.rows import audience_row
+
+    m = parse_metrics({"segments": [{"name": "buyers", "all": [{"performed": "Order Completed", "within": "7d"}]}],
+                       "alerts": [{"name": "s", "series": {"segment": "buyers", "period": "hour"},
+                                   "rule": {"threshold": {"below": 1}}}]})
+    t0 = alerts_gen.START
+    changes = [(AUDIENCE_ENTERED, "u1", t0 + 10), (AUDIENCE_ENTERED, "u2", t0 + HOUR + 5),
+               (AUDIENCE_EXITED, "u1", t0 + 2 * HOUR + 1), (AUDIENCE_ENTERED, "u1", t0 + 3 * HOUR + 1)]
+    ch.command("TRUNCATE TABLE flywheel.segment_changes")
+    for offset, (event, person, at) in enumerate(changes):
+        _, rec = audience_record(event, "buyers", "v1", person, user=True, at=at, since=at)
+        ch.insert("flywheel.segment_changes", [audience_row(orjson.loads(orjson.dumps(rec)), 0, offset)])
+    start, end = t0, t0 + 5 * HOUR
+    points = alerts.history_points(m.alerts[0], ch.rows(alert_series_sql(m.alerts[0], m, start, end))[1], start, end)
+    assert [p.value for _, p in sorted(points.items())] == [1, 2, 1, 2, 2]

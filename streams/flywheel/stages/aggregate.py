@@ -563,7 +563,7 @@ class AggregateStage:
             seen = self._ticks[part]
             seen[rec["from"]] = max(seen.get(rec["from"], rec["at"]), rec["at"])
             of = rec["of"]
-        if not self._feeds:
+        if not (self._feeds or self._gauges):
             return
         out, sent = await self.outbox(), {}
         for part in {p for p, _ in ticks}:

@@ -66,13 +66,15 @@ class AlertStage:
         # evaluator partition → stage → input partition → through (in memory: markers come every tick)
         self.progress: dict[int, dict[str, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
         self.inputs: dict[str, int] = {}  # stage → its input partitions
-        self._started: set[int] = set()  # partitions whose unpublished transitions were sent since the start
+        self._started: set[int] = set()  # partitions whose stored unpublished transitions were taken up
+        self._pending: dict[Alert, list[dict]] = {}  # transitions written, not yet published
         self._lock = asyncio.Lock()
 
     def revoked(self, partitions: Sequence[int]) -> None:
         for q in partitions:
             self._started.discard(q)
             self.progress.pop(q, None)
+        self._pending = {a: recs for a, recs in self._pending.items() if self.rule_partition(a.name) not in partitions}
 
     async def process(self, records: Sequence[Record]) -> None:
         async with self._lock:
@@ -98,7 +100,6 @@ class AlertStage:
             for role in ("v", "b"):
                 if role in rec and (role not in share or share[role][1] <= rec["ver"]):
                     share[role] = [rec["v" if role == "v" else "b"], rec["ver"]]
-        republish = [q for q in partitions if q not in self._started]
         pending: dict[Alert, list[dict]] = {}
         for q in partitions:
             for alert in self.alerts.values():
@@ -109,15 +110,17 @@ class AlertStage:
             writes.put(self.rule_partition(alert.name), key, orjson.dumps(
                 {"version": alert.version, "periods": {str(p): v for p, v in by_period.items()}}))
         writes.apply(await outbox.send())
-        for q in republish:  # a crash may have left transitions unpublished
+        self._pending.update(pending)
+        for q in [q for q in partitions if q not in self._started]:  # a crash may have left some unpublished
             for key, value in self.table.scan(q, RULE):
                 alert = self.alerts.get(key[len(RULE):].decode())
                 data = orjson.loads(value)
-                if alert is not None and data.get("pending") and alert not in pending:
-                    pending[alert] = data["pending"]
-        if pending:
-            await self._publish(pending)
-        self._started.update(republish)
+                if alert is not None and data.get("pending") and alert not in self._pending:
+                    self._pending[alert] = data["pending"]
+            self._started.add(q)
+        if self._pending:  # this batch's, and any a failed attempt left
+            await self._publish(self._pending)
+            self._pending = {}
 
     def _shares(self, writes: Writes, q: int, alert: Alert, shares: dict) -> dict[int, dict]:
         by_period = shares.get(alert)
