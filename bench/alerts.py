@@ -15,11 +15,12 @@ detect  Seeded synthetic hourly series (tests/alerts_gen.py: a daily curve, week
 stage   In-process CPU per event, --repeats passes each, alternating: the ingest stage and the aggregate
         stage (bench/metrics.py's stream) without alert rules and with RULES below (20 rules: 8 counted by
         ingest, 12 fed by the aggregate's cells and segment sizes); then the evaluator (stages/alerts.py) over
-        the shares the ingest pass sent, with a progress marker every --marker-every events.
+        the shares both passes sent, with progress markers of both stages every --marker-every events.
 live    A local Kafka, one `flywheel worker` reading a clock file, and a local webhook receiver. A rule
-        fires on an hour with a view and resolves on an hour without; each step writes the next hour's close
-        (end + 1 s grace) to the clock file and times the webhook's arrival: period close → webhook call,
-        p50/p99 (the worker's progress markers go every FLYWHEEL_ALERT_TICK_SECONDS, --live-tick).
+        fires on an hour with a view and resolves on an hour without; each step waits a random fraction of a
+        tick, writes the next hour's close (end + 1 s grace) to the clock file and times the webhook's arrival:
+        period close → webhook call, p50/p99 (the worker's progress markers go every
+        FLYWHEEL_ALERT_TICK_SECONDS, --live-tick: the close is seen at the next one).
 
 Results: bench/results/alerts-<time>.json and .txt.
 """
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -214,8 +216,8 @@ def ingest_pass(records: list[Raw], metrics: Metrics, partitions: int, batch: in
 
 
 def evaluator_pass(shares: list, metrics: Metrics, partitions: int, events: int, marker_every: int) -> dict:
-    """The evaluator over the ingest's shares, with progress markers from every input partition interleaved:
-    CPU per record it reads."""
+    """The evaluator over the stages' shares (ingest's, then the aggregate's), with progress markers of both
+    stages from every input partition interleaved: CPU per record it reads, and per event of the stream."""
     topics, kept, counts = Topics(), [], Counter()
 
     async def outbox():
@@ -223,7 +225,7 @@ def evaluator_pass(shares: list, metrics: Metrics, partitions: int, events: int,
 
     stage = AlertStage(metrics=metrics, table=MemoryTable("alerts"), outbox=outbox, topics=topics,
                        rule_partition=lambda name: partition_of(name.encode(), partitions))
-    newest = max(orjson.loads(v)["period"] for _, v in shares) if shares else 0
+    newest = max(p for p in (orjson.loads(v)["period"] for _, v in shares) if p != rules.GAUGE)
     step = max(1, len(shares) * marker_every // max(1, events))
     feed: list[mb.FakeMessage] = []
     markers = 0
@@ -231,10 +233,11 @@ def evaluator_pass(shares: list, metrics: Metrics, partitions: int, events: int,
         feed.append(mb.FakeMessage(q, v))
         if i % step == step - 1:  # a marker round: every input partition reports to every evaluator partition
             through = newest - 3 * HOUR + int(i / len(shares) * 6 * HOUR)
-            for p in range(partitions):
-                marker = orjson.dumps(rules.progress_record("ingest", p, partitions, through))
-                feed.extend(mb.FakeMessage(qq, marker) for qq in range(partitions))
-                markers += partitions
+            for stage_name in ("ingest", "aggregate"):
+                for p in range(partitions):
+                    marker = orjson.dumps(rules.progress_record(stage_name, p, partitions, through))
+                    feed.extend(mb.FakeMessage(qq, marker) for qq in range(partitions))
+                    markers += partitions
 
     async def drive():
         for i in range(0, len(feed), 500):
@@ -244,6 +247,22 @@ def evaluator_pass(shares: list, metrics: Metrics, partitions: int, events: int,
     cpu = time.process_time() - cpu0
     return {"records": len(feed), "markers": markers, "cpu_us_per_record": round(cpu / len(feed) * 1e6, 1),
             "cpu_us_per_event": round(cpu / events * 1e6, 2), "transitions": counts[topics.alerts]}
+
+
+@contextlib.contextmanager
+def aggregate_shares_kept(kept: list, partitions: int):
+    """bench/metrics.py's FakeOutbox, keeping what goes to alerts.series (the evaluator's input)."""
+    topic, add = Topics().alert_series, mb.FakeOutbox.add
+
+    def keeping(self, t, key, value, *, partition=None):
+        if t == topic:
+            kept.append((partition if partition is not None else partition_of(key, partitions), value))
+        return add(self, t, key, value, partition=partition)
+    mb.FakeOutbox.add = keeping
+    try:
+        yield
+    finally:
+        mb.FakeOutbox.add = add
 
 
 def run_stage(args) -> dict[str, Any]:
@@ -263,12 +282,15 @@ def run_stage(args) -> dict[str, Any]:
             runs["ingest"][mode].append(result["cpu_us_per_event"])
             if mode == "on":
                 shares, series_records["ingest"] = kept, result["alert_series_records"]
-            agg, stage = mb.stage_pass(identified, metrics, partitions=args.partitions, batch=args.batch,
-                                       batching="distinct")
+            kept_aggregate: list = []
+            with aggregate_shares_kept(kept_aggregate, args.partitions):
+                agg, stage = mb.stage_pass(identified, metrics, partitions=args.partitions, batch=args.batch,
+                                           batching="distinct")
             stage.stop()
             runs["aggregate"][mode].append(agg["cpu_us_per_event"])
             if mode == "on":
-                series_records["aggregate"] = agg.get("alert_series")
+                series_records["aggregate"] = agg["alert_series"]
+                shares += kept_aggregate
             log(f"stage {mode:>3} pass {r + 1}: ingest {result['cpu_us_per_event']} us/event, "
                 f"aggregate {agg['cpu_us_per_event']} us/event")
     cpu = {stage: {m: spread(v) for m, v in modes.items()} for stage, modes in runs.items()}
@@ -333,6 +355,7 @@ def run_live(args, tmp: Path) -> dict[str, Any]:
                                    "messageId": f"view-{k}"}, received_at=when)
                     producer.flush()
                 before = len(received)
+                time.sleep(random.uniform(0, args.live_tick))  # not in step with the markers
                 at(hour + timedelta(hours=1, seconds=1))  # the hour closes (end + grace)
                 closed = time.time()
                 mb.wait_for(lambda before=before: len(received) > before, deadline=time.monotonic() + 60,
@@ -407,13 +430,7 @@ def main() -> None:
             doc["live"] = run_live(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"alerts-{stamp}.json").write_text(json.dumps(doc, indent=1))
-    text = render(doc)
-    (RESULTS / f"alerts-{stamp}.txt").write_text(text)
-    print(text)
-    log(f"results: {RESULTS}/alerts-{stamp}.json and .txt")
+    pl.save_results("alerts", doc, render(doc))
 
 
 if __name__ == "__main__":

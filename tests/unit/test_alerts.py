@@ -4,6 +4,7 @@ with known answers, hysteresis as a property, and the definitions' validation.""
 from __future__ import annotations
 
 import alerts_gen
+import orjson
 import pytest
 from flywheel.metrics import alerts
 from flywheel.metrics.alerts import FIRING, RESOLVED, Point, RuleState
@@ -375,3 +376,27 @@ def test_segment_size_series_from_the_published_changes(ch):
     start, end = t0, t0 + 5 * HOUR
     points = alerts.history_points(m.alerts[0], ch.rows(alert_series_sql(m.alerts[0], m, start, end))[1], start, end)
     assert [p.value for _, p in sorted(points.items())] == [1, 2, 1, 2, 2]
+
+
+def test_tally_counts_once_and_forgets_long_closed_periods():
+    a = alert({"events": "Order Completed", "period": "hour"}, {"threshold": {"below": 1}})
+    t0 = alerts_gen.START
+    t = alerts.Tally(a)
+    for offset in (1, 2, 3):
+        t.count(offset, t0 + offset, t0 + offset, False)
+    t.count(2, t0 + 2, t0 + 2, False)  # a redelivery
+    assert t.periods == {t0: [3]} and t.offset == 3
+    t.count(4, t0 + 3 * DAY_MS, t0 + 3 * DAY_MS, False)  # three days on: the first hour is long judged
+    assert t.periods == {t0 + 3 * DAY_MS: [1]}
+    t.count(5, t0 + 5, t0 + 3 * DAY_MS, False)  # a straggler for it: not counted
+    assert t.periods == {t0 + 3 * DAY_MS: [1]} and t.changed == {t0 + 3 * DAY_MS}
+    again = alerts.Tally(a, orjson.loads(orjson.dumps(t.to_json())))
+    assert (again.offset, again.floor, again.periods) == (5, t.floor, t.periods)
+    changed = alert({"events": "Order Completed", "period": "hour"}, {"threshold": {"below": 2}})
+    assert alerts.Tally(changed, t.to_json()).periods == {}  # another version counts afresh
+    weekly = alert({"invalid_rate": True, "period": "week"}, {"threshold": {"above": 0.5}})
+    w = alerts.Tally(weekly)
+    w.count(1, 0, t0 + 3 * DAY_MS, True)  # by arrival (an invalid event has no usable time), weeks from Monday
+    w.count(2, 0, t0 + 4 * DAY_MS, False)
+    assert w.periods == {t0: [1, 2]}
+    assert [s["v"] / s["b"] for s in w.shares("i0")] == [0.5]

@@ -32,7 +32,7 @@ import hashlib
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flywheel.metrics.definitions import DAY_MS, Alert
@@ -354,45 +354,100 @@ def counts_invalid(alert: Alert, source: str) -> bool:
     return alert.series.kind == "invalid_rate" and alert.series.source in (None, source)
 
 
-@dataclass
 class Tally:
-    """An ingest partition's counts for one counted rule: per period, the count (events) or [invalid,
-    total] (invalid_rate); `offset`, the last events.raw offset counted (a redelivered record at or below it
-    was counted before); `floor`, the oldest period still kept."""
+    """An ingest partition's counts for one counted rule: per period, the count (events) or [invalid, total]
+    (invalid_rate); `offset`, the last events.raw offset counted (a redelivered record at or below it was
+    counted before); `floor`: periods before it are dropped — more than KEEP_MS (or two periods) before the
+    arrivals, judged long ago, so a straggler there changes nothing."""
 
-    offset: int = -1
-    floor: int = 0
-    periods: dict[int, list[int]] = field(default_factory=dict)
-    changed: set[int] = field(default_factory=set)
+    __slots__ = ("alert", "by_arrival", "rate", "size", "origin", "keep", "offset", "floor", "oldest", "periods",
+                 "changed")
 
-    @classmethod
-    def from_json(cls, alert: Alert, data: Mapping[str, Any] | None) -> Tally:
-        if not data or data.get("version") != alert.version:  # a new or changed rule counts from here on
-            return cls()
-        return cls(data["o"], data["f"], {int(k): v for k, v in data["p"].items()})
+    def __init__(self, alert: Alert, data: Mapping[str, Any] | None = None):
+        s = alert.series
+        self.alert = alert
+        self.by_arrival = s.kind == "invalid_rate"  # an invalid event may have no usable time
+        self.rate, self.size = s.rate, s.period_ms
+        self.origin = s.period_of(0) % self.size  # where periods start (weeks: Mondays)
+        self.keep = max(KEEP_MS, 2 * self.size)
+        fresh = not data or data.get("version") != alert.version  # a new or changed rule counts from here on
+        self.offset: int = -1 if fresh else data["o"]
+        self.floor: int = 0 if fresh else data["f"]
+        self.periods: dict[int, list[int]] = {} if fresh else {int(k): v for k, v in data["p"].items()}
+        self.oldest = min(self.periods, default=math.inf)
+        self.changed: set[int] = set()
 
-    def to_json(self, alert: Alert) -> dict[str, Any]:
-        return {"version": alert.version, "o": self.offset, "f": self.floor,
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.alert.version, "o": self.offset, "f": self.floor,
                 "p": {str(k): v for k, v in self.periods.items()}}
 
-    def add(self, period: int, invalid: bool, *, rate: bool, size: int, arrived: int) -> None:
-        """One more record in `period`, arrived (receivedAt) at `arrived`: periods more than KEEP_MS (or two
-        periods) before the arrivals are dropped — judged long ago, so a straggler there changes nothing."""
-        floor = arrived - max(KEEP_MS, 2 * size)
+    def count(self, offset: int, event_ms: int, arrived_ms: int, invalid: bool) -> None:
+        """The record at `offset` (valid, or invalid), unless counted before."""
+        if offset <= self.offset:
+            return  # a redelivery
+        self.offset = offset
+        floor = arrived_ms - self.keep
         if floor > self.floor:
             self.floor = floor
-            for p in [p for p in self.periods if p < floor]:
-                del self.periods[p]
-                self.changed.discard(p)
+            if floor > self.oldest:
+                for p in [p for p in self.periods if p < floor]:
+                    del self.periods[p]
+                    self.changed.discard(p)
+                self.oldest = min(self.periods, default=math.inf)
+        at = arrived_ms if self.by_arrival else event_ms
+        period = at - (at - self.origin) % self.size
         if period < self.floor:
             return
-        counts = self.periods.setdefault(period, [0, 0] if rate else [0])
-        if rate:
+        counts = self.periods.get(period)
+        if counts is None:
+            counts = self.periods[period] = [0, 0] if self.rate else [0]
+            self.oldest = min(self.oldest, period)
+        if self.rate:
             counts[0] += invalid
             counts[1] += 1
         else:
             counts[0] += 1
         self.changed.add(period)
+
+    def shares(self, source: str) -> list[dict]:
+        """The changed periods' feed records."""
+        out = []
+        for period in sorted(self.changed):
+            c = self.periods[period]
+            out.append(feed_record(self.alert, period, source, self.offset,
+                                   {"v": c[0], "b": c[1]} if self.rate else {"v": c[0]}))
+        return out
+
+
+class Counting:
+    """The counted rules a record feeds, by (event name, source) for a valid one and by source for an
+    invalid one — decided once per pair, as records of one kind come by the thousand."""
+
+    LIMIT = 10_000  # pairs remembered (event names are free text: bounded all the same)
+
+    def __init__(self, alerts: Iterable[Alert]):
+        self.alerts = tuple(a for a in alerts if a.series.kind in COUNTED)
+        self._valid: dict[tuple[str, str], tuple[Alert, ...]] = {}
+        self._invalid: dict[str, tuple[Alert, ...]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.alerts)
+
+    def valid(self, name: str, source: str) -> tuple[Alert, ...]:
+        found = self._valid.get((name, source))
+        if found is None:
+            if len(self._valid) >= self.LIMIT:
+                self._valid.clear()
+            found = self._valid[(name, source)] = tuple(a for a in self.alerts if counts_valid(a, name, source))
+        return found
+
+    def invalid(self, source: str) -> tuple[Alert, ...]:
+        found = self._invalid.get(source)
+        if found is None:
+            if len(self._invalid) >= self.LIMIT:
+                self._invalid.clear()
+            found = self._invalid[source] = tuple(a for a in self.alerts if counts_invalid(a, source))
+        return found
 
 
 CellKey = tuple  # (definition, step | n) or (window,)

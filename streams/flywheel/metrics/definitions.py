@@ -91,7 +91,14 @@ def _day_or_week(v: str) -> str:
     return v
 
 
+def _not_negative(v: str | int) -> str | int:
+    if parse_duration_ms(v) < 0:
+        raise ValueError("a duration must not be negative")
+    return v
+
+
 Period = Annotated[str, AfterValidator(_day_or_week)]
+Duration = Annotated[str | int, AfterValidator(_not_negative)]  # s, m, h, d (a bare number: seconds), ≥ 0
 Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]  # of a definition
 
 
@@ -389,21 +396,14 @@ class AlertSpec(_Strict):
     rule: RuleSpec
     fire_after: int = Field(1, ge=1, le=100)  # consecutive breaching periods
     resolve_after: int = Field(1, ge=1, le=100)  # consecutive clear periods
-    grace: str | int = "2m"  # a period closes this long after its end, once every input has caught up
-    late_after: str | int = "30m"  # a transition decided later than this after the close is marked late
+    grace: Duration = "2m"  # a period closes this long after its end, once every input has caught up
+    late_after: Duration = "30m"  # a transition decided later than this after the close is marked late
     notify: list[NotifySpec] = Field(default_factory=list)
-
-    @field_validator("grace", "late_after")
-    @classmethod
-    def _durations(cls, v: Any) -> Any:
-        if parse_duration_ms(v) < 0:
-            raise ValueError("must not be negative")
-        return v
 
 
 class MetricsSpec(_Strict):
-    lateness: str | int = "7d"
-    close_after: str | int = "30d"
+    lateness: Duration = "7d"
+    close_after: Duration = "30d"
     activity: ActivitySpec = Field(default_factory=ActivitySpec)
     funnels: list[FunnelSpec] = Field(default_factory=list)
     retention: list[RetentionSpec] = Field(default_factory=list)
@@ -412,13 +412,6 @@ class MetricsSpec(_Strict):
     lifecycle: LifecycleSpec | None = None
     rfm: RfmSpec | None = None
     alerts: list[AlertSpec] = Field(default_factory=list)
-
-    @field_validator("lateness", "close_after")
-    @classmethod
-    def _lateness(cls, v: Any) -> Any:
-        if parse_duration_ms(v) < 0:
-            raise ValueError("lateness cannot be negative")
-        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetricsSpec:

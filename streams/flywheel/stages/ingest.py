@@ -27,7 +27,7 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
-from flywheel.metrics.alerts import COUNTED, Tally, counts_invalid, counts_valid, feed_record, progress_record
+from flywheel.metrics.alerts import Counting, Tally, progress_record
 from flywheel.metrics.definitions import Alert
 from flywheel.model import identity
 from flywheel.model.clock import DAY_MS, to_ms
@@ -74,7 +74,7 @@ class Ingest:
         self._arrival_cap = 0
         self.linked_users = linked_users
         self.outbox = outbox
-        self.counted = tuple(a for a in alerts if a.series.kind in COUNTED)
+        self.counted = Counting(alerts)
         self._republished: set[int] = set()  # partitions whose tallies were sent again since the start
 
     async def handle(self, records: Sequence[Record]) -> None:
@@ -92,7 +92,7 @@ class Ingest:
         if self.counted:
             for p in {r.partition for r in records} - self._republished:
                 # once per partition after a start: a crash may have cut a batch's shares short of Kafka
-                for alert in self.counted:
+                for alert in self.counted.alerts:
                     tally = self._tally(first_seen, tallies, p, alert)
                     tally.changed.update(tally.periods)
         for i, record in enumerate(records):
@@ -101,12 +101,9 @@ class Ingest:
             self._one(record, outbox, first_seen, dedup, linked, counts, tallies, ticks)
         for (p, alert), tally in tallies.items():
             if tally.changed:
-                first_seen.put(p, TALLY + b"%d\x00" % p + alert.name.encode(), orjson.dumps(tally.to_json(alert)))
-                for period in sorted(tally.changed):
-                    counted = tally.periods[period]
-                    values = {"v": counted[0], "b": counted[1]} if alert.series.rate else {"v": counted[0]}
-                    outbox.add(self.topics.alert_series, alert.name.encode(),
-                               orjson.dumps(feed_record(alert, period, f"i{p}", tally.offset, values)))
+                first_seen.put(p, TALLY + b"%d\x00" % p + alert.name.encode(), orjson.dumps(tally.to_json()))
+                for share in tally.shares(f"i{p}"):
+                    outbox.add(self.topics.alert_series, alert.name.encode(), orjson.dumps(share))
         if ticks and self.counted:  # after the counts, on every evaluator partition: periods may close
             of = len(outbox.partitions(self.topics.raw))
             for p, at in ticks.items():
@@ -123,26 +120,17 @@ class Ingest:
             (metric.labels(source) if source is not None else metric).inc(n)
 
     def _tally(self, first_seen: Writes, tallies: dict, partition: int, alert: Alert) -> Tally:
-        tally = tallies.get((partition, alert))
-        if tally is None:
-            raw = first_seen.get(partition, TALLY + b"%d\x00" % partition + alert.name.encode())
-            tally = tallies[(partition, alert)] = Tally.from_json(alert, orjson.loads(raw) if raw else None)
+        raw = first_seen.get(partition, TALLY + b"%d\x00" % partition + alert.name.encode())
+        tally = tallies[(partition, alert)] = Tally(alert, orjson.loads(raw) if raw else None)
         return tally
 
-    def _count(self, record: Record, first_seen: Writes, tallies: dict, source: str, ev: dict | None,
-               received_ms: int) -> None:
-        """A record into the tallies of the counted rules it matches: `ev` valid and first seen, or None
-        (invalid)."""
-        for alert in self.counted:
-            if not (counts_valid(alert, ev["event"], source) if ev is not None else counts_invalid(alert, source)):
-                continue
-            tally = self._tally(first_seen, tallies, record.partition, alert)
-            if record.offset <= tally.offset:
-                continue  # counted before: a redelivery
-            tally.offset = record.offset
-            at = ev["timestamp"] if alert.series.kind == "events" else received_ms  # invalid rates: by arrival
-            tally.add(alert.series.period_of(at), ev is None, rate=alert.series.rate, size=alert.series.period_ms,
-                      arrived=received_ms)
+    def _count(self, record: Record, first_seen: Writes, tallies: dict, rules: tuple[Alert, ...], event_ms: int,
+               received_ms: int, invalid: bool) -> None:
+        """A record into the tallies of the counted rules it feeds."""
+        p = record.partition
+        for alert in rules:
+            tally = tallies.get((p, alert)) or self._tally(first_seen, tallies, p, alert)
+            tally.count(record.offset, event_ms, received_ms, invalid)
 
     def _tick(self, raw: Raw, outbox: Outbox, ticks: dict[int, int]) -> None:
         """A progress marker: every record before it on this partition is handled. Passed on to every
@@ -172,7 +160,8 @@ class Ingest:
             counts[obs.INVALID, raw.source] += 1
             outbox.add(names.invalid, record.key, orjson.dumps(outcome.dlq_record()))
             if self.counted:
-                self._count(record, first_seen, tallies, raw.source, None, to_ms(raw.received_at))
+                received = to_ms(raw.received_at)
+                self._count(record, first_seen, tallies, self.counted.invalid(raw.source), received, received, True)
             return
         counts[obs.VALID, raw.source] += 1
         ev = outcome.event
@@ -194,7 +183,8 @@ class Ingest:
         # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
         dedup.remember(record.partition, key, here)
         if self.counted:
-            self._count(record, first_seen, tallies, raw.source, ev, ev["receivedAt"])
+            self._count(record, first_seen, tallies, self.counted.valid(ev["event"], raw.source), ev["timestamp"],
+                        ev["receivedAt"], False)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
 
