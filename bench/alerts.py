@@ -225,7 +225,7 @@ def evaluator_pass(shares: list, metrics: Metrics, partitions: int, events: int,
 
     stage = AlertStage(metrics=metrics, table=MemoryTable("alerts"), outbox=outbox, topics=topics,
                        rule_partition=lambda name: partition_of(name.encode(), partitions))
-    newest = max(p for p in (orjson.loads(v)["period"] for _, v in shares) if p != rules.GAUGE)
+    newest = max(int(p) for _, v in shares for p in orjson.loads(v)["periods"] if int(p) != rules.GAUGE)
     step = max(1, len(shares) * marker_every // max(1, events))
     feed: list[mb.FakeMessage] = []
     markers = 0

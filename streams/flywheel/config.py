@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
     store_memory_mb: int = Field(
         512, ge=24, description="RocksDB memory of a worker's state tables (memtables and block caches), split "
-                                "evenly over every table partition it could hold (3 tables × FLYWHEEL_PARTITIONS); "
-                                "the data itself lives on disk"
+                                "evenly over every table partition it could hold (3 tables × FLYWHEEL_PARTITIONS; "
+                                "the small alerts table takes ~3 MB per partition besides); the data itself lives "
+                                "on disk"
     )
     session_timeout_seconds: float = Field(
         60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "

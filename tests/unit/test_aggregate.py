@@ -758,21 +758,23 @@ def test_cells_feed_alert_rules_and_markers_close_their_periods():
         await s.process([Tick(p, 1, 99) for p in range(PARTITIONS)])
     run(go())
     series = kafka.cells(TOPICS.alert_series)
-    newest: dict[tuple, dict] = {}
+    newest: dict[tuple, float] = {}  # (rule, src, period, role) → the latest value
     for r in series:
         if r["t"] == "share":
-            newest[(r["rule"], r["src"], "v" if "v" in r else "b")] = r
+            for period, values in r["periods"].items():
+                for role, value in values.items():
+                    newest[(r["rule"], r["src"], int(period), role)] = value
     day = DAY0 * DAY_MS
 
     def total(rule: str, role: str) -> int:
-        return sum(r[role] for (name, _, rl), r in newest.items() if name == rule and rl == role and r["period"] == day)
+        return sum(v for (name, _, period, rl), v in newest.items() if (name, period, rl) == (rule, day, role))
     assert (total("conversion", "v"), total("conversion", "b")) == (1, 3)  # 1 of 3 persons bought
     assert total("daily", "v") == 3
     progress = [r for r in series if r["t"] == "progress"]
     assert {(r["stage"], r["partition"], r["of"], r["through"]) for r in progress} == {
         ("aggregate", p, PARTITIONS, 99) for p in range(PARTITIONS)}  # the oldest of the newest markers
     assert len(progress) == PARTITIONS * PARTITIONS  # each to every evaluator partition
-    assert series.index(progress[0]) > max(series.index(r) for r in newest.values())  # after the shares
+    assert series.index(progress[0]) > max(i for i, r in enumerate(series) if r["t"] == "share")  # after the shares
 
 
 SIZED = parse_metrics({
@@ -794,7 +796,7 @@ def test_segment_sizes_feed_alert_rules_and_survive_a_restart():
         for r in kafka.cells(TOPICS.alert_series):
             if r["src"] not in newest or r["ver"] >= newest[r["src"]]["ver"]:
                 newest[r["src"]] = r
-        return {src: r["v"] for src, r in newest.items()}
+        return {src: r["periods"]["0"]["v"] for src, r in newest.items()}
 
     async def restarted() -> AggregateStage:
         s = sized_stage()

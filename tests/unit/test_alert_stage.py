@@ -44,7 +44,7 @@ class Rec:
 
 
 def share(period: int, src: str, ver: int, v: int) -> Rec:
-    return Rec(0, orjson.dumps(feed_record(ORDERS, period, src, ver, {"v": v})))
+    return Rec(0, orjson.dumps(feed_record(ORDERS, src, ver, {period: {"v": v}})))
 
 
 def progress(partition: int, through: int, of: int = 2) -> Rec:

@@ -399,4 +399,4 @@ def test_tally_counts_once_and_forgets_long_closed_periods():
     w.count(1, 0, t0 + 3 * DAY_MS, True)  # by arrival (an invalid event has no usable time), weeks from Monday
     w.count(2, 0, t0 + 4 * DAY_MS, False)
     assert w.periods == {t0: [1, 2]}
-    assert [s["v"] / s["b"] for s in w.shares("i0")] == [0.5]
+    assert w.share("i0")["periods"] == {str(t0): {"v": 1, "b": 2}}

@@ -307,7 +307,8 @@ def shares(producer: Producer) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in producer.values(TOPICS.alert_series):
         if r["t"] == "share":
-            out.setdefault(r["rule"], {})[r["period"]] = r
+            for period, values in r["periods"].items():
+                out.setdefault(r["rule"], {})[int(period)] = {**values, "src": r["src"]}
     return out
 
 

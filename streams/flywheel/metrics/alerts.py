@@ -409,14 +409,11 @@ class Tally:
             counts[0] += 1
         self.changed.add(period)
 
-    def shares(self, source: str) -> list[dict]:
-        """The changed periods' feed records."""
-        out = []
-        for period in sorted(self.changed):
-            c = self.periods[period]
-            out.append(feed_record(self.alert, period, source, self.offset,
-                                   {"v": c[0], "b": c[1]} if self.rate else {"v": c[0]}))
-        return out
+    def share(self, source: str) -> dict:
+        """The changed periods' counts, as a feed record."""
+        changed = {p: self.periods[p] for p in sorted(self.changed)}
+        return feed_record(self.alert, source, self.offset,
+                           {p: {"v": c[0], "b": c[1]} if self.rate else {"v": c[0]} for p, c in changed.items()})
 
 
 class Counting:
@@ -486,11 +483,12 @@ def cell_feeds(index: Mapping[CellKey, list[tuple[Alert, str]]], cell: tuple) ->
     return out
 
 
-def feed_record(alert: Alert, period: int, source: str, version: int, values: Mapping[str, float]) -> dict:
-    """A partition's share of a period: `values` {"v": value} and/or {"b": base}; `source` names the input
-    partition ("i3": events.raw 3, "a3": events.identified 3)."""
-    return {"t": "share", "rule": alert.name, "version": alert.version, "period": period, "src": source,
-            "ver": version, **values}
+def feed_record(alert: Alert, source: str, version: int, periods: Mapping[int, Mapping[str, float]]) -> dict:
+    """An input partition's shares of a rule's periods: per period start, {"v": value} and/or {"b": base} —
+    one record per rule and batch. `source` names the input partition ("i3": events.raw 3, "a3":
+    events.identified 3); `version` grows per source."""
+    return {"t": "share", "rule": alert.name, "version": alert.version, "src": source, "ver": version,
+            "periods": {str(p): dict(v) for p, v in periods.items()}}
 
 
 def progress_record(stage: str, partition: int, of: int, through: int) -> dict:

@@ -23,6 +23,7 @@ Stages, in the order data flows (docs/design.md §1):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,25 +87,18 @@ class Listeners(Service):
 
 
 class Stopping(Service):
-    """Calls `stop` on the worker's stop (the aggregate stage's segment sweep)."""
+    """Calls each of `callbacks` on the worker's stop, awaiting those that return an awaitable (the aggregate
+    stage's sweep, the webhooks' HTTP session)."""
 
-    def __init__(self, stop, **kwargs):
+    def __init__(self, *callbacks, **kwargs):
         super().__init__(**kwargs)
-        self._stop = stop
+        self._callbacks = callbacks
 
     async def on_stop(self) -> None:
-        self._stop()
-
-
-class Closing(Service):
-    """Awaits `close` on the worker's stop (the webhooks' HTTP session)."""
-
-    def __init__(self, close, **kwargs):
-        super().__init__(**kwargs)
-        self._close = close
-
-    async def on_stop(self) -> None:
-        await self._close()
+        for callback in self._callbacks:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
 
 
 class Progress(Service):
@@ -215,11 +209,13 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     policy = RetryPolicy(max_backoff=settings.sink_max_backoff_seconds)
     output = Output(settings)
 
-    memory = rocksdb_memory(settings.store_memory_mb, tables=len(TABLES), partitions=settings.partitions)
+    # the budget goes to the three large tables; the alerts table holds a few keys per rule
+    memory = rocksdb_memory(settings.store_memory_mb, tables=len(TABLES) - 1, partitions=settings.partitions)
+    small = {"write_buffer_size": 2**20, "max_write_buffer_number": 2, "block_cache_size": 2**20}
 
-    def table(name: str, owner) -> faust_seams.StoreTable:
+    def table(name: str, owner, options: dict = memory) -> faust_seams.StoreTable:
         t = app.Table(name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                      options=memory)
+                      options=options)
         return faust_seams.StoreTable(t, owner)
 
     def partitions(topic_name: str) -> int:
@@ -240,7 +236,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
         return rule_partition(key[len(RULE):].decode() if key[:2] in (RULE, SHARES) else key.decode())
 
     # Co-partitioned with alerts.series: each rule's shares and state (stages/alerts.py).
-    alert_table = table(ALERTS, alert_owner)
+    alert_table = table(ALERTS, alert_owner, small)
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chdb calls block
     sink = Sink(ch, executor, is_bad_data=policy.is_bad_data, outbox=output.outbox, invalid_topic=names.invalid)
@@ -324,7 +320,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop), Closing(webhooks.close)]
+    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close)]
     if metrics.alerts:
         services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
     return Pipeline(app, services)

@@ -267,8 +267,9 @@ class AggregateStage:
         for p in partitions:
             version = self._version(p)
             for alert in self._gauges:
-                out.add(self.topics.alert_series, alert.name.encode(), orjson.dumps(feed_record(
-                    alert, GAUGE, f"a{p}", version, {"v": self.sizes.get(p, {}).get(alert.series.segment, 0)})))
+                size = self.sizes.get(p, {}).get(alert.series.segment, 0)
+                out.add(self.topics.alert_series, alert.name.encode(),
+                        orjson.dumps(feed_record(alert, f"a{p}", version, {GAUGE: {"v": size}})))
         await out.send()
 
     def _segment_versions(self) -> dict[str, str]:
@@ -825,14 +826,17 @@ class AggregateStage:
             out = await self.outbox()
             for p, cells in due.items():
                 version = self._version(p)
+                feeds: dict = defaultdict(lambda: defaultdict(dict))  # alert → period → role → value
                 for cell, value in cells:
                     kind, key, rec = record(cell, p, value, version)
                     out.add(getattr(self.topics, kind.name), key, orjson.dumps(rec))
                     obs.PARTIALS_PUBLISHED.labels(kind.name).inc()
-                    if self._feeds:  # the partition's share of an alert series, to its evaluator
+                    if self._feeds:
                         for alert, role, period in cell_feeds(self._feeds, cell):
-                            out.add(self.topics.alert_series, alert.name.encode(),
-                                    orjson.dumps(feed_record(alert, period, f"a{p}", version, {role: value})))
+                            feeds[alert][period][role] = value
+                for alert, periods in feeds.items():  # the partition's shares of alert series, to their evaluators
+                    out.add(self.topics.alert_series, alert.name.encode(),
+                            orjson.dumps(feed_record(alert, f"a{p}", version, periods)))
             await out.send()
             for p, cells in due.items():
                 self.partials.published(p, cells)

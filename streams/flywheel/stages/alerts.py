@@ -95,11 +95,12 @@ class AlertStage:
             alert = self.alerts.get(rec["rule"])
             if alert is None or rec["version"] != alert.version:
                 continue  # a rule removed or changed since: its shares are not this rule's
-            by_period = self._shares(writes, r.partition, alert, shares)
-            share = by_period.setdefault(rec["period"], {}).setdefault(rec["src"], {})
-            for role in ("v", "b"):
-                if role in rec and (role not in share or share[role][1] <= rec["ver"]):
-                    share[role] = [rec["v" if role == "v" else "b"], rec["ver"]]
+            by_period, src, ver = self._shares(writes, r.partition, alert, shares), rec["src"], rec["ver"]
+            for period, values in rec["periods"].items():
+                share = by_period.setdefault(int(period), {}).setdefault(src, {})
+                for role, value in values.items():
+                    if role not in share or share[role][1] <= ver:
+                        share[role] = [value, ver]
         pending: dict[Alert, list[dict]] = {}
         for q in partitions:
             for alert in self.alerts.values():

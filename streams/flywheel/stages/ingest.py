@@ -102,8 +102,7 @@ class Ingest:
         for (p, alert), tally in tallies.items():
             if tally.changed:
                 first_seen.put(p, TALLY + b"%d\x00" % p + alert.name.encode(), orjson.dumps(tally.to_json()))
-                for share in tally.shares(f"i{p}"):
-                    outbox.add(self.topics.alert_series, alert.name.encode(), orjson.dumps(share))
+                outbox.add(self.topics.alert_series, alert.name.encode(), orjson.dumps(tally.share(f"i{p}")))
         if ticks and self.counted:  # after the counts, on every evaluator partition: periods may close
             of = len(outbox.partitions(self.topics.raw))
             for p, at in ticks.items():

@@ -129,7 +129,7 @@ class Webhooks:
                 if not 200 <= resp.status < 300:
                     raise WebhookError(f"webhook {target.webhook} answered {resp.status} for alert "
                                        f"{record['alert']} ({record['state']}): will try again")
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise WebhookError(f"webhook {target.webhook} unreachable for alert {record['alert']}: {exc!r}: "
                                "will try again") from None
 
