@@ -368,6 +368,22 @@ def group_assignment(bootstrap: str, group: str) -> list[dict[str, list[int]]] |
     return members
 
 
+def committed_through(bootstrap: str, group: str, topic: str) -> bool:
+    """Whether the group has committed every record of `topic` (nothing would be delivered again)."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        committed = {tp: meta.offset for tp, meta in admin.list_group_offsets(group)[group].items()
+                     if tp.topic == topic}
+        ends = consumer.end_offsets(list(committed)) if committed else {}
+    finally:
+        admin.close()
+        consumer.close()
+    return bool(committed) and all(committed[tp] >= end for tp, end in ends.items())
+
+
 def changelog_topics(bootstrap: str, app_id: str) -> list[str]:
     """The changelog topics Faust created for the app's tables ({app id}-{table}-changelog)."""
     from kafka import KafkaAdminClient

@@ -23,7 +23,7 @@ from flywheel.metrics.definitions import parse_metrics
 from flywheel.metrics.oracle import alert_series_sql
 from flywheel.producer import Producer
 from flywheel.web import webhooks
-from helpers import WorkerProcess, free_port, settled, unique_settings, wait_until
+from helpers import WorkerProcess, committed_through, free_port, settled, unique_settings, wait_until
 from union_store import union_of
 
 H0 = datetime(2026, 10, 1, 10, tzinfo=UTC)
@@ -166,6 +166,9 @@ def test_alerts_end_to_end(kafka, tmp_path):
                    what="both hour-1 transitions to be refused by the receiver")
         receiver.status = 200
         wait_until(lambda: delivered() >= expected_h1, timeout=120, what="the hour-1 transitions, receiver up")
+        # the deliveries acknowledged and committed: the kill below cannot send them again
+        wait_until(lambda: committed_through(a.kafka_bootstrap, a.app_id, a.topics.alerts), timeout=60,
+                   what="the alerts topic to be committed")
 
         # hour 2: nothing at all — web goes quiet, orders fire again. The receiver is down; a worker is
         # killed (-9) while the deliveries fail, and comes back; then the receiver does

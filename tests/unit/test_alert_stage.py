@@ -232,14 +232,15 @@ def test_delivery_through_a_real_http_server(monkeypatch):
                                                "slack": True}]}]})
     hooks = webhooks.Webhooks(f"http://127.0.0.1:{port}/", env={"HOOK_KEY": "k3y"})
     notify = NotifyStage(metrics=m, post=hooks.post)
-    received: list[tuple[dict, dict]] = []
+    received: list[tuple[dict, dict, int]] = []
     answers = [500]
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
         assert webhooks.verify("k3y", request.headers[webhooks.SIGNATURE], body)
-        received.append((dict(request.headers), orjson.loads(body)))
-        return web.Response(status=answers.pop(0) if answers else 200)
+        status = answers.pop(0) if answers else 200
+        received.append((dict(request.headers), orjson.loads(body), status))
+        return web.Response(status=status)
 
     def transition(state: str, key: str, **more) -> Rec:
         return Rec(0, orjson.dumps({"alert": "orders_low", "state": state, "idempotencyKey": key, "value": 3.0,
@@ -261,9 +262,11 @@ def test_delivery_through_a_real_http_server(monkeypatch):
             await hooks.close()
             await runner.cleanup()
     asyncio.run(go())
-    keys = [h[webhooks.IDEMPOTENCY] for h, _ in received]
-    assert keys == ["k2", "k2", "k3"]  # k2 refused once, then delivered; k1 superseded
-    assert received[-1][1]["text"].startswith(":rotating_light: orders_low firing: 3")
+    keys = [h[webhooks.IDEMPOTENCY] for h, _, _ in received]
+    assert keys == ["k2", "k3", "k2"]  # k2 refused, k3 delivered all the same; the retry delivers k2 only
+    assert [status for _, _, status in received] == [500, 200, 200]
+    assert received[1][1]["text"].startswith(":rotating_light: orders_low firing: 3")  # k3
+    assert received[2][1]["text"].startswith(":white_check_mark: orders_low resolved: 3")  # k2
 
 
 def test_a_failed_publication_is_made_good_by_the_next_attempt():

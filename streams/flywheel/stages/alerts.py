@@ -208,9 +208,9 @@ class AlertStage:
 
 class NotifyStage:
     """Webhook delivery for the alerts topic: every transition not superseded, to each of its rule's
-    webhooks, at least once. A batch is acknowledged only once every delivery in it succeeded; a failure
-    fails the batch and the retry policy tries again after a back-off (what was delivered is not sent
-    again by this worker; after a crash it may be — receivers dedupe on the idempotency key)."""
+    webhooks, at least once. Every delivery of a batch is tried; the batch is acknowledged only once all
+    succeeded, else it fails and the retry policy tries again after a back-off (what was delivered is not
+    sent again by this worker; after a crash it may be — receivers dedupe on the idempotency key)."""
 
     def __init__(self, *, metrics: Metrics, post: Callable[[Notify, dict], Awaitable[None]]):
         self.alerts = {a.name: a for a in metrics.alerts}
@@ -218,6 +218,7 @@ class NotifyStage:
         self._delivered: set[tuple[str, str]] = set()  # (idempotency key, url)
 
     async def process(self, records: Sequence[Record]) -> None:
+        failed: Exception | None = None
         for r in records:
             rec = orjson.loads(r.value)
             alert = self.alerts.get(rec["alert"])
@@ -227,8 +228,14 @@ class NotifyStage:
                 done = (rec["idempotencyKey"], target.webhook)
                 if done in self._delivered:
                     continue
-                await self.post(target, rec)
+                try:  # every delivery is tried: one receiver down holds no other back within the batch
+                    await self.post(target, rec)
+                except Exception as exc:
+                    failed = failed or exc
+                    continue
                 self._delivered.add(done)
                 obs.ALERT_DELIVERIES.inc()
         if len(self._delivered) > 100_000:
             self._delivered.clear()
+        if failed is not None:
+            raise failed
