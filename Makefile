@@ -10,10 +10,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-alerts bench-shutdown bench-soak sample stop lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	# GrowthBook's stats engine, a test oracle for metrics/stats.py. Without its dependencies: it pins
+	# numpy<2 and pandas<2 for a pandas front end the tests do not import; its statistics run on ours.
+	$(BIN)/pip install --quiet --no-deps gbstats==0.8.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,5 +1,5 @@
-"""Alert rules (metrics/alerts.py): the statistics against scipy/statsmodels, each rule kind on series
-with known answers, hysteresis as a property, and the definitions' validation."""
+"""Alert rules (metrics/alerts.py): each rule kind on series with known answers, hysteresis as a property,
+the definitions' validation, the commands (the statistics: test_stats.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from flywheel.metrics.alerts import FIRING, RESOLVED, Point, RuleState
 from flywheel.metrics.definitions import DAY_MS, MetricsError, parse_metrics
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy import stats
-from statsmodels.stats.proportion import proportion_confint
 
 HOUR = 3_600_000
 FUNNEL = {"name": "checkout", "window": "1h", "steps": [{"event": "Product Viewed"}, {"event": "Order Completed"}]}
@@ -26,23 +24,6 @@ def alert(series: dict, rule: dict, **more):
 
 def hourly(values: list[float], start: int = alerts_gen.START) -> dict[int, Point]:
     return {start + i * HOUR: Point(v, v) for i, v in enumerate(values)}
-
-
-# ---- the statistics, to 1e-9 ----------------------------------------------------------------------
-
-@given(st.integers(1, 100_000), st.data(), st.sampled_from([0.9, 0.95, 0.99, 0.999]))
-def test_wilson_equals_statsmodels(n, data, confidence):
-    k = data.draw(st.integers(0, n))
-    lo, hi = alerts.wilson(k / n, n, confidence)
-    want = proportion_confint(k, n, alpha=1 - confidence, method="wilson")
-    assert lo == pytest.approx(want[0], abs=1e-9) and hi == pytest.approx(want[1], abs=1e-9)
-
-
-@given(st.floats(0.01, 2e6), st.floats(0, 3), st.sampled_from([0.9, 0.95, 0.99, 0.999]))
-def test_poisson_equals_scipy(mean, spread, confidence):
-    k = int(mean * spread)
-    assert alerts.poisson_cdf(k, mean) == pytest.approx(stats.poisson.cdf(k, mean), abs=1e-9)
-    assert alerts.poisson_bounds(mean, confidence) == tuple(int(x) for x in stats.poisson.interval(confidence, mean))
 
 
 # ---- threshold --------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from flywheel.metrics.definitions import DAY_MS, Alert
+from flywheel.metrics.stats import poisson_bounds, wilson
 from flywheel.model.clock import iso_ms
 
 WEEK_MS = 7 * DAY_MS
@@ -79,95 +80,6 @@ class RuleState:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RuleState:
         return cls(bool(data["firing"]), int(data["streak"]), data.get("since"), data.get("last"))
-
-
-# ---- the statistics ----------------------------------------------------------------------------------
-
-def z_of(confidence: float) -> float:
-    """Two-sided normal quantile: 1.96 at 0.95."""
-    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def wilson(rate: float, n: float, confidence: float) -> tuple[float, float]:
-    """The Wilson score interval of a proportion observed as `rate` over `n` trials."""
-    if n <= 0:
-        return 0.0, 1.0
-    z = z_of(confidence)
-    z2 = z * z
-    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _gamma_p(a: float, x: float) -> float:
-    """The regularized lower incomplete gamma function P(a, x) (series, or Lentz's continued fraction)."""
-    if x <= 0:
-        return 0.0
-    log_front = _log_front(a, x)
-    if x < a + 1:
-        term = total = 1.0 / a
-        ap = a
-        for _ in range(10_000):
-            ap += 1
-            term *= x / ap
-            total += term
-            if abs(term) < abs(total) * 1e-16:
-                break
-        return min(1.0, total * math.exp(log_front))
-    tiny = 1e-300
-    b = x + 1 - a
-    c, d = 1 / tiny, 1 / b
-    h = d
-    for i in range(1, 10_000):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1) < 1e-16:
-            break
-    return max(0.0, 1.0 - math.exp(log_front) * h)
-
-
-def _log_front(a: float, x: float) -> float:
-    """log(x^a e^-x / Γ(a)). For large a the direct sum cancels terms of size a·log x: written instead with
-    Stirling's series, around x = a, where it is exact to ~1e-15 relative."""
-    if a < 30:
-        return a * math.log(x) - x - math.lgamma(a)
-    d = (x - a) / a
-    stirling = 1 / (12 * a) - 1 / (360 * a ** 3) + 1 / (1260 * a ** 5)  # lgamma(a) − its Stirling approximation
-    return a * (math.log1p(d) - d) + 0.5 * math.log(a / (2 * math.pi)) - stirling
-
-
-def poisson_cdf(k: int, mean: float) -> float:
-    """P(X ≤ k) for X ~ Poisson(mean)."""
-    if k < 0:
-        return 0.0
-    if mean <= 0:
-        return 1.0
-    return 1.0 - _gamma_p(k + 1, mean)
-
-
-def poisson_bounds(mean: float, confidence: float) -> tuple[int, int]:
-    """The central interval a Poisson(mean) count falls in with probability ≥ confidence, as
-    scipy.stats.poisson.interval: the quantiles at α/2 and 1 − α/2 (smallest k with P(X ≤ k) ≥ q)."""
-    if mean <= 0:
-        return 0, 0
-
-    def quantile(q: float) -> int:  # from the normal approximation, then exact steps
-        k = max(0, int(mean + statistics.NormalDist().inv_cdf(q) * math.sqrt(mean)))
-        while k > 0 and poisson_cdf(k - 1, mean) >= q:
-            k -= 1
-        while poisson_cdf(k, mean) < q:
-            k += 1
-        return k
-
-    tail = (1 - confidence) / 2
-    return quantile(tail), quantile(1 - tail)
 
 
 # ---- one period --------------------------------------------------------------------------------------
