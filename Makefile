@@ -8,12 +8,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-shutdown bench-soak sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-alerts bench-shutdown bench-soak sample stop lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	# GrowthBook's stats engine, a test oracle for metrics/stats.py. Without its dependencies: it pins
+	# numpy<2 and pandas<2 for a pandas front end the tests do not import; its statistics run on ours.
+	$(BIN)/pip install --quiet --no-deps gbstats==0.8.0
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -45,6 +48,10 @@ bench-restart: $(STAMP)
 	$(BIN)/python bench/restart.py $(BENCH_ARGS)
 
 # Segments: cost per event (in-process), the sweep at 1M persons (RocksDB), entry latency and exit delay live.
+# Options: make bench-alerts BENCH_ARGS="--parts detect --seeds 200"
+bench-alerts: $(STAMP)
+	$(BIN)/python bench/alerts.py $(BENCH_ARGS)
+
 # Options: make bench-segments BENCH_ARGS="--parts stage --persons 20000"
 bench-segments: $(STAMP)
 	$(BIN)/python bench/segments.py $(BENCH_ARGS)

@@ -377,6 +377,7 @@ def stage_pass(records: list[Record], metrics: Metrics, *, partitions: int, batc
         "handoffs": published[topics.identified],
         "published": {"funnels": published[topics.funnels], "retention": published[topics.retention],
                       "active_users": published[topics.active_users], "segments": published[topics.segments]},
+        "alert_series": published[topics.alert_series],
         "persons_stored": sum(1 for k, _ in stage.persons.items() if not is_bookkeeping(k)),
     }, stage
 

@@ -68,6 +68,16 @@ def log(message: str) -> None:
     print(f"[bench {datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
+def save_results(name: str, doc: dict[str, Any], text: str) -> None:
+    """bench/results/<name>-<time>.json and .txt; the text printed too."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{name}-{stamp}.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / f"{name}-{stamp}.txt").write_text(text)
+    print(text)
+    log(f"results: {RESULTS}/{name}-{stamp}.json and .txt")
+
+
 # --------------------------------------------------------------------------- machine measurements
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -390,13 +389,7 @@ def main() -> None:
             doc["live"] = run_live(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"segments-{stamp}.json").write_text(json.dumps(doc, indent=1))
-    text = render(doc)
-    (RESULTS / f"segments-{stamp}.txt").write_text(text)
-    print(text)
-    log(f"results: {RESULTS}/segments-{stamp}.json and .txt")
+    pl.save_results("segments", doc, render(doc))
 
 
 if __name__ == "__main__":

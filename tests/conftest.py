@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 from flywheel import devkafka
 from helpers import ClickHouseServer, free_port, service_missing, unique_settings
+from hypothesis import settings
+
+# No timed assertions on a shared machine: Hypothesis' per-example deadline is one (gbstats' pydantic
+# models, chdb queries and a busy neighbour all make examples slow at times).
+settings.register_profile("flywheel", deadline=None)
+settings.load_profile("flywheel")
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from flywheel import query
 from flywheel.config import Settings, Topics
@@ -86,6 +88,7 @@ def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> S
         funnels=f"{tag}.metrics.funnels", retention=f"{tag}.metrics.retention",
         active_users=f"{tag}.metrics.active_users", lifecycle=f"{tag}.metrics.lifecycle",
         segments=f"{tag}.segments.changes", rfm=f"{tag}.segments.rfm",
+        alert_series=f"{tag}.alerts.series", alerts=f"{tag}.alerts",
     )
     values: dict[str, Any] = {
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),
@@ -365,6 +368,22 @@ def group_assignment(bootstrap: str, group: str) -> list[dict[str, list[int]]] |
     return members
 
 
+def committed_through(bootstrap: str, group: str, topic: str) -> bool:
+    """Whether the group has committed every record of `topic` (nothing would be delivered again)."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        committed = {tp: meta.offset for tp, meta in admin.list_group_offsets(group)[group].items()
+                     if tp.topic == topic}
+        ends = consumer.end_offsets(list(committed)) if committed else {}
+    finally:
+        admin.close()
+        consumer.close()
+    return bool(committed) and all(committed[tp] >= end for tp, end in ends.items())
+
+
 def changelog_topics(bootstrap: str, app_id: str) -> list[str]:
     """The changelog topics Faust created for the app's tables ({app id}-{table}-changelog)."""
     from kafka import KafkaAdminClient
@@ -400,3 +419,47 @@ def load_stream(ch, rows: list[dict]) -> None:
     ch.insert("flywheel.identity_map", [
         {"distinct_id": a, "person_id": a.split("-")[0], "version": 1, "message_id": f"link-{a}",
          "linked_at": datetime(2026, 1, 1, tzinfo=UTC)} for a in sorted(links)])
+
+
+class MemoryKafka:
+    """Every record a stage's outboxes sent, in order, by topic (unit tests). An outbox whose records include
+    a `fail_on` topic raises and lands nothing; with `land` set, only that many records land, then it raises."""
+
+    def __init__(self, partitions: int = 4) -> None:
+        self.partitions = partitions
+        self.log: dict[str, list[tuple[int, bytes, bytes | None]]] = defaultdict(list)
+        self.fail_on: set[str] = set()
+        self.land: int | None = None
+
+    async def outbox(self):
+        kafka = self
+        from flywheel.runtime.partitioner import partition_of
+
+        class Outbox:
+            def __init__(self) -> None:
+                self.records: list[tuple[str, int, bytes, bytes | None]] = []
+
+            def add(self, topic, key, value, *, partition=None, headers=None) -> None:
+                p = partition if partition is not None else partition_of(key, kafka.partitions)
+                self.records.append((topic, p, key, value))
+
+            def partitions(self, topic: str) -> list[int]:
+                return list(range(kafka.partitions))
+
+            async def send(self):
+                if any(t in kafka.fail_on for t, *_ in self.records):
+                    raise ConnectionError("the broker went away")  # nothing of this outbox landed
+                records = self.records if kafka.land is None else self.records[:kafka.land]
+                last = {}
+                for t, p, k, v in records:
+                    kafka.log[t].append((p, k, v))
+                    last[(t, p)] = len(kafka.log[t]) - 1
+                if kafka.land is not None:
+                    kafka.land = None
+                    raise ConnectionError("killed while sending")
+                return last
+
+        return Outbox()
+
+    def cells(self, topic: str) -> list[dict]:
+        return [orjson.loads(v) for _, _, v in self.log[topic]]

@@ -264,8 +264,10 @@ def metrics_check(
     path: Annotated[Path | None, typer.Argument(help="metrics file; default FLYWHEEL_METRICS")] = None,
 ) -> None:
     """Validate a metrics file and print what it defines (the worker does the same at start)."""
+    from flywheel.metrics.alerts import describe as describe_alert
     from flywheel.metrics.definitions import MetricsError, load_metrics
     from flywheel.metrics.segments import describe_segment
+    from flywheel.web.webhooks import problems as webhook_problems
 
     path = path or _settings().metrics
     try:
@@ -283,6 +285,11 @@ def metrics_check(
     if m.lifecycle is not None:
         typer.echo(f"lifecycle (version {m.lifecycle.version}): new / returning / resurrecting / dormant per "
                    f"{m.lifecycle.period}")
+    for a in m.alerts:
+        typer.echo(f"alert {a.name} (version {a.version}): {describe_alert(a)}")
+    wrong = webhook_problems(m.alerts, _settings().alert_webhooks)
+    if wrong:  # the worker refuses to start with these
+        _fail("alerts cannot notify:\n  " + "\n  ".join(wrong))
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 
@@ -379,6 +386,112 @@ def segments_members(
     for row in rows:
         typer.echo("\t".join(str(v) for v in row))
     typer.echo(f"{len(rows)} members of {name}", err=True)
+
+
+alerts_cli = typer.Typer(help="Alert rules (the metrics file's alerts:): their states, and backtests over history.")
+cli.add_typer(alerts_cli, name="alerts")
+
+
+@alerts_cli.command("list")
+def alerts_list() -> None:
+    """Every rule of the metrics file, with its current state from ClickHouse's alert_states (firing or
+    resolved since when; "never fired" before its first transition)."""
+    from flywheel.metrics.alerts import describe
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    try:
+        rules = load_metrics(settings.metrics).alerts
+        _, rows = _query(settings)("SELECT alert, state, version, period, since, value, decided_at, late "
+                                   "FROM flywheel.alert_states ORDER BY alert")
+    except (MetricsError, QueryError) as exc:
+        _fail(str(exc))
+    states = {r[0]: r for r in rows}
+    if not rules:
+        typer.echo(f"no alerts: in {settings.metrics}")
+    for a in rules:
+        row = states.get(a.name)
+        if row is None:
+            now = "never fired"
+        else:
+            _, state, version, period, since, value, decided, late = row
+            older = "" if version == a.version else f" (by version {version}; the rule is {a.version} now)"
+            now = (f"{state.upper()} since the {a.series.period} from {since or period}, value {value} decided "
+                   f"{decided}{' late' if late else ''}{older}")
+        typer.echo(f"{a.name}: {now}\n    {describe(a)}")
+
+
+def _day_ms(text: str, what: str) -> int:
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"{what} {text!r}: give a date (2024-10-01) or a time (2024-10-01T12:00Z)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+@alerts_cli.command("backtest")
+def alerts_backtest(
+    name: Annotated[str, typer.Argument(help="the rule's name")],
+    start: Annotated[str, typer.Option("--from", help="first day (or time, UTC) judged")],
+    end: Annotated[str, typer.Option("--to", help="day (or time, UTC) the judged periods end before")],
+    every: Annotated[bool, typer.Option("--all", help="print every period's verdict, not only transitions")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Replay a rule over the history in ClickHouse: its series recomputed from the stored events (as the
+    oracle does), judged period by period with the stream's own rule code, from a rule that is not firing.
+    Prints when it would have fired and resolved, to tune sensitivity and min_count before enabling it.
+
+    The stream judges a period once it closes (its end plus the grace): events that arrived later are in
+    the history but were not in the live verdict, so a backtest of recent periods can differ from what fired.
+    """
+    import orjson
+
+    from flywheel.metrics import alerts as rules
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.oracle import alert_series_sql
+    from flywheel.model.clock import iso_ms
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    try:
+        metrics = load_metrics(settings.metrics)
+    except MetricsError as exc:
+        _fail(str(exc))
+    alert = next((a for a in metrics.alerts if a.name == name), None)
+    if alert is None:
+        _fail(f"no alert {name!r} in {settings.metrics}: `flywheel alerts list` shows the rules")
+    start_ms, end_ms = _day_ms(start, "--from"), _day_ms(end, "--to")
+    if end_ms <= start_ms:
+        _fail("--to must be after --from")
+    first = alert.series.period_of(start_ms) - rules.history_needed(alert)
+    try:
+        _, rows = _query(settings)(alert_series_sql(alert, metrics, first, end_ms))
+    except QueryError as exc:
+        _fail(str(exc))
+    series = rules.history_points(alert, rows, first, end_ms)
+    fired = 0
+    for verdict, transition in rules.backtest(alert, series, rules.periods_between(alert, start_ms, end_ms)):
+        fired += transition == rules.FIRING
+        if not (every or transition):
+            continue
+        out = {"period": iso_ms(verdict.period), "transition": transition, "breach": verdict.breach,
+               "value": verdict.value, "count": verdict.count, "baseline": verdict.baseline, "lower": verdict.lower,
+               "upper": verdict.upper, "score": verdict.score, "reason": verdict.reason}
+        if as_json:
+            typer.echo(orjson.dumps(out).decode())
+        else:
+            def num(x):
+                return "-" if x is None else f"{x:.4g}"
+            typer.echo(f"{out['period']}  {(transition or '').upper():9} value {num(verdict.value)} "
+                       f"(volume {num(verdict.count)}) baseline {num(verdict.baseline)} "
+                       f"bounds {num(verdict.lower)}..{num(verdict.upper)}  {verdict.reason}")
+    typer.echo(f"{name}: fired {fired} times in {len(rules.periods_between(alert, start_ms, end_ms))} "
+               f"{alert.series.period}s", err=True)
 
 
 @cli.command()

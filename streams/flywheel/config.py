@@ -40,6 +40,8 @@ class Topics(BaseSettings):
     lifecycle: str = "metrics.lifecycle"
     segments: str = "segments.changes"
     rfm: str = "segments.rfm"
+    alert_series: str = "alerts.series"
+    alerts: str = "alerts"
 
 
 class Settings(BaseSettings):
@@ -69,8 +71,9 @@ class Settings(BaseSettings):
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
     store_memory_mb: int = Field(
         512, ge=24, description="RocksDB memory of a worker's state tables (memtables and block caches), split "
-                                "evenly over every table partition it could hold (3 tables × FLYWHEEL_PARTITIONS); "
-                                "the data itself lives on disk"
+                                "evenly over every table partition it could hold (3 tables × FLYWHEEL_PARTITIONS; "
+                                "the small alerts table takes ~3 MB per partition besides); the data itself lives "
+                                "on disk"
     )
     session_timeout_seconds: float = Field(
         60.0, description="a worker silent this long loses its partitions to the others (after a crash: how soon "
@@ -88,6 +91,14 @@ class Settings(BaseSettings):
     segment_sweep_seconds: float = Field(
         10.0, gt=0, description="how often the persons whose segment membership is due to change are re-evaluated: "
                                 "an exit by time comes at most this late (plus the sweep's own work)"
+    )
+    alert_webhooks: str = Field(
+        "", description="comma-separated URL prefixes alert webhooks may post to (scheme, host, port and a path "
+                        "prefix, e.g. https://hooks.slack.com/services/); a rule naming another URL is refused"
+    )
+    alert_tick_seconds: float = Field(
+        2.0, gt=0, description="how often each worker reports how far its stages have processed their input, "
+                               "which closes alert periods: a period's verdict comes at most about this late"
     )
     clock_file: Path | None = Field(
         None, description="testing only: read the time now (epoch ms) from this file instead of the system clock "

@@ -161,6 +161,10 @@ AUDIENCE_CHANGES = Counter(
 SEGMENT_SWEPT = Counter(
     "flywheel_segment_sweep_persons_total", "Persons re-evaluated by the segment sweep because their due time came"
 )
+ALERT_TRANSITIONS = Counter(
+    "flywheel_alert_transitions_total", "Alert rules that started firing or resolved (docs/design.md §10)", ["state"]
+)
+ALERT_DELIVERIES = Counter("flywheel_alert_webhook_deliveries_total", "Alert transitions posted to a webhook")
 PARTIALS_RESTORED = Counter(
     "flywheel_partials_restored_total",
     "Partitions whose partials were restored at assignment, by how (checkpoint | count: from the person states)",

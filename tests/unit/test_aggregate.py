@@ -16,6 +16,7 @@ from flywheel.model.clock import DAY_MS, day_text
 from flywheel.runtime.partitioner import partition_of
 from flywheel.stages.aggregate import BEGIN, END, AggregateStage, owner_of
 from flywheel.stages.tables import MemoryTable
+from helpers import MemoryKafka as Kafka
 
 METRICS = parse_metrics({
     "lateness": "7d",
@@ -26,45 +27,6 @@ PARTITIONS = 4
 TOPICS = Topics()
 CHANGELOG = "persons-changelog"
 DAY0 = 20_000  # a day number
-
-
-class Kafka:
-    """Every record the stage's outboxes sent, in order, by topic. An outbox whose records include a
-    `fail_on` topic raises and lands nothing; with `land` set, only that many records land, then it raises."""
-
-    def __init__(self) -> None:
-        self.log: dict[str, list[tuple[int, bytes, bytes | None]]] = defaultdict(list)
-        self.fail_on: set[str] = set()
-        self.land: int | None = None
-
-    async def outbox(self):
-        kafka = self
-
-        class Outbox:
-            def __init__(self) -> None:
-                self.records: list[tuple[str, int, bytes, bytes | None]] = []
-
-            def add(self, topic, key, value, *, partition=None) -> None:
-                p = partition if partition is not None else partition_of(key, PARTITIONS)
-                self.records.append((topic, p, key, value))
-
-            async def send(self):
-                if any(t in kafka.fail_on for t, *_ in self.records):
-                    raise ConnectionError("the broker went away")  # nothing of this outbox landed
-                records = self.records if kafka.land is None else self.records[:kafka.land]
-                last = {}
-                for t, p, k, v in records:
-                    kafka.log[t].append((p, k, v))
-                    last[(t, p)] = len(kafka.log[t]) - 1
-                if kafka.land is not None:
-                    kafka.land = None
-                    raise ConnectionError("killed while sending")
-                return last
-
-        return Outbox()
-
-    def cells(self, topic: str) -> list[dict]:
-        return [orjson.loads(v) for _, _, v in self.log[topic]]
 
 
 class Table(MemoryTable):
@@ -763,3 +725,104 @@ def test_the_leader_publishes_rfm_memberships_as_scores_change():
     assert members(kafka) == {("rfm_need_attention", "u1")}
     first = kafka.cells(TOPICS.segments)[1]
     assert first["userId"] == "u1" and kafka.cells(TOPICS.segments)[0]["anonymousId"] == "a2"
+
+
+# ---- alert rules' shares and progress (docs/design.md §10) ------------------------------------------
+
+ALERTING = parse_metrics({
+    "funnels": [{"name": "f", "window": "1d", "steps": [{"event": "Page Viewed"}, {"event": "Buy"}]}],
+    "alerts": [{"name": "conversion", "series": {"funnel": "f", "step": 2, "rate": True},
+                "rule": {"threshold": {"below": 0.1}}},
+               {"name": "daily", "series": {"active": "dau"}, "rule": {"threshold": {"below": 1}}}],
+})
+
+
+class Tick:
+    def __init__(self, partition: int, source: int, at: int):
+        self.partition = partition
+        self.value = orjson.dumps({"type": "tick", "from": source, "of": 2, "at": at})
+
+
+def test_cells_feed_alert_rules_and_markers_close_their_periods():
+    kafka = Kafka()
+    s = AggregateStage(metrics=ALERTING, persons=Table(kafka), sink=ClickHouse(), outbox=kafka.outbox, topics=TOPICS,
+                       retry=retry_forever)
+    records = [event("p1", "a", 0), event("p1", "b", 0, "Buy"), event("p2", "c", 0), event("p3", "d", 0)]
+
+    async def go():
+        await repair(s)
+        await s.process(records)
+        # a marker from events.raw partition 0 only: no progress yet (partition 1's events may be queued)
+        await s.process([Tick(p, 0, 111) for p in range(PARTITIONS)])
+        assert [r for r in kafka.cells(TOPICS.alert_series) if r["t"] == "progress"] == []
+        await s.process([Tick(p, 1, 99) for p in range(PARTITIONS)])
+    run(go())
+    series = kafka.cells(TOPICS.alert_series)
+    newest: dict[tuple, float] = {}  # (rule, src, period, role) → the latest value
+    for r in series:
+        if r["t"] == "share":
+            for period, values in r["periods"].items():
+                for role, value in values.items():
+                    newest[(r["rule"], r["src"], int(period), role)] = value
+    day = DAY0 * DAY_MS
+
+    def total(rule: str, role: str) -> int:
+        return sum(v for (name, _, period, rl), v in newest.items() if (name, period, rl) == (rule, day, role))
+    assert (total("conversion", "v"), total("conversion", "b")) == (1, 3)  # 1 of 3 persons bought
+    assert total("daily", "v") == 3
+    progress = [r for r in series if r["t"] == "progress"]
+    assert {(r["stage"], r["partition"], r["of"], r["through"]) for r in progress} == {
+        ("aggregate", p, PARTITIONS, 99) for p in range(PARTITIONS)}  # the oldest of the newest markers
+    assert len(progress) == PARTITIONS * PARTITIONS  # each to every evaluator partition
+    assert series.index(progress[0]) > max(i for i, r in enumerate(series) if r["t"] == "share")  # after the shares
+
+
+SIZED = parse_metrics({
+    "segments": [{"name": "buyers", "all": [{"performed": "Buy", "within": "30d"}]}],
+    "alerts": [{"name": "buyers_size", "series": {"segment": "buyers"}, "rule": {"threshold": {"below": 1}}}],
+})
+
+
+def test_segment_sizes_feed_alert_rules_and_survive_a_restart():
+    kafka = Kafka()
+    clock = [(DAY0 + 1) * DAY_MS]
+
+    def sized_stage() -> AggregateStage:
+        return AggregateStage(metrics=SIZED, persons=Table(kafka), sink=ClickHouse(), outbox=kafka.outbox,
+                              topics=TOPICS, retry=retry_forever, clock=lambda: clock[0])
+
+    def sizes() -> dict[str, int]:
+        newest: dict[str, dict] = {}
+        for r in kafka.cells(TOPICS.alert_series):
+            if r["src"] not in newest or r["ver"] >= newest[r["src"]]["ver"]:
+                newest[r["src"]] = r
+        return {src: r["periods"]["0"]["v"] for src, r in newest.items()}
+
+    async def restarted() -> AggregateStage:
+        s = sized_stage()
+        await repair(s)
+        s.stop()
+        return s
+
+    async def go():
+        s = await restarted()
+        await s.process([event("p1", "a", 0, "Buy"), event("p2", "b", 0, "Buy"), event("p3", "c", 0)])
+        members = {partition_of(p.encode(), PARTITIONS) for p in ("p1", "p2")}
+        assert sum(sizes().values()) == 2 and {int(src[1:]) for src, v in sizes().items() if v} == members
+        # a restart: the sizes come back from the table and are sent again
+        kafka.log[TOPICS.alert_series].clear()
+        await restarted()
+        assert sum(sizes().values()) == 2 and len(sizes()) == PARTITIONS
+        # a table without sizes (written before this release): counted from the person states
+        for p, k, _ in list(kafka.log[CHANGELOG]):
+            if k.startswith(b"\x00sizes\x00"):
+                kafka.log[CHANGELOG].append((p, k, None))
+        kafka.log[TOPICS.alert_series].clear()
+        await restarted()
+        assert sum(sizes().values()) == 2
+        # the members' window passes: the sweep lets them go, and the size follows
+        clock[0] = (DAY0 + 40) * DAY_MS
+        s = await restarted()
+        await s.sweep()
+        assert sum(sizes().values()) == 0
+    run(go())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -15,7 +15,15 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from flywheel.config import Settings, Topics
-from flywheel.model.envelope import HEADER_FORGET, HEADER_RECEIVED_AT, HEADER_REPLAY_OF, HEADER_SOURCE, Limits
+from flywheel.metrics.definitions import parse_metrics
+from flywheel.model.envelope import (
+    HEADER_FORGET,
+    HEADER_RECEIVED_AT,
+    HEADER_REPLAY_OF,
+    HEADER_SOURCE,
+    HEADER_TICK,
+    Limits,
+)
 from flywheel.model.plan import load_plan
 from flywheel.runtime.outbox import Outbox
 from flywheel.stages.dedup import clock_key, entry_key
@@ -77,7 +85,7 @@ def batch(messages: list[dict | bytes]) -> list[Message]:
 class Stage:
     """The stage, its tables, and the producer its outboxes send through (swap it to change Kafka)."""
 
-    def __init__(self):
+    def __init__(self, alerts=()):
         self.first_seen, self.linked = MemoryTable("message-ids-changelog"), MemoryTable("identity-changelog")
         self.producer = Producer()
 
@@ -85,7 +93,8 @@ class Stage:
             return Outbox(self.producer, {t: PARTITIONS for t in TOPICS.model_dump().values()})
 
         self.ingest = Ingest(plan=load_plan(Settings().tracking_plan), limits=Limits(max_future=timedelta(days=3650)),
-                             topics=TOPICS, first_seen=self.first_seen, linked_users=self.linked, outbox=outbox)
+                             topics=TOPICS, first_seen=self.first_seen, linked_users=self.linked, outbox=outbox,
+                             alerts=alerts)
 
     def handle(self, messages, producer: Producer) -> None:
         self.producer = producer
@@ -275,3 +284,64 @@ def test_a_receivedat_days_ahead_of_our_clock_does_not_expire_the_dedup_table():
     s.handle(batch([viewed("anon-a", "m1")] * 2)[1:], retry)  # another record (offset 101) with m1
     assert retry.values("identified") == []
     assert s.first_seen.data[3][clock_key(3)].split()[0] == str(RECEIVED_DAY + 1).encode()
+
+
+# ---- alert rules' counts and progress markers (docs/design.md §10) ----------------------------------
+
+ALERTING = parse_metrics({"alerts": [
+    {"name": "views", "series": {"events": "Product Viewed", "period": "hour"}, "rule": {"threshold": {"below": 1}}},
+    {"name": "bad", "series": {"invalid_rate": True, "source": "any"}, "rule": {"threshold": {"above": 0.5}}},
+    {"name": "web_only", "series": {"events": "any", "source": "writekey:web"}, "rule": {"threshold": {"below": 1}}},
+]}).alerts
+TICK_AT = 1_700_000_123_000
+
+
+def tick(offset: int) -> Message:
+    m = Message(b"", b"", partition=3, offset=offset)
+    m.headers = [(HEADER_TICK, str(TICK_AT).encode())]
+    return m
+
+
+def shares(producer: Producer) -> dict[str, dict]:
+    """rule → the newest share (by version) sent, per period."""
+    out: dict[str, dict] = {}
+    for r in producer.values(TOPICS.alert_series):
+        if r["t"] == "share":
+            for period, values in r["periods"].items():
+                out.setdefault(r["rule"], {})[int(period)] = {**values, "src": r["src"]}
+    return out
+
+
+def test_alert_counts_are_exact_across_a_redelivery_and_markers_go_on():
+    s = Stage(alerts=ALERTING)
+    producer = Producer()
+    records = [*batch(JOURNEY), tick(106)]
+    s.handle(records, producer)
+    got = shares(producer)
+    hour = datetime(2026, 11, 10, 9, tzinfo=UTC).timestamp() * 1000
+    # m1, m2, m4 (the SDK retry of m2 is no event); the identify is no Product Viewed
+    assert {p: (r["v"], r["src"]) for p, r in got["views"].items()} == {hour: (3, "i3")}
+    arrival = 1_700_000_000_000 - 1_700_000_000_000 % 3_600_000  # invalid rates go by arrival
+    assert {p: (r["v"], r["b"]) for p, r in got["bad"].items()} == {arrival: (1, 5)}
+    assert "web_only" not in got  # the records came from source "test"
+    # the marker: passed on to every events.identified partition, behind this batch's events there ...
+    ticks = [(p, orjson.loads(v)) for (t, p), recs in producer.records.items() if t == "identified"
+             for _, v in recs if orjson.loads(v).get("type") == "tick"]
+    assert sorted(p for p, _ in ticks) == PARTITIONS
+    assert {(r["from"], r["of"], r["at"]) for _, r in ticks} == {(3, 8, TICK_AT)}
+    assert all(orjson.loads(recs[-1][1]).get("type") == "tick"
+               for (t, _), recs in producer.records.items() if t == "identified")
+    # ... and reported, after the counts, to every evaluator partition
+    progress = [(p, orjson.loads(v)) for (t, p), recs in producer.records.items() if t == TOPICS.alert_series
+                for _, v in recs if orjson.loads(v)["t"] == "progress"]
+    assert sorted(p for p, _ in progress) == PARTITIONS
+    assert {(r["stage"], r["partition"], r["through"]) for _, r in progress} == {("ingest", 3, TICK_AT)}
+
+    # a crash before the commit: the same records again, on a worker that restored the table — counted once
+    again = Stage(alerts=ALERTING)
+    again.first_seen, again.ingest.first_seen = s.first_seen, s.first_seen
+    again.ingest.dedup = s.ingest.dedup
+    producer = Producer()
+    again.handle(records, producer)
+    got = shares(producer)
+    assert got["views"][hour]["v"] == 3 and (got["bad"][arrival]["v"], got["bad"][arrival]["b"]) == (1, 5)

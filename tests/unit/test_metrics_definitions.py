@@ -99,3 +99,20 @@ def test_cli_check_prints_the_definitions_or_the_error(tmp_path):
     bad.write_text("funnels:\n  - name: x\n    window: 1h\n    steps: [{event: A, where: {c: [1]}}]\n")
     failed = CliRunner().invoke(cli, ["metrics", "check", str(bad)])
     assert failed.exit_code == 1 and "funnels[0].steps[0].where.c" in failed.output
+
+
+def test_cli_check_lists_alerts_and_refuses_webhooks_not_allowed(tmp_path, monkeypatch):
+    from flywheel.cli import cli
+    from typer.testing import CliRunner
+
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text("alerts:\n  - name: orders_low\n    series: {events: Order Completed}\n"
+                     "    rule: {threshold: {below: 3}}\n    notify: [{webhook: 'http://127.0.0.1:9/hook'}]\n")
+    monkeypatch.setenv("FLYWHEEL_ALERT_WEBHOOKS", "http://127.0.0.1:9/")
+    ok = CliRunner().invoke(cli, ["metrics", "check", str(rules)])
+    assert ok.exit_code == 0 and "alert orders_low (version " in ok.output
+    assert "events Order Completed from any source per hour: threshold below 3" in ok.output
+    monkeypatch.setenv("FLYWHEEL_ALERT_WEBHOOKS", "https://hooks.example.com/")
+    refused = CliRunner().invoke(cli, ["metrics", "check", str(rules)])
+    assert refused.exit_code == 1
+    assert "webhook http://127.0.0.1:9/hook is not allowed by FLYWHEEL_ALERT_WEBHOOKS" in refused.output

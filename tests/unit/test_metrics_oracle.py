@@ -16,7 +16,7 @@ import pytest
 from flywheel import paths
 from flywheel.clickhouse.embedded import EmbeddedClickHouse
 from flywheel.clickhouse.migrate import apply as migrate
-from flywheel.metrics import oracle
+from flywheel.metrics import alerts, oracle
 from flywheel.metrics.definitions import LIFECYCLE_STATUSES, Funnel, Lifecycle, Retention, parse_metrics
 from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
 from flywheel.model.clock import DAY_MS
@@ -43,6 +43,15 @@ METRICS = parse_metrics({
         {"name": "weekly", "cohort_event": "any", "return_event": "View", "period": "week", "horizon": 2},
     ],
     "lifecycle": {"period": "day"},
+    # alert series: from the cells (their feeds) and from the events (the ingest stage's tallies)
+    "alerts": [{"name": name, "series": series, "rule": {"threshold": {"above": 1}}} for name, series in [
+        ("conversion", {"funnel": "checkout", "step": 3, "rate": True}), ("adds", {"funnel": "checkout", "step": 2}),
+        ("day2", {"retention": "daily", "n": 2}), ("week1", {"retention": "weekly", "n": 1}),
+        ("dau", {"active": "dau"}), ("mau", {"active": "mau"}),
+        ("buys", {"events": "Buy", "period": "hour"}), ("daily_events", {"events": "any", "period": "day"}),
+        ("weekly_views", {"events": "View", "period": "week", "source": "test"}),
+        ("other_source", {"events": "any", "source": "elsewhere"}),
+    ]],
 })
 # the same activity rule, weekly lifecycle periods: evaluated on the states built with METRICS
 WEEKLY = parse_metrics({"activity": {"types": ["track", "page"], "exclude_events": ["Other"]},
@@ -200,3 +209,31 @@ def test_a_known_stream_cell_by_cell(ch):
     assert [cells[("l", BASE_DAY + d, s)] for d, s in enumerate(
         ["new", "returning", "dormant", "resurrecting", "dormant"])] == [1, 1, 1, 1, 1]
     assert cells == oracle_cells(ch)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(event_st, min_size=1, max_size=45))
+def test_alert_series_equal_clickhouse(ch, events):
+    """Each rule's series as the stream feeds it — the cells' shares (alerts.cell_feeds) summed like the
+    evaluator sums them (alerts.point), the events counted like the ingest stage's tallies — equals
+    oracle.alert_series_sql over the stored events, period by period."""
+    persons, rows = run_stream(events)
+    load_stream(ch, rows)
+    index = alerts.cell_index(METRICS.alerts)
+    shares: dict = {}  # (rule, period) → {"v": …, "b": …} as one partition's share
+    for state in persons.values():
+        for cell in contributions(state, METRICS, open_from=-(10**6)):
+            for rule, role, period in alerts.cell_feeds(index, cell):
+                share = shares.setdefault((rule.name, period), {"p0": {"v": [0, 1], "b": [0, 1]}})["p0"]
+                share[role][0] += 1
+    start, end = (BASE_DAY - 14) * DAY_MS, (BASE_DAY + 60) * DAY_MS
+    for rule in METRICS.alerts:
+        theirs = alerts.history_points(rule, ch.rows(oracle.alert_series_sql(rule, METRICS, start, end))[1], start, end)
+        if rule.series.kind in alerts.COUNTED:  # what the ingest stage's tallies count (test_ingest.py)
+            counted = Counter(rule.series.period_of(int(r["timestamp"].timestamp() * 1000)) for r in rows
+                              if alerts.counts_valid(rule, r["event"], r["source"]))
+            ours = {p: alerts.Point(n, n) for p, n in counted.items()}
+        else:
+            ours = {p: alerts.point(rule, by) for (name, p), by in shares.items() if name == rule.name}
+        nonzero = {p: pt for p, pt in theirs.items() if pt.count}
+        assert {p: pt for p, pt in ours.items() if pt.count} == nonzero, rule.name

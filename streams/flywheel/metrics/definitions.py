@@ -91,7 +91,14 @@ def _day_or_week(v: str) -> str:
     return v
 
 
+def _not_negative(v: str | int) -> str | int:
+    if parse_duration_ms(v) < 0:
+        raise ValueError("a duration must not be negative")
+    return v
+
+
 Period = Annotated[str, AfterValidator(_day_or_week)]
+Duration = Annotated[str | int, AfterValidator(_not_negative)]  # s, m, h, d (a bare number: seconds), ≥ 0
 Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]  # of a definition
 
 
@@ -270,9 +277,133 @@ class LifecycleSpec(_Strict):
     period: Period = "day"
 
 
+# ---- alerts (metrics/alerts.py) -------------------------------------------------------------------
+
+ALERT_PERIODS = ("hour", "day", "week")
+ACTIVE_KINDS = ("dau", "wau", "mau")
+
+
+class AlertSeriesSpec(_Strict):
+    """What a rule watches: exactly one of events / invalid_rate / funnel / retention / active / segment."""
+
+    events: str | None = Field(None, min_length=1)  # an event name, or 'any' (every valid event)
+    invalid_rate: bool = False  # invalid / (valid + invalid) by arrival time
+    source: str | None = Field(None, min_length=1)  # with events / invalid_rate: one source, or 'any'
+    funnel: str | None = None
+    step: int | None = Field(None, ge=1, le=MAX_STEPS)  # persons reaching this step (1 = the first)
+    rate: bool = False  # with funnel: conversion from step 1
+    retention: str | None = None
+    n: int | None = Field(None, ge=1, le=MAX_HORIZON)  # with retention: the rate returning n periods later
+    active: str | None = None  # dau | wau | mau
+    segment: str | None = None  # its size at the period's close
+    period: str | None = None  # hour | day | week; default hour for events/invalid_rate/segment, else day
+
+    @model_validator(mode="after")
+    def _one(self) -> AlertSeriesSpec:
+        kinds = [k for k in ("events", "invalid_rate", "funnel", "retention", "active", "segment")
+                 if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of events, invalid_rate, funnel, retention, active, segment"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
+        kind = kinds[0]
+        if self.source is not None and kind not in ("events", "invalid_rate"):
+            raise ValueError("source applies to events and invalid_rate series only")
+        if (self.step is not None or self.rate) and kind != "funnel":
+            raise ValueError("step and rate apply to funnel series only")
+        if kind == "funnel" and self.step is None:
+            raise ValueError("a funnel series needs step (1 = the first)")
+        if (self.n is None) != (kind != "retention"):
+            raise ValueError("n (periods after the cohort's) goes with retention series, and only there")
+        if kind == "active" and self.active not in ACTIVE_KINDS:
+            raise ValueError(f"active must be one of {', '.join(ACTIVE_KINDS)}")
+        if self.period is not None and self.period not in ALERT_PERIODS:
+            raise ValueError(f"period must be one of {', '.join(ALERT_PERIODS)}")
+        if kind in ("funnel", "active") and self.period not in (None, "day"):
+            raise ValueError(f"{kind} series are daily: period must be day")
+        return self
+
+
+class _Bounds(_Strict):
+    above: float | None = None
+    below: float | None = None
+    min_count: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> _Bounds:
+        if self.above is None and self.below is None:
+            raise ValueError("give above, below or both")
+        return self
+
+
+class ThresholdSpec(_Bounds):
+    pass
+
+
+class RelativeSpec(_Bounds):
+    vs: str = "previous_period"  # previous_period | last_week (the same period a week before)
+
+    @field_validator("vs")
+    @classmethod
+    def _vs(cls, v: str) -> str:
+        if v not in ("previous_period", "last_week"):
+            raise ValueError("vs must be previous_period or last_week")
+        return v
+
+
+ANOMALY_BASELINES = ("same_hour_of_week", "same_weekday", "previous_periods")
+
+
+class AnomalySpec(_Strict):
+    baseline: str = "previous_periods"
+    weeks: int = Field(4, ge=1, le=12)  # seasonal baselines: the same slot this many weeks back
+    periods: int = Field(12, ge=3, le=168)  # previous_periods: this many periods back
+    sensitivity: float = Field(3.5, gt=0)  # robust z beyond which a period breaches
+    direction: str = "both"  # both | up | down
+    min_count: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> AnomalySpec:
+        if self.baseline not in ANOMALY_BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(ANOMALY_BASELINES)}")
+        if self.direction not in ("both", "up", "down"):
+            raise ValueError("direction must be both, up or down")
+        return self
+
+
+class RuleSpec(_Strict):
+    threshold: ThresholdSpec | None = None
+    relative: RelativeSpec | None = None
+    anomaly: AnomalySpec | None = None
+    min_count: int | None = Field(None, ge=0)  # no verdict on a period of less volume (events, or a rate's base)
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of the sample-size bounds (Wilson for rates, Poisson for counts)
+
+    @model_validator(mode="after")
+    def _one(self) -> RuleSpec:
+        if sum(k is not None for k in (self.threshold, self.relative, self.anomaly)) != 1:
+            raise ValueError("give exactly one of threshold, relative, anomaly")
+        return self
+
+
+class NotifySpec(_Strict):
+    webhook: str = Field(min_length=1)  # must be allowed by FLYWHEEL_ALERT_WEBHOOKS (runtime/webhooks.py)
+    secret_env: str | None = Field(None, min_length=1)  # env var holding the HMAC-SHA256 secret
+    slack: bool = False  # add a Slack-compatible `text` to the JSON body
+
+
+class AlertSpec(_Strict):
+    name: Name
+    series: AlertSeriesSpec
+    rule: RuleSpec
+    fire_after: int = Field(1, ge=1, le=100)  # consecutive breaching periods
+    resolve_after: int = Field(1, ge=1, le=100)  # consecutive clear periods
+    grace: Duration = "2m"  # a period closes this long after its end, once every input has caught up
+    late_after: Duration = "30m"  # a transition decided later than this after the close is marked late
+    notify: list[NotifySpec] = Field(default_factory=list)
+
+
 class MetricsSpec(_Strict):
-    lateness: str | int = "7d"
-    close_after: str | int = "30d"
+    lateness: Duration = "7d"
+    close_after: Duration = "30d"
     activity: ActivitySpec = Field(default_factory=ActivitySpec)
     funnels: list[FunnelSpec] = Field(default_factory=list)
     retention: list[RetentionSpec] = Field(default_factory=list)
@@ -280,23 +411,60 @@ class MetricsSpec(_Strict):
     churn_risk: ChurnRiskSpec | None = None
     lifecycle: LifecycleSpec | None = None
     rfm: RfmSpec | None = None
-
-    @field_validator("lateness", "close_after")
-    @classmethod
-    def _lateness(cls, v: Any) -> Any:
-        if parse_duration_ms(v) < 0:
-            raise ValueError("lateness cannot be negative")
-        return v
+    alerts: list[AlertSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetricsSpec:
         segments = [*self.segments, *([self.churn_risk] if self.churn_risk else [])]
-        for kind, items in (("funnels", self.funnels), ("retention", self.retention), ("segments", segments)):
+        for kind, items in (("funnels", self.funnels), ("retention", self.retention), ("segments", segments),
+                            ("alerts", self.alerts)):
             names = [i.name for i in items]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{kind}: duplicate name(s) {dupes}")
+        for i, alert in enumerate(self.alerts):
+            problem = _alert_problem(alert, self, {s.name for s in segments})
+            if problem:
+                raise ValueError(f"alerts[{i}] ({alert.name}): {problem}")
         return self
+
+
+def _alert_problem(alert: AlertSpec, spec: MetricsSpec, segments: set[str]) -> str | None:
+    """What is wrong with an alert's references to the rest of the file, if anything."""
+    series, rule = alert.series, alert.rule
+    if series.funnel is not None:
+        funnel = next((f for f in spec.funnels if f.name == series.funnel), None)
+        if funnel is None:
+            return f"series.funnel: no funnel named {series.funnel!r}"
+        if series.step > len(funnel.steps):
+            return f"series.step: funnel {funnel.name!r} has {len(funnel.steps)} steps"
+    if series.retention is not None:
+        retention = next((r for r in spec.retention if r.name == series.retention), None)
+        if retention is None:
+            return f"series.retention: no retention named {series.retention!r}"
+        if series.n > retention.horizon:
+            return f"series.n: retention {retention.name!r} has a horizon of {retention.horizon}"
+        if series.period not in (None, retention.period):
+            return f"series.period: retention {retention.name!r} is counted per {retention.period}"
+    if series.segment is not None and series.segment not in segments:
+        return f"series.segment: no segment named {series.segment!r}"
+    period = alert_period(series, spec)
+    if rule.anomaly is not None:
+        wanted = {"same_hour_of_week": "hour", "same_weekday": "day"}.get(rule.anomaly.baseline)
+        if wanted is not None and period != wanted:
+            return f"rule.anomaly.baseline: {rule.anomaly.baseline} needs period {wanted} (the series is per {period})"
+    for notify in alert.notify:
+        if not notify.webhook.startswith(("http://", "https://")):
+            return f"notify: webhook {notify.webhook!r} is not an http(s) URL"
+    return None
+
+
+def alert_period(series: AlertSeriesSpec, spec: MetricsSpec) -> str:
+    if series.period is not None:
+        return series.period
+    if series.retention is not None:
+        return next(r.period for r in spec.retention if r.name == series.retention)
+    return "day" if series.funnel is not None or series.active is not None else "hour"
 
 
 # ---- compiled form: the registry ---------------------------------------------------------------
@@ -469,6 +637,69 @@ class Lifecycle(Periodic):
 DAU, WAU, MAU = ActiveWindow("dau", 1), ActiveWindow("wau", 7), ActiveWindow("mau", 30)
 ACTIVE_WINDOWS = (DAU, WAU, MAU)
 
+HOUR_MS = 3_600_000
+PERIOD_MS = {"hour": HOUR_MS, "day": DAY_MS, "week": 7 * DAY_MS}
+MONDAY_MS = 4 * DAY_MS  # 1970-01-05, the first Monday: weeks start there (as Periodic's)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AlertSeries:
+    """A series an alert watches (metrics/alerts.py): one value per period, and the volume behind it."""
+
+    kind: str  # events | invalid_rate | funnel | retention | active | segment
+    period: str  # hour | day | week
+    event: str | None = None  # events: the name; None = every valid event
+    source: str | None = None  # events / invalid_rate: one source; None = any
+    definition: Funnel | Retention | ActiveWindow | None = None
+    step: int = 0  # funnel: the step (1-based)
+    n: int = 0  # retention: periods after the cohort's
+    rate: bool = False  # the value is a rate: funnel conversion from step 1, retention, invalid_rate
+    segment: str | None = None
+
+    @property
+    def period_ms(self) -> int:
+        return PERIOD_MS[self.period]
+
+    def period_of(self, ms: int) -> int:
+        """Start (ms) of the period holding `ms`."""
+        origin = MONDAY_MS if self.period == "week" else 0
+        return ms - (ms - origin) % self.period_ms
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AlertRule:
+    kind: str  # threshold | relative | anomaly
+    above: float | None = None
+    below: float | None = None
+    vs: str = "previous_period"  # relative
+    baseline: str = "previous_periods"  # anomaly: same_hour_of_week | same_weekday | previous_periods
+    weeks: int = 4
+    periods: int = 12
+    sensitivity: float = 3.5
+    direction: str = "both"
+    min_count: int = 0
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Notify:
+    webhook: str
+    secret_env: str | None
+    slack: bool
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Alert:
+    name: str
+    version: str  # of what the rule means: series, rule, hysteresis, grace (not where it notifies)
+    series: AlertSeries
+    rule: AlertRule
+    fire_after: int
+    resolve_after: int
+    grace_ms: int
+    late_after_ms: int
+    notify: tuple[Notify, ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
@@ -483,6 +714,7 @@ class Metrics:
     segments: tuple[Segment, ...] = ()
     lifecycle: Lifecycle | None = None
     rfm: Rfm | None = None
+    alerts: tuple[Alert, ...] = ()
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
@@ -617,8 +849,39 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
         window_ms = parse_duration_ms(spec.rfm.window)
         rfm = Rfm("rfm", _digest("rfm", order.pid, spec.rfm.monetary, window_ms), order, spec.rfm.monetary,
                   window_ms, parse_duration_ms(spec.rfm.refresh))
+    alerts = tuple(_alert(a, spec, funnels, retention) for a in spec.alerts)
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle, rfm)
+                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle, rfm, alerts)
+
+
+def _alert(spec: AlertSpec, metrics: MetricsSpec, funnels: list[Funnel], retention: list[Retention]) -> Alert:
+    s, r = spec.series, spec.rule
+    kind = next(k for k in ("events", "invalid_rate", "funnel", "retention", "active", "segment")
+                if getattr(s, k) not in (None, False))
+    definition: Funnel | Retention | ActiveWindow | None = None
+    if kind == "funnel":
+        definition = next(f for f in funnels if f.name == s.funnel)
+    elif kind == "retention":
+        definition = next(x for x in retention if x.name == s.retention)
+    elif kind == "active":
+        definition = next(w for w in ACTIVE_WINDOWS if w.name == s.active)
+    series = AlertSeries(kind, alert_period(s, metrics), event=None if s.events in (None, ANY) else s.events,
+                         source=None if s.source in (None, ANY) else s.source, definition=definition,
+                         step=s.step or 0, n=s.n or 0, rate=s.rate or kind in ("retention", "invalid_rate"),
+                         segment=s.segment)
+    body = r.threshold or r.relative or r.anomaly
+    min_count = max((m for m in (r.min_count, body.min_count) if m is not None), default=0)
+    fields = {k: v for k, v in body.model_dump().items() if k != "min_count"}
+    rule = AlertRule(kind="threshold" if r.threshold else "relative" if r.relative else "anomaly",
+                     min_count=min_count, confidence=r.confidence, **fields)
+    grace, late_after = parse_duration_ms(spec.grace), parse_duration_ms(spec.late_after)
+    described = (kind, series.period, series.event, series.source,
+                 f"{definition.name}@{getattr(definition, 'version', '')}" if definition else None,
+                 series.step, series.n, series.rate, series.segment,
+                 [(k, getattr(rule, k)) for k in AlertRule.__slots__])
+    version = _digest("alert", described, spec.fire_after, spec.resolve_after, grace)
+    notify = tuple(Notify(n.webhook, n.secret_env, n.slack) for n in spec.notify)
+    return Alert(spec.name, version, series, rule, spec.fire_after, spec.resolve_after, grace, late_after, notify)
 
 
 def _segment(spec: SegmentSpec, predicate: Callable[[str | None, dict[str, Any]], Predicate]) -> Segment:

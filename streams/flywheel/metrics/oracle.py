@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from flywheel.metrics.definitions import (
+    DAY_MS,
+    MONDAY_MS,
     Activity,
+    Alert,
     Condition,
     Funnel,
     Lifecycle,
@@ -255,3 +258,72 @@ SELECT person_id, recency_days, frequency, monetary,
        1 + arrayCount(c -> c < monetary, {cut_points("ms")}) AS m{extra}
 FROM people CROSS JOIN all_cuts
 ORDER BY person_id"""
+
+
+def _bucket(alert: Alert, column: str) -> str:
+    """The start (epoch ms) of the alert's period holding `column`, as AlertSeries.period_of."""
+    size, origin = alert.series.period_ms, MONDAY_MS if alert.series.period == "week" else 0
+    return f"(intDiv(toUnixTimestamp64Milli({column}) - {origin}, {size}) * {size} + {origin})"
+
+
+def alert_series_sql(alert: Alert, metrics: Metrics, start_ms: int, end_ms: int) -> str:
+    """(period start ms, value, base) of an alert's series for the periods starting in [start_ms, end_ms),
+    from the stored events (`flywheel alerts backtest`; metrics/alerts.py `history_points`): the count (base =
+    the count), or a rate's numerator and denominator. Periods without a row had nothing."""
+    s = alert.series
+    day_ms = "toUInt64(toUnixTimestamp(toDateTime({})))* 1000"
+    within = f"BETWEEN {start_ms} AND {end_ms - 1}"
+    if s.kind == "events":
+        where = [f"{_bucket(alert, 'timestamp')} {within}"]
+        if s.event is not None:
+            where.append(f"event = {quote(s.event)}")
+        if s.source is not None:
+            where.append(f"source = {quote(s.source)}")
+        return (f"SELECT {_bucket(alert, 'timestamp')} AS p, count() AS v, count() AS b "
+                f"FROM flywheel.events_resolved WHERE {' AND '.join(where)} GROUP BY p ORDER BY p")
+    if s.kind == "invalid_rate":  # by arrival: an invalid event may have no usable timestamp
+        source = f" AND source = {quote(s.source)}" if s.source is not None else ""
+        return f"""
+SELECT p, sum(bad) AS v, count() AS b
+FROM (
+    SELECT {_bucket(alert, 'received_at')} AS p, 1 AS bad FROM flywheel.invalid_events FINAL
+    WHERE {_bucket(alert, 'received_at')} {within}{source}
+    UNION ALL
+    SELECT {_bucket(alert, 'received_at')} AS p, 0 AS bad FROM flywheel.events_resolved
+    WHERE {_bucket(alert, 'received_at')} {within}{source}
+)
+GROUP BY p ORDER BY p"""
+    if s.kind == "funnel":
+        return (f"SELECT {day_ms.format('day')} AS p, sumIf(persons, step = {s.step}) AS v, "
+                f"sumIf(persons, step = 1) AS b FROM ({funnel_sql(s.definition)}) "
+                f"WHERE p {within} GROUP BY p ORDER BY p")
+    if s.kind == "retention":
+        r, n = s.definition, s.n
+        return f"""
+SELECT {day_ms.format(f'c.cohort_day + {n * r.period_days}')} AS p, r.persons AS v, c.cohort_size AS b
+FROM ({cohort_sizes_sql(r)}) AS c
+LEFT JOIN (SELECT cohort_day, persons FROM ({retention_sql(r)}) WHERE period = {n}) AS r ON r.cohort_day = c.cohort_day
+WHERE p {within} ORDER BY p"""
+    if s.kind == "active":  # persons active within the window ending on each day
+        events = _events("flywheel.events_resolved")
+        active = f"(SELECT person_id, timestamp FROM {events} WHERE {activity_sql(metrics.activity)})"
+        first, last = start_ms // DAY_MS, -(-end_ms // DAY_MS)
+        return f"""
+SELECT {day_ms.format('d')} AS p, uniqExactIf(person_id, dt > d - {s.definition.days} AND dt <= d) AS v, v AS b
+FROM (SELECT person_id, toDate(timestamp) AS dt FROM {active}) AS e
+CROSS JOIN (SELECT arrayJoin(arrayMap(x -> toDate(x), range({first}, {last}))) AS d) AS days
+GROUP BY d HAVING v > 0 AND p {within}
+ORDER BY p"""
+    # segment: members at each period's end, from the published changes
+    size = s.period_ms
+    return f"""
+SELECT t AS p, countIf(last = 'entered') AS v, v AS b
+FROM (
+    SELECT ends.t AS t, c.person_id, argMax(c.change, c.kafka_offset) AS last
+    FROM flywheel.segment_changes AS c
+    CROSS JOIN (SELECT arrayJoin(range({alert.series.period_of(start_ms)}, {end_ms}, {size})) AS t) AS ends
+    WHERE c.segment = {quote(s.segment)} AND toUnixTimestamp64Milli(c.at) < ends.t + {size}
+    GROUP BY t, c.person_id
+)
+WHERE t {within}
+GROUP BY t ORDER BY t"""

@@ -31,6 +31,7 @@ HEADER_SOURCE = "flywheel-source"  # where it came from: writekey:<hash>, or a p
 HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms
 HEADER_REPLAY_OF = "flywheel-replay-of"  # a replayed DLQ record: the origin of the rejected one (flywheel dlq)
 HEADER_FORGET = "flywheel-forget"  # not an event: a request to forget a person's ids here (flywheel persons)
+HEADER_TICK = "flywheel-tick"  # not an event: a progress marker, epoch ms (runtime/ticker.py, docs/design.md §10)
 
 
 def as_id(value: Any) -> str | None:

@@ -83,3 +83,19 @@ def rfm_row(record: dict[str, Any], partition: int, offset: int) -> dict[str, An
             "last_order": datetime.fromisoformat(last) if last else None,
             "frequency": record["frequency"], "monetary": record["monetary"],
             "at": datetime.fromisoformat(record["at"]), "kafka_partition": partition, "kafka_offset": offset}
+
+
+def alert_row(record: dict[str, Any]) -> dict[str, Any]:
+    """An alerts record (metrics/alerts.py transition_record) → a flywheel.alert_events row."""
+    def when(text: str | None) -> datetime | None:
+        return datetime.fromisoformat(text) if text else None
+
+    return {
+        "alert": record["alert"], "version": record["version"], "state": record["state"],
+        "idempotency_key": record["idempotencyKey"], "period": when(record["period"]),
+        "period_end": when(record["periodEnd"]), "since": when(record.get("since")),
+        **{k: record.get(k) for k in ("value", "count", "baseline", "lower", "upper", "score")},
+        "reason": record.get("reason", ""), "rule": record["rule"], "series": _json(record["series"]),
+        "decided_at": when(record["decidedAt"]), "late": int(bool(record.get("late"))),
+        "superseded": int(bool(record.get("superseded"))),
+    }

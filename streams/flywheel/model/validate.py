@@ -47,6 +47,7 @@ from flywheel.model.envelope import (
     HEADER_RECEIVED_AT,
     HEADER_REPLAY_OF,
     HEADER_SOURCE,
+    HEADER_TICK,
     MESSAGE_TYPES,
     BadTimestamp,
     Limits,
@@ -68,6 +69,7 @@ class Raw:
     offset: int = -1
     replay_of: str = ""  # a replayed DLQ record: the origin of the record first rejected
     forget: str = ""  # not an event but a forget request (flywheel persons forget): its id
+    tick: int | None = None  # not an event but a progress marker (runtime/ticker.py): its time, epoch ms
 
     @property
     def origin(self) -> str:
@@ -87,6 +89,7 @@ class Raw:
         value = record.value
         replay_of = headers.get(HEADER_REPLAY_OF)
         forget = headers.get(HEADER_FORGET)
+        tick = headers.get(HEADER_TICK)
         return cls(
             value=value if isinstance(value, bytes) else bytes(value or b""),
             source=source,
@@ -94,6 +97,7 @@ class Raw:
             topic=topic, partition=record.partition, offset=record.offset,
             replay_of=replay_of.decode("utf-8", "replace") if replay_of else "",
             forget=forget.decode("utf-8", "replace") if forget else "",
+            tick=int(tick) if tick is not None and tick.isdigit() else None,
         )
 
 

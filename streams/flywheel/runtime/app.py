@@ -10,6 +10,9 @@ Stages, in the order data flows (docs/design.md §1):
                               │                      └──▶ segments.changes (Audience Entered / Exited; also
                               │                           when a due time comes: the sweep)
                               └─────────▶ flywheel.events (with the late flag)
+    alerts.series     ──alerts────────▶ each rule's evaluator (shares from ingest and aggregate, progress
+                                        markers from the Ticker through both) ──▶ alerts
+    alerts            ──notify────────▶ flywheel.alert_events, webhooks
     metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle}_partials
     segments.changes  ──sink──────────▶ flywheel.segment_changes
     segments.rfm      ──sink──────────▶ flywheel.rfm_values
@@ -20,6 +23,7 @@ Stages, in the order data flows (docs/design.md §1):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from mode import Service
 from flywheel.clickhouse import ClickHouse
 from flywheel.collector.server import Collector, collector_app
 from flywheel.config import Settings
-from flywheel.metrics.definitions import load_metrics
+from flywheel.metrics.definitions import MetricsError, load_metrics
 from flywheel.model.plan import load_plan
 from flywheel.runtime import faust_seams
 from flywheel.runtime.delivery import BatchTopics
@@ -39,13 +43,17 @@ from flywheel.runtime.outbox import Outbox, Outboxes
 from flywheel.runtime.partitioner import partition_of
 from flywheel.runtime.retry import RetryPolicy
 from flywheel.runtime.status import WorkerStatus
-from flywheel.runtime.topics import FIRST_SEEN, IDENTITY, PERSONS
+from flywheel.runtime.ticker import Ticker
+from flywheel.runtime.topics import ALERTS, FIRST_SEEN, IDENTITY, PERSONS, TABLES
 from flywheel.stages.aggregate import AggregateStage, owner_of
+from flywheel.stages.alerts import RULE, SHARES, AlertStage, NotifyStage
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
 from flywheel.web.admin import add_sql, add_status, admin_app
 from flywheel.web.health import KafkaProbe
 from flywheel.web.server import Listener
+from flywheel.web.webhooks import Webhooks
+from flywheel.web.webhooks import problems as webhook_problems
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +87,18 @@ class Listeners(Service):
 
 
 class Stopping(Service):
-    """Calls `stop` on the worker's stop (the aggregate stage's segment sweep)."""
+    """Calls each of `callbacks` on the worker's stop, awaiting those that return an awaitable (the aggregate
+    stage's sweep, the webhooks' HTTP session)."""
 
-    def __init__(self, stop, **kwargs):
+    def __init__(self, *callbacks, **kwargs):
         super().__init__(**kwargs)
-        self._stop = stop
+        self._callbacks = callbacks
 
     async def on_stop(self) -> None:
-        self._stop()
+        for callback in self._callbacks:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
 
 
 class Progress(Service):
@@ -170,6 +182,9 @@ def rocksdb_memory(budget_mb: int, *, tables: int, partitions: int) -> dict[str,
 def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None = None) -> Pipeline:
     plan = load_plan(settings.tracking_plan)
     metrics = load_metrics(settings.metrics)
+    wrong = webhook_problems(metrics.alerts, settings.alert_webhooks)
+    if wrong:
+        raise MetricsError(f"{settings.metrics}: alerts cannot notify:\n  " + "\n  ".join(wrong))
     batches = BatchTopics()
     app = faust.App(
         settings.app_id,
@@ -194,11 +209,13 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     policy = RetryPolicy(max_backoff=settings.sink_max_backoff_seconds)
     output = Output(settings)
 
-    memory = rocksdb_memory(settings.store_memory_mb, tables=3, partitions=settings.partitions)
+    # the budget goes to the three large tables; the alerts table holds a few keys per rule
+    memory = rocksdb_memory(settings.store_memory_mb, tables=len(TABLES) - 1, partitions=settings.partitions)
+    small = {"write_buffer_size": 2**20, "max_write_buffer_number": 2, "block_cache_size": 2**20}
 
-    def table(name: str, owner) -> faust_seams.StoreTable:
+    def table(name: str, owner, options: dict = memory) -> faust_seams.StoreTable:
         t = app.Table(name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                      options=memory)
+                      options=options)
         return faust_seams.StoreTable(t, owner)
 
     def partitions(topic_name: str) -> int:
@@ -212,10 +229,24 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     # Co-partitioned with events.identified: person id → state, the single source of truth (§4).
     persons = table(PERSONS, lambda key: owner_of(key, lambda k: partition_of(k, partitions(names.identified))))
 
+    def rule_partition(name: str) -> int:
+        return partition_of(name.encode(), partitions(names.alert_series))
+
+    def alert_owner(key: bytes) -> int:  # s|<rule> and r|<rule>: the rule's partition
+        return rule_partition(key[len(RULE):].decode() if key[:2] in (RULE, SHARES) else key.decode())
+
+    # Co-partitioned with alerts.series: each rule's shares and state (stages/alerts.py).
+    alert_table = table(ALERTS, alert_owner, small)
+
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chdb calls block
     sink = Sink(ch, executor, is_bad_data=policy.is_bad_data, outbox=output.outbox, invalid_topic=names.invalid)
     ingest = Ingest(plan=plan, limits=settings.limits(), topics=names, first_seen=first_seen,
-                    linked_users=linked_users, outbox=output.outbox, dedup_horizon_days=settings.dedup_horizon_days)
+                    linked_users=linked_users, outbox=output.outbox, dedup_horizon_days=settings.dedup_horizon_days,
+                    alerts=metrics.alerts)
+    alert_stage = AlertStage(metrics=metrics, table=alert_table, outbox=output.outbox, topics=names,
+                             rule_partition=rule_partition, clock=settings.clock())
+    webhooks = Webhooks(settings.alert_webhooks)
+    notify = NotifyStage(metrics=metrics, post=webhooks.post)
     aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
                                retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size),
                                clock=settings.clock(), sweep_seconds=settings.segment_sweep_seconds)
@@ -251,6 +282,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     @app.on_partitions_revoked.connect
     async def _revoked(app_: faust.App, revoked, **kwargs) -> None:
         await aggregate.handing_over({tp.partition for tp in revoked if tp.topic == names.identified})
+        alert_stage.revoked([tp.partition for tp in revoked if tp.topic == names.alert_series])
 
     @app.on_partitions_assigned.connect
     async def _assigned(app_: faust.App, assigned, **kwargs) -> None:
@@ -267,6 +299,13 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
     batches.add(app, topic["segments"], sinks.segments, name="sink_segments", retry=policy, **flush)
     batches.add(app, topic["rfm"], sinks.rfm, name="sink_rfm", retry=policy, **flush)
+    batches.add(app, topic["alert_series"], alert_stage.process, name="alerts", retry=policy,
+                max_records=BATCH_RECORDS)
+
+    async def on_alerts(records) -> None:  # stored first: a webhook outage does not hold the table back
+        await sinks.alerts(records)
+        await notify.process(records)
+    batches.add(app, topic["alerts"], on_alerts, name="notify", retry=policy)
 
     kafka = KafkaProbe(settings.kafka_bootstrap)
     status = WorkerStatus(app, topics=names, sink=sink, retry=policy, max_lag=settings.ready_max_lag,
@@ -281,4 +320,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    return Pipeline(app, [listeners, output, Progress(app), status, Stopping(aggregate.stop)])
+    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close)]
+    if metrics.alerts:
+        services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
+    return Pipeline(app, services)

@@ -45,6 +45,10 @@ class Outbox:
             if builders[-1].append(key=key, value=value, timestamp=None, headers=headers) is None:
                 raise ValueError(f"a {len(value or b'')}-byte record does not fit in a record batch")
 
+    def partitions(self, topic: str) -> Sequence[int]:
+        """The partitions of a topic the outbox was made for (Outboxes.new)."""
+        return self._partitions[topic]
+
     def __len__(self) -> int:
         return sum(b.record_count() for builders in self._batches.values() for b in builders)
 

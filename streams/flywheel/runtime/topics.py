@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 FIRST_SEEN = "message-ids"
 IDENTITY = "identity"
 PERSONS = "persons"
-TABLES = (FIRST_SEEN, IDENTITY, PERSONS)
+ALERTS = "alerts"
+TABLES = (FIRST_SEEN, IDENTITY, PERSONS, ALERTS)
 
 
 def changelog_topic(settings: Settings, table: str) -> str:

@@ -45,6 +45,7 @@ import orjson
 from flywheel import observability as obs
 from flywheel.config import Topics
 from flywheel.metrics import oracle, rfm
+from flywheel.metrics.alerts import GAUGE, cell_feeds, cell_index, feed_record, progress_record
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
 from flywheel.metrics.partials import Change, Partials, count
@@ -73,6 +74,7 @@ SWEEP_MAX = 500  # persons re-evaluated per partition per sweep batch
 # rfm_values and keeps its last decision per person (docs/design.md §9).
 LEADER = 0
 RFM_DECIDED = b"\x00rfm\x00"  # + LEADER + NUL + person → "segment|version|since"
+SIZES = b"\x00sizes\x00"  # + partition → {segment: members on the partition}, for alert rules on segment sizes
 # A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
 # every YIELD_EVERY records: the collector and /health share the loop.
 SLICE = 100
@@ -142,6 +144,12 @@ class AggregateStage:
         self._reevaluations: dict[int, asyncio.Task] = {}
         self._rfm_decided: dict[str, tuple[str, str, int]] | None = None  # the leader's, loaded once
         self._refresher: asyncio.Task | None = None
+        self._feeds = cell_index(metrics.alerts)  # the cells alert rules read (docs/design.md §10)
+        # partition → events.raw partition → the newest progress marker it passed on (runtime/ticker.py)
+        self._ticks: dict[int, dict[int, int]] = defaultdict(dict)
+        self._through: dict[int, int] = {}  # partition → progress last reported
+        self.sizes: dict[int, dict[str, int]] = {}  # partition → segment → members (SIZES)
+        self._gauges = tuple(a for a in metrics.alerts if a.series.kind == "segment")
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -181,6 +189,9 @@ class AggregateStage:
         for p in partitions:
             self._unannounced.pop(p, None)
             self._announced.pop(p, None)
+            self._ticks.pop(p, None)
+            self._through.pop(p, None)
+            self.sizes.pop(p, None)
             task = self._reevaluations.pop(p, None)
             if task is not None:
                 task.cancel()
@@ -221,6 +232,7 @@ class AggregateStage:
         obs.PARTIALS_RESTORED.labels(how).inc()
         cells = len(self.partials.parts[partition].counts)
         await self.retry(lambda: self._publish([partition]), f"republish p{partition}", cells)
+        await self._load_sizes(partition)
         # membership changes whose publication a crash may have cut: published again (same messageIds)
         prefix = _audience_prefix(partition)
         pending = {key[len(prefix):]: orjson.loads(value) for key, value in self.persons.scan(partition, prefix)}
@@ -231,6 +243,34 @@ class AggregateStage:
             # segments added or changed since the partition's persons were last evaluated: all of them, once
             self._reevaluations[partition] = asyncio.ensure_future(self._reevaluate(partition))
         return how, cells
+
+    async def _load_sizes(self, partition: int) -> None:
+        """The partition's segment sizes, from SIZES; counted from the person states once if it has none yet
+        (a table of an older release), then its shares republished."""
+        if not self._gauges:
+            return
+        raw = self.persons.get(partition, _mark(SIZES, partition))
+        if raw is not None:
+            self.sizes[partition] = orjson.loads(raw)
+        else:
+            sizes: Counter = Counter()
+            async with self._counting:
+                async for values in self._persons_in_slices(partition):
+                    for v in values:
+                        sizes.update(orjson.loads(v).get("s", {}).keys())
+            self.sizes[partition] = dict(sizes)
+        await self.retry(lambda: self._publish_sizes([partition]), f"segment sizes p{partition}", 1)
+
+    async def _publish_sizes(self, partitions: Iterable[int]) -> None:
+        """The partitions' segment sizes to the evaluators of rules on them (a gauge: its latest share counts)."""
+        out = await self.outbox()
+        for p in partitions:
+            version = self._version(p)
+            for alert in self._gauges:
+                size = self.sizes.get(p, {}).get(alert.series.segment, 0)
+                out.add(self.topics.alert_series, alert.name.encode(),
+                        orjson.dumps(feed_record(alert, f"a{p}", version, {GAUGE: {"v": size}})))
+        await out.send()
 
     def _segment_versions(self) -> dict[str, str]:
         return {s.name: s.version for s in self.metrics.segments}
@@ -383,7 +423,7 @@ class AggregateStage:
                 slot = touched[(part, key)] = [old, new]
             return slot
 
-        rows, handoffs, forgets = [], [], []
+        rows, handoffs, forgets, ticks = [], [], [], []
         for i, (part, rec) in enumerate(batch):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -404,6 +444,8 @@ class AggregateStage:
                 slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
                 slot[1].user = True  # a hand-off goes to the user the anonymous id was linked to
                 watermarks[part] = max(watermarks[part], slot[1].newest)
+            elif kind == "tick":  # a progress marker from the ingest of events.raw partition `from`
+                ticks.append((part, rec))
             elif kind == "due":  # the sweep: a person whose segment memberships may have changed by now
                 key = rec["person"].encode()
                 slot = state_of(part, key, history=False)
@@ -442,6 +484,19 @@ class AggregateStage:
             if (self.metrics.segments or self.metrics.rfm is not None
                     or (old is not None and (old.members or old.due >= 0 or old.rfm_published is not None))):
                 self._decide(part, key, old, new, now, writes, audience)
+        sized: dict[int, dict[str, int]] = {}  # partitions whose segment sizes change → their new sizes
+        if self._gauges:
+            for part, pending in audience.items():
+                delta: Counter = Counter()
+                for akey, recs in pending.items():
+                    if akey.startswith(b"segments\x00"):
+                        for rec in recs:
+                            delta[rec["properties"]["segment"]] += 1 if rec["event"] == AUDIENCE_ENTERED else -1
+                if any(delta.values()):
+                    sizes = Counter(self.sizes.get(part, {}))
+                    sizes.update(delta)
+                    sized[part] = {k: v for k, v in sizes.items() if v}
+                    writes.put(part, _mark(SIZES, part), orjson.dumps(sized[part]))
         # 4. the partials' change, then the table: begin, states, cells, end — per partition, in order
         by_partition: dict[int, list] = defaultdict(list)
         for (part, key), slot in touched.items():
@@ -492,9 +547,41 @@ class AggregateStage:
             self._announced.pop(change.partition, None)
         for part, pending in audience.items():
             self._unannounced[part].update(pending)
+        self.sizes.update(sized)
         # 5. the changed cells, and the membership changes (with any a failed attempt left)
         await self._publish([change.partition for change, _ in changes])
         await self._announce([p for p, pending in self._unannounced.items() if pending])
+        if sized:
+            await self._publish_sizes(sized)
+        if ticks:
+            await self._progress(ticks)
+
+    async def _progress(self, ticks: list[tuple[int, dict]]) -> None:
+        """After the batch's cells are out: how far each partition has handled every events.raw partition's
+        records — the oldest of their newest markers —, to every alert evaluator partition."""
+        of = 0
+        for part, rec in ticks:
+            seen = self._ticks[part]
+            seen[rec["from"]] = max(seen.get(rec["from"], rec["at"]), rec["at"])
+            of = rec["of"]
+        if not (self._feeds or self._gauges):
+            return
+        out, sent = await self.outbox(), {}
+        for part in {p for p, _ in ticks}:
+            seen = self._ticks[part]
+            if not all(p in seen for p in range(of)):
+                continue  # not yet a marker from every events.raw partition
+            through = min(seen[p] for p in range(of))
+            if through <= self._through.get(part, -1):
+                continue
+            marker = orjson.dumps(progress_record("aggregate", part, len(out.partitions(self.topics.identified)),
+                                                  through))
+            for q in out.partitions(self.topics.alert_series):
+                out.add(self.topics.alert_series, None, marker, partition=q)
+            sent[part] = through
+        if sent:
+            await out.send()
+            self._through.update(sent)
 
     def _decide(self, part: int, key: bytes, old: PersonState | None, new: PersonState | None, now: int,
                 writes: Writes, audience: dict[int, dict[bytes, list[dict]]]) -> None:
@@ -739,10 +826,17 @@ class AggregateStage:
             out = await self.outbox()
             for p, cells in due.items():
                 version = self._version(p)
+                feeds: dict = defaultdict(lambda: defaultdict(dict))  # alert → period → role → value
                 for cell, value in cells:
                     kind, key, rec = record(cell, p, value, version)
                     out.add(getattr(self.topics, kind.name), key, orjson.dumps(rec))
                     obs.PARTIALS_PUBLISHED.labels(kind.name).inc()
+                    if self._feeds:
+                        for alert, role, period in cell_feeds(self._feeds, cell):
+                            feeds[alert][period][role] = value
+                for alert, periods in feeds.items():  # the partition's shares of alert series, to their evaluators
+                    out.add(self.topics.alert_series, alert.name.encode(),
+                            orjson.dumps(feed_record(alert, f"a{p}", version, periods)))
             await out.send()
             for p, cells in due.items():
                 self.partials.published(p, cells)

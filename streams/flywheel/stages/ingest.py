@@ -27,6 +27,8 @@ import orjson
 
 from flywheel import observability as obs
 from flywheel.config import Topics
+from flywheel.metrics.alerts import Counting, Tally, progress_record
+from flywheel.metrics.definitions import Alert
 from flywheel.model import identity
 from flywheel.model.clock import DAY_MS, to_ms
 from flywheel.model.envelope import Limits
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 500  # records between two turns of the event loop (~10 ms)
 REPLAY = b"\x00replay\x00"  # + origin of a replayed DLQ record, in first_seen beside the messageIds (no expiry)
+TALLY = b"\x00alert\x00"  # + partition + NUL + rule: its counts on the partition (metrics/alerts.py Tally)
 
 
 class Ingest:
@@ -52,11 +55,16 @@ class Ingest:
       collapses downstream. Also: a replayed DLQ record that passed → its origin, under REPLAY + the
       origin of the record first rejected.
     - `linked_users`: anonymous id → b"<user>\\x00<origin of the linking record>" (identity.resolve).
+
+    Alert rules on event counts and invalid rates (docs/design.md §10) are counted here, where each record is
+    judged once: per rule and partition a `Tally` in first_seen, written with the batch, and the changed
+    periods' counts sent to alerts.series. A tally remembers the last offset it counted, so a redelivered
+    record is not counted twice.
     """
 
     def __init__(self, *, plan: TrackingPlan, limits: Limits, topics: Topics, first_seen: Table,
                  linked_users: Table, outbox: Callable[[], Awaitable[Outbox]], dedup_horizon_days: int = 7,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, alerts: Sequence[Alert] = ()):
         self.plan = plan
         self.limits = limits
         self.topics = topics
@@ -66,6 +74,8 @@ class Ingest:
         self._arrival_cap = 0
         self.linked_users = linked_users
         self.outbox = outbox
+        self.counted = Counting(alerts)
+        self._republished: set[int] = set()  # partitions whose tallies were sent again since the start
 
     async def handle(self, records: Sequence[Record]) -> None:
         """Process a batch; return only once all of its outputs are in Kafka. If that fails, the batch is
@@ -77,22 +87,66 @@ class Ingest:
         # expire the dedup table's live generations. Arrivals count at most a day past our own clock.
         self._arrival_cap = int(self.clock() * 1000) + DAY_MS
         counts: Counter[tuple[Any, str | None]] = Counter()
+        tallies: dict[tuple[int, Alert], Tally] = {}
+        ticks: dict[int, int] = {}  # partition → the newest progress marker handled
+        if self.counted:
+            for p in {r.partition for r in records} - self._republished:
+                # once per partition after a start: a crash may have cut a batch's shares short of Kafka
+                for alert in self.counted.alerts:
+                    tally = self._tally(first_seen, tallies, p, alert)
+                    tally.changed.update(tally.periods)
         for i, record in enumerate(records):
             if i % YIELD_EVERY == YIELD_EVERY - 1:  # the collector and /health share the event loop
                 await asyncio.sleep(0)
-            self._one(record, outbox, first_seen, dedup, linked, counts)
+            self._one(record, outbox, first_seen, dedup, linked, counts, tallies, ticks)
+        for (p, alert), tally in tallies.items():
+            if tally.changed:
+                first_seen.put(p, TALLY + b"%d\x00" % p + alert.name.encode(), orjson.dumps(tally.to_json()))
+                outbox.add(self.topics.alert_series, alert.name.encode(), orjson.dumps(tally.share(f"i{p}")))
+        if ticks and self.counted:  # after the counts, on every evaluator partition: periods may close
+            of = len(outbox.partitions(self.topics.raw))
+            for p, at in ticks.items():
+                marker = orjson.dumps(progress_record("ingest", p, of, at))
+                for q in outbox.partitions(self.topics.alert_series):
+                    outbox.add(self.topics.alert_series, None, marker, partition=q)
         dedup.finish()
         offsets = await outbox.send()
         first_seen.apply(offsets)
         linked.apply(offsets)
         dedup.landed()
+        self._republished.update(p for p, _ in tallies)
         for (metric, source), n in counts.items():  # once, for the attempt that landed
             (metric.labels(source) if source is not None else metric).inc(n)
 
+    def _tally(self, first_seen: Writes, tallies: dict, partition: int, alert: Alert) -> Tally:
+        raw = first_seen.get(partition, TALLY + b"%d\x00" % partition + alert.name.encode())
+        tally = tallies[(partition, alert)] = Tally(alert, orjson.loads(raw) if raw else None)
+        return tally
+
+    def _count(self, record: Record, first_seen: Writes, tallies: dict, rules: tuple[Alert, ...], event_ms: int,
+               received_ms: int, invalid: bool) -> None:
+        """A record into the tallies of the counted rules it feeds."""
+        p = record.partition
+        for alert in rules:
+            tally = tallies.get((p, alert)) or self._tally(first_seen, tallies, p, alert)
+            tally.count(record.offset, event_ms, received_ms, invalid)
+
+    def _tick(self, raw: Raw, outbox: Outbox, ticks: dict[int, int]) -> None:
+        """A progress marker: every record before it on this partition is handled. Passed on to every
+        events.identified partition (behind this partition's events there), for the aggregate stage."""
+        of = len(outbox.partitions(self.topics.raw))
+        marker = orjson.dumps({"type": "tick", "from": raw.partition, "of": of, "at": raw.tick})
+        for q in outbox.partitions(self.topics.identified):
+            outbox.add(self.topics.identified, None, marker, partition=q)
+        ticks[raw.partition] = max(ticks.get(raw.partition, raw.tick), raw.tick)
+
     def _one(self, record: Record, outbox: Outbox, first_seen: Writes, dedup: DedupBatch, linked: Writes,
-             counts: Counter) -> None:
+             counts: Counter, tallies: dict, ticks: dict[int, int]) -> None:
         names = self.topics
         raw = Raw.from_record(record, topic=names.raw)
+        if raw.tick is not None:
+            self._tick(raw, outbox, ticks)
+            return
         dedup.arrived(record.partition, min(to_ms(raw.received_at), self._arrival_cap))
         if raw.forget:
             self._forget(raw, dedup, linked, counts)
@@ -104,6 +158,9 @@ class Ingest:
         if isinstance(outcome, Invalid):
             counts[obs.INVALID, raw.source] += 1
             outbox.add(names.invalid, record.key, orjson.dumps(outcome.dlq_record()))
+            if self.counted:
+                received = to_ms(raw.received_at)
+                self._count(record, first_seen, tallies, self.counted.invalid(raw.source), received, received, True)
             return
         counts[obs.VALID, raw.source] += 1
         ev = outcome.event
@@ -124,6 +181,9 @@ class Ingest:
             first_seen.put(record.partition, replayed, here)
         # First seen here — or this very record again (a redelivery): its changelog record may not have landed.
         dedup.remember(record.partition, key, here)
+        if self.counted:
+            self._count(record, first_seen, tallies, self.counted.valid(ev["event"], raw.source), ev["timestamp"],
+                        ev["receivedAt"], False)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
 

@@ -24,7 +24,7 @@ import orjson
 from flywheel import observability as obs
 from flywheel.metrics.cells import KIND_BY_NAME, Cell, kind_of, row
 from flywheel.metrics.oracle import quote
-from flywheel.model.rows import audience_row, identity_rows, invalid_row, rfm_row
+from flywheel.model.rows import alert_row, audience_row, identity_rows, invalid_row, rfm_row
 from flywheel.model.validate import dlq_record
 from flywheel.stages.ports import Outbox, Record
 
@@ -34,6 +34,7 @@ Rows = list[dict[str, Any]]
 INVALID_EVENTS = "flywheel.invalid_events"
 SEGMENT_CHANGES = "flywheel.segment_changes"
 RFM_VALUES = "flywheel.rfm_values"
+ALERT_EVENTS = "flywheel.alert_events"
 
 
 class ClickHouse(Protocol):
@@ -191,6 +192,9 @@ class SinkStage:
 
     async def rfm(self, records: Sequence[Record]) -> None:
         await self.sink.write(RFM_VALUES, [rfm_row(orjson.loads(r.value), r.partition, r.offset) for r in records])
+
+    async def alerts(self, records: Sequence[Record]) -> None:
+        await self.sink.write(ALERT_EVENTS, [alert_row(orjson.loads(r.value)) for r in records])
 
     async def segments(self, records: Sequence[Record]) -> None:
         await self.sink.write(SEGMENT_CHANGES, [audience_row(orjson.loads(r.value), r.partition, r.offset)
