@@ -90,7 +90,7 @@ def test_sample_ratio_mismatch_is_flagged():
     ({"metrics": [{"name": "x", "ratio": {"numerator": {"count": "A"}, "denominator": {}, "within": "1d"}}],
       "guardrails": []}, "exactly one of count"),
     ({"metrics": [{"name": "x", "conversion": {"event": "A", "within": "0s"}}], "guardrails": []},
-     "within must be positive"),
+     "within: Value error, must be positive"),
 ])
 def test_invalid_experiments_are_refused(change, message):
     with pytest.raises(MetricsError, match=message):

@@ -160,6 +160,15 @@ MAX_SEGMENT_WINDOW_MS = 400 * DAY_MS  # a window's events are kept in the person
 MAX_COUNT = 100  # a count condition keeps that many event times per person
 
 
+def _window(v: str | int) -> str | int:
+    if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
+        raise ValueError(f"must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+    return v
+
+
+Window = Annotated[str | int, AfterValidator(_window)]  # a window the person state keeps events for
+
+
 class CountSpec(_Strict):
     gte: int | None = Field(None, ge=0, le=MAX_COUNT)
     lte: int | None = Field(None, ge=0, le=MAX_COUNT)
@@ -212,14 +221,7 @@ class ConditionSpec(_Strict):
 
 
 class UniverseSpec(_Strict):
-    active_within: str | int
-
-    @field_validator("active_within")
-    @classmethod
-    def _window(cls, v: Any) -> Any:
-        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
-            raise ValueError(f"active_within must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
-        return v
+    active_within: Window
 
 
 class SegmentSpec(_Strict):
@@ -255,15 +257,8 @@ class ChurnRiskSpec(_Strict):
 class RfmSpec(_Strict):
     event: str = Field(min_length=1)  # the order event
     monetary: str = Field(min_length=1)  # its numeric property summed
-    window: str | int = "365d"
+    window: Window = "365d"
     refresh: str | int = "60s"  # how often the scores are computed again (docs/design.md §9)
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: Any) -> Any:
-        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
-            raise ValueError(f"window must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
-        return v
 
     @field_validator("refresh")
     @classmethod
@@ -425,14 +420,7 @@ class SumOfSpec(EventSpec):
 
 
 class WithinSpec(_Strict):
-    within: Duration  # after the person's first exposure, in event time
-
-    @field_validator("within")
-    @classmethod
-    def _positive(cls, v: Any) -> Any:
-        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
-            raise ValueError(f"within must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
-        return v
+    within: Window  # after the person's first exposure, in event time
 
 
 class ConversionSpec(EventSpec, WithinSpec):
