@@ -287,6 +287,12 @@ def metrics_check(
                    f"{m.lifecycle.period}")
     for a in m.alerts:
         typer.echo(f"alert {a.name} (version {a.version}): {describe_alert(a)}")
+    for e in m.experiments:
+        split = ", ".join(f"{name} {share:g}" for name, share in e.variations)
+        metrics = ", ".join(f"{x.name} ({x.kind}{', guardrail' if x.guardrail else ''})" for x in e.metrics)
+        typer.echo(f"experiment {e.name} (version {e.version}): exposure {e.exposure_event} with "
+                   f"{e.experiment_property}={e.experiment_id}; variations {split} (control {e.control}); "
+                   f"metrics {metrics}; min {e.min_sample} persons per variation")
     wrong = webhook_problems(m.alerts, _settings().alert_webhooks)
     if wrong:  # the worker refuses to start with these
         _fail("alerts cannot notify:\n  " + "\n  ".join(wrong))

@@ -140,7 +140,7 @@ def test_a_state_keeps_its_orders_within_the_window_and_only_with_rfm():
 def test_rfm_definition_errors_say_where():
     from flywheel.metrics.definitions import MetricsError
 
-    with pytest.raises(MetricsError, match=r"rfm.window: Value error, window must be positive"):
+    with pytest.raises(MetricsError, match=r"rfm.window: Value error, must be positive"):
         parse_metrics({"rfm": {"event": "Order Completed", "monetary": "revenue", "window": "500d"}})
     with pytest.raises(MetricsError, match=r"rfm.monetary: Field required"):
         parse_metrics({"rfm": {"event": "Order Completed"}})

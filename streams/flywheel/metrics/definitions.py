@@ -160,6 +160,15 @@ MAX_SEGMENT_WINDOW_MS = 400 * DAY_MS  # a window's events are kept in the person
 MAX_COUNT = 100  # a count condition keeps that many event times per person
 
 
+def _window(v: str | int) -> str | int:
+    if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
+        raise ValueError(f"must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
+    return v
+
+
+Window = Annotated[str | int, AfterValidator(_window)]  # a window the person state keeps events for
+
+
 class CountSpec(_Strict):
     gte: int | None = Field(None, ge=0, le=MAX_COUNT)
     lte: int | None = Field(None, ge=0, le=MAX_COUNT)
@@ -212,14 +221,7 @@ class ConditionSpec(_Strict):
 
 
 class UniverseSpec(_Strict):
-    active_within: str | int
-
-    @field_validator("active_within")
-    @classmethod
-    def _window(cls, v: Any) -> Any:
-        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
-            raise ValueError(f"active_within must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
-        return v
+    active_within: Window
 
 
 class SegmentSpec(_Strict):
@@ -255,15 +257,8 @@ class ChurnRiskSpec(_Strict):
 class RfmSpec(_Strict):
     event: str = Field(min_length=1)  # the order event
     monetary: str = Field(min_length=1)  # its numeric property summed
-    window: str | int = "365d"
+    window: Window = "365d"
     refresh: str | int = "60s"  # how often the scores are computed again (docs/design.md §9)
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: Any) -> Any:
-        if not 0 < parse_duration_ms(v) <= MAX_SEGMENT_WINDOW_MS:
-            raise ValueError(f"window must be positive and at most {MAX_SEGMENT_WINDOW_MS // DAY_MS}d")
-        return v
 
     @field_validator("refresh")
     @classmethod
@@ -401,6 +396,104 @@ class AlertSpec(_Strict):
     notify: list[NotifySpec] = Field(default_factory=list)
 
 
+# ---- experiments (metrics/results.py; docs/design.md §11) ---------------------------------------------
+
+Where = dict[str, str | bool | int | float]
+
+
+class ExposureSpec(_Strict):
+    """Segment's A/B spec: an `Experiment Viewed` track call with the experiment's and the variation's ids."""
+
+    event: str = Field("Experiment Viewed", min_length=1)
+    experiment_id: str = Field(min_length=1)
+    experiment_property: str = Field("experiment_id", min_length=1)
+    variation_property: str = Field("variation_id", min_length=1)
+
+
+class EventSpec(_Strict):
+    event: str = Field(min_length=1)
+    where: Where = Field(default_factory=dict)
+
+
+class SumOfSpec(EventSpec):
+    property: str = Field(min_length=1)  # a numeric property, summed (money: in minor units, exactly)
+
+
+class WithinSpec(_Strict):
+    within: Window  # after the person's first exposure, in event time
+
+
+class ConversionSpec(EventSpec, WithinSpec):
+    pass
+
+
+class CountOfSpec(EventSpec, WithinSpec):
+    pass
+
+
+class SumSpec(SumOfSpec, WithinSpec):
+    pass
+
+
+class PartSpec(_Strict):
+    """A ratio's numerator or denominator: a count of events, or a sum of a property."""
+
+    count: str | None = Field(None, min_length=1)
+    sum: SumOfSpec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PartSpec:
+        if (self.count is None) == (self.sum is None):
+            raise ValueError("give exactly one of count (an event name) or sum ({event, property})")
+        return self
+
+
+class RatioSpec(WithinSpec):
+    numerator: PartSpec
+    denominator: PartSpec
+
+
+class ExperimentMetricSpec(_Strict):
+    name: Name
+    conversion: ConversionSpec | None = None
+    count: CountOfSpec | None = None
+    sum: SumSpec | None = None
+    ratio: RatioSpec | None = None
+    higher_is_better: bool = True
+
+    @model_validator(mode="after")
+    def _one(self) -> ExperimentMetricSpec:
+        if sum(x is not None for x in (self.conversion, self.count, self.sum, self.ratio)) != 1:
+            raise ValueError("give exactly one of conversion, count, sum, ratio")
+        return self
+
+
+class ExperimentSpec(_Strict):
+    name: Name
+    exposure: ExposureSpec
+    variations: dict[str, float] = Field(min_length=2)  # name → expected share (the sample-ratio check)
+    control: str
+    metrics: list[ExperimentMetricSpec] = Field(min_length=1)
+    guardrails: list[str] = Field(default_factory=list)
+    min_sample: int = Field(100, ge=2)  # exposed persons per variation before any result is shown
+
+    @model_validator(mode="after")
+    def _shape(self) -> ExperimentSpec:
+        if any(w <= 0 for w in self.variations.values()):
+            raise ValueError("variations: every share must be positive")
+        if not 0.99 <= sum(self.variations.values()) <= 1.01:
+            raise ValueError(f"variations: the shares sum to {sum(self.variations.values()):g}, not 1")
+        if self.control not in self.variations:
+            raise ValueError(f"control: {self.control!r} is not one of the variations {sorted(self.variations)}")
+        names = [m.name for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metrics: duplicate name(s) {sorted({n for n in names if names.count(n) > 1})}")
+        unknown = sorted(set(self.guardrails) - set(names))
+        if unknown:
+            raise ValueError(f"guardrails: {unknown} are not metrics of the experiment")
+        return self
+
+
 class MetricsSpec(_Strict):
     lateness: Duration = "7d"
     close_after: Duration = "30d"
@@ -412,12 +505,13 @@ class MetricsSpec(_Strict):
     lifecycle: LifecycleSpec | None = None
     rfm: RfmSpec | None = None
     alerts: list[AlertSpec] = Field(default_factory=list)
+    experiments: list[ExperimentSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetricsSpec:
         segments = [*self.segments, *([self.churn_risk] if self.churn_risk else [])]
         for kind, items in (("funnels", self.funnels), ("retention", self.retention), ("segments", segments),
-                            ("alerts", self.alerts)):
+                            ("alerts", self.alerts), ("experiments", self.experiments)):
             names = [i.name for i in items]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -689,6 +783,40 @@ class Notify:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class Part:
+    """What a person contributes to an experiment metric: events satisfying `predicate` counted, or their
+    `property` summed."""
+
+    predicate: Predicate
+    property: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ExperimentMetric:
+    name: str
+    kind: str  # conversion | count | sum | ratio
+    numerator: Part
+    denominator: Part | None  # ratio metrics only
+    within_ms: int
+    higher_is_better: bool
+    guardrail: bool
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Experiment:
+    name: str
+    version: str
+    exposure_event: str
+    experiment_id: str
+    experiment_property: str
+    variation_property: str
+    variations: tuple[tuple[str, float], ...]  # (name, expected share), in the file's order
+    control: str
+    metrics: tuple[ExperimentMetric, ...]
+    min_sample: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Alert:
     name: str
     version: str  # of what the rule means: series, rule, hysteresis, grace (not where it notifies)
@@ -715,6 +843,7 @@ class Metrics:
     lifecycle: Lifecycle | None = None
     rfm: Rfm | None = None
     alerts: tuple[Alert, ...] = ()
+    experiments: tuple[Experiment, ...] = ()
 
     # Derived once (read per event on the hot path).
     predicates: tuple[Predicate, ...] = field(init=False)
@@ -850,8 +979,39 @@ def compile_metrics(spec: MetricsSpec) -> Metrics:
         rfm = Rfm("rfm", _digest("rfm", order.pid, spec.rfm.monetary, window_ms), order, spec.rfm.monetary,
                   window_ms, parse_duration_ms(spec.rfm.refresh))
     alerts = tuple(_alert(a, spec, funnels, retention) for a in spec.alerts)
+    experiments = tuple(_experiment(e, predicate) for e in spec.experiments)
     return Metrics(tuple(funnels), tuple(retention), parse_duration_ms(spec.lateness),
-                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle, rfm, alerts)
+                   parse_duration_ms(spec.close_after), activity, tuple(segments), lifecycle, rfm, alerts,
+                   experiments)
+
+
+def _experiment(spec: ExperimentSpec, predicate: Callable[[str | None, dict[str, Any]], Predicate]) -> Experiment:
+    def part(p: PartSpec) -> Part:
+        return Part(predicate(p.count, {})) if p.count is not None else Part(predicate(p.sum.event, p.sum.where),
+                                                                               p.sum.property)
+
+    metrics = []
+    for m in spec.metrics:
+        if m.ratio is not None:
+            kind, numerator, denominator, within = "ratio", part(m.ratio.numerator), part(m.ratio.denominator), \
+                m.ratio.within
+        else:
+            kind = "conversion" if m.conversion else "count" if m.count else "sum"
+            body = m.conversion or m.count or m.sum
+            numerator = Part(predicate(body.event, body.where), getattr(body, "property", None))
+            denominator, within = None, body.within
+        metrics.append(ExperimentMetric(m.name, kind, numerator, denominator, parse_duration_ms(within),
+                                        m.higher_is_better, m.name in spec.guardrails))
+
+    def described(p: Part | None) -> Any:
+        return None if p is None else (p.predicate.pid, p.property)
+
+    version = _digest("experiment", spec.exposure.model_dump(), sorted(spec.variations.items()), spec.control,
+                      [(m.name, m.kind, described(m.numerator), described(m.denominator), m.within_ms,
+                        m.higher_is_better, m.guardrail) for m in metrics], spec.min_sample)
+    e = spec.exposure
+    return Experiment(spec.name, version, e.event, e.experiment_id, e.experiment_property, e.variation_property,
+                      tuple(spec.variations.items()), spec.control, tuple(metrics), spec.min_sample)
 
 
 def _alert(spec: AlertSpec, metrics: MetricsSpec, funnels: list[Funnel], retention: list[Retention]) -> Alert:

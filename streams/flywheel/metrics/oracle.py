@@ -16,9 +16,11 @@ from flywheel.metrics.definitions import (
     Activity,
     Alert,
     Condition,
+    Experiment,
     Funnel,
     Lifecycle,
     Metrics,
+    Part,
     Performed,
     Periodic,
     Predicate,
@@ -26,6 +28,7 @@ from flywheel.metrics.definitions import (
     Segment,
     Trait,
 )
+from flywheel.metrics.exposures import MICROS
 
 
 def quote(text: str) -> str:
@@ -327,3 +330,54 @@ FROM (
 )
 WHERE t {within}
 GROUP BY t ORDER BY t"""
+
+
+def experiment_stats_sql(experiment: Experiment, source: str = "flywheel.events_resolved") -> str:
+    """(variation, metric, n, sy, syy, sx, sxx, sxy, excluded) per variation and metric (docs/design.md §11,
+    metrics/exposures.py): exposed persons by their first exposure (earliest by event time, messageId), the
+    metric over their non-late events in (exposure, exposure + within], sums in millionths. `excluded`:
+    persons exposed to more than one variation (the same number on every row)."""
+    e = experiment
+    names = ", ".join(quote(name) for name, _ in e.variations)
+    vp, xp = quote(e.variation_property), quote(e.experiment_property)
+    ms = "toUnixTimestamp64Milli(ev.timestamp)"
+
+    def part(p: Part, window: str) -> str:
+        if p.property is None:
+            return f"toInt64(countIf({condition(p.predicate)} AND {window}))"
+        k = quote(p.property)
+        micros = f"toInt64(round(JSONExtractFloat(ev.properties, {k}) * {MICROS}))"
+        numeric = f"JSONType(ev.properties, {k}) IN ('Int64', 'UInt64', 'Double')"
+        return f"toInt64(sumIf({micros}, {condition(p.predicate)} AND {numeric} AND {window}))"
+
+    ys, xs = [], []
+    for m in e.metrics:
+        window = f"{ms} > x.first_ms AND {ms} <= x.first_ms + {m.within_ms}"
+        y = part(m.numerator, window)
+        ys.append(f"toInt64({y} > 0)" if m.kind == "conversion" else y)
+        xs.append(part(m.denominator, window) if m.denominator is not None else "toInt64(0)")
+    metric_names = ", ".join(quote(m.name) for m in e.metrics)
+    return f"""
+WITH exposed AS (
+    SELECT person_id, toUnixTimestamp64Milli(argMin(timestamp, (timestamp, message_id))) AS first_ms,
+           argMin(v, (timestamp, message_id)) AS variation, uniqExact(v) AS seen
+    FROM (SELECT person_id, timestamp, message_id, JSONExtractString(properties, {vp}) AS v
+          FROM {source}
+          WHERE late = 0 AND type = 'track' AND event = {quote(e.exposure_event)}
+            AND JSONType(properties, {xp}) = 'String' AND JSONExtractString(properties, {xp}) = {quote(e.experiment_id)}
+            AND JSONType(properties, {vp}) = 'String' AND v IN ({names}))
+    GROUP BY person_id
+)
+SELECT variation, [{metric_names}][m + 1] AS metric, count() AS n, sum(toInt128(y)) AS sy,
+       sum(toInt128(y) * y) AS syy, sum(toInt128(xv)) AS sx, sum(toInt128(xv) * xv) AS sxx,
+       sum(toInt128(xv) * y) AS sxy, (SELECT countIf(seen > 1) FROM exposed) AS excluded
+FROM (
+    SELECT x.person_id AS person_id, x.variation AS variation, [{", ".join(ys)}] AS ys, [{", ".join(xs)}] AS xs
+    FROM (SELECT * FROM exposed WHERE seen = 1) AS x
+    INNER JOIN (SELECT person_id, timestamp, type, event, properties FROM {source} WHERE late = 0) AS ev
+        ON ev.person_id = x.person_id
+    GROUP BY x.person_id, x.variation
+)
+ARRAY JOIN ys AS y, xs AS xv, range(length(ys)) AS m
+GROUP BY variation, m
+ORDER BY variation, metric"""
