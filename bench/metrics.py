@@ -1046,10 +1046,13 @@ def _range(d: dict | None) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     cfg = doc["config"]
+    off_file = cfg.get("metrics_off")
+    if off_file in (None, "(none)"):
+        off_file = "an empty metrics file (active users only)"
     lines = [
         f"Flywheel metrics bench {doc['started']} ({doc.get('commit', '?')}): {os.cpu_count()} CPUs, load average "
         f"at start {doc['loadavg_start']}, at end {doc.get('loadavg_end')}",
-        f"metrics on = {cfg['metrics_on']}, off = an empty metrics file (active users only); "
+        f"metrics on = {cfg['metrics_on']}, off = {off_file}; "
         f"{cfg['partitions']} partitions",
     ]
     stream = cfg["stream"]
