@@ -1046,10 +1046,13 @@ def _range(d: dict | None) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     cfg = doc["config"]
+    off_file = cfg.get("metrics_off")
+    if off_file in (None, "(none)"):
+        off_file = "an empty metrics file (active users only)"
     lines = [
         f"Flywheel metrics bench {doc['started']} ({doc.get('commit', '?')}): {os.cpu_count()} CPUs, load average "
         f"at start {doc['loadavg_start']}, at end {doc.get('loadavg_end')}",
-        f"metrics on = {cfg['metrics_on']}, off = an empty metrics file (active users only); "
+        f"metrics on = {cfg['metrics_on']}, off = {off_file}; "
         f"{cfg['partitions']} partitions",
     ]
     stream = cfg["stream"]
@@ -1213,6 +1216,10 @@ def main() -> None:
                         help="scale: workers start on the pre-loaded events (start-up rebalances during consumption)")
     parser.add_argument("--budget", type=float, default=1500, help="seconds before Kafka parts give up")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--metrics-on", type=Path, default=METRICS_ON, help="the metrics file of the 'on' runs")
+    parser.add_argument("--metrics-off", type=Path, default=None,
+                        help="the metrics file of the 'off' runs (default: none at all); e.g. the same file "
+                             "without the feature being measured")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -1231,15 +1238,17 @@ def main() -> None:
     args.tag = uuid.uuid4().hex[:6]
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="flywheel-metrics-bench-"))
-    on = load_metrics(METRICS_ON)
-    off = parse_metrics({})
-    files = {"on": METRICS_ON, "off": tmp / "metrics-off.yaml"}
-    files["off"].write_text(yaml.safe_dump({}))
+    on = load_metrics(args.metrics_on)
+    off = load_metrics(args.metrics_off) if args.metrics_off else parse_metrics({})
+    files = {"on": args.metrics_on, "off": args.metrics_off or tmp / "metrics-off.yaml"}
+    if not args.metrics_off:
+        files["off"].write_text(yaml.safe_dump({}))
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"), "commit": git_commit(), "loadavg_start": loadavg(),
         "argv": sys.argv[1:],
         "config": {"persons": args.persons, "days": args.days, "seed": args.seed, "partitions": args.partitions,
-                   "batch": args.batch, "batching": args.batching, "metrics_on": str(METRICS_ON.relative_to(REPO)),
+                   "batch": args.batch, "batching": args.batching, "metrics_on": str(args.metrics_on),
+                   "metrics_off": str(args.metrics_off or "(none)"),
                    "parts": parts,
                    "sink_batch_size": Settings().sink_batch_size, "stream": {}},
     }
