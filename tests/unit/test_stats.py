@@ -66,6 +66,11 @@ def moments(n: int, mean: float, sd: float) -> Arm:
     return Arm(n, mean * n, sd * sd * (n - 1) + mean * mean * n)
 
 
+def gb(arm: Arm) -> SampleMeanStatistic:
+    """The same arm as gbstats' statistic."""
+    return SampleMeanStatistic(n=arm.n, sum=arm.sy, sum_squares=arm.syy)
+
+
 @given(arm_st, arm_st)
 def test_welch_absolute_equals_scipy(a, b):
     arm_a, arm_b = moments(*a), moments(*b)
@@ -80,9 +85,7 @@ def test_welch_absolute_equals_scipy(a, b):
 def test_relative_lift_equals_gbstats(a, b):
     arm_a, arm_b = moments(*a), moments(*b)
     got = stats.t_test(arm_a, arm_b, relative=True)
-    want = TwoSidedTTest(SampleMeanStatistic(n=a[0], sum=arm_a.sy, sum_squares=arm_a.syy),
-                         SampleMeanStatistic(n=b[0], sum=arm_b.sy, sum_squares=arm_b.syy),
-                         FrequentistConfig(difference_type="relative")).compute_result()
+    want = TwoSidedTTest(gb(arm_a), gb(arm_b), FrequentistConfig(difference_type="relative")).compute_result()
     assert close(got.point, want.expected) and close(got.se, want.uplift.stddev)
     assert close(got.lower, want.ci[0], 1e-8) and close(got.upper, want.ci[1], 1e-8)
     assert abs(got.p_value - want.p_value) <= 1e-8
@@ -126,10 +129,8 @@ def test_two_proportions_equal_statsmodels(na, nb, data):
 def test_sequential_equals_gbstats(a, b, relative):
     arm_a, arm_b = moments(*a), moments(*b)
     got = stats.sequential(arm_a, arm_b, relative=relative)
-    want = SequentialTwoSidedTTest(SampleMeanStatistic(n=a[0], sum=arm_a.sy, sum_squares=arm_a.syy),
-                                   SampleMeanStatistic(n=b[0], sum=arm_b.sy, sum_squares=arm_b.syy),
-                                   SequentialConfig(difference_type="relative" if relative else "absolute")
-                                   ).compute_result()
+    config = SequentialConfig(difference_type="relative" if relative else "absolute")
+    want = SequentialTwoSidedTTest(gb(arm_a), gb(arm_b), config).compute_result()
     assert close(got.lower, want.ci[0], 1e-8) and close(got.upper, want.ci[1], 1e-8)
     assert abs(got.p_value - want.p_value) <= 1e-8
     fixed = stats.t_test(arm_a, arm_b, relative=relative)
@@ -142,9 +143,8 @@ def test_sequential_equals_gbstats(a, b, relative):
 def test_chance_to_win_and_risk_equal_gbstats(a, b):
     arm_a, arm_b = moments(*a), moments(*b)
     lift = stats.t_test(arm_a, arm_b, relative=True)
-    want = EffectBayesianABTest(SampleMeanStatistic(n=a[0], sum=arm_a.sy, sum_squares=arm_a.syy),
-                                SampleMeanStatistic(n=b[0], sum=arm_b.sy, sum_squares=arm_b.syy),
-                                EffectBayesianConfig(prior_effect=GaussianPrior(proper=False))).compute_result()
+    flat = EffectBayesianConfig(prior_effect=GaussianPrior(proper=False))
+    want = EffectBayesianABTest(gb(arm_a), gb(arm_b), flat).compute_result()
     assert abs(stats.chance_to_win(lift.point, lift.se) - want.chance_to_win) <= TOL
     risk_control, risk_variation = stats.expected_losses(lift.point, lift.se)
     assert close(risk_control, want.risk[0], 1e-8) and close(risk_variation, want.risk[1], 1e-8)
