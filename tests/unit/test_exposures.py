@@ -14,6 +14,7 @@ from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import exposures, oracle
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.metrics.exposures import Event
+from flywheel.metrics.person import message_hash
 from flywheel.model.clock import DAY_MS
 from helpers import load_stream
 from hypothesis import HealthCheck, given, settings
@@ -110,3 +111,45 @@ def test_a_known_stream(ch):
     assert ours[("control", "purchased")] == {"n": 1, "sy": 0, "syy": 0, "sx": 0, "sxx": 0, "sxy": 0}
     assert ("blue", "purchased") not in ours
     assert oracle_stats(ch) == (ours, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(event_st, min_size=1, max_size=60), st.randoms(use_true_random=False))
+def test_tracks_kept_per_device_and_merged_equal_the_whole_history(events, rng):
+    """What the stream will keep (exposures.Track): each device's events observed in any order, some twice
+    (redeliveries), then the devices merged into their user in any order — the same statistics as over the
+    person's whole history."""
+    _, persons = rows_and_persons(events)
+    by_device: dict[str, list[Event]] = {}
+    for i, (person, device, *_rest) in enumerate(events):
+        owner = f"u{person}" if device == 0 else f"u{person}-d{device}"
+        by_device.setdefault(owner, []).append(next(e for e in persons[f"u{person}"] if e.message_id == f"m{i}"))
+    tracks: dict[str, exposures.Track] = {}
+    for owner, evs in by_device.items():
+        track = exposures.Track.empty()
+        replay = evs + rng.sample(evs, k=len(evs) // 3)  # redeliveries
+        rng.shuffle(replay)
+        for e in replay:
+            exposures.observe(track, [EXPERIMENT], e, message_hash(e.message_id))
+        tracks[owner] = track
+    want, excluded = exposures.sufficient(EXPERIMENT, persons.values())
+    got: dict = {}
+    got_excluded = 0
+    for user in persons:
+        devices = [t for owner, t in tracks.items() if owner.split("-")[0] == user]
+        rng.shuffle(devices)
+        merged = exposures.Track.empty()
+        for t in devices:
+            merged = exposures.merge(merged, t)
+        result = exposures.track_values(EXPERIMENT, merged)
+        if result is None:
+            continue
+        variation, values = result
+        if variation is None:
+            got_excluded += 1
+            continue
+        for name, (y, x) in values.items():
+            s = got.setdefault((variation, name), dict.fromkeys(("n", "sy", "syy", "sx", "sxx", "sxy"), 0))
+            for k, v in (("n", 1), ("sy", y), ("syy", y * y), ("sx", x), ("sxx", x * x), ("sxy", x * y)):
+                s[k] += v
+    assert got == want and got_excluded == excluded

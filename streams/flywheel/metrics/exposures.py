@@ -118,3 +118,77 @@ def sufficient(experiment: Experiment, persons: Iterable[list[Event]]) -> tuple[
             s["sxx"] += x * x
             s["sxy"] += x * y
     return out, excluded
+
+
+# ---- what the stream keeps per person (the person state's part for experiments) -------------------------
+
+def part_key(part: Part) -> str:
+    return f"{part.predicate.pid}|{part.property or ''}"
+
+
+@dataclass
+class Track:
+    """A person's experiment history as the stream will keep it: per experiment the first exposure
+    (ts, messageId, variation) and every variation seen; per metric part the matching events' values
+    (1 for a count, millionths for a sum) by message hash — so a redelivery or a join adds nothing twice.
+    `observe` in any order, `merge` of two devices' tracks, then `stats`: the same as `sufficient` over the
+    person's events."""
+
+    exposures: dict[str, tuple[int, str, str, frozenset[str]]]
+    parts: dict[str, dict[int, tuple[int, int]]]
+
+    @classmethod
+    def empty(cls) -> Track:
+        return cls({}, {})
+
+
+def observe(track: Track, experiments: Iterable[Experiment], event: Event, mhash: int) -> None:
+    """One (non-late) event into the track."""
+    for e in experiments:
+        if (event.mtype == "track" and event.name == e.exposure_event
+                and event.properties.get(e.experiment_property) == e.experiment_id):
+            variation = event.properties.get(e.variation_property)
+            if isinstance(variation, str) and variation in {name for name, _ in e.variations}:
+                old = track.exposures.get(e.name)
+                if old is None:
+                    track.exposures[e.name] = (event.ts, event.message_id, variation, frozenset({variation}))
+                else:
+                    first = min(old[:3], (event.ts, event.message_id, variation))
+                    track.exposures[e.name] = (*first, old[3] | {variation})
+        for metric in e.metrics:
+            for part in filter(None, (metric.numerator, metric.denominator)):
+                if part.predicate.matches(event.mtype, event.name, event.properties):
+                    value = 1 if part.property is None else (_micros(event.properties.get(part.property)) or 0)
+                    track.parts.setdefault(part_key(part), {})[mhash] = (event.ts, value)
+
+
+def merge(a: Track, b: Track) -> Track:
+    exposures = dict(a.exposures)
+    for name, (ts, mid, variation, seen) in b.exposures.items():
+        old = exposures.get(name)
+        exposures[name] = (ts, mid, variation, seen) if old is None else (
+            *min(old[:3], (ts, mid, variation)), old[3] | seen)
+    parts = {k: dict(v) for k, v in a.parts.items()}
+    for k, values in b.parts.items():
+        parts.setdefault(k, {}).update(values)
+    return Track(exposures, parts)
+
+
+def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict[str, tuple[int, int]]] | None:
+    """(variation, or None if excluded; metric → (y, x)) of the person, None if never exposed."""
+    exp = track.exposures.get(experiment.name)
+    if exp is None:
+        return None
+    ts, _, variation, seen = exp
+    if len(seen) > 1:
+        return None, {}
+
+    def value(part: Part, within: int) -> int:
+        return sum(v for t, v in track.parts.get(part_key(part), {}).values() if ts < t <= ts + within)
+
+    out = {}
+    for m in experiment.metrics:
+        y = value(m.numerator, m.within_ms)
+        out[m.name] = (int(y > 0) if m.kind == "conversion" else y,
+                       value(m.denominator, m.within_ms) if m.denominator is not None else 0)
+    return variation, out
