@@ -281,3 +281,16 @@ def test_a_failed_publication_is_made_good_by_the_next_attempt():
     asyncio.run(s.process(batch))  # the retry: nothing left to judge, the transition still goes out
     assert [r["state"] for r in published(kafka)] == [FIRING]
     assert orjson.loads(restored(kafka).get(0, RULE + b"orders_low"))["pending"] == []
+
+
+def test_a_batch_whose_state_did_not_land_is_judged_again():
+    kafka = MemoryKafka(partitions=1)
+    s = stage(kafka, restored(kafka), now=closed(P0))
+    asyncio.run(s.process(start()))
+    batch = [share(P0, "i0", 1, 2), progress(0, closed(P0)), progress(1, closed(P0))]
+    kafka.fail_on = {CHANGELOG}  # the judged state does not reach Kafka
+    with pytest.raises(ConnectionError):
+        asyncio.run(s.process(batch))
+    kafka.fail_on = set()
+    asyncio.run(s.process(batch))  # the retry judges the hour again
+    assert [(r["state"], r["value"]) for r in published(kafka)] == [(FIRING, 2)]

@@ -169,12 +169,8 @@ def test_hysteresis(breaches, fire_after, resolve_after):
         state, t = alerts.step(a, state, alerts.Verdict(i, b))
         # the reference: count the run of periods pointing away from the current state
         want = None
-        if b is None:  # no verdict: the run neither grows nor breaks
-            pass
-        elif b == firing:
-            run = 0
-        else:
-            run += 1
+        if b is not None:  # no verdict: the run neither grows nor breaks
+            run = 0 if b == firing else run + 1
         if run >= (resolve_after if firing else fire_after):
             firing, run = not firing, 0
             want = FIRING if firing else RESOLVED
@@ -259,17 +255,6 @@ def test_describe():
 
 
 # ---- the commands, over a store ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ch(tmp_path_factory):
-    from flywheel import paths
-    from flywheel.clickhouse.embedded import EmbeddedClickHouse
-    from flywheel.clickhouse.migrate import apply as migrate
-
-    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-alerts"))
-    migrate(engine, paths.sql_dir() / "migrations")
-    yield engine
-    engine.close()
 
 
 def test_backtest_and_list_commands(ch, tmp_path, monkeypatch):

@@ -7,10 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import orjson
-import pytest
-from flywheel import paths
-from flywheel.clickhouse.embedded import EmbeddedClickHouse
-from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import exposures, oracle
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.metrics.exposures import Event
@@ -63,13 +59,6 @@ def rows_and_persons(events: list[tuple]) -> tuple[list[dict], dict[str, list[Ev
         persons.setdefault(f"u{person}", []).append(Event(ts, f"m{i}", "track", name, props))
     return rows, persons
 
-
-@pytest.fixture(scope="module")
-def ch(tmp_path_factory):
-    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-exposures"))
-    migrate(engine, paths.sql_dir() / "migrations")
-    yield engine
-    engine.close()
 
 
 def oracle_stats(ch) -> tuple[dict, int]:

@@ -12,10 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, date, datetime
 
-import pytest
-from flywheel import paths
-from flywheel.clickhouse.embedded import EmbeddedClickHouse
-from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import alerts, oracle
 from flywheel.metrics.definitions import LIFECYCLE_STATUSES, Funnel, Lifecycle, Retention, parse_metrics
 from flywheel.metrics.person import PersonState, apply, contributions, is_late, join
@@ -72,13 +68,6 @@ event_st = st.tuples(
     st.sampled_from(NAMES), st.sampled_from(range(len(PROPS))), st.sampled_from(TYPES),
 )
 
-
-@pytest.fixture(scope="module")
-def ch(tmp_path_factory):
-    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-oracle"))
-    migrate(engine, paths.sql_dir() / "migrations")
-    yield engine
-    engine.close()
 
 
 def _day(value: str) -> int:

@@ -8,9 +8,6 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from flywheel import paths
-from flywheel.clickhouse.embedded import EmbeddedClickHouse
-from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import oracle, rfm
 from flywheel.metrics.definitions import parse_metrics
 from flywheel.metrics.person import PersonState, apply, join
@@ -36,13 +33,6 @@ order_st = st.tuples(st.integers(0, 12), st.integers(0, 2), st.integers(0, 40), 
 def owner(person: int, device: int) -> str:
     return f"u{person}" if device == 0 else f"u{person}-d{device}"
 
-
-@pytest.fixture(scope="module")
-def ch(tmp_path_factory):
-    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-rfm"))
-    migrate(engine, paths.sql_dir() / "migrations")
-    yield engine
-    engine.close()
 
 
 def rows_of(orders: list[tuple]) -> list[dict]:

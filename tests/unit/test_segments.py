@@ -12,9 +12,6 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from flywheel import paths
-from flywheel.clickhouse.embedded import EmbeddedClickHouse
-from flywheel.clickhouse.migrate import apply as migrate
 from flywheel.metrics import oracle
 from flywheel.metrics.definitions import MetricsError, parse_metrics
 from flywheel.metrics.person import PersonState, apply, is_late, join
@@ -62,13 +59,6 @@ event_st = st.tuples(
     st.sampled_from(range(len(TRAITS))),
 )
 
-
-@pytest.fixture(scope="module")
-def ch(tmp_path_factory):
-    engine = EmbeddedClickHouse(tmp_path_factory.mktemp("chdb-segments"))
-    migrate(engine, paths.sql_dir() / "migrations")
-    yield engine
-    engine.close()
 
 
 def run_stream(events: list[tuple]) -> tuple[dict[str, PersonState], list[dict], int]:

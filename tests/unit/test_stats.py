@@ -181,7 +181,7 @@ def test_srm_equals_scipy(units, data):
 
 def test_srm_flags_a_skewed_split_and_passes_a_fair_one():
     rng = random.Random(3)
-    fair = [sum(rng.random() < 0.5 for _ in range(20_000)) for _ in range(1)][0]
+    fair = sum(rng.random() < 0.5 for _ in range(20_000))
     assert stats.srm([fair, 20_000 - fair], [0.5, 0.5]) > 0.001
     assert stats.srm([10_300, 9_700], [0.5, 0.5]) < 0.001  # 51.5 / 48.5 of 20,000: a broken assignment
     assert stats.srm([7_000, 3_000], [0.7, 0.3]) > 0.5

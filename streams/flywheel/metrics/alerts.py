@@ -253,7 +253,6 @@ def describe(alert: Alert) -> str:
 
 GAUGE = 0  # the period of a segment size's shares: the latest counts, whenever it changed
 COUNTED = ("events", "invalid_rate")  # counted by the ingest stage, per events.raw partition
-FROM_CELLS = ("funnel", "retention", "active")  # the aggregate stage's cells, per events.identified partition
 KEEP_MS = 2 * DAY_MS  # an ingest partition keeps (and may still update) periods up to this long before its arrivals
 
 

@@ -149,12 +149,7 @@ def observe(track: Track, experiments: Iterable[Experiment], event: Event, mhash
                 and event.properties.get(e.experiment_property) == e.experiment_id):
             variation = event.properties.get(e.variation_property)
             if isinstance(variation, str) and variation in {name for name, _ in e.variations}:
-                old = track.exposures.get(e.name)
-                if old is None:
-                    track.exposures[e.name] = (event.ts, event.message_id, variation, frozenset({variation}))
-                else:
-                    first = min(old[:3], (event.ts, event.message_id, variation))
-                    track.exposures[e.name] = (*first, old[3] | {variation})
+                _expose(track.exposures, e.name, (event.ts, event.message_id, variation, frozenset({variation})))
         for metric in e.metrics:
             for part in filter(None, (metric.numerator, metric.denominator)):
                 if part.predicate.matches(event.mtype, event.name, event.properties):
@@ -162,12 +157,16 @@ def observe(track: Track, experiments: Iterable[Experiment], event: Event, mhash
                     track.parts.setdefault(part_key(part), {})[mhash] = (event.ts, value)
 
 
+def _expose(exposures: dict, name: str, new: tuple[int, str, str, frozenset[str]]) -> None:
+    """Add an exposure (ts, messageId, variation, variations seen): the earliest first, every variation."""
+    old = exposures.get(name)
+    exposures[name] = new if old is None else (*min(old[:3], new[:3]), old[3] | new[3])
+
+
 def merge(a: Track, b: Track) -> Track:
     exposures = dict(a.exposures)
-    for name, (ts, mid, variation, seen) in b.exposures.items():
-        old = exposures.get(name)
-        exposures[name] = (ts, mid, variation, seen) if old is None else (
-            *min(old[:3], (ts, mid, variation)), old[3] | seen)
+    for name, exposure_ in b.exposures.items():
+        _expose(exposures, name, exposure_)
     parts = {k: dict(v) for k, v in a.parts.items()}
     for k, values in b.parts.items():
         parts.setdefault(k, {}).update(values)

@@ -831,9 +831,8 @@ class AggregateStage:
                     kind, key, rec = record(cell, p, value, version)
                     out.add(getattr(self.topics, kind.name), key, orjson.dumps(rec))
                     obs.PARTIALS_PUBLISHED.labels(kind.name).inc()
-                    if self._feeds:
-                        for alert, role, period in cell_feeds(self._feeds, cell):
-                            feeds[alert][period][role] = value
+                    for alert, role, period in (cell_feeds(self._feeds, cell) if self._feeds else ()):
+                        feeds[alert][period][role] = value
                 for alert, periods in feeds.items():  # the partition's shares of alert series, to their evaluators
                     out.add(self.topics.alert_series, alert.name.encode(),
                             orjson.dumps(feed_record(alert, f"a{p}", version, periods)))

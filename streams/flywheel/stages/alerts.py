@@ -68,12 +68,15 @@ class AlertStage:
         self.inputs: dict[str, int] = {}  # stage → its input partitions
         self._started: set[int] = set()  # partitions whose stored unpublished transitions were taken up
         self._pending: dict[Alert, list[dict]] = {}  # transitions written, not yet published
+        # rule → the progress at which its next period closes: below it, its state is not even read
+        self._due: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
     def revoked(self, partitions: Sequence[int]) -> None:
         for q in partitions:
             self._started.discard(q)
             self.progress.pop(q, None)
+        self._due = {name: due for name, due in self._due.items() if self.rule_partition(name) not in partitions}
         self._pending = {a: recs for a, recs in self._pending.items() if self.rule_partition(a.name) not in partitions}
 
     async def process(self, records: Sequence[Record]) -> None:
@@ -102,15 +105,17 @@ class AlertStage:
                     if role not in share or share[role][1] <= ver:
                         share[role] = [value, ver]
         pending: dict[Alert, list[dict]] = {}
+        dues: dict[str, int] = {}  # taken only once the states they follow from are written
         for q in partitions:
             for alert in self.alerts.values():
                 if self.rule_partition(alert.name) == q:
-                    self._judge(q, alert, writes, shares, pending)
+                    self._judge(q, alert, writes, shares, pending, dues)
         for alert, by_period in shares.items():
             key = SHARES + alert.name.encode()
             writes.put(self.rule_partition(alert.name), key, orjson.dumps(
                 {"version": alert.version, "periods": {str(p): v for p, v in by_period.items()}}))
         writes.apply(await outbox.send())
+        self._due.update(dues)
         self._pending.update(pending)
         for q in [q for q in partitions if q not in self._started]:  # a crash may have left some unpublished
             for key, value in self.table.scan(q, RULE):
@@ -132,13 +137,16 @@ class AlertStage:
             by_period = shares[alert] = {int(p): v for p, v in stored.items()}
         return by_period
 
-    def _judge(self, q: int, alert: Alert, writes: Writes, shares: dict, pending: dict[Alert, list[dict]]) -> None:
+    def _judge(self, q: int, alert: Alert, writes: Writes, shares: dict, pending: dict[Alert, list[dict]],
+               dues: dict[str, int]) -> None:
         """Every period of the rule closed since it was last judged, in order."""
         stage = stage_of(alert)
         seen, of = self.progress[q].get(stage, {}), self.inputs.get(stage)
         if of is None or any(p not in seen for p in range(of)):
             return  # not yet heard from every input partition (just started)
         complete = min(seen[p] for p in range(of))
+        if complete < self._due.get(alert.name, complete):
+            return  # its next period has not closed yet
         key = RULE + alert.name.encode()
         raw = writes.get(q, key)
         data = orjson.loads(raw) if raw is not None else {}
@@ -148,12 +156,14 @@ class AlertStage:
             start = newest_closed(alert, complete)
             writes.put(q, key, orjson.dumps({"version": alert.version, "history": {}, "pending": [],
                                              "state": RuleState(last=start).to_json()}))
+            dues[alert.name] = self._next_close(alert, start)
             log.info("alert %s (version %s) starts: judges the %ss after the one from %s", alert.name,
                      alert.version, alert.series.period, iso_ms(start))
             return
         state = RuleState.from_json(data["state"])
         periods = closable(alert, state.last, complete)
         if not periods:
+            dues[alert.name] = self._next_close(alert, state.last)
             return
         history = {int(p): Point(*v) for p, v in data.get("history", {}).items()}
         by_period = self._shares(writes, q, alert, shares)
@@ -179,11 +189,17 @@ class AlertStage:
             "pending": unpublished}))
         if unpublished:
             pending[alert] = unpublished
+        dues[alert.name] = self._next_close(alert, periods[-1])
         for rec in decided:
             obs.ALERT_TRANSITIONS.labels(rec["state"]).inc()
             log.info("alert %s %s%s: %s for the %s from %s (baseline %s, bounds %s..%s)", alert.name, rec["state"],
                      " (late)" if rec["late"] else "", rec["value"], alert.series.period, rec["period"],
                      rec["baseline"], rec["lower"], rec["upper"])
+
+    @staticmethod
+    def _next_close(alert: Alert, last: int) -> int:
+        """The progress at which the period after `last` closes (its end plus the grace)."""
+        return last + 2 * alert.series.period_ms + alert.grace_ms
 
     async def _publish(self, pending: dict[Alert, list[dict]]) -> None:
         """Transitions to the alerts topic, then cleared from their rules' state."""
