@@ -38,6 +38,7 @@ class Topics(BaseSettings):
     retention: str = "metrics.retention"
     active_users: str = "metrics.active_users"
     lifecycle: str = "metrics.lifecycle"
+    experiments: str = "metrics.experiments"
     segments: str = "segments.changes"
     rfm: str = "segments.rfm"
     alert_series: str = "alerts.series"

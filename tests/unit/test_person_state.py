@@ -142,3 +142,32 @@ def test_history_of_a_removed_definition_is_dropped_and_the_rest_kept():
     same_kind = {(kind_of(c).name, kind_of(c).values(c)) for c in contributions(state, METRICS, 0)
                  if not isinstance(c[0], Funnel) and c[0] is not METRICS.retention[1]}
     assert {(kind_of(c).name, kind_of(c).values(c)) for c in contributions(kept, fewer, 0)} == same_kind
+
+
+def test_experiment_history_within_an_exposure_window_is_kept_for_good():
+    """Part values older than the horizon are pruned unless they lie in one of the person's exposure windows;
+    the exposure is kept for good; the state round-trips; an experiment removed from the file drops both."""
+    from experiments_gen import SPEC
+
+    metrics = parse_metrics({**SPEC, "lateness": "1d", "close_after": "1d"})
+
+    def event(state: PersonState, mid: str, day: float, name: str, props: dict) -> None:
+        apply(state, mid, BASE * DAY_MS + int(day * DAY_MS), metrics.matching(name, props), metrics, properties=props)
+
+    exposed, other = PersonState(), PersonState()
+    for state in (exposed, other):
+        event(state, "o0", 0.5, "Order Completed", {"revenue": 3})  # before any exposure
+    event(exposed, "x", 1, "Experiment Viewed", {"experiment_id": "checkout_button", "variation_id": "green"})
+    for state in (exposed, other):
+        event(state, "o1", 2, "Order Completed", {"revenue": 5})  # within 2 days of the exposure
+        event(state, "o2", 4, "Order Completed", {"revenue": 7})  # after the window
+        event(state, "late-news", 100, "Checkout Started", {})  # the horizon moves 100 days on
+    assert not other.parts.get(next(k for k in metrics.part_windows if k.endswith("|revenue")))
+    kept = exposed.parts[next(k for k in metrics.part_windows if k.endswith("|revenue"))]
+    assert sorted(v for _, v in kept.values()) == [5_000_000]  # o1 only: o0 before, o2 after the window
+    assert exposed.exposures[next(iter(metrics.exposure_keys))][2] == "green"
+    assert exposed.to_json()["x"] and PersonState.from_json(orjson.loads(orjson.dumps(exposed.to_json())),
+                                                            metrics).to_json() == exposed.to_json()
+    without = parse_metrics({"lateness": "1d", "close_after": "1d"})
+    dropped = PersonState.from_json(exposed.to_json(), without)
+    assert not dropped.exposures and not dropped.parts

@@ -72,10 +72,20 @@ class EmbeddedClickHouse:
     def insert(self, table: str, rows: list[dict]) -> None:
         if not rows:
             return
-        lines = b"\n".join(orjson.dumps(r, option=orjson.OPT_UTC_Z) for r in rows)
+        lines = b"\n".join(_json(r) for r in rows)
         sql = f"INSERT INTO {table} SETTINGS date_time_input_format = 'best_effort' FORMAT JSONEachRow\n"
         self._query(sql + lines.decode())
 
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+def _json(row: dict) -> bytes:
+    """A JSONEachRow line. orjson stops at 64-bit integers; a larger one (an experiment's sums, Int128) goes as
+    decimal text, which ClickHouse reads into an integer column."""
+    try:
+        return orjson.dumps(row, option=orjson.OPT_UTC_Z)
+    except TypeError:
+        return orjson.dumps({k: str(v) if isinstance(v, int) and not -2**63 <= v < 2**64 else v
+                             for k, v in row.items()}, option=orjson.OPT_UTC_Z)

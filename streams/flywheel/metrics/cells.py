@@ -6,6 +6,9 @@ A cell is a tuple headed by the compiled definition it belongs to (docs/design.m
     (retention, cohort, n)       persons of the cohort (n = 0) / returning n periods later
     (window, day)                persons active in the dau/wau/mau window ending on `day`
     (lifecycle, period, status)  persons of that lifecycle status in the period (its first day)
+    (experiment, variation, metric, stat)
+                                 a sum over the exposed persons (exposures.cells): the one weighted kind,
+                                 published per (experiment, variation, metric) with its six stats together
 
 The head's type says what the rest means (`KINDS`), and definitions compare by identity, so two metrics
 never share a cell. Plain tuples because contributions build millions of them: a tuple display costs a
@@ -27,12 +30,14 @@ from flywheel.metrics.definitions import (
     ACTIVE_WINDOWS,
     LIFECYCLE_STATUSES,
     ActiveWindow,
+    Experiment,
     Funnel,
     Lifecycle,
     Metrics,
     Retention,
     ref,
 )
+from flywheel.metrics.exposures import EXCLUDED, STATS
 from flywheel.model.clock import day_text
 
 Cell = tuple  # (definition, *coordinates), as above
@@ -49,6 +54,11 @@ class Kind:
     is_open: Callable[[Cell, int], bool]  # still derived from the person states, given the first open day
     values: Callable[[Cell], tuple]  # the record's identity fields, in `fields` order
     tag: str  # of its checkpoint id
+    # (record field, ClickHouse column) of the published value(s); a grouped kind's cells are published
+    # together, one record per group (`group`), with one value per measure (the cell's last coordinate)
+    measures: tuple[tuple[str, str], ...] = (("persons", "persons"),)
+    group: Callable[[Cell], Cell] | None = None
+    text: frozenset[str] = frozenset()  # measures published as decimal text: they may exceed 64 bits
 
 
 def _retention_open(cell: Cell, open_from: int) -> bool:
@@ -72,10 +82,22 @@ KINDS: dict[type, Kind] = {
     Lifecycle: Kind("lifecycle", "flywheel.lifecycle_partials", (("day", "day"), ("status", "status")),
                     frozenset({"day"}), lambda c, open_from: c[1] - c[0].period_days >= open_from,
                     lambda c: (day_text(c[1]), LIFECYCLE_STATUSES[c[2]]), "l"),
+    # never closed: a person's contribution is kept for good (person.prune); values of the group (e, v, m)
+    Experiment: Kind("experiments", "flywheel.experiment_partials",
+                     (("experiment", "experiment"), ("variation", "variation"), ("metric", "metric")),
+                     frozenset(), lambda c, open_from: True, lambda c: _experiment_values(*c[:3]), "x",
+                     tuple((s, s) for s in STATS), lambda c: c[:3], frozenset(STATS[1:])),
 }
 KIND_BY_NAME = {k.name: k for k in KINDS.values()}
-# What every record carries besides the cell: (record field, ClickHouse column).
-COMMON = (("partition", "kafka_partition"), ("persons", "persons"), ("version", "version"))
+# What every record carries besides the cell and its values: (record field, ClickHouse column).
+COMMON = (("partition", "kafka_partition"), ("version", "version"))
+
+
+def _experiment_values(e: Experiment, v: int, m: int) -> tuple[str, str, str]:
+    """(experiment, variation, metric) names; the excluded persons' group names no variation and no metric."""
+    if v == EXCLUDED:
+        return e.name, "", ""
+    return e.name, e.variations[v][0], e.metrics[m].name
 
 
 def kind_of(cell: Cell) -> Kind:
@@ -87,7 +109,7 @@ def is_open(cell: Cell, open_from: int) -> bool:
     return KINDS[type(cell[0])].is_open(cell, open_from)
 
 
-def record(cell: Cell, partition: int, persons: int, version: int,
+def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: int,
            correction: str = "") -> tuple[Kind, bytes, dict[str, Any]]:
     """A cell's absolute value on a partition → (kind, Kafka key, record). Documented in the README, "Topics":
 
@@ -96,6 +118,10 @@ def record(cell: Cell, partition: int, persons: int, version: int,
       metrics.active_users  {"kind": "dau"|"wau"|"mau", "day", "partition", "persons", "version"}
       metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
                              "version"}
+      metrics.experiments   {"experiment", "variation", "metric", "partition", "n", "sy", "syy", "sx", "sxx", "sxy",
+                             "version"}: one record per group (`value`: its six values, the cell its
+                             group), sums as decimal text (they may exceed 64 bits); variation and metric ""
+                             count the persons excluded (exposed to more than one variation) in n
 
     plus `"correction": <request id>` on a closed cell republished for a forgotten person.
     The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.
@@ -103,7 +129,10 @@ def record(cell: Cell, partition: int, persons: int, version: int,
     kind = KINDS[type(cell[0])]
     values = kind.values(cell)
     out = {name: v for (name, _), v in zip(kind.fields, values, strict=True)}
-    out.update(partition=partition, persons=persons, version=version)
+    out["partition"] = partition
+    for (name, _), v in zip(kind.measures, value if isinstance(value, tuple) else (value,), strict=True):
+        out[name] = str(v) if name in kind.text else v
+    out["version"] = version
     if correction:
         out["correction"] = correction
     key = "|".join(map(str, (*values, partition))).encode()
@@ -115,6 +144,7 @@ def row(kind: Kind, rec: dict[str, Any]) -> dict[str, Any]:
     out = {column: (date.fromisoformat(rec[name]) if name in kind.dates else rec[name])
            for name, column in kind.fields}
     out.update({column: rec[name] for name, column in COMMON})
+    out.update({column: int(rec[name]) for name, column in kind.measures})
     if "correction" in rec:
         out["correction"] = rec["correction"]
     return out

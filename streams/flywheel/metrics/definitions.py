@@ -814,6 +814,10 @@ class Experiment:
     control: str
     metrics: tuple[ExperimentMetric, ...]
     min_sample: int
+    exposure: Predicate  # the exposure event with the experiment's id
+    # What the per-person statistics depend on (exposure, variations, metrics' parts and windows): the version
+    # of its cells, so that editing the control, a guardrail or min_sample keeps the counts.
+    stats_version: str
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -856,9 +860,15 @@ class Metrics:
     lateness_days: int = field(init=False)
     reach_days: int = field(init=False)
     horizon_days: int = field(init=False)
+    # experiments (metrics/exposures.py): exposure predicate id → its experiments; part predicate id → its
+    # parts; part key → (exposure key, within ms) of every window it counts in
+    exposures_of: dict[str, tuple[Experiment, ...]] = field(init=False)
+    parts_of: dict[str, tuple[Part, ...]] = field(init=False)
+    part_windows: dict[str, tuple[tuple[str, int], ...]] = field(init=False)
+    exposure_keys: frozenset[str] = field(init=False)
     _by_event: dict[str, tuple[Predicate, ...]] = field(init=False)
     _any_event: tuple[Predicate, ...] = field(init=False)
-    _by_ref: dict[str, Funnel | Retention | Lifecycle] = field(init=False)
+    _by_ref: dict[str, Funnel | Retention | Lifecycle | Experiment] = field(init=False)
 
     def __post_init__(self) -> None:
         unique: dict[str, Predicate] = {}
@@ -880,6 +890,17 @@ class Metrics:
                     trait_keys.add(c.key)
         if self.rfm is not None:
             unique.setdefault(self.rfm.order.pid, self.rfm.order)
+        exposures_of: dict[str, list[Experiment]] = {}
+        parts_of: dict[str, dict[str, Part]] = {}
+        part_windows: dict[str, set[tuple[str, int]]] = {}
+        for e in self.experiments:
+            unique.setdefault(e.exposure.pid, e.exposure)
+            exposures_of.setdefault(e.exposure.pid, []).append(e)
+            for m in e.metrics:
+                for part in filter(None, (m.numerator, m.denominator)):
+                    unique.setdefault(part.predicate.pid, part.predicate)
+                    parts_of.setdefault(part.predicate.pid, {}).setdefault(part_key(part), part)
+                    part_windows.setdefault(part_key(part), set()).add((exposure_key(e), m.within_ms))
         predicates = tuple(unique.values())
         by_event: dict[str, list[Predicate]] = {}
         for p in predicates:
@@ -903,9 +924,14 @@ class Metrics:
             "return_pids": frozenset(r.returning.pid for r in self.retention),
             "segment_pids": segment_pids, "trait_keys": frozenset(trait_keys),
             "lateness_days": lateness_days, "reach_days": reach_days, "horizon_days": horizon_days,
+            "exposures_of": {pid: tuple(es) for pid, es in exposures_of.items()},
+            "parts_of": {pid: tuple(ps.values()) for pid, ps in parts_of.items()},
+            "part_windows": {k: tuple(sorted(w)) for k, w in part_windows.items()},
+            "exposure_keys": frozenset(exposure_key(e) for e in self.experiments),
             "_by_event": {name: tuple(ps) for name, ps in by_event.items()},
             "_any_event": tuple(p for p in predicates if p.event is None),
-            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention, *filter(None, [self.lifecycle]))},
+            "_by_ref": {ref(d): d for d in (*self.funnels, *self.retention, *filter(None, [self.lifecycle]),
+                                            *self.experiments)},
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -915,7 +941,7 @@ class Metrics:
         return [p for p in (*self._by_event.get(event_name, ()), *self._any_event)
                 if p.matches(mtype, event_name, properties)]
 
-    def by_ref(self, reference: str) -> Funnel | Retention | Lifecycle | None:
+    def by_ref(self, reference: str) -> Funnel | Retention | Lifecycle | Experiment | None:
         """The definition `name@version`, if the registry holds it."""
         return self._by_ref.get(reference)
 
@@ -932,9 +958,22 @@ def walk(segment: Segment) -> list[Condition]:
     return out
 
 
-def ref(definition: Funnel | Retention | Lifecycle) -> str:
-    """A definition's registry key: name@version."""
+def ref(definition: Funnel | Retention | Lifecycle | Experiment) -> str:
+    """A definition's registry key: name@version (an experiment's: the version of its statistics)."""
+    if isinstance(definition, Experiment):
+        return f"{definition.name}@{definition.stats_version}"
     return f"{definition.name}@{definition.version}"
+
+
+def exposure_key(e: Experiment) -> str:
+    """What a person's exposures to an experiment are kept under: its exposure and its variations (two
+    experiments with the same exposure and variations share them)."""
+    return "|".join((e.exposure.pid, e.variation_property, *sorted(name for name, _ in e.variations)))
+
+
+def part_key(part: Part) -> str:
+    """What a person's values of an experiment metric's part are kept under."""
+    return f"{part.predicate.pid}|{part.property or ''}"
 
 
 def compile_metrics(spec: MetricsSpec) -> Metrics:
@@ -1009,9 +1048,13 @@ def _experiment(spec: ExperimentSpec, predicate: Callable[[str | None, dict[str,
     version = _digest("experiment", spec.exposure.model_dump(), sorted(spec.variations.items()), spec.control,
                       [(m.name, m.kind, described(m.numerator), described(m.denominator), m.within_ms,
                         m.higher_is_better, m.guardrail) for m in metrics], spec.min_sample)
+    stats_version = _digest("experiment stats", spec.exposure.model_dump(), sorted(spec.variations),
+                            [(m.name, m.kind, described(m.numerator), described(m.denominator), m.within_ms)
+                             for m in metrics])
     e = spec.exposure
     return Experiment(spec.name, version, e.event, e.experiment_id, e.experiment_property, e.variation_property,
-                      tuple(spec.variations.items()), spec.control, tuple(metrics), spec.min_sample)
+                      tuple(spec.variations.items()), spec.control, tuple(metrics), spec.min_sample,
+                      predicate(e.event, {e.experiment_property: e.experiment_id}), stats_version)
 
 
 def _alert(spec: AlertSpec, metrics: MetricsSpec, funnels: list[Funnel], retention: list[Retention]) -> Alert:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flywheel.metrics.definitions import Experiment, ExperimentMetric, Part
+from flywheel.metrics.definitions import Experiment, ExperimentMetric, Metrics, Part, Predicate, exposure_key, part_key
 
 MICROS = 1_000_000  # sums are kept in millionths of the property's unit
 
@@ -122,17 +122,13 @@ def sufficient(experiment: Experiment, persons: Iterable[list[Event]]) -> tuple[
 
 # ---- what the stream keeps per person (the person state's part for experiments) -------------------------
 
-def part_key(part: Part) -> str:
-    return f"{part.predicate.pid}|{part.property or ''}"
-
-
 @dataclass
 class Track:
-    """A person's experiment history as the stream will keep it: per experiment the first exposure
-    (ts, messageId, variation) and every variation seen; per metric part the matching events' values
-    (1 for a count, millionths for a sum) by message hash — so a redelivery or a join adds nothing twice.
-    `observe` in any order, `merge` of two devices' tracks, then `stats`: the same as `sufficient` over the
-    person's events."""
+    """A person's experiment history as the stream keeps it (person.PersonState): per exposure key
+    (definitions.exposure_key) the first exposure (ts, messageId, variation) and every variation seen; per
+    metric part (definitions.part_key) the matching events' values (1 for a count, millionths for a sum) by
+    message hash — so a redelivery or a join adds nothing twice. `observe` in any order, `merge` of two
+    devices' tracks, then `track_values`: the same as `sufficient` over the person's events."""
 
     exposures: dict[str, tuple[int, str, str, frozenset[str]]]
     parts: dict[str, dict[int, tuple[int, int]]]
@@ -142,31 +138,41 @@ class Track:
         return cls({}, {})
 
 
-def observe(track: Track, experiments: Iterable[Experiment], event: Event, mhash: int) -> None:
-    """One (non-late) event into the track."""
-    for e in experiments:
-        if (event.mtype == "track" and event.name == e.exposure_event
-                and event.properties.get(e.experiment_property) == e.experiment_id):
-            variation = event.properties.get(e.variation_property)
-            if isinstance(variation, str) and variation in {name for name, _ in e.variations}:
-                _expose(track.exposures, e.name, (event.ts, event.message_id, variation, frozenset({variation})))
-        for metric in e.metrics:
-            for part in filter(None, (metric.numerator, metric.denominator)):
-                if part.predicate.matches(event.mtype, event.name, event.properties):
-                    value = 1 if part.property is None else (_micros(event.properties.get(part.property)) or 0)
-                    track.parts.setdefault(part_key(part), {})[mhash] = (event.ts, value)
+def index(experiments: Iterable[Experiment]) -> Metrics:
+    """A registry of just these experiments (its predicate indexes are what `observe_matched` reads)."""
+    return Metrics((), (), 0, 0, experiments=tuple(experiments))
 
 
-def _expose(exposures: dict, name: str, new: tuple[int, str, str, frozenset[str]]) -> None:
+def observe(track: Track, experiments: Metrics, event: Event, mhash: int) -> None:
+    """One (non-late) event into the track: `observe_matched` with the predicates it satisfies."""
+    matched = experiments.matching(event.name, dict(event.properties), event.mtype)
+    observe_matched(track, experiments, matched, event.ts, event.message_id, mhash, event.properties)
+
+
+def observe_matched(track: Track, metrics: Metrics, matched: Iterable[Predicate], ts: int, message_id: str,
+                    mhash: int, properties: Mapping[str, Any]) -> None:
+    """An event that satisfies the predicates `matched` (Metrics.matching) into the track. The one place
+    that says what an event does to a person's experiments (person.apply calls it)."""
+    for p in matched:
+        for e in metrics.exposures_of.get(p.pid, ()):
+            variation = properties.get(e.variation_property)
+            if isinstance(variation, str) and any(variation == name for name, _ in e.variations):
+                _expose(track.exposures, exposure_key(e), (ts, message_id, variation, frozenset((variation,))))
+        for part in metrics.parts_of.get(p.pid, ()):
+            value = 1 if part.property is None else (_micros(properties.get(part.property)) or 0)
+            track.parts.setdefault(part_key(part), {})[mhash] = (ts, value)
+
+
+def _expose(exposures: dict, key: str, new: tuple[int, str, str, frozenset[str]]) -> None:
     """Add an exposure (ts, messageId, variation, variations seen): the earliest first, every variation."""
-    old = exposures.get(name)
-    exposures[name] = new if old is None else (*min(old[:3], new[:3]), old[3] | new[3])
+    old = exposures.get(key)
+    exposures[key] = new if old is None else (*min(old[:3], new[:3]), old[3] | new[3])
 
 
 def merge(a: Track, b: Track) -> Track:
     exposures = dict(a.exposures)
-    for name, exposure_ in b.exposures.items():
-        _expose(exposures, name, exposure_)
+    for key, exposure_ in b.exposures.items():
+        _expose(exposures, key, exposure_)
     parts = {k: dict(v) for k, v in a.parts.items()}
     for k, values in b.parts.items():
         parts.setdefault(k, {}).update(values)
@@ -175,7 +181,7 @@ def merge(a: Track, b: Track) -> Track:
 
 def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict[str, tuple[int, int]]] | None:
     """(variation, or None if excluded; metric → (y, x)) of the person, None if never exposed."""
-    exp = track.exposures.get(experiment.name)
+    exp = track.exposures.get(exposure_key(experiment))
     if exp is None:
         return None
     ts, _, variation, seen = exp
@@ -191,3 +197,28 @@ def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict
         out[m.name] = (int(y > 0) if m.kind == "conversion" else y,
                        value(m.denominator, m.within_ms) if m.denominator is not None else 0)
     return variation, out
+
+
+STATS = ("n", "sy", "syy", "sx", "sxx", "sxy")  # a cell's last coordinate indexes these
+EXCLUDED = -1  # the variation and metric coordinates of the cell counting excluded persons
+
+
+def cells(experiments: Iterable[Experiment], track: Track) -> dict[tuple, int]:
+    """What the person adds to each experiment's statistics: (experiment, variation index, metric index,
+    stat index) → value (zeros left out); (experiment, EXCLUDED, EXCLUDED, 0) → 1 if excluded."""
+    out: dict[tuple, int] = {}
+    for e in experiments:
+        got = track_values(e, track)
+        if got is None:
+            continue
+        variation, values_ = got
+        if variation is None:
+            out[(e, EXCLUDED, EXCLUDED, 0)] = 1
+            continue
+        v = next(i for i, (name, _) in enumerate(e.variations) if name == variation)
+        for m, metric in enumerate(e.metrics):
+            y, x = values_[metric.name]
+            for s, value in enumerate((1, y, y * y, x, x * x, x * y)):
+                if value:
+                    out[(e, v, m, s)] = value
+    return out

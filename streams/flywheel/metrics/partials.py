@@ -27,9 +27,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flywheel.metrics.cells import Cell, is_open
+from flywheel.metrics.cells import Cell, is_open, kind_of
 from flywheel.metrics.definitions import Metrics
-from flywheel.metrics.person import PersonState, contributions
+from flywheel.metrics.person import PersonState, contributions, weights
 from flywheel.model.clock import DAY_MS
 
 
@@ -100,6 +100,7 @@ class Partials:
         watermark reached `watermark`: new contribution minus old. Pure; large batches add several up."""
         open_from = self.open_from_of(self.watermark_of(partition, watermark))
         delta: Counter = Counter()
+        weighted = bool(self.metrics.experiments)
         for old, new in persons:
             before = contributions(old, self.metrics, open_from) if old is not None else set()
             after = contributions(new, self.metrics, open_from) if new is not None else set()
@@ -107,6 +108,12 @@ class Partials:
                 delta[c] -= 1
             for c in after - before:
                 delta[c] += 1
+            if weighted:
+                was = weights(old, self.metrics) if old is not None else {}
+                now = weights(new, self.metrics) if new is not None else {}
+                if was != now:
+                    for c in was.keys() | now.keys():
+                        delta[c] += now.get(c, 0) - was.get(c, 0)
         return delta
 
     def change(self, partition: int, watermark: int, delta: Counter) -> Change:
@@ -134,21 +141,34 @@ class Partials:
             part.dirty.add(c)
 
     # ---- publication ---------------------------------------------------------------------------------
-    def unpublished(self, partition: int) -> list[tuple[Cell, int]]:
-        """The cells whose current value is still to be published, with that value."""
+    def unpublished(self, partition: int) -> list[tuple[Cell, int | tuple[int, ...]]]:
+        """The cells whose current value is still to be published, with that value; for a grouped kind
+        (cells.Kind.group) its group, with every value of the group, if any of them is due."""
         part = self.parts[partition]
-        return [(c, part.counts.get(c, 0)) for c in part.dirty]
+        out: list[tuple[Cell, int | tuple[int, ...]]] = []
+        groups: dict[Cell, int] = {}
+        for c in part.dirty:
+            kind = kind_of(c)
+            if kind.group is None:
+                out.append((c, part.counts.get(c, 0)))
+            else:
+                groups[kind.group(c)] = len(kind.measures)
+        for g, n in groups.items():
+            out.append((g, tuple(part.counts.get((*g, i), 0) for i in range(n))))
+        return out
 
-    def published(self, partition: int, cells: Iterable[tuple[Cell, int]]) -> None:
+    def published(self, partition: int, cells: Iterable[tuple[Cell, int | tuple[int, ...]]]) -> None:
         """These values landed: their cells are clean unless they changed meanwhile; a 0 is dropped."""
         part = self.parts.get(partition)
         if part is None:  # forgotten meanwhile (a rebalance)
             return
         for c, value in cells:
-            if part.counts.get(c, 0) == value:
-                part.dirty.discard(c)
-                if value == 0:
-                    part.counts.pop(c, None)
+            for cell, v in (zip(((*c, i) for i in range(len(value))), value) if isinstance(value, tuple)
+                            else ((c, value),)):
+                if part.counts.get(cell, 0) == v:
+                    part.dirty.discard(cell)
+                    if v == 0:
+                        part.counts.pop(cell, None)
 
 
 def count(states: Iterable[PersonState], metrics: Metrics, open_from: int) -> Counter:
@@ -156,4 +176,6 @@ def count(states: Iterable[PersonState], metrics: Metrics, open_from: int) -> Co
     counts: Counter = Counter()
     for s in states:
         counts.update(contributions(s, metrics, open_from))
+        if metrics.experiments:
+            counts.update(weights(s, metrics))
     return counts

@@ -30,8 +30,10 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "k": 1,                                                         # the person id is a userId
      "a": first active day,                                          # kept for good (lifecycle)
      "o": [[ts_ms, amount, messageId hash], ...],                   # orders within the RFM window
-     "rv": [newest order ms, frequency, monetary]}                  # RFM summary last published
-"e", "t", "s", "u", "k", "a", "o" and "rv" are written only when set. A state without "a" (an older release) takes
+     "rv": [newest order ms, frequency, monetary],                  # RFM summary last published
+     "x": {exposure key: [first ms, messageId, variation, [variations seen]]},   # experiments
+     "xp": {part key: [[messageId hash, ts_ms, value], ...]}}       # experiment metric parts (exposures.py)
+"e", "t", "s", "u", "k", "a", "o", "rv", "x" and "xp" are written only when set. A state without "a" (an older release) takes
 its first active day from its days: right for every period the state still derives. Days are UTC day
 numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
 `_from_v1`).
@@ -49,6 +51,7 @@ from typing import Any
 
 from flywheel.metrics.cells import Cell
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Funnel, Metrics, Predicate, legacy_bits
+from flywheel.metrics.exposures import Track, cells, merge, observe_matched
 from flywheel.metrics.funnel import levels_by_day
 from flywheel.model.clock import DAY_MS
 
@@ -76,6 +79,15 @@ class PersonState:
     first_active: int = -1  # the first day with an activity event, kept for good (lifecycle: "new")
     orders: list[tuple[int, float, int]] = field(default_factory=list)  # RFM: (ts, amount, message hash), by time
     rfm_published: tuple[int, int, float] | None = None  # the stage's bookkeeping, like members
+    # Experiments (metrics/exposures.py, a Track's two halves): exposure key → (first ts, messageId, variation,
+    # variations seen), kept for good; part key → {message hash: (ts, value)}, kept for the horizon and, inside
+    # an exposure's metric window, for good (the experiment statistics never close).
+    exposures: dict[str, tuple[int, str, str, frozenset[str]]] = field(default_factory=dict)
+    parts: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def track(self) -> Track:
+        return Track(self.exposures, self.parts)
 
     def has_applied(self, message_id: str) -> bool:
         return message_hash(message_id) in self.applied
@@ -84,7 +96,8 @@ class PersonState:
         return PersonState(self.newest, set(self.days), list(self.legend), dict(self.funnel), dict(self.first),
                            {k: set(v) for k, v in self.returns.items()}, dict(self.applied),
                            {k: list(v) for k, v in self.events.items()}, dict(self.traits), dict(self.members),
-                           self.due, self.user, self.first_active, list(self.orders), self.rfm_published)
+                           self.due, self.user, self.first_active, list(self.orders), self.rfm_published,
+                           dict(self.exposures), {k: dict(v) for k, v in self.parts.items()})
 
     # ---- serialization ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -99,7 +112,11 @@ class PersonState:
                 **({"k": 1} if self.user else {}),
                 **({"a": self.first_active} if self.first_active >= 0 else {}),
                 **({"o": [list(o) for o in self.orders]} if self.orders else {}),
-                **({"rv": list(self.rfm_published)} if self.rfm_published is not None else {})}
+                **({"rv": list(self.rfm_published)} if self.rfm_published is not None else {}),
+                **({"x": {k: [ts, mid, v, sorted(seen)] for k, (ts, mid, v, seen) in self.exposures.items()}}
+                   if self.exposures else {}),
+                **({"xp": {k: sorted([h, ts, v] for h, (ts, v) in values.items()) for k, values in self.parts.items()}}
+                   if self.parts else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], metrics: Metrics) -> PersonState:
@@ -115,7 +132,9 @@ class PersonState:
                     {k: (v[0], int(v[1])) for k, v in data.get("s", {}).items()}, int(data.get("u", -1)),
                     bool(data.get("k")), int(data.get("a", min(data.get("d") or [-1]))),
                     [(int(ts), float(amount), int(h)) for ts, amount, h in data.get("o", ())],
-                    (lambda rv: (int(rv[0]), int(rv[1]), float(rv[2])) if rv else None)(data.get("rv")))
+                    (lambda rv: (int(rv[0]), int(rv[1]), float(rv[2])) if rv else None)(data.get("rv")),
+                    {k: (int(ts), mid, v, frozenset(seen)) for k, (ts, mid, v, seen) in data.get("x", {}).items()},
+                    {k: {int(h): (int(ts), int(v)) for h, ts, v in values} for k, values in data.get("xp", {}).items()})
         return _fit(state, metrics)
 
 
@@ -162,6 +181,10 @@ def _fit(state: PersonState, metrics: Metrics) -> PersonState:
         state.traits = {k: v for k, v in state.traits.items() if k in metrics.trait_keys}
     if state.orders and metrics.rfm is None:
         state.orders = []
+    if any(key not in metrics.exposure_keys for key in state.exposures):
+        state.exposures = {k: v for k, v in state.exposures.items() if k in metrics.exposure_keys}
+    if any(key not in metrics.part_windows for key in state.parts):
+        state.parts = {k: v for k, v in state.parts.items() if k in metrics.part_windows}
     return state
 
 
@@ -194,6 +217,8 @@ def apply(
     if traits:
         for key in metrics.trait_keys.intersection(traits):
             _set_trait(state.traits, key, (_scalar(traits[key]), ts_ms, message_id))
+    if metrics.experiments:
+        observe_matched(state.track, metrics, matched, ts_ms, message_id, mhash, properties or {})
     steps = []
     for p in matched:
         pid = p.pid
@@ -278,6 +303,8 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
                       {**a.applied, **b.applied}, events, traits, user=a.user or b.user,
                       first_active=min((d for d in (a.first_active, b.first_active) if d >= 0), default=-1),
                       orders=sorted(set(a.orders) | set(b.orders)))
+    track = merge(a.track, b.track)
+    out.exposures, out.parts = track.exposures, track.parts
     return prune(out, metrics)
 
 
@@ -311,7 +338,24 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
         bound = state.newest - metrics.rfm.window_ms - metrics.lateness_ms
         if state.orders[0][0] <= bound:
             state.orders = [o for o in state.orders if o[0] > bound]
+    if state.parts:
+        _prune_parts(state, metrics)
     return state
+
+
+def _prune_parts(state: PersonState, metrics: Metrics) -> None:
+    """Part values older than the horizon go, but for those inside a window of one of the person's exposures
+    (experiment statistics never close: what counts for them is kept for good, bounded by the windows)."""
+    bound = (state.newest // DAY_MS - metrics.horizon_days) * DAY_MS
+    for key, values in state.parts.items():
+        if min(ts for ts, _ in values.values()) >= bound:
+            continue
+        windows = [(first[0], first[0] + within) for ekey, within in metrics.part_windows.get(key, ())
+                   if (first := state.exposures.get(ekey)) is not None]
+        state.parts[key] = {h: (ts, v) for h, (ts, v) in values.items()
+                            if ts >= bound or any(start < ts <= end for start, end in windows)}
+    if not all(state.parts.values()):
+        state.parts = {k: v for k, v in state.parts.items() if v}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -379,3 +423,11 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
             if period >= open_from and period in periods:
                 out.add((r, cohort, n))
     return out
+
+
+def weights(state: PersonState, metrics: Metrics) -> dict[Cell, int]:
+    """The cells this person adds a value other than 1 to (experiment statistics, exposures.cells), with the
+    value: the weighted counterpart of `contributions`. Such cells never close."""
+    if not state.exposures or not metrics.experiments:
+        return {}
+    return cells(metrics.experiments, state.track)

@@ -7,13 +7,14 @@ Stages, in the order data flows (docs/design.md §1):
                               │                                   ├──▶ identity.changes
                               └──────▶ events.invalid              └──▶ merge marker (events.identified, key = anon id)
     events.identified ──aggregate─────▶ person state ──▶ metrics.funnels / .retention / .active_users / .lifecycle
+                              │                      │    / .experiments
                               │                      └──▶ segments.changes (Audience Entered / Exited; also
                               │                           when a due time comes: the sweep)
                               └─────────▶ flywheel.events (with the late flag)
     alerts.series     ──alerts────────▶ each rule's evaluator (shares from ingest and aggregate, progress
                                         markers from the Ticker through both) ──▶ alerts
     alerts            ──notify────────▶ flywheel.alert_events, webhooks
-    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle}_partials
+    metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle,experiment}_partials
     segments.changes  ──sink──────────▶ flywheel.segment_changes
     segments.rfm      ──sink──────────▶ flywheel.rfm_values
     events.invalid    ──sink──────────▶ flywheel.invalid_events
@@ -293,7 +294,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     # Lingers like the sinks: each batch inserts its events' rows.
     batches.add(app, topic["identified"], aggregate.process, name="aggregate", retry=policy,
                 max_records=BATCH_RECORDS, linger=settings.sink_flush_seconds)
-    for kind in ("funnels", "retention", "active_users", "lifecycle"):
+    for kind in ("funnels", "retention", "active_users", "lifecycle", "experiments"):
         batches.add(app, topic[kind], sinks.partials(kind), name=f"sink_{kind}", retry=policy, **flush)
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)

@@ -34,7 +34,8 @@ def ensure_topics(settings: Settings) -> list[str]:
         names = settings.topics
         # metrics.* hold absolute values keyed by (cell, partition), segments.changes membership changes keyed
         # by segment|person: compaction keeps the latest of each.
-        compacted = {names.funnels, names.retention, names.active_users, names.lifecycle, names.segments, names.rfm}
+        compacted = {names.funnels, names.retention, names.active_users, names.lifecycle, names.experiments,
+                     names.segments, names.rfm}
         # Faust creates its tables' changelogs itself, but a changelog created while the consumer group
         # forms can be missing from the first assignment (faust then crashes the agent with
         # PartitionsMismatch "changelog has 0 partitions"): create them up front, like Faust would.

@@ -47,7 +47,7 @@ from flywheel.config import Topics
 from flywheel.metrics import oracle, rfm
 from flywheel.metrics.alerts import GAUGE, cell_feeds, cell_index, feed_record, progress_record
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
-from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics, ref
 from flywheel.metrics.partials import Change, Partials, count
 from flywheel.metrics.person import PersonState, apply, is_late, join
 from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
@@ -150,6 +150,10 @@ class AggregateStage:
         self._through: dict[int, int] = {}  # partition → progress last reported
         self.sizes: dict[int, dict[str, int]] = {}  # partition → segment → members (SIZES)
         self._gauges = tuple(a for a in metrics.alerts if a.series.kind == "segment")
+        # the definitions a checkpoint's cells were counted under (its end mark keeps them): another set —
+        # one added, changed or removed — is counted afresh from the person states, which hold their history
+        self._definitions = sorted(ref(d) for d in (*metrics.funnels, *metrics.retention,
+                                                    *filter(None, [metrics.lifecycle]), *metrics.experiments))
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -322,6 +326,10 @@ class AggregateStage:
         begin = self.persons.get(partition, _mark(BEGIN, partition))
         if "seq" not in end or begin is None or int(begin) != end["seq"]:
             return False
+        if end.get("definitions", self._definitions) != self._definitions:
+            log.info("definitions changed on partition %d (%s → %s): counting its cells from the person states",
+                     partition, end["definitions"], self._definitions)
+            return False
         counts: dict[Cell, int] = {}
         prefix = _cell_prefix(partition)
         for key, value in self.persons.scan(partition, prefix):
@@ -395,7 +403,7 @@ class AggregateStage:
     def _end_record(self, partition: int, watermark: int, zeros: Iterable[Cell], seq: int) -> bytes:
         return orjson.dumps({"watermark": watermark, "version": self.versions.get(partition, 0),
                              "zeros": sorted(cell_id(c) for c in zeros), "seq": seq,
-                             "segments": self.evaluated.get(partition, {})})
+                             "segments": self.evaluated.get(partition, {}), "definitions": self._definitions})
 
     # ---- one batch ----------------------------------------------------------------------------------
     async def process(self, records: Sequence[Record]) -> None:
