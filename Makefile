@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-alerts bench-shutdown bench-soak sample stop lint clean
+.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-shutdown bench-soak sample stop lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-alerts: $(STAMP)
 # Options: make bench-segments BENCH_ARGS="--parts stage --persons 20000"
 bench-segments: $(STAMP)
 	$(BIN)/python bench/segments.py $(BENCH_ARGS)
+
+# Options: make bench-experiments BENCH_ARGS="--persons 20000 --repeats 5"
+bench-experiments: $(STAMP)
+	$(BIN)/python bench/experiments.py $(BENCH_ARGS)
 
 bench-shutdown: $(STAMP)
 	$(BIN)/python bench/shutdown.py $(BENCH_ARGS)

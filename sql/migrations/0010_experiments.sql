@@ -13,11 +13,11 @@ CREATE TABLE IF NOT EXISTS flywheel.experiment_partials
     metric           LowCardinality(String),
     kafka_partition  UInt16,
     n                UInt64 COMMENT 'exposed persons',
-    sy               Int128 COMMENT 'Σy',
-    syy              Int128 COMMENT 'Σy²',
-    sx               Int128 COMMENT 'Σx (ratio metrics)',
-    sxx              Int128 COMMENT 'Σx²',
-    sxy              Int128 COMMENT 'Σxy',
+    sy               Int256 COMMENT 'Σy',
+    syy              Int256 COMMENT 'Σy²',
+    sx               Int256 COMMENT 'Σx (ratio metrics)',
+    sxx              Int256 COMMENT 'Σx²',
+    sxy              Int256 COMMENT 'Σxy',
     version          UInt64,
     inserted_at      DateTime64(3, 'UTC') DEFAULT now64(3)
 )

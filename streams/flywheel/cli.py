@@ -500,6 +500,69 @@ def alerts_backtest(
                f"{alert.series.period}s", err=True)
 
 
+experiments_cli = typer.Typer(help="Experiments (the metrics file's experiments:): live results from experiment_stats.")
+cli.add_typer(experiments_cli, name="experiments")
+
+
+def _experiment_rows(name: str | None):
+    """(the experiments asked for, a function giving each one's results from ClickHouse)."""
+    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.results import from_stats, stats_sql
+    from flywheel.query import QueryError
+
+    settings = _settings()
+    try:
+        experiments = load_metrics(settings.metrics).experiments
+    except MetricsError as exc:
+        _fail(str(exc))
+    if name is not None:
+        experiments = tuple(e for e in experiments if e.name == name)
+        if not experiments:
+            _fail(f"no experiment {name!r} in {settings.metrics}: `flywheel experiments list` shows them")
+    query = _query(settings)
+
+    def results(e):
+        try:
+            return from_stats(e, query(stats_sql(e))[1])
+        except QueryError as exc:
+            _fail(str(exc))
+    return experiments, results
+
+
+@experiments_cli.command("list")
+def experiments_list() -> None:
+    """Every experiment of the metrics file with its exposed persons per variation and its sample-ratio check."""
+    experiments, results = _experiment_rows(None)
+    if not experiments:
+        typer.echo(f"no experiments: in {_settings().metrics}")
+    for e in experiments:
+        r = results(e)
+        units = ", ".join(f"{v} {n}" for v, n in r["units"].items())
+        flags = [*(["SAMPLE RATIO MISMATCH"] if r["srm"]["flagged"] else []),
+                 *(f"guardrail {g} violated" for g in r["guardrails_violated"])]
+        typer.echo(f"{e.name}: exposed {units}; {r['excluded']} excluded{'; ' + '; '.join(flags) if flags else ''}")
+
+
+@experiments_cli.command("results")
+def experiments_results(
+    name: Annotated[str, typer.Argument(help="the experiment's name")],
+    as_json: Annotated[bool, typer.Option("--json", help="the results as one JSON object")] = False,
+) -> None:
+    """An experiment's live results, each variation against the control, per metric: lift (relative and
+    absolute) with 95 % intervals and p-values, the anytime-valid interval (the one to act on while watching),
+    chance to win and expected loss, guardrails, and the sample-ratio check (docs/design.md §11). A variation
+    shows no statistics until it and the control have min_sample exposed persons. The same JSON is served at
+    the admin listener's /experiments/NAME/results.
+    """
+    import orjson
+
+    from flywheel.metrics.results import text
+
+    experiments, results = _experiment_rows(name)
+    r = results(experiments[0])
+    typer.echo(orjson.dumps(r).decode() if as_json else text(r))
+
+
 @cli.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print /status and readiness as one JSON object")] = False,

@@ -8,6 +8,8 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flywheel.experiments import assign
+
 # Lateness is longer than any journey (12 days): whatever order a person's devices' events arrive in
 # (their raw partitions progress at different rates, more so across a rebalance), no journey event is
 # late, so runs with one worker, two workers or a kill agree on every late flag. Only the events sent
@@ -63,6 +65,29 @@ segments:
       - trait: {plan: pro}
 churn_risk: {active_within: 5d, silent_for: 3d}
 lifecycle: {period: day}
+experiments:
+  - name: checkout_button
+    exposure: {event: Experiment Viewed, experiment_id: checkout_button}
+    variations: {control: 0.5, green: 0.5}
+    control: control
+    metrics:
+      - name: purchased
+        conversion: {event: Order Completed, within: 7d}
+      - name: revenue
+        sum: {event: Order Completed, property: revenue, within: 7d}
+      - name: orders_per_checkout
+        ratio: {numerator: {count: Order Completed}, denominator: {count: Checkout Started}, within: 7d}
+    guardrails: [revenue]
+  - name: search_layout
+    exposure: {event: Experiment Viewed, experiment_id: search_layout}
+    variations: {a: 0.34, b: 0.33, c: 0.33}
+    control: a
+    metrics:
+      - name: shoe_views
+        count: {event: Product Viewed, where: {category: shoes}, within: 2d}
+      - name: basket_value
+        ratio: {numerator: {sum: {event: Order Completed, property: revenue}}, denominator: {count: Product Added},
+                within: 3d}
 """
 # RFM needs every person's summary in one ClickHouse (README "Segments"): not for two workers with their own
 # embedded stores, whose tests use METRICS_YAML_ONE_STORE_EACH.
@@ -92,6 +117,7 @@ def _iso(ts: datetime) -> str:
 def journeys(n_persons: int = 150, days: int = 12, seed: int = 11) -> tuple[list[dict], list[dict]]:
     """(messages in roughly time order, late messages to send afterwards)."""
     rng = random.Random(seed)
+    xrng = random.Random(seed + 1)  # experiments' draws: the journeys stay what they were without them
     timed: list[tuple[datetime, int, dict[str, Any]]] = []
     late: list[dict] = []
     seq = 0
@@ -120,6 +146,14 @@ def journeys(n_persons: int = 150, days: int = 12, seed: int = 11) -> tuple[list
                      **({"userId": user} if known and device in linked else {}))
 
             emit(t, type="page", name="Home", properties={}, **ids)
+            # exposures, often while anonymous (stitched at sign-up); some persons see two variations (excluded)
+            for experiment, variations in (("checkout_button", {"control": 0.5, "green": 0.5}),
+                                           ("search_layout", {"a": 0.34, "b": 0.33, "c": 0.33})):
+                if xrng.random() < (0.5 if not seen else 0.08):
+                    variation = assign(experiment, device, variations)  # the same for the device, every time
+                    if xrng.random() < 0.05:
+                        variation = xrng.choice(list(variations))
+                    track("Experiment Viewed", t, {"experiment_id": experiment, "variation_id": variation})
             if day == signup_day or (known and device not in linked):
                 t += timedelta(seconds=rng.randint(1, 60))
                 emit(t, type="identify", userId=user, traits={}, **ids)
@@ -138,7 +172,8 @@ def journeys(n_persons: int = 150, days: int = 12, seed: int = 11) -> tuple[list
                         track("Checkout Started", t, {"items": 1})
                         if rng.random() < 0.7:
                             t += timedelta(seconds=rng.randint(1, 9000))
-                            track("Order Completed", t, {"order_id": f"o{seq}", "revenue": 10.0})
+                            track("Order Completed", t, {"order_id": f"o{seq}",
+                                                         "revenue": xrng.choice([10.0, 19.99, 5.5, 120.0])})
             seen.append((device, t))
         if signup_day is not None:
             # a backend's trait syncs and e-mail opens: no activity by the rule above, on any day

@@ -87,3 +87,20 @@ def test_every_sql_example_in_the_readme_runs(ch):
     assert len(queries) >= 5
     for query in queries:
         ch.rows(query)  # raises with ClickHouse's message if an example is wrong
+
+
+def test_experiment_sums_beyond_64_bits_land_and_add_up_exactly(ch):
+    """metrics.experiments records through the sink's row into experiment_partials (Int128), and the
+    experiment_stats view summing each partition's latest version."""
+    from flywheel.metrics.cells import KIND_BY_NAME, row
+
+    apply(ch, paths.sql_dir() / "migrations")
+    kind = KIND_BY_NAME["experiments"]
+    big = 10**20 + 1
+
+    def rec(partition: int, n: int, sy: int, version: int) -> dict:
+        return {"experiment": "x", "variation": "a", "metric": "m", "partition": partition, "n": n, "sy": str(sy),
+                "syy": str(sy * sy), "sx": "0", "sxx": "0", "sxy": "0", "version": version}
+    ch.insert(kind.table, [row(kind, r) for r in (rec(0, 1, 5, 1), rec(0, 2, big, 2), rec(1, 3, big, 1))])
+    _, rows = ch.rows("SELECT n, toString(sy), toString(syy) FROM flywheel.experiment_stats WHERE experiment = 'x'")
+    assert rows == [(5, str(2 * big), str(2 * big * big))]

@@ -115,3 +115,49 @@ def test_metrics_check_lists_experiments(tmp_path):
     assert (f"experiment checkout_button (version {EXPERIMENT.version}): exposure Experiment Viewed with "
             "experiment_id=checkout_button; variations control 0.5, green 0.5 (control control); metrics "
             "purchased (conversion), revenue (sum, guardrail)") in out.output
+
+
+def test_results_from_the_live_statistics_rows_and_their_endpoint():
+    """experiment_stats rows (sums in millionths, as text) → the same results as from the arms in the
+    property's unit; the excluded persons' row; the admin endpoint serves them, and says what is wrong."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from flywheel.metrics.results import from_stats, stats_sql, text
+    from flywheel.web.admin import add_experiments
+
+    given_arms = arms(5000, 5000, green_revenue=[0, 0, 0, 10, 20.5], green_errors=[0, 0, 1])
+    scale = {"revenue": 10**6}
+    rows = [("", "", 3, "0", "0", "0", "0", "0")]
+    for (variation, metric), a in given_arms.items():
+        k = scale.get(metric, 1)
+        rows.append((variation, metric, a.n, str(round(a.sy * k)), str(round(a.syy * k * k)), str(round(a.sx)),
+                     str(round(a.sxx)), str(round(a.sxy))))
+    got = from_stats(EXPERIMENT, rows)
+    want = results(EXPERIMENT, {"control": 5000, "green": 5000}, given_arms, excluded=3)
+    assert got["excluded"] == 3 and got["units"] == want["units"]
+    for g, w in zip(got["metrics"], want["metrics"], strict=True):
+        assert g["variations"]["green"]["relative"] == pytest.approx(w["variations"]["green"]["relative"], rel=1e-12)
+        assert g["control"]["mean"] == pytest.approx(w["control"]["mean"], rel=1e-12)
+    assert "relative lift" in text(got) and "anytime-valid" in text(got)
+    assert "experiment_stats WHERE experiment = 'checkout_button'" in stats_sql(EXPERIMENT)
+
+    async def go():
+        app = web.Application()
+        queries = []
+
+        async def query(sql):
+            queries.append(sql)
+            if len(queries) == 2:
+                raise ConnectionError("Connection refused")
+            return rows
+        add_experiments(app, metrics=parse_metrics({"experiments": [SPEC]}), query=query)
+        async with TestClient(TestServer(app)) as client:
+            ok = await client.get("/experiments/checkout_button/results")
+            down = await client.get("/experiments/checkout_button/results")
+            missing = await client.get("/experiments/nope/results")
+            return ok.status, await ok.json(), down.status, missing.status, await missing.json()
+    status, body, down, missing, why = asyncio.run(go())
+    assert (status, body["units"], down, missing) == (200, {"control": 5000, "green": 5000}, 503, 404)
+    assert "checkout_button" in why["error"]

@@ -82,7 +82,7 @@ class EmbeddedClickHouse:
 
 
 def _json(row: dict) -> bytes:
-    """A JSONEachRow line. orjson stops at 64-bit integers; a larger one (an experiment's sums, Int128) goes as
+    """A JSONEachRow line. orjson stops at 64-bit integers; a larger one (an experiment's sums, Int256) goes as
     decimal text, which ClickHouse reads into an integer column."""
     try:
         return orjson.dumps(row, option=orjson.OPT_UTC_Z)

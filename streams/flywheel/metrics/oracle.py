@@ -368,9 +368,9 @@ WITH exposed AS (
             AND JSONType(properties, {vp}) = 'String' AND v IN ({names}))
     GROUP BY person_id
 )
-SELECT variation, [{metric_names}][m + 1] AS metric, count() AS n, sum(toInt128(y)) AS sy,
-       sum(toInt128(y) * y) AS syy, sum(toInt128(xv)) AS sx, sum(toInt128(xv) * xv) AS sxx,
-       sum(toInt128(xv) * y) AS sxy, (SELECT countIf(seen > 1) FROM exposed) AS excluded
+SELECT variation, [{metric_names}][m + 1] AS metric, count() AS n, sum(toInt256(y)) AS sy,
+       sum(toInt256(y) * y) AS syy, sum(toInt256(xv)) AS sx, sum(toInt256(xv) * xv) AS sxx,
+       sum(toInt256(xv) * y) AS sxy, (SELECT countIf(seen > 1) FROM exposed) AS excluded
 FROM (
     SELECT x.person_id AS person_id, x.variation AS variation, [{", ".join(ys)}] AS ys, [{", ".join(xs)}] AS xs
     FROM (SELECT * FROM exposed WHERE seen = 1) AS x

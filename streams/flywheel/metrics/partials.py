@@ -163,8 +163,8 @@ class Partials:
         if part is None:  # forgotten meanwhile (a rebalance)
             return
         for c, value in cells:
-            for cell, v in (zip(((*c, i) for i in range(len(value))), value) if isinstance(value, tuple)
-                            else ((c, value),)):
+            for cell, v in ([((*c, i), v) for i, v in enumerate(value)] if isinstance(value, tuple)
+                            else [(c, value)]):
                 if part.counts.get(cell, 0) == v:
                     part.dirty.discard(cell)
                     if v == 0:

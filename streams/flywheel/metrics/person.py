@@ -33,8 +33,8 @@ Serialized compactly (orjson) into the Faust table `persons`:
      "rv": [newest order ms, frequency, monetary],                  # RFM summary last published
      "x": {exposure key: [first ms, messageId, variation, [variations seen]]},   # experiments
      "xp": {part key: [[messageId hash, ts_ms, value], ...]}}       # experiment metric parts (exposures.py)
-"e", "t", "s", "u", "k", "a", "o", "rv", "x" and "xp" are written only when set. A state without "a" (an older release) takes
-its first active day from its days: right for every period the state still derives. Days are UTC day
+"e", "t", "s", "u", "k", "a", "o", "rv", "x" and "xp" are written only when set. A state without "a" (an older
+release) takes its first active day from its days: right for every period the state still derives. Days are UTC day
 numbers (days since 1970-01-01). A state without "v" is the first format (7ae8eae and earlier; read by
 `_from_v1`).
 """

@@ -17,11 +17,13 @@ mismatch means the assignment or the logging is broken and every other number is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flywheel.metrics import stats
 from flywheel.metrics.definitions import Experiment, ExperimentMetric
+from flywheel.metrics.exposures import MICROS
+from flywheel.metrics.oracle import quote
 from flywheel.metrics.stats import Arm, Estimate
 
 SRM_P = 0.001  # a sample-ratio mismatch is flagged below this p-value
@@ -90,3 +92,68 @@ def results(experiment: Experiment, units: Mapping[str, int], arms: Mapping[tupl
 
 def _empty(metric: ExperimentMetric) -> Arm:
     return Arm(0, 0, 0, {"conversion": "proportion", "ratio": "ratio"}.get(metric.kind, "mean"))
+
+
+# ---- from the live statistics (ClickHouse's experiment_stats view) ------------------------------------------
+
+def stats_sql(experiment: Experiment) -> str:
+    """The experiment's rows of experiment_stats: (variation, metric, n, Σy, Σy², Σx, Σx², Σxy), sums as text."""
+    return ("SELECT variation, metric, n, toString(sy), toString(syy), toString(sx), toString(sxx), toString(sxy) "
+            f"FROM flywheel.experiment_stats WHERE experiment = {quote(experiment.name)}")
+
+
+def from_stats(experiment: Experiment, rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
+    """`results` from the rows of `stats_sql`: sums in millionths back in the property's unit; the row with
+    no variation and no metric is the excluded persons."""
+    by_name = {m.name: m for m in experiment.metrics}
+    units: dict[str, int] = {}
+    arms: dict[tuple[str, str], Arm] = {}
+    excluded = 0
+    for variation, metric, n, *sums in rows:
+        n, (sy, syy, sx, sxx, sxy) = int(n), map(int, sums)
+        if variation == "" and metric == "":
+            excluded = n
+            continue
+        m = by_name.get(metric)
+        if m is None:  # a metric removed from the file since
+            continue
+        units[variation] = n
+        ky = MICROS if m.numerator.property is not None else 1
+        kx = MICROS if m.denominator is not None and m.denominator.property is not None else 1
+        kind = {"conversion": "proportion", "ratio": "ratio"}.get(m.kind, "mean")
+        arms[(variation, metric)] = Arm(n, sy / ky, syy / ky ** 2, kind, sx / kx, sxx / kx ** 2, sxy / (kx * ky))
+    return results(experiment, units, arms, excluded)
+
+
+def text(result: Mapping[str, Any]) -> str:
+    """`results` as `flywheel experiments results` prints it."""
+    def pct(x: float) -> str:
+        return f"{x * 100:+.2f}%"
+
+    def interval(e: Mapping[str, float], fmt) -> str:
+        return f"{fmt(e['point'])} [{fmt(e['lower'])}, {fmt(e['upper'])}] p={e['p_value']:.4f}"
+
+    units = ", ".join(f"{name} {n}" for name, n in result["units"].items())
+    srm = result["srm"]
+    lines = [f"experiment {result['experiment']} (version {result['version']}): exposed {units}; "
+             f"{result['excluded']} excluded (more than one variation)",
+             f"sample ratio: p={srm['p_value']:.4g}" + ("  MISMATCH: check the assignment and the exposure logging; "
+                                                        "every result below is suspect" if srm["flagged"] else " ok")]
+    for m in result["metrics"]:
+        lines.append(f"\n{m['metric']} ({m['kind']}{', guardrail' if m['guardrail'] else ''}): control mean "
+                     f"{m['control']['mean']:.6g} (n={m['control']['n']})")
+        for name, r in m["variations"].items():
+            if r["status"] != "ok":
+                lines.append(f"  {name}: mean {r['mean']:.6g} (n={r['n']}): {r['status']}")
+                continue
+            lines.append(f"  {name}: mean {r['mean']:.6g} (n={r['n']})"
+                         + ("  GUARDRAIL VIOLATED" if r["guardrail_violated"] else ""))
+            lines.append(f"    relative lift  {interval(r['relative'], pct)}")
+            lines.append(f"    absolute lift  {interval(r['absolute'], lambda x: f'{x:+.6g}')}")
+            lines.append(f"    anytime-valid  {interval(r['sequential'], pct)}  (act on this one while watching)")
+            loss = (lambda x: f"{x * 100:.3f} points") if m["kind"] == "conversion" else pct  # of the rate / relative
+            lines.append(f"    chance to win {r['chance_to_win']:.1%}; expected loss if shipped "
+                         f"{loss(r['expected_loss']['variation'])}, if not {loss(r['expected_loss']['control'])}")
+    if result["guardrails_violated"]:
+        lines.append(f"\nguardrails violated: {', '.join(result['guardrails_violated'])}")
+    return "\n".join(lines)

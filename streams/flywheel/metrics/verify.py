@@ -20,6 +20,11 @@ def _cells(rows, n_keys: int) -> set[tuple]:
     return {tuple(str(v) for v in r[:n_keys]) + tuple(round(float(v), 9) for v in r[n_keys:]) for r in rows}
 
 
+def _exact(rows, n_keys: int) -> set[tuple]:
+    """Cells whose values are integers that may exceed a float's precision (experiment sums)."""
+    return {tuple(str(v) for v in r[:n_keys]) + tuple(int(v) for v in r[n_keys:]) for r in rows}
+
+
 def views(query: Query) -> dict[str, set]:
     return {
         "funnel_daily": _cells(query("SELECT funnel, day, step, persons FROM flywheel.funnel_daily"), 3),
@@ -31,6 +36,8 @@ def views(query: Query) -> dict[str, set]:
             "SELECT day, s.1, s.2 FROM flywheel.lifecycle_daily ARRAY JOIN [('new', new), ('returning', returning), "
             "('resurrecting', resurrecting), ('dormant', dormant)] AS s WHERE s.2 > 0"), 2),
         "segment_members": _cells(query("SELECT segment, person_id FROM flywheel.segment_members"), 2),
+        "experiment_stats": _exact(query("SELECT experiment, variation, metric, n, sy, syy, sx, sxx, sxy "
+                                         "FROM flywheel.experiment_stats"), 3),
     }
 
 
@@ -54,9 +61,15 @@ def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[st
         funnels |= _cells(query(oracle.funnel_sql(f)), 3)
     for r in metrics.retention:
         retention |= _cells(query(oracle.retention_sql(r)), 3)
+    experiments: set = set()
+    for e in metrics.experiments:  # the view's row of excluded persons: variation and metric ''
+        rows = query(oracle.experiment_stats_sql(e))
+        experiments |= _exact([(e.name, *r[:8]) for r in rows], 3)
+        if rows and int(rows[0][8]):
+            experiments.add((e.name, "", "", int(rows[0][8]), 0, 0, 0, 0, 0))
     return {"funnel_daily": funnels, "retention_daily": retention,
             "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1),
-            "lifecycle_daily": lifecycle, "segment_members": members}
+            "lifecycle_daily": lifecycle, "segment_members": members, "experiment_stats": experiments}
 
 
 def compare(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[str, tuple[set, set]]:

@@ -50,7 +50,7 @@ from flywheel.stages.aggregate import AggregateStage, owner_of
 from flywheel.stages.alerts import RULE, SHARES, AlertStage, NotifyStage
 from flywheel.stages.ingest import Ingest
 from flywheel.stages.sink import Sink, SinkStage
-from flywheel.web.admin import add_sql, add_status, admin_app
+from flywheel.web.admin import add_experiments, add_sql, add_status, admin_app
 from flywheel.web.health import KafkaProbe
 from flywheel.web.server import Listener
 from flywheel.web.webhooks import Webhooks
@@ -314,6 +314,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                           tables={"dedup": first_seen, "identity": linked_users, "persons": persons})
     admin = admin_app(role="worker", checks=[kafka, status.clickhouse, status.recovery, status.behind])
     add_status(admin, status.status)
+    add_experiments(admin, metrics=metrics, query=sink.query)
     if sql_token is not None:  # embedded ClickHouse (a server is queried directly by `flywheel sql`)
         add_sql(admin, ch=ch, executor=executor, token=sql_token, port=settings.admin_port)
     listeners = Listeners([

@@ -1,5 +1,6 @@
 """The admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT, 127.0.0.1:8089 by default): /health
-(/health/live, /health/ready), /metrics, a worker's /status, and /sql for embedded ClickHouse. Never on
+(/health/live, /health/ready), /metrics, a worker's /status and /experiments/{name}/results, and /sql for
+embedded ClickHouse. Never on
 the public collector port: /sql answers queries.
 
 chdb locks its data directory, so while a worker runs, `flywheel sql` sends its query here. /sql needs
@@ -17,7 +18,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flywheel.clickhouse import ClickHouse
+from flywheel.metrics.definitions import Metrics
 from flywheel.web.health import Check, add_health
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,27 @@ def add_status(app: web.Application, status: Callable[[], dict[str, Any]]) -> No
         return web.Response(body=orjson.dumps(status()), content_type="application/json")
 
     app.router.add_get("/status", handler)
+
+
+def add_experiments(app: web.Application, *, metrics: Metrics, query: Callable[[str], Awaitable[list]]) -> None:
+    """GET /experiments/{name}/results: `flywheel experiments results NAME --json` (metrics/results.py) from
+    the live statistics in ClickHouse (`query` runs SQL there)."""
+    from flywheel.metrics.results import from_stats, stats_sql
+
+    by_name = {e.name: e for e in metrics.experiments}
+
+    async def handler(request: web.Request) -> web.Response:
+        experiment = by_name.get(request.match_info["name"])
+        if experiment is None:
+            return web.json_response({"error": f"no experiment {request.match_info['name']!r} in the metrics file; "
+                                      f"there are: {sorted(by_name)}"}, status=404)
+        try:
+            rows = await query(stats_sql(experiment))
+        except Exception as exc:  # ClickHouse unreachable: say so, the caller retries
+            return web.json_response({"error": f"ClickHouse: {exc}"}, status=503)
+        return web.Response(body=orjson.dumps(from_stats(experiment, rows)), content_type="application/json")
+
+    app.router.add_get("/experiments/{name}/results", handler)
 
 
 class AnotherWorker(RuntimeError):
