@@ -632,11 +632,7 @@ def rocksdb_size(items: list[tuple[bytes, bytes]], path: Path) -> dict[str, Any]
 def topics_for(tag: str, raw: str | None = None) -> Topics:
     """Every topic of one pipeline its own (pipeline.topics_for shares metrics.*, which the partial sinks
     of different runs would then all read)."""
-    return Topics(raw=raw or f"mb-{tag}.events.raw", invalid=f"mb-{tag}.events.invalid",
-                  identified=f"mb-{tag}.events.identified", identity_changes=f"mb-{tag}.identity.changes",
-                  funnels=f"mb-{tag}.metrics.funnels", retention=f"mb-{tag}.metrics.retention",
-                  active_users=f"mb-{tag}.metrics.active_users", lifecycle=f"mb-{tag}.metrics.lifecycle",
-                  segments=f"mb-{tag}.segments.changes", rfm=f"mb-{tag}.segments.rfm")
+    return Topics.prefixed(f"mb-{tag}.", **({"raw": raw} if raw else {}))
 
 
 def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,

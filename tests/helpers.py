@@ -82,14 +82,7 @@ def tail(path: Path, n: int, what: str) -> str:
 def unique_settings(kafka_bootstrap: str, data_dir: Path, **overrides: Any) -> Settings:
     """Settings for one isolated pipeline: own app id (consumer group), topics, data dir and port."""
     tag = f"t{os.getpid()}x{next(_counter)}x{uuid.uuid4().hex[:6]}"
-    topics = Topics(
-        raw=f"{tag}.events.raw", invalid=f"{tag}.events.invalid",
-        identified=f"{tag}.events.identified", identity_changes=f"{tag}.identity.changes",
-        funnels=f"{tag}.metrics.funnels", retention=f"{tag}.metrics.retention",
-        active_users=f"{tag}.metrics.active_users", lifecycle=f"{tag}.metrics.lifecycle",
-        segments=f"{tag}.segments.changes", rfm=f"{tag}.segments.rfm",
-        alert_series=f"{tag}.alerts.series", alerts=f"{tag}.alerts",
-    )
+    topics = Topics.prefixed(f"{tag}.")
     values: dict[str, Any] = {
         "kafka_bootstrap": kafka_bootstrap, "data_dir": data_dir, "http_port": free_port(), "admin_port": free_port(),
         "app_id": f"flywheel-{tag}", "partitions": 4, "topics": topics, "sink_flush_seconds": 0.5,

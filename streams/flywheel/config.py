@@ -44,6 +44,11 @@ class Topics(BaseSettings):
     alert_series: str = "alerts.series"
     alerts: str = "alerts"
 
+    @classmethod
+    def prefixed(cls, prefix: str, **names: str) -> Topics:
+        """Every topic under `prefix` (one pipeline's own: tests, benches), but for the `names` given."""
+        return cls(**{name: f"{prefix}{f.default}" for name, f in cls.model_fields.items()} | names)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")

@@ -173,3 +173,7 @@ PARTIALS_RESTORED = Counter(
 CLOSED_CELL_UPDATES = Counter(
     "flywheel_closed_cell_updates_total", "Events whose effect on already-closed metric cells was not published"
 )
+EXPERIMENT_HISTORY_CUT = Counter(
+    "flywheel_experiment_history_cut_total",
+    "Hand-offs joining an exposure older than the other state's kept history (experiment values there may be missing)"
+)

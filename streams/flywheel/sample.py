@@ -1,4 +1,5 @@
-"""A realistic sample stream: anonymous visitors browsing a shop, some signing up and buying.
+"""A realistic sample stream: anonymous visitors browsing a shop, some signing up and buying; half of the
+sessions see the `checkout_button` experiment (README "Experiments"), whose green button sells a little more.
 
 `flywheel sample` sends it with the Producer so a newcomer sees data flow within a minute. Seeded,
 so the same arguments give the same events.
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flywheel.experiments import assign
+
 CATEGORIES = ["shoes", "shirts", "bags", "hats"]
 PAGES = ["Home", "Category", "Search", "Help"]
 
@@ -23,6 +26,7 @@ def _iso(ts: datetime) -> str:
 def journeys(n_events: int, *, seed: int = 7, days: int = 3, start: datetime | None = None) -> Iterator[dict[str, Any]]:
     """Yield about `n_events` Segment messages, grouped in visitor sessions over `days` days."""
     rng = random.Random(seed)
+    xrng = random.Random(seed + 1)  # the experiment's own draws
     start = start or (datetime.now(UTC) - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
     sent = 0
     visitor = 0
@@ -41,6 +45,11 @@ def journeys(n_events: int, *, seed: int = 7, days: int = 3, start: datetime | N
                     "messageId": str(uuid.UUID(int=rng.getrandbits(128))), "context": context, **fields}
 
         session = [msg("page", name=rng.choice(PAGES), properties={"path": "/"})]
+        variation = assign("checkout_button", user or anon, {"control": 0.5, "green": 0.5})
+        exposed = xrng.random() < 0.5
+        if exposed:
+            session.append(msg("track", event="Experiment Viewed", properties={
+                "experiment_id": "checkout_button", "variation_id": variation}))
         for _ in range(rng.randint(1, 5)):
             category = rng.choice(CATEGORIES)
             product = f"p-{rng.randint(1, 200)}"
@@ -60,6 +69,10 @@ def journeys(n_events: int, *, seed: int = 7, days: int = 3, start: datetime | N
                 if rng.random() < 0.7:
                     session.append(msg("track", event="Order Completed", userId=user, properties={
                         "order_id": f"o-{visitor}", "revenue": round(rng.uniform(10, 400), 2), "currency": "EUR",
+                    }))
+                elif exposed and variation == "green" and xrng.random() < 0.3:
+                    session.append(msg("track", event="Order Completed", userId=user, properties={
+                        "order_id": f"o-{visitor}", "revenue": round(xrng.uniform(10, 400), 2), "currency": "EUR",
                     }))
         for m in session:
             if sent >= n_events:

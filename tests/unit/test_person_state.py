@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 from flywheel.metrics.cells import is_open, kind_of
 from flywheel.metrics.definitions import Funnel, parse_metrics
-from flywheel.metrics.person import PersonState, apply, contributions, join
+from flywheel.metrics.person import PersonState, apply, contributions, experiment_history_cut, join
 from flywheel.model.clock import DAY_MS
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,3 +171,29 @@ def test_experiment_history_within_an_exposure_window_is_kept_for_good():
     without = parse_metrics({"lateness": "1d", "close_after": "1d"})
     dropped = PersonState.from_json(exposed.to_json(), without)
     assert not dropped.exposures and not dropped.parts
+
+
+def test_a_join_that_may_miss_experiment_values_is_recognised():
+    """A device exposed on day 1 and linked to a user whose state ran on for longer than the horizon without
+    that exposure: the user's events in the window may be pruned (counted and logged by the aggregate stage).
+    Linked within the horizon, or the user exposed as early: nothing is missing."""
+    from experiments_gen import SPEC
+
+    metrics = parse_metrics({**SPEC, "lateness": "1d", "close_after": "1d"})
+
+    def state(*events: tuple[str, float, str, dict]) -> PersonState:
+        s = PersonState()
+        for mid, day, name, props in events:
+            apply(s, mid, BASE * DAY_MS + int(day * DAY_MS), metrics.matching(name, props), metrics,
+                  properties=props)
+        return s
+
+    seen = ("x", 1, "Experiment Viewed", {"experiment_id": "checkout_button", "variation_id": "green"})
+    device = state(seen)
+    user_long = state(("o1", 1.5, "Order Completed", {"revenue": 5}), ("c", 60, "Checkout Started", {}))
+    user_soon = state(("o1", 1.5, "Order Completed", {"revenue": 5}), ("c", 20, "Checkout Started", {}))
+    assert experiment_history_cut(user_long, device, metrics) == list(metrics.exposure_keys)
+    assert experiment_history_cut(device, user_long, metrics) == list(metrics.exposure_keys)
+    assert experiment_history_cut(user_soon, device, metrics) == []
+    also_seen = state(("y", 0.5, *seen[2:]), ("c", 60, "Checkout Started", {}))
+    assert experiment_history_cut(also_seen, device, metrics) == []

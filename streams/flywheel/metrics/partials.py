@@ -108,7 +108,7 @@ class Partials:
                 delta[c] -= 1
             for c in after - before:
                 delta[c] += 1
-            if weighted:
+            if weighted and (old is None or new is None or old.exposures != new.exposures or old.parts != new.parts):
                 was = weights(old, self.metrics) if old is not None else {}
                 now = weights(new, self.metrics) if new is not None else {}
                 if was != now:

@@ -308,6 +308,23 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
     return prune(out, metrics)
 
 
+def experiment_history_cut(a: PersonState, b: PersonState, metrics: Metrics) -> list[str]:
+    """The exposure keys for which joining a and b may miss metric values: the joined first exposure is
+    older than the history one side kept (newest − horizon) without an exposure of its own that early — that
+    side's events in the window may have been pruned before it knew of the exposure. Rare: a device exposed
+    and silent for longer than the horizon before it is linked (docs/design.md §11)."""
+    out = []
+    for key in a.exposures.keys() | b.exposures.keys():
+        first = min(s.exposures[key][0] for s in (a, b) if key in s.exposures)
+        for side in (a, b):
+            own = side.exposures.get(key)
+            if side.newest >= 0 and (own is None or own[0] > first) and \
+                    first < (side.newest // DAY_MS - metrics.horizon_days) * DAY_MS:
+                out.append(key)
+                break
+    return out
+
+
 def prune(state: PersonState, metrics: Metrics) -> PersonState:
     """Drop history that can no longer change an open day (older than newest − horizon)."""
     if state.newest < 0:

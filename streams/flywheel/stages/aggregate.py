@@ -49,7 +49,7 @@ from flywheel.metrics.alerts import GAUGE, cell_feeds, cell_index, feed_record, 
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics, ref
 from flywheel.metrics.partials import Change, Partials, count
-from flywheel.metrics.person import PersonState, apply, is_late, join
+from flywheel.metrics.person import PersonState, apply, experiment_history_cut, is_late, join
 from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
 from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import AUDIENCE_ENTERED, AUDIENCE_EXITED
@@ -449,7 +449,15 @@ class AggregateStage:
             elif kind == "state":
                 slot = state_of(part, rec["person"].encode())
                 incoming = PersonState.from_json(rec["state"], self.metrics)
-                slot[1] = join(slot[1] if slot[1] is not None else PersonState(), incoming, self.metrics)
+                into = slot[1] if slot[1] is not None else PersonState()
+                if incoming.exposures or into.exposures:
+                    cut = experiment_history_cut(into, incoming, self.metrics)
+                    if cut:
+                        obs.EXPERIMENT_HISTORY_CUT.inc()
+                        log.warning("hand-off of %s to %s joins an exposure older than the history one side kept "
+                                    "(%s): experiment values in that window may be missing", rec["from"],
+                                    rec["person"], ", ".join(cut))
+                slot[1] = join(into, incoming, self.metrics)
                 slot[1].user = True  # a hand-off goes to the user the anonymous id was linked to
                 watermarks[part] = max(watermarks[part], slot[1].newest)
             elif kind == "tick":  # a progress marker from the ingest of events.raw partition `from`
