@@ -47,6 +47,7 @@ adding, changing or removing one definition leaves every other definition's stat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -965,12 +966,14 @@ def ref(definition: Funnel | Retention | Lifecycle | Experiment) -> str:
     return f"{definition.name}@{definition.version}"
 
 
+@functools.cache  # read per person change: definitions are few, and hash by identity
 def exposure_key(e: Experiment) -> str:
     """What a person's exposures to an experiment are kept under: its exposure and its variations (two
     experiments with the same exposure and variations share them)."""
     return "|".join((e.exposure.pid, e.variation_property, *sorted(name for name, _ in e.variations)))
 
 
+@functools.cache
 def part_key(part: Part) -> str:
     """What a person's values of an experiment metric's part are kept under."""
     return f"{part.predicate.pid}|{part.property or ''}"
