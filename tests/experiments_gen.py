@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 SPEC = {"experiments": [{
     "name": "checkout_button", "exposure": {"experiment_id": "checkout_button"},
-    "variations": {"control": 0.5, "green": 0.3, "blue": 0.2}, "control": "control",
+    "variations": {"control": 0.5, "green": 0.3, "blue": 0.2}, "control": "control", "cuped": "1d",
     "metrics": [{"name": "purchased", "conversion": {"event": "Order Completed", "within": "2d"}},
                 {"name": "revenue", "sum": {"event": "Order Completed", "property": "revenue", "within": "2d"}},
                 {"name": "shoe_views", "count": {"event": "Product Viewed", "where": {"category": "shoes"},

@@ -78,6 +78,7 @@ experiments:
       - name: orders_per_checkout
         ratio: {numerator: {count: Order Completed}, denominator: {count: Checkout Started}, within: 7d}
     guardrails: [revenue]
+    cuped: 3d
   - name: search_layout
     exposure: {event: Experiment Viewed, experiment_id: search_layout}
     variations: {a: 0.34, b: 0.33, c: 0.33}

@@ -859,7 +859,7 @@ def experiment_cells(kafka: Kafka) -> dict[tuple, tuple]:
     out: dict[tuple, list] = {}
     for key, r in latest.items():
         sums = out.setdefault(key[:3], [0] * 6)
-        for i, name in enumerate(("n", "sy", "syy", "sx", "sxx", "sxy")):
+        for i, name in enumerate(("n", "sy", "syy", "sx", "sxx", "sxy")):  # (no CUPED here)
             sums[i] += int(r[name])
     return {k: tuple(v) for k, v in out.items() if v[0]}
 

@@ -100,7 +100,8 @@ def test_experiment_sums_beyond_64_bits_land_and_add_up_exactly(ch):
 
     def rec(partition: int, n: int, sy: int, version: int) -> dict:
         return {"experiment": "x", "variation": "a", "metric": "m", "partition": partition, "n": n, "sy": str(sy),
-                "syy": str(sy * sy), "sx": "0", "sxx": "0", "sxy": "0", "version": version}
+                "syy": str(sy * sy), "sx": "0", "sxx": "0", "sxy": "0", "sp": "0", "spp": "0", "spy": "0",
+                "version": version}
     ch.insert(kind.table, [row(kind, r) for r in (rec(0, 1, 5, 1), rec(0, 2, big, 2), rec(1, 3, big, 1))])
     _, rows = ch.rows("SELECT n, toString(sy), toString(syy) FROM flywheel.experiment_stats WHERE experiment = 'x'")
     assert rows == [(5, str(2 * big), str(2 * big * big))]

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 
 def oracle_stats(ch) -> tuple[dict, int]:
     _, rows = ch.rows(oracle.experiment_stats_sql(EXPERIMENT))
-    stats = {(r[0], r[1]): dict(zip(("n", "sy", "syy", "sx", "sxx", "sxy"), map(int, r[2:8]), strict=True))
-             for r in rows}
-    return stats, int(rows[0][8]) if rows else 0
+    stats = {(r[0], r[1]): dict(zip(exposures.STATS, map(int, r[2:11]), strict=True)) for r in rows}
+    return stats, int(rows[0][11]) if rows else 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -34,7 +33,8 @@ def test_sufficient_statistics_equal_clickhouse(ch, events):
 
 def test_a_known_stream(ch):
     """u1 sees green anonymously, signs up and buys twice within 2 days (once 3 days later: too late); u2 sees
-    control, then blue: excluded; u3 buys before seeing control: nothing counts."""
+    control, then blue: excluded; u3 buys before seeing control: nothing counts, but for CUPED's covariate (the
+    metric over the day before the exposure)."""
     events = [  # (person, device, hours after T0, kind, variation or revenue index, another experiment)
         (1, 1, 0, "exposure", 1, False), (1, 0, 5, "order", 0, False), (1, 0, 6, "checkout", 0, False),
         (1, 1, 30, "order", 1, False), (1, 0, 80, "order", 5, False), (1, 0, 1, "view_shoes", 0, False),
@@ -45,11 +45,15 @@ def test_a_known_stream(ch):
     load_stream(ch, rows)
     ours, excluded = exposures.sufficient(EXPERIMENT, persons.values())
     assert excluded == 1
-    assert ours[("green", "purchased")] == {"n": 1, "sy": 1, "syy": 1, "sx": 0, "sxx": 0, "sxy": 0}
+    def stats(**values: int) -> dict[str, int]:
+        return dict.fromkeys(exposures.STATS, 0) | values
+
+    assert ours[("green", "purchased")] == stats(n=1, sy=1, syy=1)
     assert ours[("green", "revenue")]["sy"] == round(19.99 * 1e6) + 5 * 10**6  # two orders within 2 days
-    assert ours[("green", "orders_per_checkout")] == {"n": 1, "sy": 2, "syy": 4, "sx": 1, "sxx": 1, "sxy": 2}
+    assert ours[("green", "orders_per_checkout")] == stats(n=1, sy=2, syy=4, sx=1, sxx=1, sxy=2)
     assert ours[("green", "shoe_views")]["sy"] == 1
-    assert ours[("control", "purchased")] == {"n": 1, "sy": 0, "syy": 0, "sx": 0, "sxx": 0, "sxy": 0}
+    assert ours[("control", "purchased")] == stats(n=1, sp=1, spp=1)  # bought an hour before the exposure
+    assert ours[("control", "revenue")] == stats(n=1, sp=19_990_000, spp=19_990_000 ** 2)
     assert ("blue", "purchased") not in ours
     assert oracle_stats(ch) == (ours, 1)
 
@@ -89,8 +93,8 @@ def test_tracks_kept_per_device_and_merged_equal_the_whole_history(events, rng):
         if variation is None:
             got_excluded += 1
             continue
-        for name, (y, x) in values.items():
-            s = got.setdefault((variation, name), dict.fromkeys(("n", "sy", "syy", "sx", "sxx", "sxy"), 0))
-            for k, v in (("n", 1), ("sy", y), ("syy", y * y), ("sx", x), ("sxx", x * x), ("sxy", x * y)):
+        for name, (y, x, p) in values.items():
+            s = got.setdefault((variation, name), dict.fromkeys(exposures.STATS, 0))
+            for k, v in zip(exposures.STATS, (1, y, y * y, x, x * x, x * y, p, p * p, p * y), strict=True):
                 s[k] += v
     assert got == want and got_excluded == excluded

@@ -210,17 +210,18 @@ def test_experiment_windows_outlive_the_horizon(events, days):
 
 
 def test_experiment_records_group_a_variation_and_metric():
-    """One record per (experiment, variation, metric) and partition with its six values, sums as text; the
+    """One record per (experiment, variation, metric) and partition with its nine values, sums as text; the
     excluded persons' record names no variation and no metric; the sink's row reads the text back."""
     e = X_METRICS.experiments[0]
     partials = Partials(X_METRICS)
     partials.load(0, -1, {(e, 1, 1, 0): 3, (e, 1, 1, 1): 10**20, (e, 1, 1, 2): 10**40, (e, EXCLUDED, EXCLUDED, 0): 2})
     due = dict(partials.unpublished(0))
-    assert due == {(e, 1, 1): (3, 10**20, 10**40, 0, 0, 0), (e, EXCLUDED, EXCLUDED): (2, 0, 0, 0, 0, 0)}
+    assert due == {(e, 1, 1): (3, 10**20, 10**40, 0, 0, 0, 0, 0, 0), (e, EXCLUDED, EXCLUDED): (2, *[0] * 8)}
     kind, key, rec = record((e, 1, 1), 4, due[(e, 1, 1)], 7)
     assert (kind.name, key) == ("experiments", b"checkout_button|green|revenue|4")
     assert rec == {"experiment": "checkout_button", "variation": "green", "metric": "revenue", "partition": 4,
-                   "n": 3, "sy": str(10**20), "syy": str(10**40), "sx": "0", "sxx": "0", "sxy": "0", "version": 7}
+                   "n": 3, "sy": str(10**20), "syy": str(10**40), "sx": "0", "sxx": "0", "sxy": "0", "sp": "0",
+                   "spp": "0", "spy": "0", "version": 7}
     assert row(kind, rec)["syy"] == 10**40
     assert record((e, EXCLUDED, EXCLUDED), 4, due[(e, EXCLUDED, EXCLUDED)], 7)[2]["variation"] == ""
     partials.published(0, due.items())

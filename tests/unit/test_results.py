@@ -129,11 +129,11 @@ def test_results_from_the_live_statistics_rows_and_their_endpoint():
 
     given_arms = arms(5000, 5000, green_revenue=[0, 0, 0, 10, 20.5], green_errors=[0, 0, 1])
     scale = {"revenue": 10**6}
-    rows = [("", "", 3, "0", "0", "0", "0", "0")]
+    rows = [("", "", 3, "0", "0", "0", "0", "0", "0", "0", "0")]
     for (variation, metric), a in given_arms.items():
         k = scale.get(metric, 1)
         rows.append((variation, metric, a.n, str(round(a.sy * k)), str(round(a.syy * k * k)), str(round(a.sx)),
-                     str(round(a.sxx)), str(round(a.sxy))))
+                     str(round(a.sxx)), str(round(a.sxy)), "0", "0", "0"))
     got = from_stats(EXPERIMENT, rows)
     want = results(EXPERIMENT, {"control": 5000, "green": 5000}, given_arms, excluded=3)
     assert got["excluded"] == 3 and got["units"] == want["units"]
@@ -161,3 +161,25 @@ def test_results_from_the_live_statistics_rows_and_their_endpoint():
     status, body, down, missing, why = asyncio.run(go())
     assert (status, body["units"], down, missing) == (200, {"control": 5000, "green": 5000}, 503, 404)
     assert "checkout_button" in why["error"]
+
+
+def test_cuped_adjusts_every_estimate_but_not_ratio_metrics():
+    """With `cuped:` the results are those of the adjusted arms (θ from both arms pooled), conversions by the
+    t-test and the normal posterior; a ratio metric has no covariate and stays as it was."""
+    experiment = parse_metrics({"experiments": [{**SPEC, "cuped": "14d"}]}).experiments[0]
+    plain = arms(5000, 5000, green_revenue=[0, 0, 0, 10, 20], green_errors=[0, 0, 1])
+    rng = random.Random(3)
+    with_pre = {}
+    for key, a in plain.items():  # a pre-exposure value: the metric's mean plus noise, per arm as sums
+        sp = a.sy * rng.uniform(0.8, 1.2)
+        with_pre[key] = stats.Arm(a.n, a.sy, a.syy, a.kind, a.sx, a.sxx, a.sxy, sp, a.syy * 0.9, a.syy * 0.7)
+    got = results(experiment, {"control": 5000, "green": 5000}, with_pre)
+    by_metric = {m["metric"]: m["variations"]["green"] for m in got["metrics"]}
+    c, g, theta = stats.cuped(with_pre[("control", "revenue")], with_pre[("green", "revenue")])
+    assert by_metric["revenue"]["cuped"]["theta"] == theta != 0
+    assert by_metric["revenue"]["relative"]["point"] == stats.t_test(c, g, relative=True).point
+    c, g, _ = stats.cuped(with_pre[("control", "purchased")], with_pre[("green", "purchased")])
+    assert by_metric["purchased"]["absolute"]["p_value"] == stats.t_test(c, g, relative=False).p_value
+    assert "cuped" not in by_metric["orders_per_checkout"]
+    assert by_metric["orders_per_checkout"] == results(EXPERIMENT, {"control": 5000, "green": 5000}, with_pre)[
+        "metrics"][3]["variations"]["green"]

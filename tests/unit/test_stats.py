@@ -11,7 +11,12 @@ from flywheel.metrics import stats
 from flywheel.metrics.stats import Arm
 from gbstats.bayesian.tests import EffectBayesianABTest, EffectBayesianConfig, GaussianPrior
 from gbstats.frequentist.tests import FrequentistConfig, SequentialConfig, SequentialTwoSidedTTest, TwoSidedTTest
-from gbstats.models.statistics import RatioStatistic, SampleMeanStatistic
+from gbstats.models.statistics import (
+    ProportionStatistic,
+    RatioStatistic,
+    RegressionAdjustedStatistic,
+    SampleMeanStatistic,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate
@@ -218,3 +223,59 @@ def test_aa_simulation_peeking_after_every_batch():
     naive, sequential = aa_false_positives(runs=300, looks=20, per_look=500, seed=11)
     assert sequential <= 0.05  # anytime-valid: looking after every batch keeps the error rate
     assert naive > 0.1  # the fixed-horizon p-value, looked at 20 times, does not
+
+
+# ---- CUPED --------------------------------------------------------------------------------------------
+
+def cuped_arms(n: int, kind: str, lift: float, rho: float, seed: int) -> tuple[Arm, RegressionAdjustedStatistic]:
+    """n persons whose metric y follows their pre-exposure value p (correlation about rho), shifted by lift."""
+    rng = random.Random(seed)
+    ys, ps = [], []
+    for _ in range(n):
+        p = rng.gauss(0, 1)
+        y = rho * p + (1 - rho * rho) ** 0.5 * rng.gauss(0, 1) + lift
+        if kind == "proportion":
+            ys.append(int(y > 0.8))
+            ps.append(int(p > 0.8))
+        else:
+            ys.append(round(20 + 5 * y, 2))
+            ps.append(round(20 + 5 * p, 2))
+    sy, syy, sp, spp = sum(ys), sum(y * y for y in ys), sum(ps), sum(p * p for p in ps)
+    spy = sum(p * y for p, y in zip(ps, ys, strict=True))
+    arm = Arm(n, sy, syy, kind, sp=sp, spp=spp, spy=spy)
+    if kind == "proportion":
+        post, pre = ProportionStatistic(n=n, sum=sy), ProportionStatistic(n=n, sum=sp)
+    else:
+        post, pre = SampleMeanStatistic(n=n, sum=sy, sum_squares=syy), SampleMeanStatistic(n=n, sum=sp, sum_squares=spp)
+    return arm, RegressionAdjustedStatistic(n=n, post_statistic=post, pre_statistic=pre, post_pre_sum_of_products=spy,
+                                            theta=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(30, 3000), st.integers(30, 3000), st.sampled_from(["mean", "proportion"]), st.floats(0, 0.3),
+       st.floats(0.1, 0.95), st.integers(0, 99), st.booleans())
+def test_cuped_equals_gbstats_regression_adjustment(na, nb, kind, lift, rho, seed, relative):
+    """CUPED's θ, adjusted means and variances, and the fixed and anytime-valid tests on them: GrowthBook's
+    RegressionAdjustedStatistic through TwoSidedTTest and SequentialTwoSidedTTest, to 1e-9."""
+    (a, ga), (b, gb_) = cuped_arms(na, kind, 0, rho, seed), cuped_arms(nb, kind, lift, rho, seed + 1)
+    a, b, theta = stats.cuped(a, b)
+    difference = "relative" if relative else "absolute"
+    want = TwoSidedTTest(ga, gb_, FrequentistConfig(difference_type=difference)).compute_result()
+    assert close(theta, ga.theta) and close(a.mean, ga.mean) and close(b.variance, gb_.variance)
+    got = stats.t_test(a, b, relative=relative)
+    assert close(got.point, want.expected) and close(got.lower, want.ci[0], 1e-8) and close(got.upper, want.ci[1], 1e-8)
+    assert abs(got.p_value - want.p_value) <= 1e-8
+    seq = SequentialTwoSidedTTest(ga, gb_, SequentialConfig(difference_type=difference)).compute_result()
+    anytime = stats.sequential(a, b, relative=relative)
+    assert close(anytime.lower, seq.ci[0], 1e-8) and close(anytime.upper, seq.ci[1], 1e-8)
+
+
+def test_cuped_narrows_the_interval_by_the_covariates_share_of_the_variance():
+    """With pre-exposure values correlated 0.8 with the metric, the interval shrinks by about √(1 − 0.8²)."""
+    (a, _), (b, _) = cuped_arms(20_000, "mean", 0, 0.8, 1), cuped_arms(20_000, "mean", 0.05, 0.8, 2)
+    plain = stats.t_test(a, b, relative=False)
+    ca, cb, theta = stats.cuped(a, b)
+    adjusted = stats.t_test(ca, cb, relative=False)
+    assert 0.75 < theta < 0.85
+    assert abs((adjusted.upper - adjusted.lower) / (plain.upper - plain.lower) - 0.6) < 0.02
+    assert adjusted.lower > 0 and abs(adjusted.point - 0.25) < 3 * adjusted.se  # the true lift: 5 × 0.05

@@ -119,7 +119,7 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
       metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
                              "version"}
       metrics.experiments   {"experiment", "variation", "metric", "partition", "n", "sy", "syy", "sx", "sxx", "sxy",
-                             "version"}: one record per group (`value`: its six values, the cell its
+                             "sp", "spp", "spy", "version"}: one record per group (`value`: its six values, the cell its
                              group), sums as decimal text (they may exceed 64 bits); variation and metric ""
                              count the persons excluded (exposed to more than one variation) in n
 

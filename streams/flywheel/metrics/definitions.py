@@ -420,6 +420,9 @@ class SumOfSpec(EventSpec):
     property: str = Field(min_length=1)  # a numeric property, summed (money: in minor units, exactly)
 
 
+MAX_CUPED_MS = 30 * DAY_MS  # within the history every person state keeps (the horizon is longer)
+
+
 class WithinSpec(_Strict):
     within: Window  # after the person's first exposure, in event time
 
@@ -477,9 +480,14 @@ class ExperimentSpec(_Strict):
     metrics: list[ExperimentMetricSpec] = Field(min_length=1)
     guardrails: list[str] = Field(default_factory=list)
     min_sample: int = Field(100, ge=2)  # exposed persons per variation before any result is shown
+    # CUPED: each metric's own value over this long before the exposure is the covariate (ratio metrics: none)
+    cuped: Duration | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> ExperimentSpec:
+        if self.cuped is not None and not 0 < parse_duration_ms(self.cuped) <= MAX_CUPED_MS:
+            raise ValueError(f"cuped: the lookback must be positive and at most {MAX_CUPED_MS // DAY_MS}d (the "
+                             "person state keeps about a month before its newest event)")
         if any(w <= 0 for w in self.variations.values()):
             raise ValueError("variations: every share must be positive")
         if not 0.99 <= sum(self.variations.values()) <= 1.01:
@@ -816,9 +824,14 @@ class Experiment:
     metrics: tuple[ExperimentMetric, ...]
     min_sample: int
     exposure: Predicate  # the exposure event with the experiment's id
-    # What the per-person statistics depend on (exposure, variations, metrics' parts and windows): the version
-    # of its cells, so that editing the control, a guardrail or min_sample keeps the counts.
+    # What the per-person statistics depend on (exposure, variations, metrics' parts and windows, CUPED): the
+    # version of its cells, so that editing the control, a guardrail or min_sample keeps the counts.
     stats_version: str
+    cuped_ms: int = 0  # CUPED's lookback before the exposure (0: off)
+
+    def cuped_for(self, metric: ExperimentMetric) -> int:
+        """The lookback of a metric's pre-exposure value: the experiment's, but none for ratio metrics."""
+        return self.cuped_ms if metric.kind != "ratio" else 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -862,10 +875,10 @@ class Metrics:
     reach_days: int = field(init=False)
     horizon_days: int = field(init=False)
     # experiments (metrics/exposures.py): exposure predicate id → its experiments; part predicate id → its
-    # parts; part key → (exposure key, within ms) of every window it counts in
+    # parts; part key → (exposure key, ms before, ms after) of every window it counts in
     exposures_of: dict[str, tuple[Experiment, ...]] = field(init=False)
     parts_of: dict[str, tuple[Part, ...]] = field(init=False)
-    part_windows: dict[str, tuple[tuple[str, int], ...]] = field(init=False)
+    part_windows: dict[str, tuple[tuple[str, int, int], ...]] = field(init=False)
     exposure_keys: frozenset[str] = field(init=False)
     _by_event: dict[str, tuple[Predicate, ...]] = field(init=False)
     _any_event: tuple[Predicate, ...] = field(init=False)
@@ -893,7 +906,7 @@ class Metrics:
             unique.setdefault(self.rfm.order.pid, self.rfm.order)
         exposures_of: dict[str, list[Experiment]] = {}
         parts_of: dict[str, dict[str, Part]] = {}
-        part_windows: dict[str, set[tuple[str, int]]] = {}
+        part_windows: dict[str, set[tuple[str, int, int]]] = {}
         for e in self.experiments:
             unique.setdefault(e.exposure.pid, e.exposure)
             exposures_of.setdefault(e.exposure.pid, []).append(e)
@@ -901,7 +914,8 @@ class Metrics:
                 for part in filter(None, (m.numerator, m.denominator)):
                     unique.setdefault(part.predicate.pid, part.predicate)
                     parts_of.setdefault(part.predicate.pid, {}).setdefault(part_key(part), part)
-                    part_windows.setdefault(part_key(part), set()).add((exposure_key(e), m.within_ms))
+                    part_windows.setdefault(part_key(part), set()).add(
+                        (exposure_key(e), e.cuped_for(m) if part is m.numerator else 0, m.within_ms))
         predicates = tuple(unique.values())
         by_event: dict[str, list[Predicate]] = {}
         for p in predicates:
@@ -1048,16 +1062,18 @@ def _experiment(spec: ExperimentSpec, predicate: Callable[[str | None, dict[str,
     def described(p: Part | None) -> Any:
         return None if p is None else (p.predicate.pid, p.property)
 
+    cuped_ms = parse_duration_ms(spec.cuped) if spec.cuped is not None else 0
     version = _digest("experiment", spec.exposure.model_dump(), sorted(spec.variations.items()), spec.control,
                       [(m.name, m.kind, described(m.numerator), described(m.denominator), m.within_ms,
-                        m.higher_is_better, m.guardrail) for m in metrics], spec.min_sample)
+                        m.higher_is_better, m.guardrail) for m in metrics], spec.min_sample,
+                      *([cuped_ms] if cuped_ms else []))
     stats_version = _digest("experiment stats", spec.exposure.model_dump(), sorted(spec.variations),
                             [(m.name, m.kind, described(m.numerator), described(m.denominator), m.within_ms)
-                             for m in metrics])
+                             for m in metrics], *([cuped_ms] if cuped_ms else []))
     e = spec.exposure
     return Experiment(spec.name, version, e.event, e.experiment_id, e.experiment_property, e.variation_property,
                       tuple(spec.variations.items()), spec.control, tuple(metrics), spec.min_sample,
-                      predicate(e.event, {e.experiment_property: e.experiment_id}), stats_version)
+                      predicate(e.event, {e.experiment_property: e.experiment_id}), stats_version, cuped_ms)
 
 
 def _alert(spec: AlertSpec, metrics: MetricsSpec, funnels: list[Funnel], retention: list[Retention]) -> Alert:

@@ -83,17 +83,24 @@ def part_value(part: Part, events: Iterable[Event]) -> int:
     return total
 
 
-def values(metric: ExperimentMetric, exposed_at: int, events: Iterable[Event]) -> tuple[int, int]:
-    """(y, x) of one exposed person: the events in (exposed_at, exposed_at + within]; x is 0 but for ratios."""
+def values(metric: ExperimentMetric, exposed_at: int, events: Iterable[Event],
+           lookback: int = 0) -> tuple[int, int, int]:
+    """(y, x, p) of one exposed person: y over the events in (exposed_at, exposed_at + within]; x, a ratio's
+    denominator there (else 0); p, CUPED's covariate: the same as y over [exposed_at − lookback, exposed_at)
+    (0 without a lookback)."""
+    events = list(events)
     window = [e for e in events if exposed_at < e.ts <= exposed_at + metric.within_ms]
     y = part_value(metric.numerator, window)
-    if metric.kind == "conversion":
-        y = int(y > 0)
     x = part_value(metric.denominator, window) if metric.denominator is not None else 0
-    return y, x
+    p = part_value(metric.numerator, [e for e in events if exposed_at - lookback <= e.ts < exposed_at]) \
+        if lookback else 0
+    if metric.kind == "conversion":
+        y, p = int(y > 0), int(p > 0)
+    return y, x, p
 
 
-Stats = dict[str, int]  # n, sy, syy, sx, sxx, sxy
+STATS = ("n", "sy", "syy", "sx", "sxx", "sxy", "sp", "spp", "spy")  # a cell's last coordinate indexes these
+Stats = dict[str, int]  # STATS → value
 
 
 def sufficient(experiment: Experiment, persons: Iterable[list[Event]]) -> tuple[dict[tuple[str, str], Stats], int]:
@@ -109,15 +116,16 @@ def sufficient(experiment: Experiment, persons: Iterable[list[Event]]) -> tuple[
             excluded += 1
             continue
         for metric in experiment.metrics:
-            y, x = values(metric, exp.ts, events)
-            s = out.setdefault((exp.variation, metric.name), dict.fromkeys(("n", "sy", "syy", "sx", "sxx", "sxy"), 0))
-            s["n"] += 1
-            s["sy"] += y
-            s["syy"] += y * y
-            s["sx"] += x
-            s["sxx"] += x * x
-            s["sxy"] += x * y
+            y, x, p = values(metric, exp.ts, events, experiment.cuped_for(metric))
+            s = out.setdefault((exp.variation, metric.name), dict.fromkeys(STATS, 0))
+            for name, value in zip(STATS, per_person(y, x, p), strict=True):
+                s[name] += value
     return out, excluded
+
+
+def per_person(y: int, x: int, p: int) -> tuple[int, ...]:
+    """What one person adds to each of STATS."""
+    return 1, y, y * y, x, x * x, x * y, p, p * p, p * y
 
 
 # ---- what the stream keeps per person (the person state's part for experiments) -------------------------
@@ -179,8 +187,8 @@ def merge(a: Track, b: Track) -> Track:
     return Track(exposures, parts)
 
 
-def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict[str, tuple[int, int]]] | None:
-    """(variation, or None if excluded; metric → (y, x)) of the person, None if never exposed."""
+def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict[str, tuple[int, int, int]]] | None:
+    """(variation, or None if excluded; metric → (y, x, p)) of the person, None if never exposed."""
     exp = track.exposures.get(exposure_key(experiment))
     if exp is None:
         return None
@@ -188,18 +196,19 @@ def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict
     if len(seen) > 1:
         return None, {}
 
-    def value(part: Part, within: int) -> int:
-        return sum(v for t, v in track.parts.get(part_key(part), {}).values() if ts < t <= ts + within)
+    def value(part: Part, start: int, end: int) -> int:  # over [start, end]
+        return sum(v for t, v in track.parts.get(part_key(part), {}).values() if start <= t <= end)
 
     out = {}
     for m in experiment.metrics:
-        y = value(m.numerator, m.within_ms)
-        out[m.name] = (int(y > 0) if m.kind == "conversion" else y,
-                       value(m.denominator, m.within_ms) if m.denominator is not None else 0)
+        y = value(m.numerator, ts + 1, ts + m.within_ms)
+        x = value(m.denominator, ts + 1, ts + m.within_ms) if m.denominator is not None else 0
+        lookback = experiment.cuped_for(m)
+        p = value(m.numerator, ts - lookback, ts - 1) if lookback else 0
+        out[m.name] = (int(y > 0), x, int(p > 0)) if m.kind == "conversion" else (y, x, p)
     return variation, out
 
 
-STATS = ("n", "sy", "syy", "sx", "sxx", "sxy")  # a cell's last coordinate indexes these
 EXCLUDED = -1  # the variation and metric coordinates of the cell counting excluded persons
 
 
@@ -217,8 +226,7 @@ def cells(experiments: Iterable[Experiment], track: Track) -> dict[tuple, int]:
             continue
         v = next(i for i, (name, _) in enumerate(e.variations) if name == variation)
         for m, metric in enumerate(e.metrics):
-            y, x = values_[metric.name]
-            for s, value in enumerate((1, y, y * y, x, x * x, x * y)):
+            for s, value in enumerate(per_person(*values_[metric.name])):
                 if value:
                     out[(e, v, m, s)] = value
     return out

@@ -333,10 +333,11 @@ GROUP BY t ORDER BY t"""
 
 
 def experiment_stats_sql(experiment: Experiment, source: str = "flywheel.events_resolved") -> str:
-    """(variation, metric, n, sy, syy, sx, sxx, sxy, excluded) per variation and metric (docs/design.md §11,
-    metrics/exposures.py): exposed persons by their first exposure (earliest by event time, messageId), the
-    metric over their non-late events in (exposure, exposure + within], sums in millionths. `excluded`:
-    persons exposed to more than one variation (the same number on every row)."""
+    """(variation, metric, n, sy, syy, sx, sxx, sxy, sp, spp, spy, excluded) per variation and metric
+    (docs/design.md §11, metrics/exposures.py): exposed persons by their first exposure (earliest by event
+    time, messageId), the metric over their non-late events in (exposure, exposure + within], sums in
+    millionths; p, CUPED's covariate, the same over [exposure − lookback, exposure). `excluded`: persons
+    exposed to more than one variation (the same number on every row)."""
     e = experiment
     names = ", ".join(quote(name) for name, _ in e.variations)
     vp, xp = quote(e.variation_property), quote(e.experiment_property)
@@ -350,12 +351,15 @@ def experiment_stats_sql(experiment: Experiment, source: str = "flywheel.events_
         numeric = f"JSONType(ev.properties, {k}) IN ('Int64', 'UInt64', 'Double')"
         return f"toInt64(sumIf({micros}, {condition(p.predicate)} AND {numeric} AND {window}))"
 
-    ys, xs = [], []
+    ys, xs, ps = [], [], []
     for m in e.metrics:
         window = f"{ms} > x.first_ms AND {ms} <= x.first_ms + {m.within_ms}"
         y = part(m.numerator, window)
         ys.append(f"toInt64({y} > 0)" if m.kind == "conversion" else y)
         xs.append(part(m.denominator, window) if m.denominator is not None else "toInt64(0)")
+        lookback = e.cuped_for(m)
+        p = part(m.numerator, f"{ms} >= x.first_ms - {lookback} AND {ms} < x.first_ms") if lookback else "toInt64(0)"
+        ps.append(f"toInt64({p} > 0)" if m.kind == "conversion" else p)
     metric_names = ", ".join(quote(m.name) for m in e.metrics)
     return f"""
 WITH exposed AS (
@@ -370,14 +374,16 @@ WITH exposed AS (
 )
 SELECT variation, [{metric_names}][m + 1] AS metric, count() AS n, sum(toInt256(y)) AS sy,
        sum(toInt256(y) * y) AS syy, sum(toInt256(xv)) AS sx, sum(toInt256(xv) * xv) AS sxx,
-       sum(toInt256(xv) * y) AS sxy, (SELECT countIf(seen > 1) FROM exposed) AS excluded
+       sum(toInt256(xv) * y) AS sxy, sum(toInt256(pv)) AS sp, sum(toInt256(pv) * pv) AS spp,
+       sum(toInt256(pv) * y) AS spy, (SELECT countIf(seen > 1) FROM exposed) AS excluded
 FROM (
-    SELECT x.person_id AS person_id, x.variation AS variation, [{", ".join(ys)}] AS ys, [{", ".join(xs)}] AS xs
+    SELECT x.person_id AS person_id, x.variation AS variation, [{", ".join(ys)}] AS ys, [{", ".join(xs)}] AS xs,
+           [{", ".join(ps)}] AS ps
     FROM (SELECT * FROM exposed WHERE seen = 1) AS x
     INNER JOIN (SELECT person_id, timestamp, type, event, properties FROM {source} WHERE late = 0) AS ev
         ON ev.person_id = x.person_id
     GROUP BY x.person_id, x.variation
 )
-ARRAY JOIN ys AS y, xs AS xv, range(length(ys)) AS m
+ARRAY JOIN ys AS y, xs AS xv, ps AS pv, range(length(ys)) AS m
 GROUP BY variation, m
 ORDER BY variation, metric"""

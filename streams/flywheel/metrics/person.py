@@ -362,15 +362,16 @@ def prune(state: PersonState, metrics: Metrics) -> PersonState:
 
 def _prune_parts(state: PersonState, metrics: Metrics) -> None:
     """Part values older than the horizon go, but for those inside a window of one of the person's exposures
-    (experiment statistics never close: what counts for them is kept for good, bounded by the windows)."""
+    — its metrics' `within` after it, CUPED's lookback before it — (experiment statistics never close: what
+    counts for them is kept for good, bounded by the windows)."""
     bound = (state.newest // DAY_MS - metrics.horizon_days) * DAY_MS
     for key, values in state.parts.items():
         if min(ts for ts, _ in values.values()) >= bound:
             continue
-        windows = [(first[0], first[0] + within) for ekey, within in metrics.part_windows.get(key, ())
+        windows = [(first[0] - before, first[0] + after) for ekey, before, after in metrics.part_windows.get(key, ())
                    if (first := state.exposures.get(ekey)) is not None]
         state.parts[key] = {h: (ts, v) for h, (ts, v) in values.items()
-                            if ts >= bound or any(start < ts <= end for start, end in windows)}
+                            if ts >= bound or any(start <= ts <= end for start, end in windows)}
     if not all(state.parts.values()):
         state.parts = {k: v for k, v in state.parts.items() if v}
 

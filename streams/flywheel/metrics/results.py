@@ -22,7 +22,7 @@ from typing import Any
 
 from flywheel.metrics import stats
 from flywheel.metrics.definitions import Experiment, ExperimentMetric
-from flywheel.metrics.exposures import MICROS
+from flywheel.metrics.exposures import MICROS, STATS
 from flywheel.metrics.oracle import quote
 from flywheel.metrics.stats import Arm, Estimate
 
@@ -34,8 +34,10 @@ def _interval(e: Estimate) -> dict[str, float]:
     return {"point": e.point, "lower": e.lower, "upper": e.upper, "p_value": e.p_value}
 
 
-def compare(metric: ExperimentMetric, control: Arm, variation: Arm, *, min_sample: int) -> dict[str, Any]:
-    """One variation against the control on one metric."""
+def compare(metric: ExperimentMetric, control: Arm, variation: Arm, *, min_sample: int,
+            cuped: bool = False) -> dict[str, Any]:
+    """One variation against the control on one metric; with `cuped`, every estimate on the CUPED-adjusted
+    arms (when the covariate and the metric vary: else unadjusted)."""
     out: dict[str, Any] = {"n": variation.n, "mean": variation.mean}
     if control.n < min_sample or variation.n < min_sample:
         out["status"] = f"not enough data: {min(control.n, variation.n)} of {min_sample} exposed persons"
@@ -43,12 +45,18 @@ def compare(metric: ExperimentMetric, control: Arm, variation: Arm, *, min_sampl
     if control.mean == 0 or control.variance <= 0 or variation.variance <= 0:
         out["status"] = "not enough data: no variation in the metric yet"
         return out
+    theta = 0.0
+    if cuped:
+        plain = stats.t_test(control, variation, relative=True, alpha=ALPHA)
+        control, variation, theta = stats.cuped(control, variation)
     relative = stats.t_test(control, variation, relative=True, alpha=ALPHA)
-    absolute = (stats.z_test(control, variation, alpha=ALPHA) if metric.kind == "conversion"
+    absolute = (stats.z_test(control, variation, alpha=ALPHA) if metric.kind == "conversion" and not theta
                 else stats.t_test(control, variation, relative=False, alpha=ALPHA))
     anytime = stats.sequential(control, variation, relative=True, alpha=ALPHA)
     sign = 1 if metric.higher_is_better else -1
-    if metric.kind == "conversion":
+    if cuped:  # how much of the lift's variance the pre-exposure values explained
+        out["cuped"] = {"theta": theta, "variance_reduction": 1 - (relative.se / plain.se) ** 2 if plain.se else 0.0}
+    if metric.kind == "conversion" and not theta:
         win, loss_variation, loss_control = stats.beta_binomial(control, variation)
         if not metric.higher_is_better:
             win, loss_variation, loss_control = 1 - win, loss_control, loss_variation
@@ -65,7 +73,9 @@ def compare(metric: ExperimentMetric, control: Arm, variation: Arm, *, min_sampl
 
 def results(experiment: Experiment, units: Mapping[str, int], arms: Mapping[tuple[str, str], Arm],
             excluded: int = 0) -> dict[str, Any]:
-    """The experiment's results: sample ratio, then per metric each variation against the control."""
+    """The experiment's results: sample ratio, then per metric each variation against the control (with CUPED
+    when the experiment has a lookback: conversions then take the t-test and the normal posterior on the
+    adjusted lift, not the z-test and the beta-binomial, which know no covariate)."""
     names = [name for name, _ in experiment.variations]
     counts = [units.get(name, 0) for name in names]
     p = stats.srm(counts, [share for _, share in experiment.variations])
@@ -82,7 +92,7 @@ def results(experiment: Experiment, units: Mapping[str, int], arms: Mapping[tupl
         for name in names:
             if name != experiment.control:
                 variations[name] = compare(metric, control, arms.get((name, metric.name)) or _empty(metric),
-                                           min_sample=experiment.min_sample)
+                                           min_sample=experiment.min_sample, cuped=bool(experiment.cuped_for(metric)))
         out["metrics"].append({"metric": metric.name, "kind": metric.kind, "guardrail": metric.guardrail,
                                "control": {"n": control.n, "mean": control.mean}, "variations": variations})
     out["guardrails_violated"] = sorted({f"{m['metric']}:{v}" for m in out["metrics"]
@@ -97,9 +107,11 @@ def _empty(metric: ExperimentMetric) -> Arm:
 # ---- from the live statistics (ClickHouse's experiment_stats view) ------------------------------------------
 
 def stats_sql(experiment: Experiment) -> str:
-    """The experiment's rows of experiment_stats: (variation, metric, n, Σy, Σy², Σx, Σx², Σxy), sums as text."""
-    return ("SELECT variation, metric, n, toString(sy), toString(syy), toString(sx), toString(sxx), toString(sxy) "
-            f"FROM flywheel.experiment_stats WHERE experiment = {quote(experiment.name)}")
+    """The experiment's rows of experiment_stats: (variation, metric, n, Σy, Σy², Σx, Σx², Σxy, Σp, Σp², Σpy),
+    sums as text."""
+    sums = ", ".join(f"toString({s})" for s in STATS[1:])
+    return (f"SELECT variation, metric, n, {sums} FROM flywheel.experiment_stats "
+            f"WHERE experiment = {quote(experiment.name)}")
 
 
 def from_stats(experiment: Experiment, rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
@@ -110,7 +122,7 @@ def from_stats(experiment: Experiment, rows: Iterable[Sequence[Any]]) -> dict[st
     arms: dict[tuple[str, str], Arm] = {}
     excluded = 0
     for variation, metric, n, *sums in rows:
-        n, (sy, syy, sx, sxx, sxy) = int(n), map(int, sums)
+        n, (sy, syy, sx, sxx, sxy, sp, spp, spy) = int(n), map(int, sums)
         if variation == "" and metric == "":
             excluded = n
             continue
@@ -121,7 +133,8 @@ def from_stats(experiment: Experiment, rows: Iterable[Sequence[Any]]) -> dict[st
         ky = MICROS if m.numerator.property is not None else 1
         kx = MICROS if m.denominator is not None and m.denominator.property is not None else 1
         kind = {"conversion": "proportion", "ratio": "ratio"}.get(m.kind, "mean")
-        arms[(variation, metric)] = Arm(n, sy / ky, syy / ky ** 2, kind, sx / kx, sxx / kx ** 2, sxy / (kx * ky))
+        arms[(variation, metric)] = Arm(n, sy / ky, syy / ky ** 2, kind, sx / kx, sxx / kx ** 2, sxy / (kx * ky),
+                                        sp / ky, spp / ky ** 2, spy / ky ** 2)
     return results(experiment, units, arms, excluded)
 
 
@@ -151,7 +164,11 @@ def text(result: Mapping[str, Any]) -> str:
             lines.append(f"    relative lift  {interval(r['relative'], pct)}")
             lines.append(f"    absolute lift  {interval(r['absolute'], lambda x: f'{x:+.6g}')}")
             lines.append(f"    anytime-valid  {interval(r['sequential'], pct)}  (act on this one while watching)")
-            loss = (lambda x: f"{x * 100:.3f} points") if m["kind"] == "conversion" else pct  # of the rate / relative
+            if "cuped" in r:
+                lines.append(f"    CUPED: θ={r['cuped']['theta']:.4g}, the lift's variance "
+                             f"{r['cuped']['variance_reduction']:.0%} smaller than without")
+            beta_binomial = m["kind"] == "conversion" and not r.get("cuped", {}).get("theta")
+            loss = (lambda x: f"{x * 100:.3f} points") if beta_binomial else pct  # of the rate / relative
             lines.append(f"    chance to win {r['chance_to_win']:.1%}; expected loss if shipped "
                          f"{loss(r['expected_loss']['variation'])}, if not {loss(r['expected_loss']['control'])}")
     if result["guardrails_violated"]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NORMAL = statistics.NormalDist()
 
@@ -193,7 +193,8 @@ def beta_pdf(a: float, b: float, x: float) -> float:
 @dataclass(frozen=True, slots=True)
 class Arm:
     """A variation's sufficient statistics for one metric: units n, Σy, Σy²; for a ratio metric (Σy / Σx)
-    also Σx, Σx², Σxy. `kind`: "proportion" (y is 0/1), "mean" or "ratio"."""
+    also Σx, Σx², Σxy; for CUPED the covariate's Σp, Σp², Σpy and the adjustment θ (`cuped`: 0 = none).
+    `kind`: "proportion" (y and p are 0/1), "mean" or "ratio"."""
 
     n: int
     sy: float
@@ -202,31 +203,68 @@ class Arm:
     sx: float = 0.0
     sxx: float = 0.0
     sxy: float = 0.0
+    sp: float = 0.0
+    spp: float = 0.0
+    spy: float = 0.0
+    theta: float = 0.0
 
     @property
-    def mean(self) -> float:
+    def unadjusted_mean(self) -> float:
         if self.kind == "ratio":
             return self.sy / self.sx if self.sx else 0.0
         return self.sy / self.n if self.n else 0.0
 
     @property
+    def mean(self) -> float:
+        """CUPED-adjusted when θ is set: ȳ − θ·p̄ (GrowthBook's RegressionAdjustedStatistic)."""
+        if self.theta:
+            return self.unadjusted_mean - self.theta * self.sp / self.n
+        return self.unadjusted_mean
+
+    @property
     def variance(self) -> float:
-        """Per unit (divide by n for the mean's)."""
+        """Per unit (divide by n for the mean's); of y − θp with CUPED."""
+        if not self.theta:
+            return self._variance_y()
+        if self.n <= 1:
+            return 0.0
+        pre = _moments_variance(self.kind, self.n, self.sp, self.spp)
+        cov = (self.spy - self.sy * self.sp / self.n) / (self.n - 1)
+        return self._variance_y() + self.theta ** 2 * pre - 2 * self.theta * cov
+
+    def _variance_y(self) -> float:
         n = self.n
-        if self.kind == "proportion":
-            p = self.mean
-            return p * (1 - p)
+        if self.kind != "ratio":
+            return _moments_variance(self.kind, n, self.sy, self.syy)
         if n <= 1:
             return 0.0
         var_y = (self.syy - self.sy * self.sy / n) / (n - 1)
-        if self.kind == "mean":
-            return var_y
         mx, my = self.sx / n, self.sy / n
         if mx == 0:
             return 0.0
         var_x = (self.sxx - self.sx * self.sx / n) / (n - 1)
         cov = (self.sxy - self.sx * self.sy / n) / (n - 1)
         return var_y / mx ** 2 - 2 * cov * my / mx ** 3 + my ** 2 * var_x / mx ** 4
+
+
+def _moments_variance(kind: str, n: int, s: float, ss: float) -> float:
+    """The per-unit variance of a value from its sum and sum of squares (a 0/1 value: p(1 − p))."""
+    if kind == "proportion":
+        p = s / n if n else 0.0
+        return p * (1 - p)
+    return (ss - s * s / n) / (n - 1) if n > 1 else 0.0
+
+
+def cuped(a: Arm, b: Arm) -> tuple[Arm, Arm, float]:
+    """Both arms adjusted by CUPED with the θ of the pooled data (GrowthBook's compute_theta):
+    cov(y, p) / var(p) over both arms together; θ = 0 (no adjustment) when p or y does not vary."""
+    n = a.n + b.n
+    sy, syy, sp, spp, spy = a.sy + b.sy, a.syy + b.syy, a.sp + b.sp, a.spp + b.spp, a.spy + b.spy
+    pre, post = _moments_variance(a.kind, n, sp, spp), _moments_variance(a.kind, n, sy, syy)
+    if a.kind == "ratio" or n <= 1 or pre == 0 or post == 0:
+        return a, b, 0.0
+    theta = (spy - sy * sp / n) / (n - 1) / pre
+    return replace(a, theta=theta), replace(b, theta=theta), theta
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +281,14 @@ class Estimate:
 
 
 def _var_of_lift(a: Arm, b: Arm, relative: bool) -> float:
-    if relative:
-        return b.variance / (a.mean ** 2 * b.n) + a.variance * b.mean ** 2 / (a.mean ** 4 * a.n)
+    if relative:  # the delta method; with CUPED, around the unadjusted means (as GrowthBook)
+        ma, mb = a.unadjusted_mean, b.unadjusted_mean
+        return b.variance / (ma ** 2 * b.n) + a.variance * mb ** 2 / (ma ** 4 * a.n)
     return b.variance / b.n + a.variance / a.n
+
+
+def _lift(a: Arm, b: Arm, relative: bool) -> float:
+    return (b.mean - a.mean) / a.unadjusted_mean if relative else b.mean - a.mean
 
 
 def welch_dof(a: Arm, b: Arm) -> float:
@@ -257,7 +300,7 @@ def welch_dof(a: Arm, b: Arm) -> float:
 def t_test(a: Arm, b: Arm, *, relative: bool, alpha: float = 0.05) -> Estimate:
     """Welch's t on the lift (GrowthBook's TwoSidedTTest; scipy's ttest_ind(equal_var=False) for an
     absolute difference of means)."""
-    point = (b.mean - a.mean) / a.mean if relative else b.mean - a.mean
+    point = _lift(a, b, relative)
     se = math.sqrt(_var_of_lift(a, b, relative))
     dof = welch_dof(a, b)
     half = t_ppf(1 - alpha / 2, dof) * se
@@ -284,7 +327,7 @@ def sequential(a: Arm, b: Arm, *, relative: bool, alpha: float = 0.05,
                tuning: float = SEQUENTIAL_TUNING) -> Estimate:
     """The anytime-valid interval and p-value of the lift (GrowthBook's SequentialTwoSidedTTest): an
     asymptotic confidence sequence, valid at every look."""
-    point = (b.mean - a.mean) / a.mean if relative else b.mean - a.mean
+    point = _lift(a, b, relative)
     variance = _var_of_lift(a, b, relative)
     n = a.n + b.n
     rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / tuning

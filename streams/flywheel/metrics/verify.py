@@ -36,8 +36,8 @@ def views(query: Query) -> dict[str, set]:
             "SELECT day, s.1, s.2 FROM flywheel.lifecycle_daily ARRAY JOIN [('new', new), ('returning', returning), "
             "('resurrecting', resurrecting), ('dormant', dormant)] AS s WHERE s.2 > 0"), 2),
         "segment_members": _cells(query("SELECT segment, person_id FROM flywheel.segment_members"), 2),
-        "experiment_stats": _exact(query("SELECT experiment, variation, metric, n, sy, syy, sx, sxx, sxy "
-                                         "FROM flywheel.experiment_stats"), 3),
+        "experiment_stats": _exact(query("SELECT experiment, variation, metric, n, sy, syy, sx, sxx, sxy, sp, spp, "
+                                         "spy FROM flywheel.experiment_stats"), 3),
     }
 
 
@@ -64,9 +64,9 @@ def oracles(query: Query, metrics: Metrics, at_ms: int | None = None) -> dict[st
     experiments: set = set()
     for e in metrics.experiments:  # the view's row of excluded persons: variation and metric ''
         rows = query(oracle.experiment_stats_sql(e))
-        experiments |= _exact([(e.name, *r[:8]) for r in rows], 3)
-        if rows and int(rows[0][8]):
-            experiments.add((e.name, "", "", int(rows[0][8]), 0, 0, 0, 0, 0))
+        experiments |= _exact([(e.name, *r[:11]) for r in rows], 3)
+        if rows and int(rows[0][11]):
+            experiments.add((e.name, "", "", int(rows[0][11]), 0, 0, 0, 0, 0, 0, 0, 0))
     return {"funnel_daily": funnels, "retention_daily": retention,
             "active_users_daily": _cells(query(oracle.active_users_sql(metrics.activity)), 1),
             "lifecycle_daily": lifecycle, "segment_members": members, "experiment_stats": experiments}

@@ -3,7 +3,7 @@
 CREATE TABLE IF NOT EXISTS flywheel.experiment_partials
 (
     experiment String, variation String, metric String, kafka_partition UInt16, n UInt64, sy Int64, syy Int64,
-    sx Int64, sxx Int64, sxy Int64, version UInt64, inserted_at DateTime DEFAULT now()
+    sx Int64, sxx Int64, sxy Int64, sp Int64, spp Int64, spy Int64, version UInt64, inserted_at DateTime DEFAULT now()
 )
 ENGINE = ReplacingMergeTree(version)
 ORDER BY (experiment, variation, metric, kafka_partition);
