@@ -11,6 +11,11 @@ users) vs the same plus EXPERIMENTS (3 experiments × 3 metrics: a conversion, a
 count), alternating, --repeats times, on the same events. CPU µs per event of each, the difference (what
 experiments cost per event), and the bytes of each person's stored state.
 
+With --pipeline, then the whole pipeline on a local Kafka (bench/metrics.py --parts pipeline): a worker with
+the base metrics file vs one with the experiments too, over the same events (--exposure-rate of the sessions
+exposed), alternating: the worker CPU per event of each, side by side (bench/metrics.py writes its own
+results file).
+
 Results: bench/results/experiments-<time>.json and .txt, with the load average and how busy the machine was.
 """
 
@@ -26,7 +31,6 @@ from typing import Any
 
 import orjson
 import yaml
-from flywheel.experiments import assign
 from flywheel.metrics.definitions import Metrics, load_metrics, parse_metrics
 from flywheel.stages.aggregate import is_bookkeeping
 
@@ -82,26 +86,6 @@ def with_experiments(base: Path) -> Metrics:
     return parse_metrics(spec, source=f"{base} + bench/experiments.py EXPERIMENTS")
 
 
-def with_exposures(messages: list[dict[str, Any]], experiments: Metrics, rate: float, seed: int) -> list[dict]:
-    """The stream with an `Experiment Viewed` of each experiment right after a session's first page, for
-    `rate` of the sessions (a page starts a session in bench/metrics.py's population), drawn per experiment."""
-    import random
-
-    rng = random.Random(seed)
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        out.append(m)
-        if m["type"] != "page":
-            continue
-        for e in experiments.experiments:
-            if rng.random() < rate:
-                variation = assign(e.name, m["anonymousId"], dict(e.variations))
-                out.append({**{k: m[k] for k in ("anonymousId", "userId", "timestamp", "context") if k in m},
-                            "type": "track", "event": "Experiment Viewed", "messageId": f"{m['messageId']}-{e.name}",
-                            "properties": {"experiment_id": e.experiment_id, "variation_id": variation}})
-    return out
-
-
 def spread(values: list[float]) -> dict[str, float]:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
@@ -109,7 +93,7 @@ def spread(values: list[float]) -> dict[str, float]:
 def run_stage(args) -> dict[str, Any]:
     base = load_metrics(mb.METRICS_ON)
     experiments = with_experiments(mb.METRICS_ON)
-    messages = with_exposures(list(mb.population(args.persons, days=args.days, seed=args.seed)), experiments,
+    messages = mb.with_exposures(list(mb.population(args.persons, days=args.days, seed=args.seed)), experiments,
                               args.exposure_rate, args.seed)
     exposures = sum(m.get("event") == "Experiment Viewed" for m in messages)
     records, counts = mb.identified(messages, args.partitions)
@@ -173,6 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="base + experiments passes")
     parser.add_argument("--exposure-rate", type=float, default=0.5, help="sessions opening with each exposure")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--pipeline", action="store_true", help="then the whole pipeline (bench/metrics.py)")
+    parser.add_argument("--pipeline-events", type=int, default=30000)
     args = parser.parse_args()
     started = datetime.now(UTC)
     doc: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "commit": mb.git_commit(),
@@ -186,6 +172,16 @@ def main() -> None:
     stem.with_suffix(".txt").write_text(text)
     print(text)
     log(f"results: {stem}.json / .txt")
+    if args.pipeline:
+        import subprocess
+
+        on = stem.with_suffix(".metrics.yaml")
+        on.write_text(yaml.safe_dump(yaml.safe_load(mb.METRICS_ON.read_text()) | yaml.safe_load(EXPERIMENTS)))
+        command = [sys.executable, str(REPO / "bench" / "metrics.py"), "--parts", "pipeline", "--metrics-on", str(on),
+                   "--metrics-off", str(mb.METRICS_ON), "--exposures", str(args.exposure_rate),
+                   "--pipeline-events", str(args.pipeline_events), "--seed", str(args.seed)]
+        log(f"pipeline: {' '.join(command)}")
+        subprocess.run(command, check=True)
 
 
 if __name__ == "__main__":

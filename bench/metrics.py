@@ -65,6 +65,7 @@ import orjson
 import yaml
 from flywheel import devkafka, query
 from flywheel.config import Settings, Topics
+from flywheel.experiments import assign
 from flywheel.metrics.definitions import Metrics, load_metrics, parse_metrics
 from flywheel.metrics.person import PersonState
 from flywheel.model.envelope import Limits
@@ -197,6 +198,27 @@ def _session(rng: random.Random, out: list, uid, t: datetime, *, anon: str, user
             emit("track", True, event="Order Completed", properties={
                 "order_id": order_id, "revenue": round(rng.uniform(10, 400), 2), "currency": "EUR"})
     return t
+
+
+def with_exposures(messages: list[dict[str, Any]], metrics: Metrics, rate: float, seed: int) -> list[dict]:
+    """The stream with an `Experiment Viewed` of each of `metrics`' experiments right after a session's first
+    page (a page starts a session in `population`), for `rate` of the sessions, drawn per experiment; the
+    variation by flywheel.experiments.assign on the device's anonymous id."""
+    if not rate or not metrics.experiments:
+        return messages
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        out.append(m)
+        if m["type"] != "page":
+            continue
+        for e in metrics.experiments:
+            if rng.random() < rate:
+                variation = assign(e.name, m["anonymousId"], dict(e.variations))
+                out.append({**{k: m[k] for k in ("anonymousId", "userId", "timestamp", "context") if k in m},
+                            "type": "track", "event": "Experiment Viewed", "messageId": f"{m['messageId']}-{e.name}",
+                            "properties": {"experiment_id": e.experiment_id, "variation_id": variation}})
+    return out
 
 
 Record = tuple[int, bytes, bytes]  # (partition of events.identified, value, key): one identified record
@@ -1216,6 +1238,9 @@ def main() -> None:
     parser.add_argument("--metrics-off", type=Path, default=None,
                         help="the metrics file of the 'off' runs (default: none at all); e.g. the same file "
                              "without the feature being measured")
+    parser.add_argument("--exposures", type=float, default=0.0,
+                        help="pipeline, scale: this share of the sessions opens with an `Experiment Viewed` of each "
+                             "experiment of the 'on' metrics file (bench/experiments.py)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -1277,10 +1302,12 @@ def main() -> None:
             messages: list[dict] = []
             if "pipeline" in kafka_parts or "scale" in kafka_parts:
                 persons = max(1, round(args.pipeline_events / 16))
-                messages = list(population(persons, days=args.days, seed=args.seed + 1))[:args.pipeline_events]
+                messages = with_exposures(list(population(persons, days=args.days, seed=args.seed + 1)), on,
+                                          args.exposures, args.seed)[:args.pipeline_events]
                 while len(messages) < args.pipeline_events:  # the estimate of events per person was short
                     persons = round(persons * 1.2) + 1
-                    messages = list(population(persons, days=args.days, seed=args.seed + 1))[:args.pipeline_events]
+                    messages = with_exposures(list(population(persons, days=args.days, seed=args.seed + 1)), on,
+                                              args.exposures, args.seed)[:args.pipeline_events]
                 log(f"pre-loading {len(messages):,} events ({persons:,} persons) into {raw_topic}")
                 doc["preload"] = preload(broker.bootstrap, raw_topic, args.partitions, messages)
                 doc["preload"]["persons"] = persons

@@ -292,7 +292,8 @@ def metrics_check(
         metrics = ", ".join(f"{x.name} ({x.kind}{', guardrail' if x.guardrail else ''})" for x in e.metrics)
         typer.echo(f"experiment {e.name} (version {e.version}): exposure {e.exposure_event} with "
                    f"{e.experiment_property}={e.experiment_id}; variations {split} (control {e.control}); "
-                   f"metrics {metrics}; min {e.min_sample} persons per variation")
+                   f"metrics {metrics}; min {e.min_sample} persons per variation"
+                   + (f"; CUPED over {e.cuped_ms // 1000} s before the exposure" if e.cuped_ms else ""))
     wrong = webhook_problems(m.alerts, _settings().alert_webhooks)
     if wrong:  # the worker refuses to start with these
         _fail("alerts cannot notify:\n  " + "\n  ".join(wrong))
@@ -305,7 +306,8 @@ def metrics_verify() -> None:
 
     funnel_daily vs windowFunnel(W, 'strict_once'), retention_daily vs retention(...),
     active_users_daily vs uniqExact, lifecycle_daily vs each person's active periods, segment_members
-    vs each segment's conditions now — over events_resolved (non-late). Scans all events: run it to
+    vs each segment's conditions now, experiment_stats vs each exposed person's first exposure and events
+    after it — over events_resolved (non-late). Scans all events: run it to
     check, not on a schedule. Exit 1 and the differing cells when they differ (allow for events still
     in flight on a busy pipeline, and for memberships due within the last sweep interval,
     FLYWHEEL_SEGMENT_SWEEP_SECONDS).
@@ -329,8 +331,8 @@ def metrics_verify() -> None:
             typer.echo(f"  oracle {cell}")
     if diffs:
         raise typer.Exit(1)
-    typer.echo("funnel_daily, retention_daily, active_users_daily, lifecycle_daily and segment_members equal the "
-               "oracles")
+    typer.echo("funnel_daily, retention_daily, active_users_daily, lifecycle_daily, segment_members and "
+               "experiment_stats equal the oracles")
 
 
 segments_cli = typer.Typer(help="Segments (the metrics file's segments: and churn_risk:): sizes and members.")

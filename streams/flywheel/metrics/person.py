@@ -309,17 +309,19 @@ def join(a: PersonState, b: PersonState, metrics: Metrics) -> PersonState:
 
 
 def experiment_history_cut(a: PersonState, b: PersonState, metrics: Metrics) -> list[str]:
-    """The exposure keys for which joining a and b may miss metric values: the joined first exposure is
-    older than the history one side kept (newest − horizon) without an exposure of its own that early — that
-    side's events in the window may have been pruned before it knew of the exposure. Rare: a device exposed
-    and silent for longer than the horizon before it is linked (docs/design.md §11)."""
+    """The exposure keys for which joining a and b may miss metric values: the joined first exposure's
+    windows (from CUPED's lookback before it) reach before the history one side kept (newest − horizon)
+    while that side had no exposure of its own that early — its events there may have been pruned before it
+    knew of the exposure. Rare: a device exposed and unlinked for longer than the horizon while its person
+    was active elsewhere (docs/design.md §11)."""
     out = []
     for key in a.exposures.keys() | b.exposures.keys():
         first = min(s.exposures[key][0] for s in (a, b) if key in s.exposures)
+        before = max((w[1] for windows in metrics.part_windows.values() for w in windows if w[0] == key), default=0)
         for side in (a, b):
             own = side.exposures.get(key)
-            if side.newest >= 0 and (own is None or own[0] > first) and \
-                    first < (side.newest // DAY_MS - metrics.horizon_days) * DAY_MS:
+            bound = (side.newest // DAY_MS - metrics.horizon_days) * DAY_MS
+            if side.newest >= 0 and (own is None or own[0] > first) and first - before < bound:
                 out.append(key)
                 break
     return out

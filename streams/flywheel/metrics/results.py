@@ -164,11 +164,13 @@ def text(result: Mapping[str, Any]) -> str:
             lines.append(f"    relative lift  {interval(r['relative'], pct)}")
             lines.append(f"    absolute lift  {interval(r['absolute'], lambda x: f'{x:+.6g}')}")
             lines.append(f"    anytime-valid  {interval(r['sequential'], pct)}  (act on this one while watching)")
-            if "cuped" in r:
+            if "cuped" in r and r["cuped"]["theta"]:
                 lines.append(f"    CUPED: θ={r['cuped']['theta']:.4g}, the lift's variance "
                              f"{r['cuped']['variance_reduction']:.0%} smaller than without")
+            elif "cuped" in r:
+                lines.append("    CUPED: not applied (the values before the exposure do not vary yet)")
             beta_binomial = m["kind"] == "conversion" and not r.get("cuped", {}).get("theta")
-            loss = (lambda x: f"{x * 100:.3f} points") if beta_binomial else pct  # of the rate / relative
+            loss = (lambda x: f"{x * 100:.3f} points") if beta_binomial else (lambda x: f"{x * 100:.2f}%")
             lines.append(f"    chance to win {r['chance_to_win']:.1%}; expected loss if shipped "
                          f"{loss(r['expected_loss']['variation'])}, if not {loss(r['expected_loss']['control'])}")
     if result["guardrails_violated"]:
