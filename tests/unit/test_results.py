@@ -91,6 +91,7 @@ def test_sample_ratio_mismatch_is_flagged():
       "guardrails": []}, "exactly one of count"),
     ({"metrics": [{"name": "x", "conversion": {"event": "A", "within": "0s"}}], "guardrails": []},
      "within: Value error, must be positive"),
+    ({"cuped": "60d"}, "cuped: the lookback must be positive and at most 30d"),
 ])
 def test_invalid_experiments_are_refused(change, message):
     with pytest.raises(MetricsError, match=message):
@@ -101,6 +102,10 @@ def test_versions_follow_meaning():
     same = parse_metrics({"experiments": [SPEC]}).experiments[0]
     other = parse_metrics({"experiments": [{**SPEC, "min_sample": 500}]}).experiments[0]
     assert same.version == EXPERIMENT.version != other.version
+    # what the statistics depend on names their cells: a change of the control or min_sample keeps them
+    assert same.stats_version == other.stats_version
+    cuped = parse_metrics({"experiments": [{**SPEC, "cuped": "14d"}]}).experiments[0]
+    assert cuped.stats_version != same.stats_version and cuped.cuped_ms == 14 * 86_400_000
 
 
 def test_metrics_check_lists_experiments(tmp_path):

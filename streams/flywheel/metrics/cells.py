@@ -8,7 +8,7 @@ A cell is a tuple headed by the compiled definition it belongs to (docs/design.m
     (lifecycle, period, status)  persons of that lifecycle status in the period (its first day)
     (experiment, variation, metric, stat)
                                  a sum over the exposed persons (exposures.cells): the one weighted kind,
-                                 published per (experiment, variation, metric) with its six stats together
+                                 published per (experiment, variation, metric) with its nine stats together
 
 The head's type says what the rest means (`KINDS`), and definitions compare by identity, so two metrics
 never share a cell. Plain tuples because contributions build millions of them: a tuple display costs a
@@ -119,9 +119,9 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
       metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
                              "version"}
       metrics.experiments   {"experiment", "variation", "metric", "partition", "n", "sy", "syy", "sx", "sxx", "sxy",
-                             "sp", "spp", "spy", "version"}: one record per group (`value`: its six values, the cell its
-                             group), sums as decimal text (they may exceed 64 bits); variation and metric ""
-                             count the persons excluded (exposed to more than one variation) in n
+                             "sp", "spp", "spy", "version"}: one record per group (`value`: its values, the
+                             cell its group), sums as decimal text (they may exceed 64 bits); variation and
+                             metric "" count the persons excluded (exposed to more than one variation) in n
 
     plus `"correction": <request id>` on a closed cell republished for a forgotten person.
     The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.

@@ -1,7 +1,6 @@
 """The admin listener (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT, 127.0.0.1:8089 by default): /health
 (/health/live, /health/ready), /metrics, a worker's /status and /experiments/{name}/results, and /sql for
-embedded ClickHouse. Never on
-the public collector port: /sql answers queries.
+embedded ClickHouse. Never on the public collector port: /sql answers queries.
 
 chdb locks its data directory, so while a worker runs, `flywheel sql` sends its query here. /sql needs
 the bearer token the worker writes to <data_dir>/worker.json (mode 0600): only someone who can read
