@@ -73,3 +73,21 @@ def assign(experiment: str, user_id: str, variations: Mapping[str, float], *, se
     names = list(variations)
     i = choose(n, bucket_ranges(len(names), coverage, [float(w) for w in variations.values()]))
     return names[i] if i >= 0 else None
+
+
+def answer(body: object, experiments: Mapping[str, Mapping[str, float]]) -> tuple[int, dict]:
+    """POST /v1/assign (the collector): `{"experiment": name, "userId": id}` (or `anonymousId`) → (HTTP status,
+    `{"experiment", "userId" | "anonymousId", "variation", "hashVersion": 2}`), with the variations and weights
+    of the metrics file's experiment; an error says what to send."""
+    if not isinstance(body, dict):
+        return 400, {"error": 'send a JSON object: {"experiment": "<name>", "userId": "<id>"}'}
+    name = body.get("experiment")
+    variations = experiments.get(name) if isinstance(name, str) else None
+    if variations is None:
+        return 404, {"error": f"no experiment {name!r} in the metrics file; there are: {sorted(experiments)}"}
+    id_field = "userId" if body.get("userId") not in (None, "") else "anonymousId"
+    unit_id = body.get(id_field)
+    if not isinstance(unit_id, str | int) or isinstance(unit_id, bool) or unit_id == "":
+        return 400, {"error": "give the unit to assign as userId (or anonymousId): a non-empty string"}
+    return 200, {"experiment": name, id_field: str(unit_id), "variation": assign(name, str(unit_id), variations),
+                 "hashVersion": 2}

@@ -48,7 +48,8 @@ class Harness:
     def __init__(self):
         self.loop = asyncio.new_event_loop()
         self.committer = MemoryCommitter()
-        collector = Collector(keys=WriteKeys([KEY]), limits=Limits(), committer=self.committer, retry_after=7)
+        collector = Collector(keys=WriteKeys([KEY]), limits=Limits(), committer=self.committer, retry_after=7,
+                              experiments={"checkout_button": {"control": 0.5, "green": 0.5}})
 
         async def start(app) -> TestClient:
             client = TestClient(TestServer(app))
@@ -238,3 +239,24 @@ def test_the_handler_never_answers_500(http, kind, payload, compress, auth, cont
     assert body["success"] is (status == 200)
     if status != 200:
         assert body["code"] and body["message"]
+
+
+def test_assign_answers_a_users_variation_and_emits_nothing(http):
+    """POST /v1/assign: the variation flywheel.experiments.assign gives (GrowthBook's hashing), with the write
+    key; unknown experiments, missing ids and bad keys are refused with what to do."""
+    from flywheel.experiments import assign
+
+    body = orjson.dumps({"experiment": "checkout_button", "userId": "u-42"})
+    status, headers, answer = http.post("/v1/assign", body, {"Authorization": AUTH})
+    want = assign("checkout_button", "u-42", {"control": 0.5, "green": 0.5})
+    assert (status, answer) == (200, {"experiment": "checkout_button", "userId": "u-42", "variation": want,
+                                      "hashVersion": 2})
+    assert http.committer.requests == []  # the caller logs the exposure
+    anonymous = http.post("/v1/assign", orjson.dumps({"experiment": "checkout_button", "anonymousId": "a-1",
+                                                      "writeKey": KEY}), {})
+    assert anonymous[0] == 200 and anonymous[2]["anonymousId"] == "a-1"
+    assert http.post("/v1/assign", body, {})[0] == 401
+    missing = http.post("/v1/assign", orjson.dumps({"experiment": "nope", "userId": "u"}), {"Authorization": AUTH})
+    assert missing[0] == 404 and "checkout_button" in missing[2]["error"]
+    assert http.post("/v1/assign", orjson.dumps({"experiment": "checkout_button"}), {"Authorization": AUTH})[0] == 400
+    assert http.post("/v1/assign", b"{", {"Authorization": AUTH})[0] == 400

@@ -14,16 +14,20 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Mapping
 
+import orjson
 from aiohttp import web
 
 from flywheel import observability as obs
-from flywheel.collector.auth import WriteKeys
+from flywheel.collector.auth import WriteKeys, basic_username
 from flywheel.collector.batch import KINDS
 from flywheel.collector.committer import Committer, GroupCommitter, KafkaUnavailable, transactional_producer
-from flywheel.collector.intake import Request, intake, too_large
+from flywheel.collector.intake import UNAUTHORIZED, Request, intake, too_large
 from flywheel.collector.outcomes import Accepted, Rejected
 from flywheel.config import Settings
+from flywheel.experiments import answer as assignment
+from flywheel.metrics.definitions import load_metrics
 from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
 from flywheel.web.admin import admin_app
@@ -49,11 +53,13 @@ CORS = {
 class Collector:
     """Segment HTTP Tracking API handler: one instance per process, shared by all paths."""
 
-    def __init__(self, *, keys: WriteKeys, limits: Limits, committer: Committer, retry_after: int = 5):
+    def __init__(self, *, keys: WriteKeys, limits: Limits, committer: Committer, retry_after: int = 5,
+                 experiments: Mapping[str, Mapping[str, float]] | None = None):
         self.keys = keys
         self.limits = limits
         self.committer = committer
         self.retry_after = retry_after
+        self.experiments = experiments or {}  # name → {variation: weight}: POST /v1/assign
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Collector:
@@ -72,6 +78,7 @@ class Collector:
             limits=settings.limits(),
             committer=committer,
             retry_after=settings.collector_retry_after_seconds,
+            experiments={e.name: dict(e.variations) for e in load_metrics(settings.metrics).experiments},
         )
 
     async def handle(self, request: web.Request, kind: str) -> web.Response:
@@ -125,6 +132,25 @@ class Collector:
         headers = {**CORS, **(headers or {})}
         return web.Response(status=rejected.status, body=rejected.body(), content_type=JSON, headers=headers)
 
+    async def assign(self, request: web.Request) -> web.Response:
+        """POST /v1/assign: a user's variation in an experiment of the metrics file (flywheel.experiments.answer),
+        for backend services without a flag service. Write-key auth as /v1/*; nothing is emitted."""
+        body = await self._read_body(request)
+        if body is None:
+            return self._reject(too_large(request.content_length, self.limits))
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            data = exc
+        source = self.keys.label(basic_username(request.headers.get("Authorization")))
+        if source is None and isinstance(data, dict):
+            source = self.keys.label(data.get("writeKey"))
+        if source is None:
+            return self._reject(Rejected(401, "unauthorized", UNAUTHORIZED))
+        status, answer = assignment(data if not isinstance(data, Exception) else None, self.experiments)
+        obs.COLLECTOR_REQUESTS.labels("assign", str(status)).inc()
+        return web.Response(status=status, body=orjson.dumps(answer), content_type=JSON, headers=CORS)
+
     async def preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=CORS)
 
@@ -145,6 +171,8 @@ def collector_app(collector: Collector, *, kafka: Check) -> web.Application:
     for kind in KINDS:
         webapp.router.add_post(f"/v1/{kind}", _handler(collector, kind))
         webapp.router.add_route("OPTIONS", f"/v1/{kind}", collector.preflight)
+    webapp.router.add_post("/v1/assign", collector.assign)
+    webapp.router.add_route("OPTIONS", "/v1/assign", collector.preflight)
     add_health(webapp, role="collector", checks=[kafka])
 
     async def close(_: web.Application) -> None:
