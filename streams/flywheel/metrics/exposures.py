@@ -18,6 +18,7 @@ stream's per-person state will follow, and `oracle.experiment_stats_sql` compute
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,20 @@ def track_values(experiment: Experiment, track: Track) -> tuple[str | None, dict
 
 
 EXCLUDED = -1  # the variation and metric coordinates of the cell counting excluded persons
+
+
+@functools.cache
+def part_keys(experiment: Experiment) -> frozenset[str]:
+    """The part keys an experiment's metrics read."""
+    return frozenset(part_key(p) for m in experiment.metrics for p in (m.numerator, m.denominator) if p is not None)
+
+
+def changed(experiments: Iterable[Experiment], a: Track, b: Track) -> list[Experiment]:
+    """The experiments whose values may differ between two tracks of a person: their exposure or one of their
+    parts differs. The others' cells are the same in both (what the partials' delta skips)."""
+    return [e for e in experiments
+            if a.exposures.get(exposure_key(e)) != b.exposures.get(exposure_key(e))
+            or any(a.parts.get(k) != b.parts.get(k) for k in part_keys(e))]
 
 
 def cells(experiments: Iterable[Experiment], track: Track) -> dict[tuple, int]:

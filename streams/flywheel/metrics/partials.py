@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from flywheel.metrics.cells import Cell, is_open, kind_of
 from flywheel.metrics.definitions import Metrics
+from flywheel.metrics.exposures import changed
 from flywheel.metrics.person import PersonState, contributions, weights
 from flywheel.model.clock import DAY_MS
 
@@ -109,8 +110,10 @@ class Partials:
             for c in after - before:
                 delta[c] += 1
             if weighted and (old is None or new is None or old.exposures != new.exposures or old.parts != new.parts):
-                was = weights(old, self.metrics) if old is not None else {}
-                now = weights(new, self.metrics) if new is not None else {}
+                # only the experiments whose exposure or parts changed: the others' cells are the same
+                which = None if old is None or new is None else changed(self.metrics.experiments, old.track, new.track)
+                was = weights(old, self.metrics, which) if old is not None else {}
+                now = weights(new, self.metrics, which) if new is not None else {}
                 if was != now:
                     for c in was.keys() | now.keys():
                         delta[c] += now.get(c, 0) - was.get(c, 0)

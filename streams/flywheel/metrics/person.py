@@ -50,7 +50,7 @@ from itertools import repeat
 from typing import Any
 
 from flywheel.metrics.cells import Cell
-from flywheel.metrics.definitions import ACTIVE_WINDOWS, Funnel, Metrics, Predicate, legacy_bits
+from flywheel.metrics.definitions import ACTIVE_WINDOWS, Experiment, Funnel, Metrics, Predicate, legacy_bits
 from flywheel.metrics.exposures import Track, cells, merge, observe_matched
 from flywheel.metrics.funnel import levels_by_day
 from flywheel.model.clock import DAY_MS
@@ -445,9 +445,10 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
     return out
 
 
-def weights(state: PersonState, metrics: Metrics) -> dict[Cell, int]:
+def weights(state: PersonState, metrics: Metrics, experiments: Iterable[Experiment] | None = None) -> dict[Cell, int]:
     """The cells this person adds a value other than 1 to (experiment statistics, exposures.cells), with the
-    value: the weighted counterpart of `contributions`. Such cells never close."""
+    value: the weighted counterpart of `contributions`, for every experiment or those given. Such cells never
+    close."""
     if not state.exposures or not metrics.experiments:
         return {}
-    return cells(metrics.experiments, state.track)
+    return cells(metrics.experiments if experiments is None else experiments, state.track)
