@@ -124,6 +124,10 @@ def test_views_equal_the_oracles_uninterrupted_and_after_kill_9(kafka, tmp_path)
         result = orjson.loads(shown.stdout)
         assert result["units"] == {v: stats[("checkout_button", v, "purchased")][0] for v in ("control", "green")}
         assert result["excluded"] == stats[("checkout_button", "", "")][0]
+        view = worker.sql("SELECT metric, n, control_n, relative_lift FROM flywheel.experiment_results "
+                          "WHERE experiment = 'checkout_button' ORDER BY metric")
+        assert [tuple(r[:3]) for r in view] == [(m, result["units"]["green"], result["units"]["control"])
+                                         for m in ("orders_per_checkout", "purchased", "revenue")]
         # segments: stitched members (the journey's anonymous views count for its user), every segment has
         # some, and the topic replays into exactly segment_members
         members = clean["segment_members"]

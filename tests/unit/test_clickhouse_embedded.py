@@ -101,7 +101,61 @@ def test_experiment_sums_beyond_64_bits_land_and_add_up_exactly(ch):
     def rec(partition: int, n: int, sy: int, version: int) -> dict:
         return {"experiment": "x", "variation": "a", "metric": "m", "partition": partition, "n": n, "sy": str(sy),
                 "syy": str(sy * sy), "sx": "0", "sxx": "0", "sxy": "0", "sp": "0", "spp": "0", "spy": "0",
-                "version": version}
+                "control": 0, "kind": "sum", "scaleY": 1, "scaleX": 1, "version": version}
     ch.insert(kind.table, [row(kind, r) for r in (rec(0, 1, 5, 1), rec(0, 2, big, 2), rec(1, 3, big, 1))])
     _, rows = ch.rows("SELECT n, toString(sy), toString(syy) FROM flywheel.experiment_stats WHERE experiment = 'x'")
     assert rows == [(5, str(2 * big), str(2 * big * big))]
+
+
+def test_experiment_results_view_equals_the_normal_approximation_of_the_statistics(ch):
+    """experiment_results over records of two partitions: each variation against the control, means in the
+    property's unit, lifts with normal 95 % intervals and p-values — the same numbers as metrics/stats.py's
+    arms (their means and Welch variances; ratio and relative lift by the delta method) give."""
+    import random
+    from statistics import NormalDist
+
+    from experiments_gen import SPEC
+    from flywheel.metrics.cells import KIND_BY_NAME, record, row
+    from flywheel.metrics.definitions import parse_metrics
+    from flywheel.metrics.exposures import per_person, scales
+    from flywheel.metrics.stats import Arm
+
+    apply(ch, paths.sql_dir() / "migrations")
+    e = parse_metrics({"experiments": [{**SPEC["experiments"][0], "name": "view_check"}]}).experiments[0]
+    rng = random.Random(4)
+    sums: dict[tuple[int, int, int], list[int]] = {}  # (variation, metric, partition) → STATS sums
+    for v in range(len(e.variations)):
+        for _ in range(400 + 100 * v):
+            partition = rng.randrange(2)
+            for m, metric in enumerate(e.metrics):
+                ky, kx = scales(metric)
+                y = {"conversion": rng.random() < 0.2 + 0.05 * v, "sum": round(rng.expovariate(1 / 30), 2) * ky,
+                     "count": rng.randrange(4), "ratio": rng.randrange(3)}[metric.kind]
+                x = rng.randrange(1, 4) if metric.kind == "ratio" else 0
+                row_ = sums.setdefault((v, m, partition), [0] * 9)
+                for i, value in enumerate(per_person(int(y), x, 0)):
+                    row_[i] += value
+    kind = KIND_BY_NAME["experiments"]
+    ch.insert(kind.table, [row(kind, record((e, v, m), p, tuple(s), 1)[2]) for (v, m, p), s in sums.items()])
+    _, rows = ch.rows("SELECT metric, variation, n, mean, control_mean, lift, lift_lower, p_value, relative_lift, "
+                      "relative_upper, relative_p_value FROM flywheel.experiment_results "
+                      "WHERE experiment = 'view_check'")
+    z = NormalDist().inv_cdf(0.975)
+
+    def arm(v: int, m: int) -> Arm:
+        s = [a + b for a, b in zip(sums[(v, m, 0)], sums[(v, m, 1)], strict=True)]
+        ky, kx = scales(e.metrics[m])
+        kinds = {"conversion": "proportion", "ratio": "ratio"}
+        return Arm(s[0], s[1] / ky, s[2] / ky ** 2, kinds.get(e.metrics[m].kind, "mean"), s[3] / kx, s[4] / kx ** 2,
+                   s[5] / (kx * ky))
+    assert len(rows) == 2 * len(e.metrics)  # two variations against the control, per metric
+    for metric, variation, n, mean, control_mean, lift, lift_lower, p, rel, rel_upper, rel_p in rows:
+        m = next(i for i, x in enumerate(e.metrics) if x.name == metric)
+        b, a = arm(next(i for i, (name, _) in enumerate(e.variations) if name == variation), m), arm(0, m)
+        se = (b.variance / b.n + a.variance / a.n) ** 0.5
+        rse = (b.variance / (a.mean ** 2 * b.n) + a.variance * b.mean ** 2 / (a.mean ** 4 * a.n)) ** 0.5
+        want = (b.n, b.mean, a.mean, b.mean - a.mean, b.mean - a.mean - z * se,
+                2 * NormalDist().cdf(-abs(b.mean - a.mean) / se), (b.mean - a.mean) / a.mean,
+                (b.mean - a.mean) / a.mean + z * rse, 2 * NormalDist().cdf(-abs((b.mean - a.mean) / a.mean) / rse))
+        got = (n, mean, control_mean, lift, lift_lower, p, rel, rel_upper, rel_p)
+        assert all(abs(g - w) <= 1e-9 * max(1.0, abs(w)) for g, w in zip(got, want, strict=True)), (metric, got, want)

@@ -221,7 +221,7 @@ def test_experiment_records_group_a_variation_and_metric():
     assert (kind.name, key) == ("experiments", b"checkout_button|green|revenue|4")
     assert rec == {"experiment": "checkout_button", "variation": "green", "metric": "revenue", "partition": 4,
                    "n": 3, "sy": str(10**20), "syy": str(10**40), "sx": "0", "sxx": "0", "sxy": "0", "sp": "0",
-                   "spp": "0", "spy": "0", "version": 7}
+                   "spp": "0", "spy": "0", "control": 0, "kind": "sum", "scaleY": 10**6, "scaleX": 1, "version": 7}
     assert row(kind, rec)["syy"] == 10**40
     assert record((e, EXCLUDED, EXCLUDED), 4, due[(e, EXCLUDED, EXCLUDED)], 7)[2]["variation"] == ""
     partials.published(0, due.items())

@@ -37,7 +37,7 @@ from flywheel.metrics.definitions import (
     Retention,
     ref,
 )
-from flywheel.metrics.exposures import EXCLUDED, STATS
+from flywheel.metrics.exposures import EXCLUDED, STATS, scales
 from flywheel.model.clock import day_text
 
 Cell = tuple  # (definition, *coordinates), as above
@@ -59,6 +59,10 @@ class Kind:
     measures: tuple[tuple[str, str], ...] = (("persons", "persons"),)
     group: Callable[[Cell], Cell] | None = None
     text: frozenset[str] = frozenset()  # measures published as decimal text: they may exceed 64 bits
+    # (record field, ClickHouse column) of what a record says about its definition, and their values for a cell
+    # (a grouped kind: its group) — so that SQL over the table needs no metrics file
+    attributes: tuple[tuple[str, str], ...] = ()
+    describe: Callable[[Cell], tuple] = lambda c: ()
 
 
 def _retention_open(cell: Cell, open_from: int) -> bool:
@@ -86,7 +90,9 @@ KINDS: dict[type, Kind] = {
     Experiment: Kind("experiments", "flywheel.experiment_partials",
                      (("experiment", "experiment"), ("variation", "variation"), ("metric", "metric")),
                      frozenset(), lambda c, open_from: True, lambda c: _experiment_values(*c[:3]), "x",
-                     tuple((s, s) for s in STATS), lambda c: c[:3], frozenset(STATS[1:])),
+                     tuple((s, s) for s in STATS), lambda c: c[:3], frozenset(STATS[1:]),
+                     (("control", "control"), ("kind", "kind"), ("scaleY", "scale_y"), ("scaleX", "scale_x")),
+                     lambda c: _experiment_attributes(*c[:3])),
 }
 KIND_BY_NAME = {k.name: k for k in KINDS.values()}
 # What every record carries besides the cell and its values: (record field, ClickHouse column).
@@ -98,6 +104,14 @@ def _experiment_values(e: Experiment, v: int, m: int) -> tuple[str, str, str]:
     if v == EXCLUDED:
         return e.name, "", ""
     return e.name, e.variations[v][0], e.metrics[m].name
+
+
+def _experiment_attributes(e: Experiment, v: int, m: int) -> tuple[int, str, int, int]:
+    """Whether the variation is the control, the metric's kind, and what its y and x sums are in (millionths
+    of a property, or units)."""
+    if v == EXCLUDED:
+        return 0, "", 1, 1
+    return int(e.variations[v][0] == e.control), e.metrics[m].kind, *scales(e.metrics[m])
 
 
 def kind_of(cell: Cell) -> Kind:
@@ -119,9 +133,10 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
       metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
                              "version"}
       metrics.experiments   {"experiment", "variation", "metric", "partition", "n", "sy", "syy", "sx", "sxx", "sxy",
-                             "sp", "spp", "spy", "version"}: one record per group (`value`: its values, the
-                             cell its group), sums as decimal text (they may exceed 64 bits); variation and
-                             metric "" count the persons excluded (exposed to more than one variation) in n
+                             "sp", "spp", "spy", "control", "kind", "scaleY", "scaleX", "version"}: one record
+                             per group (`value`: its values, the cell its group), sums as decimal text (they may
+                             exceed 64 bits; y and p in 1/scaleY, x in 1/scaleX of the property's unit); variation
+                             and metric "" count the persons excluded (exposed to more than one variation) in n
 
     plus `"correction": <request id>` on a closed cell republished for a forgotten person.
     The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.
@@ -132,6 +147,7 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
     out["partition"] = partition
     for (name, _), v in zip(kind.measures, value if isinstance(value, tuple) else (value,), strict=True):
         out[name] = str(v) if name in kind.text else v
+    out.update(zip((name for name, _ in kind.attributes), kind.describe(cell), strict=True))
     out["version"] = version
     if correction:
         out["correction"] = correction
@@ -145,6 +161,7 @@ def row(kind: Kind, rec: dict[str, Any]) -> dict[str, Any]:
            for name, column in kind.fields}
     out.update({column: rec[name] for name, column in COMMON})
     out.update({column: int(rec[name]) for name, column in kind.measures})
+    out.update({column: rec[name] for name, column in kind.attributes})
     if "correction" in rec:
         out["correction"] = rec["correction"]
     return out

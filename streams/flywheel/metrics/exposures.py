@@ -66,6 +66,12 @@ def exposure(experiment: Experiment, events: Iterable[Event]) -> Exposure | None
     return Exposure(first[2] if len(seen) == 1 else None, first[0], first[1], frozenset(seen))
 
 
+def scales(metric: ExperimentMetric) -> tuple[int, int]:
+    """What a metric's y (and CUPED's p) and x are kept in: millionths of a summed property, or units."""
+    return (MICROS if metric.numerator.property is not None else 1,
+            MICROS if metric.denominator is not None and metric.denominator.property is not None else 1)
+
+
 def _micros(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None

@@ -22,7 +22,7 @@ from typing import Any
 
 from flywheel.metrics import stats
 from flywheel.metrics.definitions import Experiment, ExperimentMetric
-from flywheel.metrics.exposures import MICROS, STATS
+from flywheel.metrics.exposures import STATS, scales
 from flywheel.metrics.oracle import quote
 from flywheel.metrics.stats import Arm, Estimate
 
@@ -130,8 +130,7 @@ def from_stats(experiment: Experiment, rows: Iterable[Sequence[Any]]) -> dict[st
         if m is None:  # a metric removed from the file since
             continue
         units[variation] = n
-        ky = MICROS if m.numerator.property is not None else 1
-        kx = MICROS if m.denominator is not None and m.denominator.property is not None else 1
+        ky, kx = scales(m)
         kind = {"conversion": "proportion", "ratio": "ratio"}.get(m.kind, "mean")
         arms[(variation, metric)] = Arm(n, sy / ky, syy / ky ** 2, kind, sx / kx, sxx / kx ** 2, sxy / (kx * ky),
                                         sp / ky, spp / ky ** 2, spy / ky ** 2)
