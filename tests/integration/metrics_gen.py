@@ -1,6 +1,7 @@
 """Generated multi-device journeys for the metrics tests: anonymous browsing, sign-up mid-stream, logins
-on other devices, journeys crossing midnight, equal timestamps — plus two hand-written persons whose
-numbers are known, and late events sent after everything else."""
+on other devices, journeys crossing midnight, equal timestamps, exposures to two experiments (assigned per
+device, so often anonymous and stitched at sign-up, and a person on two devices may see two variations) —
+plus two hand-written persons whose numbers are known, and late events sent after everything else."""
 
 from __future__ import annotations
 
