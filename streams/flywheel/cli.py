@@ -565,6 +565,106 @@ def experiments_results(
     typer.echo(orjson.dumps(r).decode() if as_json else text(r))
 
 
+users_cli = typer.Typer(help="The UI's users (<data dir>/users.sqlite3, never in ClickHouse): viewer, editor, admin.")
+cli.add_typer(users_cli, name="users")
+
+
+def _users():
+    from flywheel.web.users import Users
+
+    return Users(_settings().data_dir)
+
+
+def _password(stdin: bool) -> str:
+    if stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@users_cli.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="the user's name (letters, digits, . _ @ -)")],
+    role: Annotated[str, typer.Option(help="viewer | editor | admin")] = "viewer",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Add a user of the UI. The first admin is made here; later ones from here or by an admin in the UI."""
+    from flywheel.web.users import UserError
+
+    users = _users()
+    try:
+        user = users.add(name, role, _password(password_stdin))
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        users.close()
+    typer.echo(f"user {user.name} added ({user.role}) in {users.path}")
+
+
+@users_cli.command("list")
+def users_list() -> None:
+    """The UI's users and their roles."""
+    users = _users()
+    try:
+        listed = users.list()
+    finally:
+        users.close()
+    if not listed:
+        typer.echo(f"no users yet in {users.path}: `flywheel users add NAME --role admin` makes the first admin")
+    for u in listed:
+        typer.echo(f"{u.name}\t{u.role}")
+
+
+@users_cli.command("set-role")
+def users_set_role(
+    name: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Argument(help="viewer | editor | admin")],
+) -> None:
+    """Change a user's role (effective at their next request)."""
+    from flywheel.web.users import UserError
+
+    users = _users()
+    try:
+        users.set_role(name, role)
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        users.close()
+    typer.echo(f"user {name} is now {role}")
+
+
+@users_cli.command("set-password")
+def users_set_password(
+    name: Annotated[str, typer.Argument()],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+) -> None:
+    """Set a user's password; their open sessions end."""
+    from flywheel.web.users import UserError
+
+    users = _users()
+    try:
+        users.set_password(name, _password(password_stdin))
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        users.close()
+    typer.echo(f"password of {name} set; their sessions ended")
+
+
+@users_cli.command("remove")
+def users_remove(name: Annotated[str, typer.Argument()]) -> None:
+    """Remove a user; their open sessions end."""
+    from flywheel.web.users import UserError
+
+    users = _users()
+    try:
+        users.remove(name)
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        users.close()
+    typer.echo(f"user {name} removed")
+
+
 @cli.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print /status and readiness as one JSON object")] = False,
