@@ -86,10 +86,6 @@ def with_experiments(base: Path) -> Metrics:
     return parse_metrics(spec, source=f"{base} + bench/experiments.py EXPERIMENTS")
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
-
-
 def run_stage(args) -> dict[str, Any]:
     base = load_metrics(mb.METRICS_ON)
     experiments = with_experiments(mb.METRICS_ON)
@@ -119,7 +115,7 @@ def run_stage(args) -> dict[str, Any]:
                 f"{result['events_per_s']:,} ev/s (load {la[0]}, machine busy {result['machine_busy']:.0%})")
             del stage
             gc.collect()
-    cpu = {m: spread([x["cpu_us_per_event"] for x in runs[m]]) for m in runs}
+    cpu = {m: mb.spread([x["cpu_us_per_event"] for x in runs[m]]) for m in runs}
     return {"events": counts["events"], "exposures": exposures, "persons": args.persons, "runs": runs,
             "cpu_us_per_event": cpu,
             "experiments_cost_us_per_event": round(cpu["experiments"]["median"] - cpu["base"]["median"], 1),
