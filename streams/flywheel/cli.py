@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -569,10 +571,18 @@ users_cli = typer.Typer(help="The UI's users (<data dir>/users.sqlite3, never in
 cli.add_typer(users_cli, name="users")
 
 
-def _users():
-    from flywheel.web.users import Users
+@contextmanager
+def _users() -> Iterator:
+    """The users file, closed after; a refused change exits with its reason."""
+    from flywheel.web.users import UserError, Users
 
-    return Users(_settings().data_dir)
+    users = Users(_settings().data_dir)
+    try:
+        yield users
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        users.close()
 
 
 def _password(stdin: bool) -> str:
@@ -588,26 +598,16 @@ def users_add(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
 ) -> None:
     """Add a user of the UI. The first admin is made here; later ones from here or by an admin in the UI."""
-    from flywheel.web.users import UserError
-
-    users = _users()
-    try:
+    with _users() as users:
         user = users.add(name, role, _password(password_stdin))
-    except UserError as exc:
-        _fail(str(exc))
-    finally:
-        users.close()
     typer.echo(f"user {user.name} added ({user.role}) in {users.path}")
 
 
 @users_cli.command("list")
 def users_list() -> None:
     """The UI's users and their roles."""
-    users = _users()
-    try:
+    with _users() as users:
         listed = users.list()
-    finally:
-        users.close()
     if not listed:
         typer.echo(f"no users yet in {users.path}: `flywheel users add NAME --role admin` makes the first admin")
     for u in listed:
@@ -620,15 +620,8 @@ def users_set_role(
     role: Annotated[str, typer.Argument(help="viewer | editor | admin")],
 ) -> None:
     """Change a user's role (effective at their next request)."""
-    from flywheel.web.users import UserError
-
-    users = _users()
-    try:
+    with _users() as users:
         users.set_role(name, role)
-    except UserError as exc:
-        _fail(str(exc))
-    finally:
-        users.close()
     typer.echo(f"user {name} is now {role}")
 
 
@@ -638,30 +631,16 @@ def users_set_password(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
 ) -> None:
     """Set a user's password; their open sessions end."""
-    from flywheel.web.users import UserError
-
-    users = _users()
-    try:
+    with _users() as users:
         users.set_password(name, _password(password_stdin))
-    except UserError as exc:
-        _fail(str(exc))
-    finally:
-        users.close()
     typer.echo(f"password of {name} set; their sessions ended")
 
 
 @users_cli.command("remove")
 def users_remove(name: Annotated[str, typer.Argument()]) -> None:
     """Remove a user; their open sessions end."""
-    from flywheel.web.users import UserError
-
-    users = _users()
-    try:
+    with _users() as users:
         users.remove(name)
-    except UserError as exc:
-        _fail(str(exc))
-    finally:
-        users.close()
     typer.echo(f"user {name} removed")
 
 

@@ -888,7 +888,8 @@ def test_experiment_statistics_are_stitched_grouped_and_restored_from_the_checkp
                 ("button", "control", "revenue"): (1, 0, 0, 0, 0, 0),
                 ("button", "", ""): (1, 0, 0, 0, 0, 0)}
         assert experiment_cells(kafka) == want
-        assert all(isinstance(r["syy"], str) for r in kafka.cells(TOPICS.experiments))
+        records = kafka.cells(TOPICS.experiments)
+        assert records and all(isinstance(r["syy"], str) for r in records)
         table = Table(kafka)
         restarted = stage(table, kafka, metrics=metrics)
         await repair(restarted)

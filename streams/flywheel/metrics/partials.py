@@ -109,9 +109,11 @@ class Partials:
                 delta[c] -= 1
             for c in after - before:
                 delta[c] += 1
-            if weighted and (old is None or new is None or old.exposures != new.exposures or old.parts != new.parts):
+            if weighted and ((old is not None and old.exposures) or (new is not None and new.exposures)):
                 # only the experiments whose exposure or parts changed: the others' cells are the same
                 which = None if old is None or new is None else changed(self.metrics.experiments, old.track, new.track)
+                if which == []:
+                    continue
                 was = weights(old, self.metrics, which) if old is not None else {}
                 now = weights(new, self.metrics, which) if new is not None else {}
                 if was != now:
