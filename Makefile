@@ -25,6 +25,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-clickhouse-server
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

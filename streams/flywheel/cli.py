@@ -97,6 +97,32 @@ def collector(
 
 
 @cli.command()
+def ui(
+    port: Annotated[int | None, typer.Option(help="listen port; default FLYWHEEL_UI_PORT (8090)")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address; default FLYWHEEL_UI_HOST (127.0.0.1)")] = None,
+) -> None:
+    """Run the web UI on its own: http://HOST:PORT/ui (a worker also serves it on its admin listener,
+    http://127.0.0.1:8089/ui, unless FLYWHEEL_UI=false).
+
+    Pages: overview, funnels, retention, active users, segments, experiments, alerts, data quality, live
+    events — pushed to the browser as they change. It reads the same Kafka (its own consumer of every
+    partition) and ClickHouse (a server directly; embedded ClickHouse through the running worker).
+    Log in as a user made with `flywheel users add NAME --role admin`; keep the address private or behind
+    TLS: it is not meant for the public internet.
+    """
+    from flywheel.metrics.definitions import MetricsError
+    from flywheel.observability import setup_logging
+    from flywheel.web.ui import run_standalone
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        run_standalone(settings, host=host or settings.ui_host, port=port or settings.ui_port)
+    except MetricsError as exc:
+        _fail(str(exc))
+
+
+@cli.command()
 def sql(
     query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM flywheel.events\"")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | tsv | json (one object per row)")] = "table",

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     http_host: str = Field("0.0.0.0", description="address of the public listener")
     admin_port: int = Field(8089, description="admin listener: /health, /metrics, /sql (embedded ClickHouse)")
     admin_host: str = Field("127.0.0.1", description="address of the admin listener; keep it private")
+    ui: bool = Field(True, description="serve the web UI under /ui on a worker's admin listener (its Kafka "
+                     "consumer starts with the first open page)")
+    ui_port: int = Field(8090, description="`flywheel ui`'s port (the UI on its own)")
+    ui_host: str = Field("127.0.0.1", description="`flywheel ui`'s address")
     write_keys: str = Field(DEV_WRITE_KEY, description="comma-separated write keys accepted by the collector")
     metrics: Path = Field(
         default_factory=lambda: paths.schemas_dir() / "metrics.yaml",

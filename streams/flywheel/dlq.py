@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -56,6 +57,12 @@ def select(rows: Callable[[str], list], *, since: datetime | None = None, until:
            reason: str | None = None, source: str | None = None, limit: int | None = None) -> list[Rejected]:
     """The rejected events matching the filters, oldest first; `rows` runs a query (flywheel.query.run's rows).
     Originals only: a replay rejected again is replayed through its original."""
+    return rejected(rows(select_sql(since=since, until=until, reason=reason, source=source, limit=limit)))
+
+
+def select_sql(*, since: datetime | None = None, until: datetime | None = None, reason: str | None = None,
+               source: str | None = None, limit: int | None = None) -> str:
+    """`select`'s query, for a caller that runs it itself (the UI, asynchronously); `rejected` reads its rows."""
     where = ["replay_of = ''", "NOT startsWith(origin, 'sink:')"]
     if since is not None:
         where.append(f"received_at >= fromUnixTimestamp64Milli(toInt64({int(since.timestamp() * 1000)}))")
@@ -65,12 +72,15 @@ def select(rows: Callable[[str], list], *, since: datetime | None = None, until:
         where.append(f"arrayExists(r -> positionCaseInsensitive(r, {quote(reason)}) > 0, reasons)")
     if source:
         where.append(f"source = {quote(source)}")
-    sql = (f"SELECT origin, source, toUnixTimestamp64Milli(received_at), payload, payload_encoding, reasons "
-           f"FROM flywheel.invalid_events FINAL WHERE {' AND '.join(where)} ORDER BY received_at, origin"
-           + (f" LIMIT {int(limit)}" if limit else ""))
+    return (f"SELECT origin, source, toUnixTimestamp64Milli(received_at), payload, payload_encoding, reasons "
+            f"FROM flywheel.invalid_events FINAL WHERE {' AND '.join(where)} ORDER BY received_at, origin"
+            + (f" LIMIT {int(limit)}" if limit else ""))
+
+
+def rejected(rows: Iterable[Sequence[Any]]) -> list[Rejected]:
     return [Rejected(origin, src, int(ms), base64.b64decode(payload) if encoding == "base64" else payload.encode(),
                      list(reasons))
-            for origin, src, ms, payload, encoding, reasons in rows(sql)]
+            for origin, src, ms, payload, encoding, reasons in rows]
 
 
 def replay(settings: Settings, rejected: list[Rejected]) -> int:

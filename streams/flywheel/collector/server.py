@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import secrets
-import signal
 import socket
 from collections.abc import Mapping
 
@@ -32,7 +31,7 @@ from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
 from flywheel.web.admin import admin_app
 from flywheel.web.health import Check, KafkaProbe, add_health
-from flywheel.web.server import Listener
+from flywheel.web.server import Listener, serve
 
 log = logging.getLogger(__name__)
 
@@ -197,23 +196,9 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     # keeps each full collection small.
     gc.freeze()
     kafka = KafkaProbe(settings.kafka_bootstrap)
-    asyncio.run(_serve([
+    asyncio.run(serve([
         Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=host, port=port,
                  name="collector"),
         Listener(admin_app(role="collector", checks=[kafka]), host=settings.admin_host, port=settings.admin_port,
                  name="admin"),
     ]))
-
-
-async def _serve(listeners: list[Listener]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        for listener in listeners:
-            await listener.start()
-        await stop.wait()
-    finally:
-        for listener in reversed(listeners):
-            await listener.stop()

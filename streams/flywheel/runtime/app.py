@@ -53,6 +53,8 @@ from flywheel.stages.sink import Sink, SinkStage
 from flywheel.web.admin import add_experiments, add_sql, add_status, admin_app
 from flywheel.web.health import KafkaProbe
 from flywheel.web.server import Listener
+from flywheel.web.ui import Dashboard, add_ui
+from flywheel.web.users import Users
 from flywheel.web.webhooks import Webhooks
 from flywheel.web.webhooks import problems as webhook_problems
 
@@ -317,12 +319,17 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     add_experiments(admin, metrics=metrics, query=sink.query)
     if sql_token is not None:  # embedded ClickHouse (a server is queried directly by `flywheel sql`)
         add_sql(admin, ch=ch, executor=executor, token=sql_token, port=settings.admin_port)
+    closing = [aggregate.stop, webhooks.close]
+    if settings.ui:
+        users = Users(settings.data_dir)
+        add_ui(admin, Dashboard(settings, metrics, users, sink.query))
+        closing.append(users.close)
     listeners = Listeners([
         Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close)]
+    services = [listeners, output, Progress(app), status, Stopping(*closing)]
     if metrics.alerts:
         services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
     return Pipeline(app, services)

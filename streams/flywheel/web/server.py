@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 
 from aiohttp import web
 
@@ -33,3 +35,18 @@ class Listener:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+async def serve(listeners: list[Listener]) -> None:
+    """Run the listeners until SIGTERM/SIGINT (`flywheel collector`, `flywheel ui`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for listener in listeners:
+            await listener.start()
+        await stop.wait()
+    finally:
+        for listener in reversed(listeners):
+            await listener.stop()

@@ -1,0 +1,200 @@
+"""web/ui.py over HTTP (aiohttp's test server): access, sessions, CSRF, roles, headers, escaping. The pages'
+data and the browser are tested on a real pipeline in tests/integration/test_ui.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from flywheel.config import Settings
+from flywheel.metrics.definitions import parse_metrics
+from flywheel.web.admin import admin_app
+from flywheel.web.ui import CSP, Dashboard, add_ui
+from flywheel.web.users import Users
+
+PASSWORD = "correct horse battery"
+
+
+class Harness:
+    def __init__(self, data_dir: Path):
+        self.loop = asyncio.new_event_loop()
+        self.users = Users(data_dir)
+        for name, role in (("vera", "viewer"), ("ed", "editor"), ("ada", "admin")):
+            self.users.add(name, role, PASSWORD)
+        self.queries: list[str] = []
+
+        async def query(sql: str) -> list:
+            self.queries.append(sql)
+            return []
+
+        self.dashboard = Dashboard(Settings(data_dir=data_dir), parse_metrics({}), self.users, query)
+        app = admin_app(role="test", checks=[])
+        add_ui(app, self.dashboard)
+        async def start() -> TestClient:
+            client = TestClient(TestServer(app))
+            await client.start_server()
+            return client
+
+        self.client = self.run(start())
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def request(self, method: str, path: str, **kwargs) -> tuple[int, dict, str]:
+        async def go():
+            r = await self.client.request(method, path, allow_redirects=False, **kwargs)
+            return r.status, dict(r.headers), await r.text()
+
+        return self.run(go())
+
+    def login(self, name: str, password: str = PASSWORD) -> tuple[int, dict, str]:
+        self.client.session.cookie_jar.clear()
+        _, _, form = self.request("GET", "/ui/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)
+        return self.request("POST", "/ui/login", data={"login_token": token, "name": name, "password": password})
+
+    def csrf(self, path: str = "/ui/overview") -> str:
+        _, _, html = self.request("GET", path)
+        return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+    def close(self):
+        self.run(self.client.close())
+        self.users.close()
+        self.loop.close()
+
+
+@pytest.fixture()
+def ui(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def test_a_logged_out_visitor_sees_nothing_but_the_login_page(ui):
+    for page in ("/ui/overview", "/ui/funnels", "/ui/events", "/ui/users", "/ui"):
+        status, headers, body = ui.request("GET", page)
+        assert status == 303 and headers["Location"] == "/ui/login", page
+        assert headers["Content-Security-Policy"] == CSP
+    status, headers, body = ui.request("GET", "/ui/stream/funnels")
+    assert status == 401 and "data:" not in body
+    assert ui.request("POST", "/ui/quality/replay", data={"hours": "1"})[0] == 401
+    assert ui.dashboard.started is False  # nothing read from Kafka or ClickHouse for a stranger
+    status, headers, body = ui.request("GET", "/ui/login")
+    assert status == 200 and headers["Content-Security-Policy"] == CSP
+    assert "<script" not in body  # the login page runs no script at all
+
+
+def test_every_page_forbids_inline_script_and_framing(ui):
+    ui.login("vera")
+    status, headers, body = ui.request("GET", "/ui/funnels")
+    assert status == 200
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", body, re.S)
+    assert scripts and all('src="/ui/static/' in attrs and not inline.strip() for attrs, inline in scripts)
+    assert not re.search(r"\son[a-z]+=", body)  # no inline event handlers either
+
+
+def test_login_needs_the_form_token_then_sets_a_strict_http_only_cookie(ui):
+    status, _, body = ui.request("POST", "/ui/login", data={"name": "vera", "password": PASSWORD})
+    assert status == 200 and "The form expired" in body  # no pre-session token: a cross-site login attempt
+    status, headers, _ = ui.login("vera")
+    assert status == 303 and headers["Location"] == "/ui/overview"
+    cookie = headers["Set-Cookie"]
+    assert "flywheel_session=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    status, _, body = ui.request("GET", "/ui/overview")
+    assert status == 200 and "vera (viewer)" in body
+
+
+def test_wrong_passwords_are_refused_then_throttled(ui):
+    for _ in range(5):
+        status, _, body = ui.login("vera", "wrong password!")
+        assert status == 401 and "Wrong name or password" in body
+    status, _, body = ui.login("vera")  # even the right password waits now
+    assert status == 429 and "try again in" in body
+
+
+def test_a_viewer_cannot_reach_editor_or_admin_actions(ui):
+    ui.login("vera")
+    _, _, quality = ui.request("GET", "/ui/quality")
+    assert 'action="/ui/quality/replay"' not in quality
+    assert 'href="/ui/users"' not in quality
+    csrf = ui.csrf()
+    status, _, body = ui.request("POST", "/ui/quality/replay", data={"csrf": csrf, "hours": "1"})
+    assert status == 403 and "needs the editor role" in body
+    assert ui.request("GET", "/ui/users")[0] == 403
+    status, _, _ = ui.request("POST", "/ui/users", data={"csrf": csrf, "action": "add", "name": "mallory",
+                                                        "role": "admin", "password": "x" * 12})
+    assert status == 403
+    assert [u.name for u in ui.users.list()] == ["ada", "ed", "vera"]
+    assert not any("invalid_events" in q for q in ui.queries)  # the replay never ran
+
+
+def test_an_editor_sees_the_replay_form_and_it_needs_the_csrf_token(ui):
+    ui.login("ed")
+    _, _, quality = ui.request("GET", "/ui/quality")
+    assert 'action="/ui/quality/replay"' in quality
+    status, _, body = ui.request("POST", "/ui/quality/replay", data={"hours": "1"})
+    assert status == 403 and "CSRF" in body
+    assert ui.request("GET", "/ui/users")[0] == 403
+
+
+def test_an_admin_manages_users_with_the_csrf_token(ui):
+    ui.login("ada")
+    assert ui.request("POST", "/ui/users", data={"action": "add", "name": "bob", "role": "viewer",
+                                                  "password": "y" * 12})[0] == 403
+    csrf = ui.csrf("/ui/users")
+    status, headers, _ = ui.request("POST", "/ui/users", data={"csrf": csrf, "action": "add", "name": "bob",
+                                                                "role": "viewer", "password": "y" * 12})
+    assert status == 303
+    status, _, body = ui.request("POST", "/ui/users", data={"csrf": csrf, "action": "add", "name": "b<o>b",
+                                                             "role": "viewer", "password": "y" * 12})
+    assert status == 400 and "b&lt;o&gt;b" in body and "b<o>b" not in body
+    ui.request("POST", "/ui/users", data={"csrf": csrf, "action": "set-role", "name": "bob", "role": "editor"})
+    assert {u.name: u.role for u in ui.users.list()}["bob"] == "editor"
+    status, _, body = ui.request("POST", "/ui/users", data={"csrf": csrf, "action": "remove", "name": "ada"})
+    assert status == 400 and "cannot remove yourself" in body
+
+
+def test_logout_needs_the_csrf_token_and_ends_the_session(ui):
+    ui.login("vera")
+    assert ui.request("POST", "/ui/logout", data={})[0] == 403
+    csrf = ui.csrf()
+    assert ui.request("POST", "/ui/logout", data={"csrf": csrf})[0] == 303
+    assert ui.request("GET", "/ui/overview")[0] == 303  # back to the login page
+
+
+def test_what_a_page_echoes_is_escaped(ui):
+    ui.login("vera")
+    status, _, body = ui.request("GET", '/ui/events', params={"name": '"><script>alert(1)</script>'})
+    assert status == 200
+    assert "<script>alert(1)" not in body and "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in body
+
+
+def test_a_write_key_opens_nothing(ui):
+    import base64
+
+    from flywheel.config import DEV_WRITE_KEY
+
+    for auth in (f"Bearer {DEV_WRITE_KEY}", "Basic " + base64.b64encode(f"{DEV_WRITE_KEY}:".encode()).decode()):
+        status, headers, _ = ui.request("GET", "/ui/overview", headers={"Authorization": auth})
+        assert status == 303 and headers["Location"] == "/ui/login"
+    assert ui.request("GET", "/ui/stream/events", headers={"Authorization": f"Bearer {DEV_WRITE_KEY}"})[0] == 401
+
+
+def test_echarts_is_served_from_the_package_with_its_licence(ui):
+    status, headers, body = ui.request("GET", "/ui/static/echarts/echarts.min.js")
+    assert status == 200 and "javascript" in headers["Content-Type"]
+    assert "Licensed to the Apache Software Foundation" in body[:400]
+    assert '.version="6.1.0"' in body  # the pinned release (static/echarts/README)
+    for name in ("LICENSE", "NOTICE", "README"):
+        assert ui.request("GET", f"/ui/static/echarts/{name}")[0] == 200
+    from yarl import URL
+
+    status, _, body = ui.request("GET", URL("/ui/static/%2E%2E/users.py", encoded=True))
+    assert status in (403, 404) and "argon2" not in body  # nothing outside static/
