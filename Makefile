@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-shutdown bench-soak sample stop lint clean
+.PHONY: run test bench bench-ui bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-shutdown bench-soak sample stop lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-segments: $(STAMP)
 	$(BIN)/python bench/segments.py $(BENCH_ARGS)
 
 # Options: make bench-experiments BENCH_ARGS="--persons 20000 --repeats 5"
+# The UI: event → chart delay (SSE on the worker and on `flywheel ui`, vs SQL), 1,000 open pages' cost.
+# Options: make bench-ui BENCH_ARGS="--reps 20 --clients 1000"
+bench-ui: $(STAMP)
+	$(BIN)/python bench/ui.py $(BENCH_ARGS)
+
 bench-experiments: $(STAMP)
 	$(BIN)/python bench/experiments.py $(BENCH_ARGS)
 

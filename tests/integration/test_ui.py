@@ -242,6 +242,9 @@ def test_the_numbers_on_screen_equal_the_clickhouse_views(site):
     reasons = site.table("#rows tr")
     assert any("price" in r[1] for r in reasons), reasons
 
+    site.open("overview")  # the workers' lag by topic, read from their consumer group
+    lag = wait_until(lambda: {r[0]: number(r[1]) for r in site.table("#rows tr")}, timeout=60, what="the lag table")
+    assert site.settings.topics.raw in lag and site.driver.find_element("id", "kafka").text == "ok"
     for page in ("overview", "segments", "alerts"):  # they render, with their "as of" time
         site.open(page)
         assert site.driver.find_element("id", "as-of").text.endswith("UTC")

@@ -228,36 +228,43 @@ class Feed:
 
     async def _consume(self) -> None:
         consumer = self._consumer
-        names = self.settings.topics
         while True:
             batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            touched: set[str] = set()
-            for tp, records in batches.items():
-                kind = self.kind_of_topic.get(tp.topic)
-                if kind is not None:
-                    for r in records:
-                        if self.partials.put_record(kind, orjson.loads(r.value)):
-                            touched.add(METRIC_PAGES[kind])
-                    continue
-                # events: only the newest are decoded (the page shows RECENT of them); the rest are counted.
-                # An event on events.identified carries "personId"; its merge and progress markers never do.
-                live_from = self._live_from.get((tp.topic, tp.partition), 0)
-                fresh = [r for r in records if r.offset >= live_from]  # not the read-back at start
-                if tp.topic == names.identified:
-                    self.valid_rate.add(sum(1 for r in fresh if b'"personId":' in r.value))
-                    for r in records[-self.recent.size:]:
-                        if b'"personId":' in r.value:
-                            self.recent.add_valid(orjson.loads(r.value))
-                else:
-                    self.invalid_rate.add(len(fresh))
-                    for r in records[-self.recent.size:]:
-                        self.recent.add_invalid(orjson.loads(r.value))
-                touched.add("events")
             now = time.time()
-            for page in touched:
+            for page in self.apply(batches):
                 self.hub.changed(page, as_of=now)
             if batches:
                 self.hub.changed("overview", as_of=now)
+
+    def apply(self, batches: dict[Any, list]) -> set[str]:
+        """Fetched records (per topic partition) into the model; the pages they changed."""
+        names = self.settings.topics
+        touched: set[str] = set()
+        # the page keeps the newest `recent.size` events: at most that many are decoded per fetch
+        event_partitions = sum(1 for tp in batches if tp.topic not in self.kind_of_topic)
+        newest = max(1, self.recent.size // max(1, event_partitions))
+        for tp, records in batches.items():
+            kind = self.kind_of_topic.get(tp.topic)
+            if kind is not None:
+                for r in records:
+                    if self.partials.put_record(kind, orjson.loads(r.value)):
+                        touched.add(METRIC_PAGES[kind])
+                continue
+            # events: only the newest are decoded; the rest are counted. An event on events.identified
+            # carries "personId"; its merge and progress markers never do.
+            live_from = self._live_from.get((tp.topic, tp.partition), 0)
+            fresh = [r for r in records if r.offset >= live_from]  # not the read-back at start
+            if tp.topic == names.identified:
+                self.valid_rate.add(sum(1 for r in fresh if b'"personId":' in r.value))
+                for r in records[-newest:]:
+                    if b'"personId":' in r.value:
+                        self.recent.add_valid(orjson.loads(r.value))
+            else:
+                self.invalid_rate.add(len(fresh))
+                for r in records[-newest:]:
+                    self.recent.add_invalid(orjson.loads(r.value))
+            touched.add("events")
+        return touched
 
     async def _watch(self) -> None:
         """The workers' group lag, and ClickHouse pages re-rendered when the sink moves on their topics."""
