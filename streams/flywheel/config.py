@@ -66,6 +66,8 @@ class Settings(BaseSettings):
                      "consumer starts with the first open page)")
     ui_port: int = Field(8090, description="`flywheel ui`'s port (the UI on its own)")
     ui_host: str = Field("127.0.0.1", description="`flywheel ui`'s address")
+    ui_secure_cookies: bool = Field(False, description="mark the UI's cookies Secure (HTTPS only) even when the "
+                                    "request arrived over HTTP: set it behind a TLS-terminating proxy")
     write_keys: str = Field(DEV_WRITE_KEY, description="comma-separated write keys accepted by the collector")
     metrics: Path = Field(
         default_factory=lambda: paths.schemas_dir() / "metrics.yaml",

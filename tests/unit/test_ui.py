@@ -197,4 +197,75 @@ def test_echarts_is_served_from_the_package_with_its_licence(ui):
     from yarl import URL
 
     status, _, body = ui.request("GET", URL("/ui/static/%2E%2E/users.py", encoded=True))
-    assert status in (403, 404) and "argon2" not in body  # nothing outside static/
+    assert status in (303, 403, 404) and "argon2" not in body  # nothing outside static/
+
+
+def test_logins_in_flight_count_against_the_throttle(ui):
+    """Attempts sent at once must not all pass the check before any failure is counted."""
+    _, _, form = ui.request("GET", "/ui/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)
+
+    async def burst():
+        async def one():
+            r = await ui.client.post("/ui/login", data={"login_token": token, "name": "vera",
+                                                         "password": "wrong password!"}, allow_redirects=False)
+            return r.status
+
+        return await asyncio.gather(*(one() for _ in range(12)))
+
+    statuses = ui.run(burst())
+    assert statuses.count(401) <= 5 and statuses.count(429) >= 7, statuses
+
+
+def test_a_post_from_another_origin_is_refused(ui):
+    ui.login("ada")
+    csrf = ui.csrf()
+    status, _, body = ui.request("POST", "/ui/logout", data={"csrf": csrf},
+                                 headers={"Origin": "https://evil.example"})
+    assert status == 403 and "cross-site" in body
+    assert ui.request("GET", "/ui/overview")[0] == 200  # still logged in
+
+
+def test_a_page_shares_its_rendering_only_by_the_parameters_it_reads(ui):
+    d = ui.dashboard
+    assert d.params("quality", {"name": "x" * 5000, "days": "3"}) == ()
+    assert d.params("funnels", {"days": "30", "name": "x"}) == (30,)
+    assert d.params("funnels", {"days": "100000"}) == (92,)
+    assert d.params("events", {"name": "n" * 500, "person": "p"}) == ("n" * 200, "p", "")
+    assert ui.request("HEAD", "/ui/stream/overview")[0] in (401, 405)
+
+
+def test_an_open_stream_ends_when_its_user_is_removed(ui, monkeypatch):
+    from flywheel.web import ui as ui_module
+
+    monkeypatch.setattr(ui_module, "HEARTBEAT_SECONDS", 0.2)
+    ui.login("vera")
+
+    async def watch():
+        async with ui.client.get("/ui/stream/overview") as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+            first = await r.content.readline()
+            assert first.startswith(b"data: ")
+            ui.users.remove("vera")
+            return await asyncio.wait_for(r.read(), 30)  # the server ends the stream
+
+    ui.run(watch())  # returns only because the server ended the stream
+    assert ui.dashboard.hub.subscribers() == 0
+    ui.run(ui.dashboard.feed.stop())
+
+
+def test_clickhouse_pages_query_only_while_open_and_when_the_sink_moved(ui):
+    d = ui.dashboard
+    invalid = d.settings.topics.invalid
+    moved = d.feed.on_sink_moved
+    ui.queries.clear()
+    ui.run(moved({invalid}))
+    assert ui.queries == [] and "quality" in d.sql_dirty  # nobody looks: nothing runs, the page is stale
+    wake = d.hub.subscribe("quality")
+    ui.run(moved(set()))  # the next watch: the open page's queries run (they read invalid_events)
+    assert ui.queries and all("invalid_events" in q for q in ui.queries)
+    assert "quality" not in d.sql_dirty and d.sql_results["quality"]["error"] is None
+    ui.queries.clear()
+    ui.run(moved({invalid}))  # moved again within SQL_PAGE_MIN_SECONDS: held back, still marked stale
+    assert ui.queries == [] and "quality" in d.sql_dirty
+    d.hub.unsubscribe("quality", wake)

@@ -126,3 +126,19 @@ def test_the_first_admin_comes_from_the_command_line(tmp_path, monkeypatch):
     users = Users(tmp_path)
     assert users.check("ana", PASSWORD) == u.User("ana", "admin") and [x.name for x in users.list()] == ["ana"]
     users.close()
+
+
+def test_forgiving_takes_back_one_counted_attempt():
+    throttle = Throttle(clock=lambda: 100.0)
+    for _ in range(5):
+        throttle.failed("addr:1.2.3.4")
+    assert throttle.wait("addr:1.2.3.4") == 1.0
+    throttle.forgive("addr:1.2.3.4")  # the fifth was a login that succeeded
+    assert throttle.wait("addr:1.2.3.4") == 0
+    for _ in range(9):
+        throttle.forgive("addr:1.2.3.4")
+    for _ in range(4):
+        throttle.failed("addr:1.2.3.4")
+    assert throttle.wait("addr:1.2.3.4") == 0  # nothing went below zero: four failures are four
+    throttle.failed("addr:1.2.3.4")
+    assert throttle.wait("addr:1.2.3.4") == 1.0

@@ -319,17 +319,14 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     add_experiments(admin, metrics=metrics, query=sink.query)
     if sql_token is not None:  # embedded ClickHouse (a server is queried directly by `flywheel sql`)
         add_sql(admin, ch=ch, executor=executor, token=sql_token, port=settings.admin_port)
-    closing = [aggregate.stop, webhooks.close]
-    if settings.ui:
-        users = Users(settings.data_dir)
-        add_ui(admin, Dashboard(settings, metrics, users, sink.query))
-        closing.append(users.close)
+    if settings.ui:  # the users file closes with the admin listener
+        add_ui(admin, Dashboard(settings, metrics, Users(settings.data_dir), sink.query))
     listeners = Listeners([
         Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    services = [listeners, output, Progress(app), status, Stopping(*closing)]
+    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close)]
     if metrics.alerts:
         services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
     return Pipeline(app, services)

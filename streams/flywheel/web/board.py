@@ -180,7 +180,7 @@ class Recent:
     def add_invalid(self, rec: Mapping[str, Any]) -> None:
         self.events.appendleft({
             "at": rec.get("receivedAt"), "type": "", "event": "", "person": "", "source": rec.get("source") or "",
-            "properties": {}, "payload": str(rec.get("payload", ""))[:2000], "valid": False,
+            "properties": {}, "valid": False,
             "reasons": list(rec.get("reasons") or [])})
 
     def select(self, *, name: str = "", person: str = "", source: str = "", limit: int = 100) -> list[dict]:

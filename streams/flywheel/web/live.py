@@ -3,10 +3,11 @@
 `Feed` reads, with one consumer of its own (no consumer group, nothing committed), every partition of:
 - metrics.funnels / retention / active_users / experiments, from the offsets the workers' sink has
   committed: everything before them is in ClickHouse, which gives the snapshot (`board.snapshot_sql`)
-  taken after those offsets were read, so no record falls between the two; overlaps count once (versions);
+  taken after those offsets were read, so no record falls between the two; overlaps count once (versions).
+  After a reconnect, from where the model stopped;
 - events.identified and events.invalid, from a little before their end: the live-events page, and the rates.
-Every `WATCH_SECONDS` it also reads the workers' group offsets: lag for the overview, and — when the sink
-has moved on a topic whose page is a ClickHouse query (data quality, segments, alerts) — a new query.
+Every `WATCH_SECONDS` it also reads the workers' group offsets: lag for the overview, and which topics the
+sink has stored more of (the pages that are ClickHouse queries — data quality, segments, alerts — re-run).
 
 `Hub` holds the open pages: each update marks a page changed; each open page's stream wakes, takes the
 page's data (computed once per change and shared by every page open with the same parameters) and sends
@@ -51,6 +52,13 @@ class Hub:
     def __init__(self, names: list[str], *, clock: Callable[[], float] = time.time):
         self.pages = {name: Page() for name in names}
         self.clock = clock
+        self.closed = False  # the server stops: every open stream ends
+
+    def close(self) -> None:
+        self.closed = True
+        for page in self.pages.values():
+            for wake in page.waiters:
+                wake.set()
 
     def changed(self, name: str, *, as_of: float | None = None) -> None:
         page = self.pages[name]
@@ -103,42 +111,54 @@ class Feed:
         self.lag: dict[str, int] = {}  # topic → the workers' group's lag on it (end − committed)
         self.clickhouse_error: str | None = None
         self.kafka_error: str | None = None
+        self.polled_at: float | None = None  # the last fetch from Kafka that succeeded (epoch s)
+        self.watched_at: float | None = None  # the last read of the workers' offsets that succeeded
         self.committed: dict[tuple[str, int], int] = {}
+        # called every watch with the topics the sink stored more of since the last (often none)
+        self.on_sink_moved: Callable[[set[str]], Awaitable[None]] | None = None
         self._consumer = None
         self._admin = None
         self._live_from: dict[tuple[str, int], int] = {}
+        self._positions: dict[tuple[str, int], int] = {}  # metric partitions: the next offset to apply
+        self._opened = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.sql_pages: dict[str, tuple[str, ...]] = {}  # page → the topics whose sink progress re-renders it
-        self.on_sql_page: Callable[[str], Awaitable[None]] | None = None  # re-runs a ClickHouse page's queries
 
     # ---- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
     async def start(self) -> None:
         """Start reading (once; later calls do nothing)."""
         if self._tasks:
             return
         self._tasks = [asyncio.create_task(self._run(), name="ui-feed"),
+                       asyncio.create_task(self._snapshot(), name="ui-snapshot"),
                        asyncio.create_task(self._watch(), name="ui-watch")]
+        for task in self._tasks:
+            task.add_done_callback(_log_death)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for client in (self._consumer, self._admin):
-            if client is not None:
-                try:
-                    await client.close()
-                except Exception:  # closing a broken client: nothing left to do
-                    pass
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_consumer()
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            try:
+                await admin.close()
+            except Exception:  # closing a broken client: nothing left to do
+                pass
 
     async def _run(self) -> None:
         while True:
             try:
                 await self._open()
-                await self._snapshot()
                 await self._consume()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Kafka down or a rebalance of topics: start over (the model is idempotent)
+            except Exception as exc:  # Kafka down, a topic missing: start over where the model stopped
                 if self.kafka_error is None:
                     log.warning("ui feed: %s; retrying", exc)
                 self.kafka_error = str(exc) or type(exc).__name__
@@ -159,7 +179,11 @@ class Feed:
 
         if self._admin is None:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap, request_timeout_ms=10000)
-            await admin.start()
+            try:
+                await admin.start()
+            except BaseException:
+                await admin.close()
+                raise
             self._admin = admin
         return self._admin
 
@@ -168,9 +192,10 @@ class Feed:
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
                                     enable_auto_commit=False, isolation_level="read_committed",
-                                    client_id=f"{self.settings.app_id}-ui", max_partition_fetch_bytes=4 << 20)
+                                    auto_offset_reset="earliest", client_id=f"{self.settings.app_id}-ui",
+                                    max_partition_fetch_bytes=4 << 20)
+        self._consumer = consumer  # stopped by _close_consumer, also when start fails
         await consumer.start()
-        self._consumer = consumer
         names = self.settings.topics
         metric_topics = list(self.kind_of_topic)
         event_topics = [names.identified, names.invalid]
@@ -187,14 +212,19 @@ class Feed:
         committed = await self._group_offsets()
         ends = await consumer.end_offsets(tps)
         begins = await consumer.beginning_offsets(tps)
+        self.recent = Recent()  # read back again below: no event shown twice after a reconnect
         for tp in tps:
+            at = (tp.topic, tp.partition)
             if tp.topic in self.kind_of_topic:
-                consumer.seek(tp, committed.get((tp.topic, tp.partition), begins[tp]))
+                # where this model stopped (a reconnect), else where the sink stopped: the snapshot, taken
+                # after this, holds everything before it
+                consumer.seek(tp, self._positions.get(at, committed.get(at, begins[tp])))
             else:
                 consumer.seek(tp, max(begins[tp], ends[tp] - RECENT_PER_PARTITION))
-                self._live_from[(tp.topic, tp.partition)] = ends[tp]  # the rates count from here
+                self._live_from[at] = max(self._live_from.get(at, 0), ends[tp])  # the rates count from here
         log.info("ui feed reading %d partitions of %s", len(tps), ", ".join(metric_topics + event_topics))
         self.kafka_error = None
+        self._opened.set()
 
     async def _group_offsets(self) -> dict[tuple[str, int], int]:
         admin = await self._admin_client()
@@ -202,9 +232,9 @@ class Feed:
         return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
     async def _snapshot(self) -> None:
-        """ClickHouse's values of the metric cells; retried until ClickHouse answers."""
-        if self.snapshot_at is not None:
-            return  # kept across a reconnect: records only ever replace older versions
+        """ClickHouse's values of the metric cells, once the consumer is positioned (then records and
+        snapshot merge by version, in whichever order they come); retried until ClickHouse answers."""
+        await self._opened.wait()
         while True:
             try:
                 for kind in BOARD_KINDS:
@@ -230,44 +260,50 @@ class Feed:
         consumer = self._consumer
         while True:
             batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            now = time.time()
+            now = self.polled_at = time.time()
             for page in self.apply(batches):
                 self.hub.changed(page, as_of=now)
             if batches:
                 self.hub.changed("overview", as_of=now)
 
     def apply(self, batches: dict[Any, list]) -> set[str]:
-        """Fetched records (per topic partition) into the model; the pages they changed."""
+        """Fetched records (per topic partition) into the model; the pages they changed. A record that is
+        not JSON (none should be) is skipped and logged."""
         names = self.settings.topics
         touched: set[str] = set()
         # the page keeps the newest `recent.size` events: at most that many are decoded per fetch
         event_partitions = sum(1 for tp in batches if tp.topic not in self.kind_of_topic)
         newest = max(1, self.recent.size // max(1, event_partitions))
         for tp, records in batches.items():
+            if not records:
+                continue
             kind = self.kind_of_topic.get(tp.topic)
             if kind is not None:
                 for r in records:
-                    if self.partials.put_record(kind, orjson.loads(r.value)):
+                    value = _json(tp, r)
+                    if value is not None and self.partials.put_record(kind, value):
                         touched.add(METRIC_PAGES[kind])
+                self._positions[(tp.topic, tp.partition)] = records[-1].offset + 1
                 continue
             # events: only the newest are decoded; the rest are counted. An event on events.identified
             # carries "personId"; its merge and progress markers never do.
             live_from = self._live_from.get((tp.topic, tp.partition), 0)
             fresh = [r for r in records if r.offset >= live_from]  # not the read-back at start
             if tp.topic == names.identified:
-                self.valid_rate.add(sum(1 for r in fresh if b'"personId":' in r.value))
+                self.valid_rate.add(sum(1 for r in fresh if r.value and b'"personId":' in r.value))
                 for r in records[-newest:]:
-                    if b'"personId":' in r.value:
-                        self.recent.add_valid(orjson.loads(r.value))
+                    if r.value and b'"personId":' in r.value and (value := _json(tp, r)) is not None:
+                        self.recent.add_valid(value)
             else:
                 self.invalid_rate.add(len(fresh))
                 for r in records[-newest:]:
-                    self.recent.add_invalid(orjson.loads(r.value))
+                    if (value := _json(tp, r)) is not None:
+                        self.recent.add_invalid(value)
             touched.add("events")
         return touched
 
     async def _watch(self) -> None:
-        """The workers' group lag, and ClickHouse pages re-rendered when the sink moves on their topics."""
+        """The workers' group lag, and which topics their sink has stored more of (`on_sink_moved`)."""
         from aiokafka import TopicPartition
 
         while True:
@@ -288,13 +324,10 @@ class Feed:
             for tp, end in ends.items():
                 lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - committed[(tp.topic, tp.partition)])
             moved = {t for (t, p), o in committed.items() if self.committed.get((t, p)) != o}
-            self.committed, self.lag = committed, lag
-            now = time.time()
-            for page, topics in self.sql_pages.items():
-                if moved.intersection(topics) and self.on_sql_page is not None:
-                    await self.on_sql_page(page)
-                    self.hub.changed(page, as_of=now)
-            self.hub.changed("overview", as_of=now)
+            self.committed, self.lag, self.watched_at = committed, lag, time.time()
+            if self.on_sink_moved is not None:  # every tick: a page held back by its rate limit runs later
+                await self.on_sink_moved(moved)
+            self.hub.changed("overview", as_of=time.time())
 
     def overview(self) -> dict[str, Any]:
         names = self.settings.topics
@@ -307,3 +340,16 @@ class Feed:
             "clickhouse": self.clickhouse_error or "ok", "kafka": self.kafka_error or "ok",
             "snapshot": self.snapshot_at is not None,
         }
+
+
+def _json(tp, record) -> Any:
+    try:
+        return orjson.loads(record.value)
+    except (orjson.JSONDecodeError, TypeError):
+        log.warning("ui feed: %s[%d]@%d is not JSON: skipped", tp.topic, tp.partition, record.offset)
+        return None
+
+
+def _log_death(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("ui: %s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())

@@ -20,7 +20,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import orjson
 from aiohttp import web
 
 from flywheel.config import Settings
@@ -35,7 +36,7 @@ from flywheel.metrics.definitions import Metrics
 from flywheel.metrics.results import from_stats
 from flywheel.web import board
 from flywheel.web.live import Feed, Hub
-from flywheel.web.users import ROLES, Session, Throttle, UserError, Users, allows, check_csrf
+from flywheel.web.users import NAME, ROLES, Session, Throttle, UserError, Users, allows, check_csrf
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,19 @@ SESSION_COOKIE = "flywheel_session"
 LOGIN_COOKIE = "flywheel_login"  # the login form's pre-session CSRF token (double submit)
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+# same-origin: the browser names this origin on its own POSTs (no-referrer would make it "null"), and tells
+# nothing to other sites
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
            "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 MIN_PUSH_SECONDS = 0.25  # an open page gets at most 4 updates a second: bursts coalesce
-HEARTBEAT_SECONDS = 5.0  # an idle stream says it is alive (and the page's "as of" moves on)
+HEARTBEAT_SECONDS = 5.0  # an idle stream says it is alive, with how current its page is; its session is checked
 MAX_DAYS = 92
+MAX_STREAMS = 5000  # open pages per UI process (each is a connection); more are refused with 503
+IDLE_STOP_SECONDS = 300.0  # the consumer stops this long after the last page closed
+SQL_PAGE_MIN_SECONDS = 5.0  # a ClickHouse page's queries run at most this often (the sink's inserts come first)
+MAX_PASSWORD = 1024  # longer is refused before argon2 sees it
+VERIFYING = 4  # password checks at once (argon2id takes 64 MiB each); more wait their turn … or get 429
+REPLAY_LIMIT = 100_000  # rejected events per replay from the UI (the command line has no limit)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,8 @@ ORDER BY decided_at DESC LIMIT 500"""
 
 
 class Dashboard:
-    """The UI's state: users, the login throttle, the feed and the hub. `query` runs SQL on ClickHouse."""
+    """The UI's state: users (closed with the app), the login throttle, the feed and the hub. `query` runs SQL
+    on ClickHouse."""
 
     def __init__(self, settings: Settings, metrics: Metrics, users: Users, query: Callable[[str], Awaitable[list]],
                  *, today: Callable[[], datetime] = lambda: datetime.now(UTC), executor: Executor | None = None):
@@ -99,34 +109,92 @@ class Dashboard:
         self.today = today
         self.executor = executor
         self.throttle = Throttle()
+        self.verifying = asyncio.Semaphore(VERIFYING)
         self.hub = Hub([p.name for p in PAGES])
-        self.feed = Feed(settings, metrics, self.hub, query)
-        names = settings.topics
-        self.feed.sql_pages = {page: tuple(getattr(names, t) for t in topics) for page, topics in SQL_PAGES.items()}
-        self.feed.on_sql_page = self.refresh_sql_page
+        self.feed = self._new_feed()
         self.sql_results: dict[str, dict[str, Any]] = {}
-        self.started = False
+        self.sql_dirty: set[str] = set(SQL_PAGES)  # pages whose data ClickHouse has newer than shown
+        self.sql_run_at: dict[str, float] = {}
+        self._sql_lock = asyncio.Lock()
         self._starting = asyncio.Lock()
+        self._replaying = asyncio.Lock()
+        self._idle_since: float | None = None
+        self._idle_task: asyncio.Task | None = None
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
 
+    def _new_feed(self) -> Feed:
+        feed = Feed(self.settings, self.metrics, self.hub, self.query)
+        names = self.settings.topics
+        watched = {getattr(names, t): page for page, topics in SQL_PAGES.items() for t in topics}
+
+        async def moved(topics: set[str]) -> None:
+            self.sql_dirty |= {watched[t] for t in topics if t in watched}
+            await self.refresh_sql_pages()
+
+        feed.on_sink_moved = moved
+        return feed
+
+    @property
+    def started(self) -> bool:
+        return self.feed.running
+
     async def start(self) -> None:
-        """The feed and the ClickHouse pages, with the first open page: a UI nobody watches costs nothing."""
+        """The feed, with the first open page: a UI nobody watches reads nothing (and stops reading
+        IDLE_STOP_SECONDS after the last page closed)."""
         async with self._starting:
-            if self.started:
-                return
-            self.started = True
-            await self.feed.start()
-            for name in SQL_PAGES:
-                await self.refresh_sql_page(name)
-                self.hub.changed(name)
+            if not self.feed.running:
+                await self.feed.start()
+            if self._idle_task is None:
+                self._idle_task = asyncio.create_task(self._stop_when_idle(), name="ui-idle")
+
+    async def _stop_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_STOP_SECONDS / 10)
+            if self.hub.subscribers():
+                self._idle_since = None
+                continue
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since >= IDLE_STOP_SECONDS:
+                async with self._starting:
+                    if not self.hub.subscribers() and self.feed.running:
+                        log.info("ui: no page open for %.0f s: the feed stops until the next", IDLE_STOP_SECONDS)
+                        await self.feed.stop()
+                        self.feed = self._new_feed()
+                        self.sql_dirty = set(SQL_PAGES)
+                self._idle_since = None
+
+    async def close(self) -> None:
+        """The app stops: open streams end, the feed stops, the users file closes."""
+        self.hub.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            await asyncio.gather(self._idle_task, return_exceptions=True)
+        await self.feed.stop()
+        self.users.close()
 
     async def _users(self, fn, *args):
-        """Users is synchronous SQLite (and argon2's deliberate cost): off the event loop."""
+        """Users is synchronous SQLite: off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ---- ClickHouse pages ------------------------------------------------------------------------------
-    async def refresh_sql_page(self, page: str) -> None:
+    async def refresh_sql_pages(self, *, force: str | None = None) -> None:
+        """Re-run the queries of the ClickHouse pages that are open and have newer data (`force`: that page
+        now, whether open or not), each at most every SQL_PAGE_MIN_SECONDS — they share ClickHouse with the
+        sink (in a worker, its very thread)."""
+        async with self._sql_lock:
+            now = time.monotonic()
+            for page in sorted(self.sql_dirty):
+                due = now - self.sql_run_at.get(page, -1e9) >= SQL_PAGE_MIN_SECONDS
+                if page == force or (due and self.hub.pages[page].waiters):
+                    self.sql_dirty.discard(page)
+                    self.sql_run_at[page] = now
+                    await self._run_sql_page(page)
+                    self.hub.changed(page)
+
+    async def _run_sql_page(self, page: str) -> None:
         try:
             if page == "quality":
                 data = {"hours": await self.query(QUALITY_SQL), "reasons": await self.query(REASONS_SQL)}
@@ -136,26 +204,34 @@ class Dashboard:
             else:
                 data = {"events": await self.query(ALERTS_SQL)}
             self.sql_results[page] = {**data, "error": None}
-            self.feed.clickhouse_error = None
-        except Exception as exc:  # ClickHouse down: the page says so and keeps its last numbers
-            self.feed._clickhouse_failed(exc)
+        except Exception as exc:  # ClickHouse down: the page says so, keeps its last numbers, tries again
+            self.sql_dirty.add(page)
             self.sql_results[page] = {**self.sql_results.get(page, {}), "error": f"ClickHouse: {exc}"}
 
     # ---- page data -------------------------------------------------------------------------------------
-    def render(self, page: str, params: dict[str, str]) -> dict[str, Any]:
+    def params(self, page: str, query: Mapping[str, str]) -> tuple:
+        """The parameters a page's data depends on, normalized: the key its rendering is shared under."""
+        if page == "funnels":
+            return (days_param(query),)
+        if page == "events":
+            return tuple(query.get(k, "")[:200] for k in ("name", "person", "source"))
+        return ()
+
+    def render(self, page: str, params: tuple) -> dict[str, Any]:
         feed = self.feed
         if page == "overview":
             return feed.overview()
         if page == "events":
-            return {"events": feed.recent.select(name=params.get("name", ""), person=params.get("person", ""),
-                                                 source=params.get("source", ""))}
+            name, person, source = params
+            return {"events": feed.recent.select(name=name, person=person, source=source),
+                    "error": feed.kafka_error and f"Kafka: {feed.kafka_error}"}
         if page in SQL_PAGES:
             return self.sql_results.get(page, {"error": "waiting for ClickHouse"})
         if feed.snapshot_at is None:
             return {"error": feed.clickhouse_error and f"waiting for ClickHouse: {feed.clickhouse_error}"
-                    or "loading"}
+                    or feed.kafka_error and f"waiting for Kafka: {feed.kafka_error}" or "loading"}
         if page == "funnels":
-            first, last = board.day_range(days_param(params), today=self.today().date())
+            first, last = board.day_range(params[0], today=self.today().date())
             return {"from": first, "to": last, "funnels": board.funnels(self.metrics, feed.partials, first, last)}
         if page == "retention":
             return {"retention": board.retention(self.metrics, feed.partials)}
@@ -166,8 +242,18 @@ class Dashboard:
                                     for e in self.metrics.experiments]}
         raise KeyError(page)
 
+    def alive(self, page: str) -> dict[str, Any]:
+        """A heartbeat's news: up to when the page's data is current, and what is wrong if anything."""
+        feed = self.feed
+        if page in SQL_PAGES:  # current up to the last look at the sink's offsets, unless newer data waits
+            current = None if page in self.sql_dirty else feed.watched_at
+        else:
+            current = feed.polled_at
+        return {"asOf": current if not feed.kafka_error else None,
+                "error": feed.kafka_error and f"Kafka: {feed.kafka_error}"}
 
-def days_param(params: dict[str, str]) -> int:
+
+def days_param(params: Mapping[str, str]) -> int:
     try:
         return max(1, min(MAX_DAYS, int(params.get("days", "7"))))
     except ValueError:
@@ -185,31 +271,49 @@ def _session_of(request: web.Request) -> Session | None:
     return request.get(SESSION)
 
 
+def _is_open(request: web.Request) -> bool:
+    """The login form and the static files: the only things a logged-out visitor may reach (by route, not
+    by path prefix)."""
+    route = request.match_info.route
+    return route.handler in (login_form, login) or isinstance(route.resource, web.StaticResource)
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
-    """Security headers on every /ui response; the session (or the login page) for everything else."""
+    """Security headers on every /ui response; same-origin POSTs; the session (or the login page) for
+    everything but the login form and the static files."""
     dash = request.app[KEY]
-    open_paths = ("/ui/login", "/ui/static/")
-    if not request.path.startswith(open_paths):
+    if request.method == "POST":
+        origin = request.headers.get("Origin")
+        if origin and origin.split("://", 1)[-1] != request.host:
+            return _with_headers(web.Response(status=403, text="cross-site request refused"))
+    if not _is_open(request):
         session = await dash._users(dash.users.session, request.cookies.get(SESSION_COOKIE))
         if session is None:
             if request.path.startswith("/ui/stream/") or request.method != "GET":
-                response = web.json_response({"error": "not logged in"}, status=401)
-            else:
-                response = web.HTTPSeeOther("/ui/login")
-            response.headers.update(HEADERS)
-            return response
+                return _with_headers(web.json_response({"error": "not logged in"}, status=401))
+            return _with_headers(web.Response(status=303, headers={"Location": "/ui/login"}))
         request[SESSION] = session
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         exc.headers.update(HEADERS)
         raise
-    if not request.path.startswith("/ui/static/"):
-        response.headers.update(HEADERS)
-    else:
+    if isinstance(request.match_info.route.resource, web.StaticResource):
         response.headers.update({k: v for k, v in HEADERS.items() if k != "Cache-Control"})
+    else:
+        response.headers.update(HEADERS)
     return response
+
+
+def _with_headers(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers.update(HEADERS)
+    return response
+
+
+def _cookie(request: web.Request) -> dict[str, Any]:
+    dash = request.app[KEY]
+    return {"httponly": True, "samesite": "Strict", "secure": request.secure or dash.settings.ui_secure_cookies}
 
 
 def _page(request: web.Request, template: str, **context) -> web.Response:
@@ -224,12 +328,13 @@ def _page(request: web.Request, template: str, **context) -> web.Response:
 async def login_form(request: web.Request) -> web.Response:
     token = secrets.token_urlsafe(24)
     response = _page(request, "login.html", login_token=token, error=request.get(ERROR, ""))
-    response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", path="/ui/login",
-                        secure=request.secure)
+    response.set_cookie(LOGIN_COOKIE, token, path="/ui/login", **_cookie(request))
     return response
 
 
 async def login(request: web.Request) -> web.Response:
+    """Every attempt counts against the throttle before the password is checked (attempts in flight too);
+    a success gives back the name's count and this one attempt of the address's."""
     dash = request.app[KEY]
     form = await request.post()
     given, expected = str(form.get("login_token", "")), request.cookies.get(LOGIN_COOKIE, "")
@@ -238,27 +343,36 @@ async def login(request: web.Request) -> web.Response:
         return await login_form(request)
     name, password = str(form.get("name", "")), str(form.get("password", ""))
     address = f"addr:{request.remote}"
-    wait = dash.throttle.wait(f"name:{name}", address)
+    pair = f"user:{name[:64]}@{request.remote}"
+    wait = dash.throttle.wait(pair, address)
     if wait > 0:
-        request[ERROR] = f"Too many failed logins: try again in {wait:.0f} s."
-        response = await login_form(request)
-        response.set_status(429)
-        return response
-    user = await dash._users(dash.users.check, name, password)
+        return await _refused(request, f"Too many failed logins: try again in {wait:.0f} s.", 429)
+    dash.throttle.failed(pair, address)
+    if not NAME.match(name) or len(password) > MAX_PASSWORD:
+        return await _refused(request, "Wrong name or password.", 401)
+    if dash.verifying.locked():
+        dash.throttle.forgive(pair, address)
+        return await _refused(request, "Too many logins at once: try again in a moment.", 429)
+    async with dash.verifying:
+        user = await dash._users(dash.users.check, name, password)
     if user is None:
-        dash.throttle.failed(f"name:{name}", address)
-        log.info("ui: failed login for %r from %s", name, request.remote)
-        request[ERROR] = "Wrong name or password."
-        response = await login_form(request)
-        response.set_status(401)
-        return response
-    dash.throttle.succeeded(f"name:{name}")
+        log.info("ui: failed login for %s from %s", name, request.remote)
+        return await _refused(request, "Wrong name or password.", 401)
+    dash.throttle.succeeded(pair)
+    dash.throttle.forgive(address)
     token, _ = await dash._users(dash.users.open_session, user)
     log.info("ui: %s logged in (%s) from %s", user.name, user.role, request.remote)
-    response = web.HTTPSeeOther("/ui/overview")
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/ui", secure=request.secure)
+    response = web.Response(status=303, headers={"Location": "/ui/overview"})
+    response.set_cookie(SESSION_COOKIE, token, path="/ui", **_cookie(request))
     response.del_cookie(LOGIN_COOKIE, path="/ui/login")
-    raise response
+    return response
+
+
+async def _refused(request: web.Request, why: str, status: int) -> web.Response:
+    request[ERROR] = why
+    response = await login_form(request)
+    response.set_status(status)
+    return response
 
 
 async def _checked_form(request: web.Request) -> dict:
@@ -279,9 +393,9 @@ async def logout(request: web.Request) -> web.Response:
     dash = request.app[KEY]
     await _checked_form(request)
     await dash._users(dash.users.close_session, request.cookies.get(SESSION_COOKIE))
-    response = web.HTTPSeeOther("/ui/login")
+    response = web.Response(status=303, headers={"Location": "/ui/login"})
     response.del_cookie(SESSION_COOKIE, path="/ui")
-    raise response
+    return response
 
 
 async def page(request: web.Request) -> web.Response:
@@ -291,35 +405,50 @@ async def page(request: web.Request) -> web.Response:
     _require(request, spec.role)
     dash = request.app[KEY]
     return _page(request, f"{spec.name}.html", page=spec, query=dict(request.query),
-                 metrics=dash.metrics, days=days_param(dict(request.query)))
+                 metrics=dash.metrics, days=days_param(request.query))
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the page's data now, then again after every change (at most every
-    MIN_PUSH_SECONDS), and a heartbeat with the time when idle."""
+    MIN_PUSH_SECONDS); when idle, a heartbeat every HEARTBEAT_SECONDS saying how current the page is —
+    and the session is checked again then: a logout, an expiry or a removed user ends the stream."""
     dash = request.app[KEY]
     name = request.match_info["page"]
     if name not in PAGE_BY_NAME:
         raise web.HTTPNotFound(text=f"no page {name!r}")
     _require(request, PAGE_BY_NAME[name].role)
-    params = {k: v for k, v in request.query.items() if k in ("days", "name", "person", "source")}
-    key = tuple(sorted(params.items()))
+    if dash.hub.subscribers() >= MAX_STREAMS:
+        raise web.HTTPServiceUnavailable(text=f"{MAX_STREAMS} pages are open on this UI process: run another "
+                                              "(flywheel ui)", headers={"Retry-After": "30"})
     await dash.start()
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **HEADERS})
+    params = dash.params(name, request.query)
+    token = request.cookies.get(SESSION_COOKIE)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no",
+                                           **HEADERS})
     wake = dash.hub.subscribe(name)
     try:
+        if name in SQL_PAGES and name in dash.sql_dirty:
+            await dash.refresh_sql_pages(force=name)
         await response.prepare(request)
-        while True:
+        while not dash.hub.closed:
             try:
                 await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
             except TimeoutError:
-                await response.write(b"event: alive\ndata: %d\n\n" % int(time.time() * 1000))
+                if await dash._users(dash.users.session, token) is None:
+                    break  # logged out, expired or removed: the page goes to the login page
+                await response.write(b"event: alive\ndata: " + orjson.dumps(dash.alive(name)) + b"\n\n")
                 continue
+            if dash.hub.closed:
+                break
             wake.clear()
-            body = dash.hub.encoded(name, key, lambda: dash.render(name, params))
+            try:
+                body = dash.hub.encoded(name, params, lambda: dash.render(name, params))
+            except Exception as exc:  # a bug in a page: say so on the page, keep the stream
+                log.exception("ui: the %s page failed to render", name)
+                body = orjson.dumps({"asOf": None, "error": f"this page failed: {type(exc).__name__}: {exc}"})
             await response.write(b"data: " + body + b"\n\n")
             await asyncio.sleep(MIN_PUSH_SECONDS)
-    except (ConnectionError, asyncio.CancelledError):  # the page was closed
+    except ConnectionError:  # the page was closed
         pass
     finally:
         dash.hub.unsubscribe(name, wake)
@@ -355,11 +484,13 @@ async def users_change(request: web.Request) -> web.Response:
         response.set_status(400)
         return response
     log.info("ui: %s did %s on user %s", _session_of(request).user.name, action, name)
-    raise web.HTTPSeeOther("/ui/users")
+    return web.Response(status=303, headers={"Location": "/ui/users"})
 
 
 async def replay(request: web.Request) -> web.Response:
-    """Editor: send the rejected events of the last N hours back through the pipeline (flywheel dlq replay)."""
+    """Editor: send the rejected events of the last N hours back through the pipeline (`flywheel dlq replay`;
+    each counts once however often it is replayed). One replay at a time; then back to the page (a reload
+    does not replay again)."""
     _require(request, "editor")
     dash = request.app[KEY]
     form = await _checked_form(request)
@@ -369,22 +500,23 @@ async def replay(request: web.Request) -> web.Response:
         hours = max(1, min(24 * 7, int(form.get("hours", "24"))))
     except ValueError:
         raise web.HTTPBadRequest(text="hours must be a whole number") from None
-    since = datetime.now(UTC) - timedelta(hours=hours)
-    rows = await dash.query(dlq.select_sql(since=since))
-    rejected = dlq.rejected(rows)
-    loop = asyncio.get_running_loop()
-    sent = await loop.run_in_executor(None, dlq.replay, dash.settings, rejected)
+    if dash._replaying.locked():
+        raise web.HTTPConflict(text="a replay is running: wait for it, then look at the data quality page")
+    async with dash._replaying:
+        since = datetime.now(UTC) - timedelta(hours=hours)
+        rejected = dlq.rejected(await dash.query(dlq.select_sql(since=since, limit=REPLAY_LIMIT)))
+        sent = await asyncio.get_running_loop().run_in_executor(None, dlq.replay, dash.settings, rejected)
     log.info("ui: %s replayed %d rejected events of the last %d h", _session_of(request).user.name, sent, hours)
-    return _page(request, "replayed.html", page=PAGE_BY_NAME["quality"], sent=sent, hours=hours)
+    return web.Response(status=303, headers={"Location": f"/ui/quality?replayed={sent}&hours={hours}"})
 
 
 async def root(request: web.Request) -> web.Response:
-    raise web.HTTPSeeOther("/ui/overview")
+    return web.Response(status=303, headers={"Location": "/ui/overview"})
 
 
 def add_ui(app: web.Application, dashboard: Dashboard) -> None:
-    """Mount the UI under /ui on `app` (the admin listener's, or `flywheel ui`'s own); its feed starts with
-    the first open page and stops with the app."""
+    """Mount the UI under /ui on `app` (the admin listener's, or `flywheel ui`'s own). Its feed starts with
+    the first open page; at the app's shutdown open streams end, and the feed and the users file close."""
     ui = web.Application(middlewares=[_guard])
     ui[KEY] = dashboard
     ui.router.add_get("", root)
@@ -395,16 +527,19 @@ def add_ui(app: web.Application, dashboard: Dashboard) -> None:
     ui.router.add_get("/users", users_page)
     ui.router.add_post("/users", users_change)
     ui.router.add_post("/quality/replay", replay)
-    ui.router.add_get("/stream/{page}", stream)
+    ui.router.add_get("/stream/{page}", stream, allow_head=False)
     ui.router.add_static("/static/", HERE / "static", follow_symlinks=False)
     ui.router.add_get("/{page}", page)
 
-    async def stop(_: web.Application) -> None:
-        await dashboard.feed.stop()
+    async def shutdown(_: web.Application) -> None:
+        dashboard.hub.close()  # before aiohttp waits for handlers: streams end now
 
-    app.on_cleanup.append(stop)
+    async def cleanup(_: web.Application) -> None:
+        await dashboard.close()
+
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
     app.add_subapp("/ui", ui)
-
 
 
 def run_standalone(settings: Settings, *, host: str, port: int) -> None:
@@ -421,12 +556,8 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     async def query(sql: str) -> list:
         return (await asyncio.to_thread(queries.run, settings, sql, wait=10.0))[1]
 
-    users = Users(settings.data_dir)
     app = admin_app(role="ui", checks=[KafkaProbe(settings.kafka_bootstrap)])
-    add_ui(app, Dashboard(settings, metrics, users, query))
+    add_ui(app, Dashboard(settings, metrics, Users(settings.data_dir), query))  # closes the users file at stop
     log.info("ui on http://%s:%d/ui (Kafka %s, ClickHouse %s)", host, port, settings.kafka_bootstrap,
              "server" if settings.clickhouse_url else f"embedded in {settings.data_dir}")
-    try:
-        asyncio.run(serve([Listener(app, host=host, port=port, name="ui")]))
-    finally:
-        users.close()
+    asyncio.run(serve([Listener(app, host=host, port=port, name="ui")]))

@@ -202,3 +202,12 @@ class Throttle:
 
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    def forgive(self, *keys: str) -> None:
+        """Take back one attempt counted against each key (one that turned out fine)."""
+        for key in keys:
+            failures, last = self._failures.get(key, (0, 0.0))
+            if failures <= 1:
+                self._failures.pop(key, None)
+            else:
+                self._failures[key] = (failures - 1, last)

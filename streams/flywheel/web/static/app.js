@@ -27,11 +27,18 @@
     tbody.replaceChildren(...rows);
   }
 
+  // Tooltips are drawn by the chart (renderMode richText), not as HTML: no markup built from data, and no
+  // inline styles for the Content-Security-Policy to refuse.
   function chart(id) {
     const node = $(id);
     if (!node) return null;
     if (!charts[id]) {
       charts[id] = echarts.init(node, null, { renderer: "svg" });
+      const setOption = charts[id].setOption.bind(charts[id]);
+      charts[id].setOption = (option, notMerge) => {
+        if (option.tooltip) option.tooltip.renderMode = "richText";
+        return setOption(option, notMerge);
+      };
       window.addEventListener("resize", () => charts[id].resize());
     }
     return charts[id];
@@ -229,8 +236,9 @@
                                             { class: r[1] })));
       const names = [...new Set(events.map((r) => r[0]))];
       chart("chart").setOption({
-        animation: false, tooltip: { formatter: (p) => p.value[2] + " " + p.value[1] + " at " + p.value[0] },
-        xAxis: { type: "time" }, yAxis: { type: "category", data: names },
+        animation: false, tooltip: { formatter: (p) => p.value[1] + ": " + p.value[2] + " at " + p.value[0] },
+        xAxis: { type: "time", min: Date.now() - 7 * 86400000, max: Date.now() },  // the 7 days the page shows
+        yAxis: { type: "category", data: names },
         series: [{ type: "scatter", symbolSize: 12,
                    data: events.map((r) => ({ value: [r[3].replace(" ", "T") + "Z", r[0], r[1]],
                                               itemStyle: { color: r[1] === "firing" ? "#c0392b" : "#27ae60" } })) }],
@@ -263,18 +271,52 @@
   };
 
   // ---- the stream ---------------------------------------------------------------------------------------
+  // One EventSource while the tab is visible (a hidden tab gives its connection back: browsers allow few per
+  // host); the server pushes the page's data when it changes and a heartbeat saying how current it is.
   const params = new URLSearchParams(window.location.search);
-  const source = new EventSource("/ui/stream/" + page + (params.toString() ? "?" + params.toString() : ""));
-  source.onopen = () => { $("state").textContent = "live"; };
-  source.onerror = () => { $("state").textContent = "reconnecting…"; };
+  const url = "/ui/stream/" + page + (params.toString() ? "?" + params.toString() : "");
   // a metric page without its ClickHouse snapshot yet has only the error; the others keep their last data
   const needsSnapshot = ["funnels", "retention", "active", "experiments"].includes(page);
-  source.onmessage = (msg) => {
-    const data = JSON.parse(msg.data);
-    showError(data);
-    if (!(data.error && needsSnapshot)) render[page](data);
-    asOf(data.asOf * 1000);
-    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
-  };
-  source.addEventListener("alive", () => { $("state").textContent = "live"; });
+  let source = null;
+
+  function open() {
+    if (source) return;
+    source = new EventSource(url);
+    source.onopen = () => { $("state").textContent = "live"; };
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) {  // refused (logged out, session expired): log in again
+        window.location.assign("/ui/login");
+      } else {
+        $("state").textContent = "reconnecting…";
+      }
+    };
+    source.onmessage = (msg) => {
+      const data = JSON.parse(msg.data);
+      showError(data);
+      if (!(data.error && needsSnapshot)) render[page](data);
+      asOf(data.asOf * 1000);
+      document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+    };
+    source.addEventListener("alive", (msg) => {
+      const news = JSON.parse(msg.data);
+      $("state").textContent = news.error ? "stale: " + news.error : "live";
+      if (news.asOf) asOf(news.asOf * 1000);
+    });
+  }
+
+  function close() {
+    if (source) source.close();
+    source = null;
+    $("state").textContent = "paused (tab hidden)";
+  }
+
+  document.addEventListener("visibilitychange", () => (document.hidden ? close() : open()));
+  if (!document.hidden) open();
+
+  const replayed = params.get("replayed");
+  if (page === "quality" && replayed !== null) {
+    const p = el("p", replayed + " rejected events of the last " + (params.get("hours") || "?") +
+                  " hours were sent back through the pipeline.", { id: "replayed", role: "status" });
+    document.querySelector("main").insertBefore(p, document.querySelector("main h1").nextSibling);
+  }
 })();
