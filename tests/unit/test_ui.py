@@ -1,5 +1,5 @@
 """web/ui.py over HTTP (aiohttp's test server): access, sessions, CSRF, roles, headers, escaping. The pages'
-data and the browser are tested on a real pipeline in tests/integration/test_ui.py."""
+data and the browser are tested on a real pipeline in tests/integration/test_ui_browser.py."""
 
 from __future__ import annotations
 
