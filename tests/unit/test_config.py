@@ -28,9 +28,11 @@ def test_env_overrides_the_config_file_which_overrides_defaults(monkeypatch, tmp
 
 def test_docker_compose_uses_only_real_setting_names():
     compose = yaml.safe_load((home() / "docker-compose.yml").read_text())
-    names = set(compose["services"]["worker"]["environment"])
     known = {f"FLYWHEEL_{f.upper()}" for f in Settings.model_fields}
-    assert names <= known, names - known
+    for service in ("worker", "ui"):
+        names = set(compose["services"][service]["environment"])
+        assert names <= known, (service, names - known)
+    assert compose["services"]["ui"]["command"] == ["ui"]
 
 
 def test_a_named_config_file_that_does_not_exist_is_an_error(monkeypatch, tmp_path: Path):
