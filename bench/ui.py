@@ -203,12 +203,11 @@ def run_feed(args) -> dict[str, Any]:
 
     from aiokafka import TopicPartition
     from flywheel.config import Settings
-    from flywheel.metrics.definitions import load_metrics
     from flywheel.web.live import Feed, Hub
     from flywheel.web.ui import PAGES
 
     settings = Settings()
-    feed = Feed(settings, load_metrics(mb.METRICS_ON), Hub([p.name for p in PAGES]), query=None)
+    feed = Feed(settings, Hub([p.name for p in PAGES]), query=None)
     records, counts = mb.identified(mb.population(args.feed_persons, days=14, seed=7), args.partitions)
     offsets: dict[int, int] = defaultdict(int)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, timedelta
 from typing import Any
 
-from flywheel.metrics.cells import KIND_BY_NAME, Kind
+from flywheel.metrics.cells import KIND_BY_NAME
 from flywheel.metrics.definitions import Metrics
 
 # The kinds the boards show, by their metrics.* record kind (metrics/cells.py)
@@ -77,12 +77,9 @@ def snapshot_sql(kind_name: str) -> str:
 
 
 def load_snapshot(partials: Partials, kind_name: str, rows: Iterable[Sequence[Any]]) -> None:
-    kind: Kind = KIND_BY_NAME[kind_name]
-    width = len(kind.fields)
+    width = len(KIND_BY_NAME[kind_name].fields)
     for row in rows:
-        identity = tuple(int(v) if name in ("step", "period") else v
-                         for (name, _), v in zip(kind.fields, row[:width], strict=True))
-        partials.put(kind_name, identity, int(row[width]), int(row[width + 1]),
+        partials.put(kind_name, tuple(row[:width]), int(row[width]), int(row[width + 1]),
                      tuple(int(v) for v in row[width + 2:]))
 
 

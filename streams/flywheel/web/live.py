@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 
 from flywheel.config import Settings
-from flywheel.metrics.definitions import Metrics
 from flywheel.web.board import BOARD_KINDS, Partials, Rate, Recent, load_snapshot, snapshot_sql
 
 log = logging.getLogger(__name__)
@@ -97,9 +96,8 @@ METRIC_PAGES = {"funnels": "funnels", "retention": "retention", "active_users": 
 class Feed:
     """The consumer behind the pages (see the module's text). `query` runs SQL on ClickHouse."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, hub: Hub, query: Query):
+    def __init__(self, settings: Settings, hub: Hub, query: Query):
         self.settings = settings
-        self.metrics = metrics
         self.hub = hub
         self.query = query
         names = settings.topics
@@ -146,10 +144,7 @@ class Feed:
         await self._close_consumer()
         admin, self._admin = self._admin, None
         if admin is not None:
-            try:
-                await admin.close()
-            except Exception:  # closing a broken client: nothing left to do
-                pass
+            await _quietly(admin.close)
 
     async def _run(self) -> None:
         while True:
@@ -169,10 +164,7 @@ class Feed:
     async def _close_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            try:
-                await consumer.stop()
-            except Exception:  # a consumer that broke: nothing to do
-                pass
+            await _quietly(consumer.stop)
 
     async def _admin_client(self):
         from aiokafka.admin import AIOKafkaAdminClient
@@ -338,7 +330,6 @@ class Feed:
             "sinkLag": sum(n for t, n in self.lag.items() if t != names.raw),
             "lag": dict(sorted(self.lag.items())),
             "clickhouse": self.clickhouse_error or "ok", "kafka": self.kafka_error or "ok",
-            "snapshot": self.snapshot_at is not None,
         }
 
 
@@ -348,6 +339,13 @@ def _json(tp, record) -> Any:
     except (orjson.JSONDecodeError, TypeError):
         log.warning("ui feed: %s[%d]@%d is not JSON: skipped", tp.topic, tp.partition, record.offset)
         return None
+
+
+async def _quietly(close: Callable[[], Awaitable[Any]]) -> None:
+    try:
+        await close()
+    except Exception:  # closing a broken client: nothing left to do
+        pass
 
 
 def _log_death(task: asyncio.Task) -> None:

@@ -124,7 +124,7 @@ class Dashboard:
                                             autoescape=True, undefined=jinja2.StrictUndefined)
 
     def _new_feed(self) -> Feed:
-        feed = Feed(self.settings, self.metrics, self.hub, self.query)
+        feed = Feed(self.settings, self.hub, self.query)
         names = self.settings.topics
         watched = {getattr(names, t): page for page, topics in SQL_PAGES.items() for t in topics}
 
