@@ -362,19 +362,22 @@ def group_assignment(bootstrap: str, group: str) -> list[dict[str, list[int]]] |
 
 
 def committed_through(bootstrap: str, group: str, topic: str) -> bool:
-    """Whether the group has committed every record of `topic` (nothing would be delivered again)."""
-    from kafka import KafkaAdminClient, KafkaConsumer
+    """Whether the group has committed every record of `topic` (nothing would be delivered again). Every
+    partition holding records counts, also one the group has no offset for yet — the broker lists only
+    committed partitions, and a partition whose first records are not committed yet is the one to wait for."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
         committed = {tp: meta.offset for tp, meta in admin.list_group_offsets(group)[group].items()
                      if tp.topic == topic}
-        ends = consumer.end_offsets(list(committed)) if committed else {}
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
     finally:
         admin.close()
         consumer.close()
-    return bool(committed) and all(committed[tp] >= end for tp, end in ends.items())
+    return bool(committed) and all(committed.get(tp, -1) >= end for tp, end in ends.items() if end > starts[tp])
 
 
 def changelog_topics(bootstrap: str, app_id: str) -> list[str]:
@@ -421,6 +424,7 @@ class MemoryKafka:
     def __init__(self, partitions: int = 4) -> None:
         self.partitions = partitions
         self.log: dict[str, list[tuple[int, bytes, bytes | None]]] = defaultdict(list)
+        self.headers: dict[str, list] = defaultdict(list)  # beside log: each record's headers (or None)
         self.fail_on: set[str] = set()
         self.land: int | None = None
 
@@ -431,10 +435,12 @@ class MemoryKafka:
         class Outbox:
             def __init__(self) -> None:
                 self.records: list[tuple[str, int, bytes, bytes | None]] = []
+                self.headers: list = []
 
             def add(self, topic, key, value, *, partition=None, headers=None) -> None:
                 p = partition if partition is not None else partition_of(key, kafka.partitions)
                 self.records.append((topic, p, key, value))
+                self.headers.append(headers)
 
             def partitions(self, topic: str) -> list[int]:
                 return list(range(kafka.partitions))
@@ -444,8 +450,9 @@ class MemoryKafka:
                     raise ConnectionError("the broker went away")  # nothing of this outbox landed
                 records = self.records if kafka.land is None else self.records[:kafka.land]
                 last = {}
-                for t, p, k, v in records:
+                for (t, p, k, v), h in zip(records, self.headers, strict=False):
                     kafka.log[t].append((p, k, v))
+                    kafka.headers[t].append(h)
                     last[(t, p)] = len(kafka.log[t]) - 1
                 if kafka.land is not None:
                     kafka.land = None

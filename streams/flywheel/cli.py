@@ -55,6 +55,14 @@ def _query(settings: config_mod.Settings):
     return lambda sql: run(settings, sql, on_wait=on_wait)
 
 
+def _in_force(settings: config_mod.Settings):
+    """The definitions in force (flywheel.registry: the stored ones, else the metrics file's; with Kafka
+    unreachable, the file's with a warning on stderr)."""
+    from flywheel.registry import in_force
+
+    return in_force(settings, fallback=True).metrics
+
+
 @cli.command()
 def worker() -> None:
     """Run the pipeline: apply migrations, create topics, then validate → identity → funnels, retention,
@@ -245,13 +253,13 @@ def persons_forget(
     closed ones republished one lower. `forgotten` on identity.changes tells services. Needs a running
     worker. Run it once their traffic has stopped; running it again is harmless."""
     from flywheel import persons
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.query import QueryError
 
     settings = _settings()
     query = _query(settings)
     try:
-        person = persons.find(lambda q: query(q)[1], person_id, load_metrics(settings.metrics))
+        person = persons.find(lambda q: query(q)[1], person_id, _in_force(settings))
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     if person is None:  # never seen, or forgotten already: the request is honoured either way
@@ -283,7 +291,8 @@ def persons_forget(
     typer.echo(f"forgotten: {person.person_id} ({len(person.ids)} ids, {len(person.events):,} events)")
 
 
-metrics_cli = typer.Typer(help="Funnel / retention definitions (FLYWHEEL_METRICS) and their oracle check.")
+metrics_cli = typer.Typer(help="Metric definitions: the stored set in force, the metrics file (FLYWHEEL_METRICS) as "
+                                "the code path into it, and the oracle check.")
 cli.add_typer(metrics_cli, name="metrics")
 
 
@@ -328,6 +337,82 @@ def metrics_check(
     typer.echo(f"lateness {m.lateness_ms // 1000} s; a person keeps {m.horizon_days} days of history")
 
 
+def _author() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # no user name in the environment (a container): the host says enough
+        return f"cli@{socket.gethostname()}"
+
+
+@metrics_cli.command("export")
+def metrics_export(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+) -> None:
+    """The stored definitions in force, as a metrics file (YAML): edit it, keep it in git, `import` it back."""
+    import yaml
+
+    from flywheel.registry import StoreUnavailable, read
+
+    settings = _settings()
+    try:
+        stored = read(settings)
+    except StoreUnavailable as exc:
+        _fail(str(exc))
+    if stored.empty:
+        _fail(f"nothing stored yet in {settings.topics.definitions}: workers use the metrics file "
+              f"({settings.metrics}) until their first start stores it")
+    text = (f"# stored definitions, revision {stored.revision} of {settings.topics.definitions}\n"
+            + yaml.safe_dump(stored.mapping(), sort_keys=False, allow_unicode=True))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote revision {stored.revision} to {out}", err=True)
+
+
+@metrics_cli.command("import")
+def metrics_import(
+    path: Annotated[Path, typer.Argument(help="a metrics file")],
+    keep_others: Annotated[bool, typer.Option(
+        "--keep-others", help="add and change what the file defines, delete nothing it leaves out")] = False,
+    author: Annotated[str | None, typer.Option(help="recorded as who made the change; default user@host")] = None,
+    comment: Annotated[str, typer.Option(help="recorded with the change")] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the changes, store nothing")] = False,
+) -> None:
+    """Put a metrics file in force: every definition it adds or changes, and — unless --keep-others — the
+    deletion of every stored one it leaves out (those made in the UI too). Checked first; recorded with
+    who and when (flywheel.definition_changes). Running workers take it up without a restart; a new
+    condition's history is backfilled from ClickHouse (README "Definitions")."""
+    from flywheel.metrics.definitions import MetricsError
+    from flywheel.registry import StoreUnavailable, changes_for, file_mapping, write
+
+    settings = _settings()
+    try:
+        new = file_mapping(path)
+        stored, changes = changes_for(settings, new, author=author or _author(), via="cli",
+                                      comment=comment or f"flywheel metrics import {path.name}",
+                                      keep_others=keep_others)
+    except (MetricsError, StoreUnavailable) as exc:
+        _fail(str(exc))
+    if not changes:
+        typer.echo(f"nothing to change: {path} equals the stored definitions (revision {stored.revision})")
+        return
+    for c in changes:
+        what = "delete" if c.spec is None else ("add" if c.before is None else "change")
+        typer.echo(f"{what} {c.key}" + (f" (version {c.version})" if c.spec is not None else ""))
+    if dry_run:
+        typer.echo("dry run: nothing stored")
+        return
+    try:
+        revision = write(settings, changes)
+    except Exception as exc:  # kafka-python's errors: say where
+        _fail(f"could not write to {settings.topics.definitions} at {settings.kafka_bootstrap}: {exc}")
+    typer.echo(f"stored: revision {revision}; running workers take it up now")
+
+
 @metrics_cli.command("verify")
 def metrics_verify() -> None:
     """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).
@@ -341,13 +426,13 @@ def metrics_verify() -> None:
     FLYWHEEL_SEGMENT_SWEEP_SECONDS).
     """
     from flywheel.metrics import verify
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.query import QueryError
 
     settings = _settings()
     query = _query(settings)
     try:
-        metrics = load_metrics(settings.metrics)
+        metrics = _in_force(settings)
         diffs = verify.compare(lambda q: query(q)[1], metrics, settings.clock()())  # the workers' now
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
@@ -369,20 +454,20 @@ cli.add_typer(segments_cli, name="segments")
 
 @segments_cli.command("list")
 def segments_list() -> None:
-    """Every segment of the metrics file with its definition and its current size (flywheel.segment_members)."""
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    """Every segment in force with its definition and its current size (flywheel.segment_members)."""
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.metrics.segments import describe_segment
     from flywheel.query import QueryError
 
     settings = _settings()
     try:
-        metrics = load_metrics(settings.metrics)
+        metrics = _in_force(settings)
         _, rows = _query(settings)("SELECT segment, count() FROM flywheel.segment_members GROUP BY segment")
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     sizes = {name: int(n) for name, n in rows}
     if not metrics.segments:
-        typer.echo(f"no segments in {settings.metrics}")
+        typer.echo("no segments in the definitions in force")
     for seg in metrics.segments:
         typer.echo(f"{seg.name}\t{sizes.pop(seg.name, 0)} members\tversion {seg.version}: {describe_segment(seg)}")
     for name, n in sorted(sizes.items()):  # members of a segment no longer in the file, not yet sent away
@@ -397,7 +482,7 @@ def segments_members(
     """The current members of a segment: person id, userId / anonymousId, member since (UTC)."""
     import csv
 
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.metrics.oracle import quote
     from flywheel.query import QueryError
 
@@ -405,14 +490,14 @@ def segments_members(
         _fail(f"--format {fmt}: use table or csv")
     settings = _settings()
     try:
-        defined = {s.name for s in load_metrics(settings.metrics).segments}
+        defined = {s.name for s in _in_force(settings).segments}
         columns, rows = _query(settings)(
             "SELECT person_id, user_id, anonymous_id, since FROM flywheel.segment_members "
             f"WHERE segment = {quote(name)} ORDER BY person_id")
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     if name not in defined and not rows:
-        _fail(f"no segment {name!r} in {settings.metrics} and no members of one: `flywheel segments list` "
+        _fail(f"no segment {name!r} in the definitions in force and no members of one: `flywheel segments list` "
               "shows the segments")
     if fmt == "csv":
         writer = csv.writer(sys.stdout)
@@ -433,19 +518,19 @@ def alerts_list() -> None:
     """Every rule of the metrics file, with its current state from ClickHouse's alert_states (firing or
     resolved since when; "never fired" before its first transition)."""
     from flywheel.metrics.alerts import describe
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.query import QueryError
 
     settings = _settings()
     try:
-        rules = load_metrics(settings.metrics).alerts
+        rules = _in_force(settings).alerts
         _, rows = _query(settings)("SELECT alert, state, version, period, since, value, decided_at, late "
                                    "FROM flywheel.alert_states ORDER BY alert")
     except (MetricsError, QueryError) as exc:
         _fail(str(exc))
     states = {r[0]: r for r in rows}
     if not rules:
-        typer.echo(f"no alerts: in {settings.metrics}")
+        typer.echo("no alerts in the definitions in force")
     for a in rules:
         row = states.get(a.name)
         if row is None:
@@ -488,19 +573,19 @@ def alerts_backtest(
     import orjson
 
     from flywheel.metrics import alerts as rules
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.metrics.oracle import alert_series_sql
     from flywheel.model.clock import iso_ms
     from flywheel.query import QueryError
 
     settings = _settings()
     try:
-        metrics = load_metrics(settings.metrics)
+        metrics = _in_force(settings)
     except MetricsError as exc:
         _fail(str(exc))
     alert = next((a for a in metrics.alerts if a.name == name), None)
     if alert is None:
-        _fail(f"no alert {name!r} in {settings.metrics}: `flywheel alerts list` shows the rules")
+        _fail(f"no alert {name!r} in the definitions in force: `flywheel alerts list` shows the rules")
     start_ms, end_ms = _day_ms(start, "--from"), _day_ms(end, "--to")
     if end_ms <= start_ms:
         _fail("--to must be after --from")
@@ -536,19 +621,19 @@ cli.add_typer(experiments_cli, name="experiments")
 
 def _experiment_rows(name: str | None):
     """(the experiments asked for, a function giving each one's results from ClickHouse)."""
-    from flywheel.metrics.definitions import MetricsError, load_metrics
+    from flywheel.metrics.definitions import MetricsError
     from flywheel.metrics.results import from_stats, stats_sql
     from flywheel.query import QueryError
 
     settings = _settings()
     try:
-        experiments = load_metrics(settings.metrics).experiments
+        experiments = _in_force(settings).experiments
     except MetricsError as exc:
         _fail(str(exc))
     if name is not None:
         experiments = tuple(e for e in experiments if e.name == name)
         if not experiments:
-            _fail(f"no experiment {name!r} in {settings.metrics}: `flywheel experiments list` shows them")
+            _fail(f"no experiment {name!r} in the definitions in force: `flywheel experiments list` shows them")
     query = _query(settings)
 
     def results(e):

@@ -43,6 +43,7 @@ class Topics(BaseSettings):
     rfm: str = "segments.rfm"
     alert_series: str = "alerts.series"
     alerts: str = "alerts"
+    definitions: str = "definitions"  # one partition, compacted: the stored definitions (docs/design.md §13)
 
     @classmethod
     def prefixed(cls, prefix: str, **names: str) -> Topics:
@@ -103,6 +104,13 @@ class Settings(BaseSettings):
     segment_sweep_seconds: float = Field(
         10.0, gt=0, description="how often the persons whose segment membership is due to change are re-evaluated: "
                                 "an exit by time comes at most this late (plus the sweep's own work)"
+    )
+    backfill_page_events: int = Field(
+        5000, gt=0, description="events a backfill of new conditions reads from ClickHouse and sends per page "
+                                "(docs/design.md §13)"
+    )
+    backfill_pause_seconds: float = Field(
+        0.0, ge=0, description="pause between two backfill pages: spares ClickHouse and the stream on a large history"
     )
     alert_webhooks: str = Field(
         "", description="comma-separated URL prefixes alert webhooks may post to (scheme, host, port and a path "

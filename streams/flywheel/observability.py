@@ -152,6 +152,10 @@ LATE_EVENTS = Counter(
     ["rule"],
 )
 PERSON_HANDOFFS = Counter("flywheel_person_handoffs_total", "Anonymous person states handed to their user")
+BACKFILL_EVENTS = Counter("flywheel_backfill_events_total",
+                          "Stored events sent back to their persons for conditions new to the definitions (the leader)")
+BACKFILL_APPLIED = Counter("flywheel_backfill_applied_total",
+                           "Backfilled events applied to a person state (docs/design.md §13)")
 PARTIALS_PUBLISHED = Counter(
     "flywheel_partials_published_total", "Metric cells published (absolute per-partition values)", ["metric"]
 )

@@ -25,14 +25,16 @@ def run(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
     from faust import Worker
 
-    from flywheel.metrics.definitions import load_metrics
+    from flywheel import registry
     from flywheel.model.plan import load_plan
     from flywheel.runtime.app import create_worker
     from flywheel.runtime.topics import ensure_topics
 
-    # fail before touching anything if the tracking plan or the metric definitions are wrong
+    # fail before touching anything if the tracking plan is wrong; the definitions in force are the stored
+    # ones — or, on a first start, the metrics file's, stored now (docs/design.md §13)
     load_plan(settings.tracking_plan)
-    load_metrics(settings.metrics)
+    definitions = _definitions(settings, registry)
+    log.info("definitions in force: %s", definitions.describe())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token = None
     if not settings.clickhouse_url:
@@ -46,7 +48,7 @@ def run(settings: Settings) -> None:
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
-    parts = create_worker(settings, ch, sql_token=token)
+    parts = create_worker(settings, ch, sql_token=token, definitions=definitions)
     tty = sys.stdout.isatty()
     worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
                     logging_config=logging_config(settings.log_level, settings.log_format))
@@ -67,6 +69,24 @@ def run(settings: Settings) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _definitions(settings: Settings, registry, *, sleep=time.sleep):
+    """registry.seed, waiting for Kafka as long as it takes (a worker started before the broker, as compose
+    may do), one line when it starts waiting and one when Kafka answers."""
+    waited = False
+    while True:
+        try:
+            definitions = registry.seed(settings)
+        except registry.StoreUnavailable as exc:
+            if not waited:
+                log.warning("waiting for Kafka to read the stored definitions: %s", exc)
+                waited = True
+            sleep(2.0)
+            continue
+        if waited:
+            log.info("Kafka answered: stored definitions read")
+        return definitions
 
 
 def _open_clickhouse(settings: Settings, *, wait: float = BUSY_WAIT_SECONDS, clock=time.monotonic,

@@ -3,7 +3,9 @@ worker (real Kafka, embedded ClickHouse) serving /ui on its admin listener, even
 
 One stream for every check: the numbers on screen equal the ClickHouse views; an event sent through the
 collector moves a number on an open page without a reload; a viewer cannot reach editor actions; a
-logged-out visitor sees nothing; an event whose name and properties carry <script> renders as text.
+logged-out visitor sees nothing; an event whose name and properties carry <script> renders as text; an
+editor creates a funnel with pickers, previews it, saves it, and sees its backfilled history and new events
+counted once.
 
 FLYWHEEL_SCREENSHOTS=<dir> saves a screenshot of every page there (the README's come from this run).
 """
@@ -337,3 +339,86 @@ def test_a_logged_out_visitor_sees_nothing(site):
         raise AssertionError("the stream answered a stranger")
     except urllib.error.HTTPError as exc:
         assert exc.code == 401
+
+
+def test_an_editor_creates_a_funnel_with_pickers_sees_its_history_then_new_events_once(site):
+    """No YAML: pickers for events, a preview over history (the oracle), save; every worker takes it up, its
+    history is backfilled (days before it existed), and a new journey counts once. A viewer cannot edit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = site.driver
+    site.login("vera")
+    driver.get(f"{site.base}/definitions")
+    assert not driver.find_elements(By.ID, "new") and not driver.find_elements(By.PARTIAL_LINK_TEXT, "edit")
+    driver.get(f"{site.base}/definitions/new/funnels")
+    assert "needs the editor role" in driver.find_element(By.TAG_NAME, "body").text
+
+    site.login("ed")
+    driver.get(f"{site.base}/definitions/new/funnels")
+    assert not driver.find_elements(By.TAG_NAME, "textarea")
+    driver.find_element(By.ID, "name").send_keys("view_to_order")
+    # a condition no definition had (the experiment's exposure has a property filter): its history is backfilled
+    Select(driver.find_element(By.ID, "step1_event")).select_by_visible_text("Experiment Viewed")
+    Select(driver.find_element(By.ID, "step2_event")).select_by_visible_text("Order Completed")
+    window = driver.find_element(By.ID, "window_n")
+    window.clear()
+    window.send_keys("6")
+    Select(driver.find_element(By.ID, "window_unit")).select_by_visible_text("hours")
+    driver.find_element(By.ID, "preview-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "preview"), timeout=60, what="the preview")
+    site.screenshot("definition-preview")
+
+    def expected() -> dict[str, list[int]]:
+        """Step 1: who saw the experiment, per day; step 2: of them, who ordered — the journeys order within
+        minutes of it, so checkout's last step counts them (the live view, not the preview's query)."""
+        by_day: dict[str, list[int]] = {}
+        for day, persons in site.sql("SELECT toString(toDate(timestamp)) AS d, uniqExact(person_id) FROM "
+                                     "flywheel.events_resolved WHERE event = 'Experiment Viewed' AND late = 0 "
+                                     "AND d >= toString(today() - 29) GROUP BY d"):
+            by_day[day] = [int(persons), 0]
+        for day, persons in site.sql("SELECT toString(day), persons FROM flywheel.funnel_daily WHERE funnel = "
+                                     "'checkout' AND step = 4 AND day >= today() - 29"):
+            by_day.setdefault(day, [0, 0])[1] = int(persons)
+        return by_day
+
+    preview = {r[0]: [number(x) for x in r[1:]] for r in site.table("#preview tbody tr")}
+    assert preview == expected() and sum(v[1] for v in preview.values()) >= 10, preview
+    driver.find_element(By.ID, "comment").send_keys("from the growth review")
+    driver.find_element(By.ID, "save-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "saved"), timeout=60, what="the saved notice")
+    rows = {(r[0], r[1]): r for r in site.table("#definitions tbody tr")}
+    assert rows[("funnels", "view_to_order")][3].startswith("ed via ui")
+    wait_until(lambda: site.sql("SELECT count() FROM flywheel.definition_changes FINAL WHERE name = 'view_to_order'"
+                                )[0][0] == 1, timeout=60, what="the audit row")
+    audit = site.sql("SELECT author, via, toString(change), comment FROM flywheel.definition_changes FINAL "
+                     "WHERE name = 'view_to_order'")
+    assert audit == [["ed", "ui", "added", "from the growth review"]]
+
+    # in force without a restart; its history backfilled: every day the journeys had, before it existed
+    def on_screen():
+        return {int(r[0]): number(r[2]) for r in site.table("#funnel-view_to_order-rows tr")}
+
+    def view(step: int) -> int:
+        return int(site.sql(f"SELECT sum(persons) FROM flywheel.funnel_daily WHERE funnel = 'view_to_order' "
+                            f"AND step = {step} AND day BETWEEN today() - 6 AND today()")[0][0] or 0)
+
+    totals = {k: sum(v[i] for d, v in preview.items() if d >= str((datetime.now(UTC) - timedelta(days=6)).date()))
+              for i, k in enumerate((1, 2))}
+    site.open("funnels", "?days=7")
+    wait_until(lambda: on_screen() == totals, timeout=120, what="the new funnel's backfilled history on screen")
+    site.converge(lambda: {1: view(1), 2: view(2)}, lambda: totals, "funnel_daily of the new funnel")
+    assert site.sql("SELECT count() FROM flywheel.definition_backfills")[0][0] >= 1
+    site.screenshot("funnels-new")
+
+    # a new journey: one more at each step, on the open page, counted once
+    user = f"new-{uuid.uuid4()}"
+    now = datetime.now(UTC)
+    post(site.settings.http_port, [
+        {"type": "track", "event": "Experiment Viewed", "userId": user, "timestamp": now.isoformat(),
+         "properties": {"experiment_id": "checkout_button", "variation_id": "green"}},
+        {"type": "track", "event": "Order Completed", "userId": user, "properties": {"order_id": "o", "revenue": 1},
+         "timestamp": (now + timedelta(seconds=1)).isoformat()}])
+    after = {1: totals[1] + 1, 2: totals[2] + 1}
+    wait_until(lambda: on_screen() == after, timeout=120, what="the new journey on the open page")
+    site.converge(lambda: {1: view(1), 2: view(2)}, lambda: after, "funnel_daily after the new journey")

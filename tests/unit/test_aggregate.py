@@ -79,8 +79,9 @@ def stage(table: Table, kafka: Kafka, ch: ClickHouse | None = None, metrics=METR
 class Record:
     def __init__(self, value: dict):
         # Its key, as Kafka partitioned it: the person, a merge marker's anonymous id, a hand-off's user.
+        # A partition's switch report goes to the leader partition (stages/backfill.py).
         key = {"merge": "from", "state": "person", "forget": "person"}.get(value["type"], "personId")
-        self.partition = partition_of(value[key].encode(), PARTITIONS)
+        self.partition = 0 if value["type"] == "switched" else partition_of(value[key].encode(), PARTITIONS)
         self.value = orjson.dumps(value)
 
 
@@ -199,7 +200,7 @@ def test_a_crash_before_publishing_a_cell_taken_to_zero_is_repaired_at_assignmen
                         for r in sorted(kafka.cells(TOPICS.retention), key=lambda r: r["version"])}
         assert by_partition[(day_text(DAY0), 0, anon_partition)] == 0
         assert by_partition[(day_text(DAY0), 1, anon_partition)] == 0
-        handoff = orjson.loads(kafka.log[TOPICS.identified][-1][2])
+        handoff = [rec for _, _, v in kafka.log[TOPICS.identified] if (rec := orjson.loads(v))["type"] == "state"][-1]
         await restarted.process([Record(handoff)])
     run(restart())
     assert final_cells(kafka) == {("daily", day_text(DAY0), 0): 1, ("daily", day_text(DAY0), 1): 1}

@@ -269,3 +269,55 @@ def test_clickhouse_pages_query_only_while_open_and_when_the_sink_moved(ui):
     ui.run(moved({invalid}))  # moved again within SQL_PAGE_MIN_SECONDS: held back, still marked stale
     assert ui.queries == [] and "quality" in d.sql_dirty
     d.hub.unsubscribe("quality", wake)
+
+
+def test_definitions_viewers_see_them_editors_edit_them(ui):
+    """Everyone sees what is in force and where it comes from; only editors get the forms and may post."""
+    ui.login("vera")
+    status, _, body = ui.request("GET", "/ui/definitions")
+    assert status == 200 and "checkout" in body and 'id="source"' in body
+    assert "/ui/definitions/new/" not in body and "/ui/definitions/edit/" not in body
+    assert ui.request("GET", "/ui/definitions/new/funnels")[0] == 403
+    assert ui.request("GET", "/ui/definitions/edit/funnels/checkout")[0] == 403
+    csrf = ui.csrf("/ui/definitions")
+    status, _, body = ui.request("POST", "/ui/definitions/funnels", data={"csrf": csrf, "action": "save",
+                                                                          "name": "x", "step1_event": "A"})
+    assert status == 403 and "editor role" in body
+    ui.login("ed")
+    status, _, body = ui.request("GET", "/ui/definitions")
+    assert "/ui/definitions/new/funnels" in body and "/ui/definitions/edit/funnels/checkout" in body
+    status, _, form = ui.request("GET", "/ui/definitions/new/funnels")
+    assert status == 200 and '<select name="step1_event"' in form
+    assert '<option value="Product Viewed">' in form  # the tracking plan's events are the choices
+    assert "<textarea" not in form  # no free-text YAML
+    status, _, form = ui.request("GET", "/ui/definitions/edit/funnels/checkout")
+    assert status == 200 and '<option value="Order Completed" selected>' in form
+    # a form without CSRF token, or from another site, is refused before anything is read
+    assert ui.request("POST", "/ui/definitions/funnels", data={"action": "save"})[0] == 403
+    assert ui.request("GET", "/ui/definitions/new/alerts")[0] == 404
+
+
+def test_the_live_events_page_shows_events_not_backfills_or_markers(tmp_path):
+    """events.identified also carries merge and progress markers, switch reports and backfilled events
+    (stages/backfill.py): only events are new events."""
+    import orjson
+    from flywheel.web.live import Feed, Hub
+
+    settings = Settings(data_dir=tmp_path)
+
+    class TP:
+        topic, partition = settings.topics.identified, 0
+
+    class Rec:
+        def __init__(self, offset: int, value: dict):
+            self.offset, self.value, self.key, self.timestamp = offset, orjson.dumps(value), None, 0
+
+    event = {"type": "track", "event": "Buy", "messageId": "m1", "personId": "u1", "timestamp": 0,
+             "properties": {}, "source": "web"}
+    feed = Feed(settings, Hub(["events"]), None)
+    feed.apply({TP(): [Rec(0, event), Rec(1, {"type": "backfill", "revision": 3, "pids": ["x"],
+                                              "event": {**event, "personId": "u0"}}),
+                       Rec(2, {"type": "switched", "partition": 0, "revision": 3, "new": []}),
+                       Rec(3, {"type": "tick", "from": 0, "of": 1, "at": 5})]})
+    shown = feed.recent.select(name="", person="", source="")
+    assert [(e["type"], e["person"]) for e in shown] == [("track", "u1")]

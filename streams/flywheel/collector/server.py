@@ -26,7 +26,7 @@ from flywheel.collector.intake import UNAUTHORIZED, Request, intake, too_large
 from flywheel.collector.outcomes import Accepted, Rejected
 from flywheel.config import Settings
 from flywheel.experiments import answer as assignment
-from flywheel.metrics.definitions import load_metrics
+from flywheel.metrics.definitions import Metrics
 from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
 from flywheel.web.admin import admin_app
@@ -61,7 +61,9 @@ class Collector:
         self.experiments = experiments or {}  # name → {variation: weight}: POST /v1/assign
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Collector:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Collector:
+        """The collector for `settings`, assigning the experiments of `metrics` (default: the definitions in
+        force, flywheel.registry)."""
         bootstrap = settings.kafka_bootstrap
         # Unique per process: two collectors sharing an id would fence each other's transactions.
         txn_id = f"{settings.app_id}-collector-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -77,8 +79,11 @@ class Collector:
             limits=settings.limits(),
             committer=committer,
             retry_after=settings.collector_retry_after_seconds,
-            experiments={e.name: dict(e.variations) for e in load_metrics(settings.metrics).experiments},
+            experiments=variations(metrics if metrics is not None else _in_force(settings)),
         )
+
+    def use(self, metrics: Metrics) -> None:
+        self.experiments = variations(metrics)
 
     async def handle(self, request: web.Request, kind: str) -> web.Response:
         status = 500
@@ -195,10 +200,38 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     # the garbage collector often; moving the start-up objects (modules, classes) out of its view
     # keeps each full collection small.
     gc.freeze()
+    from flywheel.registry import in_force
+    from flywheel.runtime.definitions import DefinitionsWatch
+
     kafka = KafkaProbe(settings.kafka_bootstrap)
+    definitions = in_force(settings, fallback=True)
+    collector = Collector.from_settings(settings, definitions.metrics)
+    app = collector_app(collector, kafka=kafka)
+
+    async def follow(metrics: Metrics, stored) -> None:  # experiments added or changed: assigned at once
+        collector.use(metrics)
+
+    watch = DefinitionsWatch(settings, definitions.stored, follow)
+
+    async def start_watch(_app) -> None:
+        await watch.start()
+
+    async def stop_watch(_app) -> None:
+        await watch.stop()
+    app.on_startup.append(start_watch)
+    app.on_cleanup.append(stop_watch)
     asyncio.run(serve([
-        Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=host, port=port,
-                 name="collector"),
+        Listener(app, host=host, port=port, name="collector"),
         Listener(admin_app(role="collector", checks=[kafka]), host=settings.admin_host, port=settings.admin_port,
                  name="admin"),
     ]))
+
+
+def variations(metrics: Metrics) -> dict[str, dict[str, float]]:
+    return {e.name: dict(e.variations) for e in metrics.experiments}
+
+
+def _in_force(settings: Settings) -> Metrics:
+    from flywheel.registry import in_force
+
+    return in_force(settings, fallback=True).metrics

@@ -50,7 +50,16 @@ from itertools import repeat
 from typing import Any
 
 from flywheel.metrics.cells import Cell
-from flywheel.metrics.definitions import ACTIVE_WINDOWS, Experiment, Funnel, Metrics, Predicate, legacy_bits
+from flywheel.metrics.definitions import (
+    ACTIVE_WINDOWS,
+    Experiment,
+    Funnel,
+    Metrics,
+    Predicate,
+    exposure_key,
+    legacy_bits,
+    part_key,
+)
 from flywheel.metrics.exposures import Track, cells, merge, observe_matched
 from flywheel.metrics.funnel import levels_by_day
 from flywheel.model.clock import DAY_MS
@@ -188,6 +197,25 @@ def _fit(state: PersonState, metrics: Metrics) -> PersonState:
     return state
 
 
+def histories(metrics: Metrics) -> dict[str, str]:
+    """What the state keeps history for under `metrics`, each with the predicate id whose events make it:
+    a condition in each of its roles (a funnel step's events, a cohort's first time, a return's days, a
+    segment's or the RFM's event times over a window, an experiment's exposures and metric parts). One of
+    these new to a state has no history there — a backfill brings it (stages/backfill.py) — even when its
+    condition served another role before (an event that was a funnel step becomes a return condition)."""
+    out = {f"f:{pid}": pid for pid in metrics.funnel_pids}
+    out.update({f"c:{pid}": pid for pid in metrics.cohort_pids})
+    out.update({f"r:{pid}": pid for pid in metrics.return_pids})
+    out.update({f"s:{pid}:{keep}:{window}": pid for pid, (keep, window) in metrics.segment_pids.items()})
+    if metrics.rfm is not None:
+        out[f"o:{metrics.rfm.order.pid}:{metrics.rfm.monetary}:{metrics.rfm.window_ms}"] = metrics.rfm.order.pid
+    for pid, experiments in metrics.exposures_of.items():
+        out.update({f"x:{exposure_key(e)}": pid for e in experiments})
+    for pid, parts in metrics.parts_of.items():
+        out.update({f"p:{part_key(p)}:{metrics.part_windows.get(part_key(p))}": pid for p in parts})
+    return out
+
+
 def message_hash(message_id: str) -> int:
     """63 bits of BLAKE2b: a compact, collision-safe enough fingerprint (fits a signed JSON integer)."""
     return int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest(), "big") >> 1
@@ -205,7 +233,9 @@ def apply(
 ) -> PersonState:
     """Add one (non-late) event that satisfies the predicates `matched` (Metrics.matching) and is activity
     or not (Metrics.activity), with the `traits` of an identify call and the event's `properties` (an
-    order's amount). Mutates and returns `state`. Applying it again changes nothing."""
+    order's amount). Mutates and returns `state`. Applying it again changes nothing — also with other
+    predicates: a backfill adds a new condition's history to events applied before it existed
+    (docs/design.md §13), so the funnel bits of an event are united and no time is inserted twice."""
     day = ts_ms // DAY_MS
     state.newest = max(state.newest, ts_ms)
     if active:
@@ -225,9 +255,9 @@ def apply(
         if metrics.rfm is not None and pid == metrics.rfm.order.pid:
             amount = (properties or {}).get(metrics.rfm.monetary)
             number = float(amount) if isinstance(amount, int | float) and not isinstance(amount, bool) else 0.0
-            bisect.insort(state.orders, (ts_ms, number, mhash))
+            _insort_once(state.orders, (ts_ms, number, mhash))
         if pid in metrics.segment_pids:  # (trimmed to what decides, given now: segments.trim)
-            bisect.insort(state.events.setdefault(pid, []), (ts_ms, mhash))
+            _insort_once(state.events.setdefault(pid, []), (ts_ms, mhash))
         if pid in metrics.funnel_pids:
             steps.append(pid)
         if pid in metrics.cohort_pids:
@@ -241,8 +271,15 @@ def apply(
         bits = 0
         for pid in steps:
             bits |= 1 << bisect.bisect_left(state.legend, pid)
-        state.funnel[message_id] = (ts_ms, bits)
+        known = state.funnel.get(message_id)
+        state.funnel[message_id] = (ts_ms, bits | known[1] if known is not None else bits)
     return prune(state, metrics) if prune_history else state
+
+
+def _insort_once(items: list, item: tuple) -> None:
+    i = bisect.bisect_left(items, item)
+    if i == len(items) or items[i] != item:
+        items.insert(i, item)
 
 
 def _scalar(value: Any) -> Any:

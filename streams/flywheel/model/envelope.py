@@ -32,6 +32,8 @@ HEADER_RECEIVED_AT = "flywheel-received-at"  # epoch ms
 HEADER_REPLAY_OF = "flywheel-replay-of"  # a replayed DLQ record: the origin of the rejected one (flywheel dlq)
 HEADER_FORGET = "flywheel-forget"  # not an event: a request to forget a person's ids here (flywheel persons)
 HEADER_TICK = "flywheel-tick"  # not an event: a progress marker, epoch ms (runtime/ticker.py, docs/design.md §10)
+# not a new event: a stored one sent back to its person for new conditions (JSON revision, pids; docs/design.md §13)
+HEADER_BACKFILL = "flywheel-backfill"
 
 
 def as_id(value: Any) -> str | None:

@@ -99,3 +99,18 @@ def alert_row(record: dict[str, Any]) -> dict[str, Any]:
         "decided_at": when(record["decidedAt"]), "late": int(bool(record.get("late"))),
         "superseded": int(bool(record.get("superseded"))),
     }
+
+
+def definition_row(change: dict[str, Any], offset: int) -> dict[str, Any]:
+    """A definitions record (metrics/store.py Change) at `offset` → a flywheel.definition_changes row."""
+    return {
+        "revision": offset, "kind": change["kind"], "name": change["name"],
+        "change": "deleted" if change["spec"] is None else ("added" if change.get("before") is None else "changed"),
+        "version": change.get("version", ""), "definition": _json_or_empty(change["spec"]),
+        "before": _json_or_empty(change.get("before")), "author": change["author"], "via": change["via"],
+        "comment": change.get("comment", ""), "at": from_ms(change["at"]),
+    }
+
+
+def _json_or_empty(value: Any) -> str:
+    return "" if value is None else orjson.dumps(value).decode()

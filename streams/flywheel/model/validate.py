@@ -43,6 +43,7 @@ from pydantic_core.core_schema import CoreSchema
 from flywheel.model import envelope, identity
 from flywheel.model.clock import to_ms
 from flywheel.model.envelope import (
+    HEADER_BACKFILL,
     HEADER_FORGET,
     HEADER_RECEIVED_AT,
     HEADER_REPLAY_OF,
@@ -70,6 +71,7 @@ class Raw:
     replay_of: str = ""  # a replayed DLQ record: the origin of the record first rejected
     forget: str = ""  # not an event but a forget request (flywheel persons forget): its id
     tick: int | None = None  # not an event but a progress marker (runtime/ticker.py): its time, epoch ms
+    backfill: bytes = b""  # a stored event sent back for new conditions (stages/backfill.py): revision, pids
 
     @property
     def origin(self) -> str:
@@ -90,6 +92,7 @@ class Raw:
         replay_of = headers.get(HEADER_REPLAY_OF)
         forget = headers.get(HEADER_FORGET)
         tick = headers.get(HEADER_TICK)
+        backfill = headers.get(HEADER_BACKFILL)
         return cls(
             value=value if isinstance(value, bytes) else bytes(value or b""),
             source=source,
@@ -98,6 +101,7 @@ class Raw:
             replay_of=replay_of.decode("utf-8", "replace") if replay_of else "",
             forget=forget.decode("utf-8", "replace") if forget else "",
             tick=int(tick) if tick is not None and tick.isdigit() else None,
+            backfill=bytes(backfill) if backfill else b"",
         )
 
 

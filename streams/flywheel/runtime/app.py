@@ -17,6 +17,8 @@ Stages, in the order data flows (docs/design.md §1):
     metrics.*         ──sink──────────▶ flywheel.{funnel,retention,active_user,lifecycle,experiment}_partials
     segments.changes  ──sink──────────▶ flywheel.segment_changes
     segments.rfm      ──sink──────────▶ flywheel.rfm_values
+    definitions       ──sink──────────▶ flywheel.definition_changes (the audit trail; workers follow the topic
+                                        itself: runtime/definitions.py)
     events.invalid    ──sink──────────▶ flywheel.invalid_events
     identity.changes  ──sink──────────▶ flywheel.identity_map / identity_conflicts
 """
@@ -36,9 +38,12 @@ from mode import Service
 from flywheel.clickhouse import ClickHouse
 from flywheel.collector.server import Collector, collector_app
 from flywheel.config import Settings
-from flywheel.metrics.definitions import MetricsError, load_metrics
+from flywheel.metrics.definitions import Metrics
+from flywheel.metrics.store import Stored
 from flywheel.model.plan import load_plan
+from flywheel.registry import InForce, check, file_mapping
 from flywheel.runtime import faust_seams
+from flywheel.runtime.definitions import DefinitionsWatch
 from flywheel.runtime.delivery import BatchTopics
 from flywheel.runtime.outbox import Outbox, Outboxes
 from flywheel.runtime.partitioner import partition_of
@@ -56,7 +61,6 @@ from flywheel.web.server import Listener
 from flywheel.web.ui import Dashboard, add_ui
 from flywheel.web.users import Users
 from flywheel.web.webhooks import Webhooks
-from flywheel.web.webhooks import problems as webhook_problems
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +186,15 @@ def rocksdb_memory(budget_mb: int, *, tables: int, partitions: int) -> dict[str,
             "block_cache_size": max(2**20, share // 2)}
 
 
-def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None = None) -> Pipeline:
+def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None = None,
+                  definitions: InForce | None = None) -> Pipeline:
+    """The worker under the definitions in force (registry.seed at start-up; without: the metrics file's,
+    nothing stored or followed — for tests that only look at the app)."""
     plan = load_plan(settings.tracking_plan)
-    metrics = load_metrics(settings.metrics)
-    wrong = webhook_problems(metrics.alerts, settings.alert_webhooks)
-    if wrong:
-        raise MetricsError(f"{settings.metrics}: alerts cannot notify:\n  " + "\n  ".join(wrong))
+    if definitions is None:
+        definitions = InForce(check(settings, file_mapping(settings.metrics), source=str(settings.metrics)),
+                              Stored(), "file")
+    metrics = definitions.metrics
     batches = BatchTopics()
     app = faust.App(
         settings.app_id,
@@ -252,7 +259,9 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     notify = NotifyStage(metrics=metrics, post=webhooks.post)
     aggregate = AggregateStage(metrics=metrics, persons=persons, sink=sink, outbox=output.outbox, topics=names,
                                retry=lambda attempt, name, size: policy.run(attempt, name=name, size=size),
-                               clock=settings.clock(), sweep_seconds=settings.segment_sweep_seconds)
+                               clock=settings.clock(), sweep_seconds=settings.segment_sweep_seconds,
+                               revision=definitions.stored.revision, backfill_page=settings.backfill_page_events,
+                               backfill_pause=settings.backfill_pause_seconds)
     sinks = SinkStage(sink)
 
     def owned() -> set[int]:
@@ -302,6 +311,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     batches.add(app, topic["invalid"], sinks.invalid, name="sink_invalid", retry=policy, **flush)
     batches.add(app, topic["segments"], sinks.segments, name="sink_segments", retry=policy, **flush)
     batches.add(app, topic["rfm"], sinks.rfm, name="sink_rfm", retry=policy, **flush)
+    batches.add(app, topic["definitions"], sinks.definitions, name="sink_definitions", retry=policy, **flush)
     batches.add(app, topic["alert_series"], alert_stage.process, name="alerts", retry=policy,
                 max_records=BATCH_RECORDS)
 
@@ -316,17 +326,33 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
                           tables={"dedup": first_seen, "identity": linked_users, "persons": persons})
     admin = admin_app(role="worker", checks=[kafka, status.clickhouse, status.recovery, status.behind])
     add_status(admin, status.status)
-    add_experiments(admin, metrics=metrics, query=sink.query)
     if sql_token is not None:  # embedded ClickHouse (a server is queried directly by `flywheel sql`)
         add_sql(admin, ch=ch, executor=executor, token=sql_token, port=settings.admin_port)
-    if settings.ui:  # the users file closes with the admin listener
-        add_ui(admin, Dashboard(settings, metrics, Users(settings.data_dir), sink.query))
+    dashboard = Dashboard(settings, metrics, Users(settings.data_dir), sink.query) if settings.ui else None
+    if dashboard is not None:  # the users file closes with the admin listener
+        dashboard.use(definitions)
+        add_ui(admin, dashboard)
+    collector = Collector.from_settings(settings, metrics)
     listeners = Listeners([
-        Listener(collector_app(Collector.from_settings(settings), kafka=kafka), host=settings.http_host,
+        Listener(collector_app(collector, kafka=kafka), host=settings.http_host,
                  port=settings.http_port, name="collector"),
         Listener(admin, host=settings.admin_host, port=settings.admin_port, name="admin"),
     ])
-    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close)]
-    if metrics.alerts:
-        services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
+    async def on_change(new: Metrics, stored: Stored) -> None:
+        """A new revision of the stored definitions, while running (docs/design.md §13)."""
+        collector.use(new)
+        ingest.use(new.alerts)
+        notify.use(new)
+        await alert_stage.use(new)
+        experiments.clear()
+        experiments.update({e.name: e for e in new.experiments})
+        if dashboard is not None:
+            dashboard.use(InForce(new, stored, "stored"))
+        await aggregate.use(new, stored.revision)
+
+    experiments = add_experiments(admin, metrics=metrics, query=sink.query)
+    services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close),
+                DefinitionsWatch(settings, definitions.stored, on_change)]
+    # progress markers for alert rules: always, as rules may come while running (a few records a second)
+    services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
     return Pipeline(app, services)

@@ -41,12 +41,15 @@ def ensure_topics(settings: Settings) -> list[str]:
         # PartitionsMismatch "changelog has 0 partitions"): create them up front, like Faust would.
         changelogs = [changelog_topic(settings, table) for table in TABLES]
         compacted |= set(changelogs)
+        compacted.add(names.definitions)
         wanted = [t for t in [*names.model_dump().values(), *changelogs] if t not in existing]
         created = []
         for name in wanted:
+            # the stored definitions: one partition, so their offsets order every change (the revision)
+            partitions = 1 if name == names.definitions else settings.partitions
             try:
                 admin.create_topics([
-                    NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication,
+                    NewTopic(name, num_partitions=partitions, replication_factor=settings.replication,
                              topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
                 ])
                 created.append(name)

@@ -49,11 +49,12 @@ from flywheel.metrics.alerts import GAUGE, cell_feeds, cell_index, feed_record, 
 from flywheel.metrics.cells import Cell, cell_id, is_open, parse_cell_id, record
 from flywheel.metrics.definitions import ACTIVE_WINDOWS, Metrics, ref
 from flywheel.metrics.partials import Change, Partials, count
-from flywheel.metrics.person import PersonState, apply, experiment_history_cut, is_late, join
+from flywheel.metrics.person import PersonState, apply, experiment_history_cut, histories, is_late, join
 from flywheel.metrics.segments import audience_record, decide, memberships, next_change, trim
 from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import AUDIENCE_ENTERED, AUDIENCE_EXITED
 from flywheel.model.rows import event_row
+from flywheel.stages.backfill import BackfillJob, Book
 from flywheel.stages.ports import ClickHouseWriter, Outbox, Record, Table
 from flywheel.stages.tables import Writes
 
@@ -75,6 +76,8 @@ SWEEP_MAX = 500  # persons re-evaluated per partition per sweep batch
 LEADER = 0
 RFM_DECIDED = b"\x00rfm\x00"  # + LEADER + NUL + person → "segment|version|since"
 SIZES = b"\x00sizes\x00"  # + partition → {segment: members on the partition}, for alert rules on segment sizes
+# + LEADER → the backfill book (stages/backfill.py): each partition's switch, the conditions waiting, the job
+BACKFILL = b"\x00backfill\x00"
 # A count from the person states gives the event loop back every SLICE states (~0.2 ms each), and a batch
 # every YIELD_EVERY records: the collector and /health share the loop.
 SLICE = 100
@@ -116,14 +119,15 @@ def owner_of(key: bytes, person_partition: Callable[[bytes], int]) -> int:
 class AggregateStage:
     def __init__(self, *, metrics: Metrics, persons: Table, sink: ClickHouseWriter,
                  outbox: Callable[[], Awaitable[Outbox]], topics: Topics, retry: Retry,
-                 clock: Callable[[], int] = wall_ms, sweep_seconds: float = 10.0):
-        self.metrics = metrics
+                 clock: Callable[[], int] = wall_ms, sweep_seconds: float = 10.0, revision: int = -1,
+                 backfill_page: int = 5000, backfill_pause: float = 0.0):
+        self.revision = revision  # of the stored definitions in force (docs/design.md §13)
+        self.backfill_page, self.backfill_pause = backfill_page, backfill_pause
         self.persons = persons  # person id → PersonState JSON, and the bookkeeping above
         self.sink = sink
         self.outbox = outbox  # async () -> a new Outbox
         self.topics = topics
         self.retry = retry  # the retry policy's run (attempt, name, size)
-        self.partials = Partials(metrics)
         self.versions: dict[int, int] = {}  # partition → last publication version
         self.seq: dict[int, int] = {}  # partition → sequence number of its last checkpoint
         # (partition, closed cell) → (value, version) of this worker's last correction for a forgotten person
@@ -139,21 +143,44 @@ class AggregateStage:
         self._unannounced: dict[int, dict[bytes, list[dict]]] = defaultdict(dict)
         self._announced: dict[int, set[bytes]] = defaultdict(set)
         self._sweeper: asyncio.Task | None = None
+        self._backfiller: asyncio.Task | None = None
         # partition → the segment versions every person of it was evaluated under (its end mark keeps them)
         self.evaluated: dict[int, dict[str, str]] = {}
         self._reevaluations: dict[int, asyncio.Task] = {}
         self._rfm_decided: dict[str, tuple[str, str, int]] | None = None  # the leader's, loaded once
         self._refresher: asyncio.Task | None = None
-        self._feeds = cell_index(metrics.alerts)  # the cells alert rules read (docs/design.md §10)
         # partition → events.raw partition → the newest progress marker it passed on (runtime/ticker.py)
         self._ticks: dict[int, dict[int, int]] = defaultdict(dict)
         self._through: dict[int, int] = {}  # partition → progress last reported
         self.sizes: dict[int, dict[str, int]] = {}  # partition → segment → members (SIZES)
+        self._derive(metrics)
+
+    def _derive(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.partials = Partials(metrics)
+        self._feeds = cell_index(metrics.alerts)  # the cells alert rules read (docs/design.md §10)
         self._gauges = tuple(a for a in metrics.alerts if a.series.kind == "segment")
         # the definitions a checkpoint's cells were counted under (its end mark keeps them): another set —
         # one added, changed or removed — is counted afresh from the person states, which hold their history
         self._definitions = sorted(ref(d) for d in (*metrics.funnels, *metrics.retention,
                                                     *filter(None, [metrics.lifecycle]), *metrics.experiments))
+        # what the partitions' states keep history for (the end mark keeps it): what is new to a partition
+        # has no history there, which the backfill brings (stages/backfill.py)
+        self._histories = histories(metrics)
+
+    async def use(self, metrics: Metrics, revision: int) -> None:
+        """Another set of definitions, while running (docs/design.md §13): between two batches, every owned
+        partition is taken up again as after a rebalance that gave it back — its partials counted afresh from
+        the person states under the new set (the checkpoint names the old one), published again, segments
+        re-evaluated if theirs changed. What other definitions count stays as it was: their history is in
+        the states, per predicate."""
+        async with self._batch:
+            owned = set(self._repairs)
+            self.stop()
+            self.revoked(owned)
+            self._derive(metrics)
+            self.revision = revision
+            self.assigned(owned)
 
     # ---- assignment --------------------------------------------------------------------------------
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -168,6 +195,8 @@ class AggregateStage:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         if self.metrics.rfm and (self._refresher is None or self._refresher.done()):
             self._refresher = asyncio.ensure_future(self._refresh_forever())
+        if LEADER in wanted and (self._backfiller is None or self._backfiller.done()):
+            self._backfiller = asyncio.ensure_future(self._backfill_job().run_forever())
 
     async def _report(self, repairs: dict[int, asyncio.Task]) -> None:
         """One line once an assignment's partitions are repaired."""
@@ -209,10 +238,10 @@ class AggregateStage:
             self.revoked(partitions)
 
     def stop(self) -> None:
-        for task in (self._sweeper, self._refresher):
+        for task in (self._sweeper, self._refresher, self._backfiller):
             if task is not None:
                 task.cancel()
-        self._sweeper = self._refresher = None
+        self._sweeper = self._refresher = self._backfiller = None
 
     async def _ready(self, partitions: Iterable[int]) -> None:
         """Wait for these partitions' partials (a partition nobody announced, or whose repair failed — a bug
@@ -229,6 +258,11 @@ class AggregateStage:
 
     async def _repair(self, partition: int) -> tuple[str, int]:
         """(how the partials were restored, how many cells were republished)"""
+        # First, before the end mark can name the new conditions: this partition applies the definitions in
+        # force from now on, and every event it applied before is in ClickHouse (stages/backfill.py).
+        known, revision = self._end(partition).get("histories"), self.revision
+        new = sorted({pid for h, pid in self._histories.items() if h not in known}) if known is not None else []
+        await self.retry(lambda: self._report_switch(partition, revision, new), f"switch p{partition}", 1)
         how = "checkpoint" if self._load(partition) else "count"
         if how == "count":
             await self._rebuild(partition)
@@ -403,7 +437,65 @@ class AggregateStage:
     def _end_record(self, partition: int, watermark: int, zeros: Iterable[Cell], seq: int) -> bytes:
         return orjson.dumps({"watermark": watermark, "version": self.versions.get(partition, 0),
                              "zeros": sorted(cell_id(c) for c in zeros), "seq": seq,
-                             "segments": self.evaluated.get(partition, {}), "definitions": self._definitions})
+                             "segments": self.evaluated.get(partition, {}), "definitions": self._definitions,
+                             "histories": sorted(self._histories)})
+
+    # ---- backfill (stages/backfill.py) ----------------------------------------------------------------
+    async def _report_switch(self, partition: int, revision: int, new: list[str]) -> None:
+        """To the leader partition: this one follows `revision` from now on; `new` conditions need history."""
+        out = await self.outbox()
+        rec = {"type": "switched", "partition": partition, "revision": revision, "new": new}
+        out.add(self.topics.identified, None, orjson.dumps(rec), partition=LEADER)
+        await out.send()
+        if new:
+            log.info("partition %d follows definitions revision %d; new conditions to backfill: %s", partition,
+                     revision, ", ".join(new))
+
+    def _book(self) -> Book:
+        return Book.from_json(self.persons.get(LEADER, _mark(BACKFILL, LEADER)))
+
+    async def _write_book(self, change: Callable[[Book], Any]) -> Any:
+        """Change the leader's book and write it, between batches; what `change` returned."""
+        async def attempt() -> Any:
+            async with self._batch:
+                outbox = await self.outbox()
+                writes = Writes(self.persons, outbox)
+                book = Book.from_json(writes.get(LEADER, _mark(BACKFILL, LEADER)))
+                result = change(book)
+                writes.put(LEADER, _mark(BACKFILL, LEADER), book.to_json())
+                writes.apply(await outbox.send())
+                return result
+        return await self.retry(attempt, "backfill book", 1)
+
+    def _backfill_job(self) -> BackfillJob:
+        async def partitions() -> int:
+            return len((await self.outbox()).partitions(self.topics.identified))
+
+        return BackfillJob(query=lambda sql: self.sink.query(sql), outbox=self.outbox, raw_topic=self.topics.raw,
+                           load=self._book,
+                           persist=self._write_book, insert=lambda table, rows: self.sink.write(table, rows),
+                           metrics=lambda: self.metrics,
+                           partitions=partitions, clock=self.clock, page=self.backfill_page,
+                           pause=self.backfill_pause)
+
+    def _backfilled(self, part: int, rec: dict, state_of: Callable[[int, bytes], list],
+                    watermarks: dict[int, int]) -> None:
+        """A stored event for conditions new to the definitions: applied to its person with those only, applied
+        before or not (person.apply is idempotent), never judged late (it was counted when it came)."""
+        ev, pids = rec["event"], set(rec["pids"])
+        matched = [p for p in self.metrics.matching(ev["event"], ev.get("properties") or {}, ev["type"])
+                   if p.pid in pids]
+        if not matched:  # removed since the job started
+            return
+        slot = state_of(part, ev["personId"].encode())
+        state = slot[1] if slot[1] is not None else PersonState()
+        slot[1] = state
+        if not state.user and ev["personId"] not in (ev.get("anonymousId"), ev.get("previousId")):
+            state.user = True
+        apply(state, ev["messageId"], ev["timestamp"], matched, self.metrics,
+              active=self.metrics.activity.matches(ev["type"], ev["event"]), properties=ev.get("properties"))
+        watermarks[part] = max(watermarks[part], ev["timestamp"])
+        obs.BACKFILL_APPLIED.inc()
 
     # ---- one batch ----------------------------------------------------------------------------------
     async def process(self, records: Sequence[Record]) -> None:
@@ -431,7 +523,7 @@ class AggregateStage:
                 slot = touched[(part, key)] = [old, new]
             return slot
 
-        rows, handoffs, forgets, ticks = [], [], [], []
+        rows, handoffs, forgets, ticks, switches = [], [], [], [], []
         for i, (part, rec) in enumerate(batch):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -462,6 +554,10 @@ class AggregateStage:
                 watermarks[part] = max(watermarks[part], slot[1].newest)
             elif kind == "tick":  # a progress marker from the ingest of events.raw partition `from`
                 ticks.append((part, rec))
+            elif kind == "backfill":
+                self._backfilled(part, rec, state_of, watermarks)
+            elif kind == "switched":  # on the leader: a partition took up a revision of the definitions
+                switches.append(rec)
             elif kind == "due":  # the sweep: a person whose segment memberships may have changed by now
                 key = rec["person"].encode()
                 slot = state_of(part, key, history=False)
@@ -548,6 +644,11 @@ class AggregateStage:
                 writes.put(part, prefix + akey, orjson.dumps(recs))
             writes.put(part, _mark(END, part),
                        self._end_record(part, change.watermark, change.unpublished_zeros, seq))
+        if switches:
+            book = Book.from_json(writes.get(LEADER, _mark(BACKFILL, LEADER)))
+            for rec in switches:
+                book.report(rec["partition"], rec["revision"], rec["new"])
+            writes.put(LEADER, _mark(BACKFILL, LEADER), book.to_json())
         first_open = {c.partition: c.open_from for c, _ in changes}
         corrections: dict[tuple[int, Cell], tuple[int, int]] = {}
         for part, rec, had_state in forgets:

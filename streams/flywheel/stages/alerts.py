@@ -72,6 +72,13 @@ class AlertStage:
         self._due: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
+    async def use(self, metrics: Metrics) -> None:
+        """Another set of rules, while running: a rule whose version changed starts afresh (its stored state
+        names the old version), one removed is no longer judged, one added starts (docs/design.md §13)."""
+        async with self._lock:
+            self.alerts = {a.name: a for a in metrics.alerts}
+            self._due = {}
+
     def revoked(self, partitions: Sequence[int]) -> None:
         for q in partitions:
             self._started.discard(q)
@@ -232,6 +239,9 @@ class NotifyStage:
         self.alerts = {a.name: a for a in metrics.alerts}
         self.post = post
         self._delivered: set[tuple[str, str]] = set()  # (idempotency key, url)
+
+    def use(self, metrics: Metrics) -> None:
+        self.alerts = {a.name: a for a in metrics.alerts}
 
     async def process(self, records: Sequence[Record]) -> None:
         failed: Exception | None = None

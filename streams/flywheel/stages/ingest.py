@@ -77,6 +77,11 @@ class Ingest:
         self.counted = Counting(alerts)
         self._republished: set[int] = set()  # partitions whose tallies were sent again since the start
 
+    def use(self, alerts: Sequence[Alert]) -> None:
+        """Other alert rules, while running (between two batches: the event loop runs one at a time)."""
+        self.counted = Counting(alerts)
+        self._republished = set()
+
     async def handle(self, records: Sequence[Record]) -> None:
         """Process a batch; return only once all of its outputs are in Kafka. If that fails, the batch is
         retried from the tables as they were before it (stages/tables.py)."""
@@ -147,6 +152,9 @@ class Ingest:
         if raw.tick is not None:
             self._tick(raw, outbox, ticks)
             return
+        if raw.backfill:
+            self._backfill(raw, outbox, linked)
+            return
         dedup.arrived(record.partition, min(to_ms(raw.received_at), self._arrival_cap))
         if raw.forget:
             self._forget(raw, dedup, linked, counts)
@@ -186,6 +194,19 @@ class Ingest:
                         ev["receivedAt"], False)
         self._resolve_identity(ev, raw, outbox, linked, counts)
         outbox.add(names.identified, ev["personId"].encode(), orjson.dumps(ev))
+
+    def _backfill(self, raw: Raw, outbox: Outbox, linked: Writes) -> None:
+        """A stored event sent back for new conditions (stages/backfill.py): to the person its ids resolve to
+        now — the user an anonymous id was linked to since, read from the identity table, which this record's
+        key (the anonymous id) puts on this partition, in order with that id's links. Validated, deduplicated
+        and counted when it first came: none of it again, and it links nothing."""
+        ev = orjson.loads(raw.value)
+        if not ev.get("userId") and ev.get("anonymousId"):
+            entry = linked.get(raw.partition, ev["anonymousId"].encode())
+            ev["personId"] = entry.decode().partition("\x00")[0] if entry is not None else ev["anonymousId"]
+        job = orjson.loads(raw.backfill)
+        record = {"type": "backfill", "revision": job["revision"], "pids": job["pids"], "event": ev}
+        outbox.add(self.topics.identified, ev["personId"].encode(), orjson.dumps(record))
 
     def _forget(self, raw: Raw, dedup: DedupBatch, linked: Writes, counts: Counter) -> None:
         """A forget request (flywheel persons forget; docs/design.md §3) for the ids and messageIds of one

@@ -24,7 +24,7 @@ import orjson
 from flywheel import observability as obs
 from flywheel.metrics.cells import KIND_BY_NAME, Cell, kind_of, row
 from flywheel.metrics.oracle import quote
-from flywheel.model.rows import alert_row, audience_row, identity_rows, invalid_row, rfm_row
+from flywheel.model.rows import alert_row, audience_row, definition_row, identity_rows, invalid_row, rfm_row
 from flywheel.model.validate import dlq_record
 from flywheel.stages.ports import Outbox, Record
 
@@ -35,6 +35,7 @@ INVALID_EVENTS = "flywheel.invalid_events"
 SEGMENT_CHANGES = "flywheel.segment_changes"
 RFM_VALUES = "flywheel.rfm_values"
 ALERT_EVENTS = "flywheel.alert_events"
+DEFINITION_CHANGES = "flywheel.definition_changes"
 
 
 class ClickHouse(Protocol):
@@ -199,3 +200,7 @@ class SinkStage:
     async def segments(self, records: Sequence[Record]) -> None:
         await self.sink.write(SEGMENT_CHANGES, [audience_row(orjson.loads(r.value), r.partition, r.offset)
                                                    for r in records])
+
+    async def definitions(self, records: Sequence[Record]) -> None:
+        await self.sink.write(DEFINITION_CHANGES, [definition_row(orjson.loads(r.value), r.offset)
+                                                   for r in records if r.value is not None])

@@ -57,9 +57,11 @@ def add_status(app: web.Application, status: Callable[[], dict[str, Any]]) -> No
     app.router.add_get("/status", handler)
 
 
-def add_experiments(app: web.Application, *, metrics: Metrics, query: Callable[[str], Awaitable[list]]) -> None:
+def add_experiments(app: web.Application, *, metrics: Metrics,
+                    query: Callable[[str], Awaitable[list]]) -> dict[str, Any]:
     """GET /experiments/{name}/results: `flywheel experiments results NAME --json` (metrics/results.py) from
-    the live statistics in ClickHouse (`query` runs SQL there)."""
+    the live statistics in ClickHouse (`query` runs SQL there). Returns the experiments by name it serves: a
+    worker replaces them when the definitions change."""
     from flywheel.metrics.results import from_stats, stats_sql
 
     by_name = {e.name: e for e in metrics.experiments}
@@ -67,7 +69,7 @@ def add_experiments(app: web.Application, *, metrics: Metrics, query: Callable[[
     async def handler(request: web.Request) -> web.Response:
         experiment = by_name.get(request.match_info["name"])
         if experiment is None:
-            return web.json_response({"error": f"no experiment {request.match_info['name']!r} in the metrics file; "
+            return web.json_response({"error": f"no experiment {request.match_info['name']!r} in the definitions; "
                                       f"there are: {sorted(by_name)}"}, status=404)
         try:
             rows = await query(stats_sql(experiment))
@@ -76,6 +78,7 @@ def add_experiments(app: web.Application, *, metrics: Metrics, query: Callable[[
         return web.Response(body=orjson.dumps(from_stats(experiment, rows)), content_type="application/json")
 
     app.router.add_get("/experiments/{name}/results", handler)
+    return by_name
 
 
 class AnotherWorker(RuntimeError):

@@ -278,13 +278,13 @@ class Feed:
                 self._positions[(tp.topic, tp.partition)] = records[-1].offset + 1
                 continue
             # events: only the newest are decoded; the rest are counted. An event on events.identified
-            # carries "personId"; its merge and progress markers never do.
+            # carries "personId"; its merge and progress markers never do, and a backfilled event is no new one.
             live_from = self._live_from.get((tp.topic, tp.partition), 0)
             fresh = [r for r in records if r.offset >= live_from]  # not the read-back at start
             if tp.topic == names.identified:
-                self.valid_rate.add(sum(1 for r in fresh if r.value and b'"personId":' in r.value))
+                self.valid_rate.add(sum(1 for r in fresh if _is_event(r.value)))
                 for r in records[-newest:]:
-                    if r.value and b'"personId":' in r.value and (value := _json(tp, r)) is not None:
+                    if _is_event(r.value) and (value := _json(tp, r)) is not None:
                         self.recent.add_valid(value)
             else:
                 self.invalid_rate.add(len(fresh))
@@ -351,3 +351,8 @@ async def _quietly(close: Callable[[], Awaitable[Any]]) -> None:
 def _log_death(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("ui: %s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
+
+
+def _is_event(value: bytes | None) -> bool:
+    """An event of events.identified, not a marker, a hand-off or a backfilled event (stages/backfill.py)."""
+    return bool(value) and b'"personId":' in value and not value.startswith(b'{"type":"backfill"')

@@ -16,6 +16,7 @@ else. Roles: viewer sees every page; editor also replays rejected events; admin 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import secrets
@@ -34,6 +35,8 @@ from aiohttp import web
 from flywheel.config import Settings
 from flywheel.metrics.definitions import Metrics
 from flywheel.metrics.results import from_stats
+from flywheel.model.plan import TrackingPlan, load_plan
+from flywheel.registry import InForce
 from flywheel.web import board
 from flywheel.web.live import Feed, Hub
 from flywheel.web.users import NAME, ROLES, Session, Throttle, UserError, Users, allows, check_csrf
@@ -104,6 +107,7 @@ class Dashboard:
                  *, today: Callable[[], datetime] = lambda: datetime.now(UTC), executor: Executor | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.definitions: InForce | None = None  # the stored set and its source (set by whoever follows it)
         self.users = users
         self.query = query
         self.today = today
@@ -122,6 +126,17 @@ class Dashboard:
         self._idle_task: asyncio.Task | None = None
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                             autoescape=True, undefined=jinja2.StrictUndefined)
+
+    @functools.cached_property
+    def plan(self) -> TrackingPlan:
+        """The tracking plan, for the editor's pickers."""
+        return load_plan(self.settings.tracking_plan)
+
+    def use(self, definitions: InForce) -> None:
+        """Another set of definitions in force: every open page is drawn again with it."""
+        self.definitions, self.metrics = definitions, definitions.metrics
+        for p in PAGES:
+            self.hub.changed(p.name)
 
     def _new_feed(self) -> Feed:
         feed = Feed(self.settings, self.hub, self.query)
@@ -320,7 +335,8 @@ def _page(request: web.Request, template: str, **context) -> web.Response:
     dash = request.app[KEY]
     session = _session_of(request)
     html = dash.templates.get_template(template).render(
-        **{"page": None, **context}, pages=PAGES, session=session, csrf=session.csrf if session else "",
+        **{"page": None, "current": None, **context}, pages=PAGES, session=session,
+        csrf=session.csrf if session else "",
         allows=allows)
     return web.Response(text=html, content_type="text/html")
 
@@ -458,7 +474,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def users_page(request: web.Request) -> web.Response:
     _require(request, "admin")
     dash = request.app[KEY]
-    return _page(request, "users.html", page=None, users=await dash._users(dash.users.list), roles=ROLES,
+    return _page(request, "users.html", page=None, current="users", users=await dash._users(dash.users.list),
+                 roles=ROLES,
                  error=request.get(ERROR, ""))
 
 
@@ -510,6 +527,157 @@ async def replay(request: web.Request) -> web.Response:
     return web.Response(status=303, headers={"Location": f"/ui/quality?replayed={sent}&hours={hours}"})
 
 
+# ---- definitions (docs/design.md §13) ---------------------------------------------------------------------
+AUDIT_SQL = """
+SELECT revision, toString(at), author, via, kind, name, toString(change), comment
+FROM flywheel.definition_changes FINAL ORDER BY revision DESC LIMIT 50"""
+BACKFILLS_SQL = """
+SELECT revision, length(predicates), events, toString(started), toString(finished)
+FROM flywheel.definition_backfills FINAL ORDER BY started DESC LIMIT 10"""
+
+
+async def _rows_or_error(dash: Dashboard, sql: str) -> tuple[list, str]:
+    try:
+        return await dash.query(sql), ""
+    except Exception as exc:  # ClickHouse away: the page says so, the rest of it shows
+        return [], f"ClickHouse: {exc}"
+
+
+def _in_force(dash: Dashboard):
+    from flywheel.metrics.store import Change, split
+
+    state = dash.definitions
+    if state is None or state.source == "file":  # nothing stored yet: the file, as the workers use it
+        from flywheel.registry import file_mapping
+
+        return [Change(kind=k, name=n, spec=spec, author="-", via="file", at=0)
+                for k, n, spec in split(file_mapping(dash.settings.metrics)).values()]
+    return list(state.stored.current.values())
+
+
+async def definitions_page(request: web.Request) -> web.Response:
+    """Every definition in force, where they come from, the audit trail and the backfills; editors edit."""
+    from flywheel.web import editor
+
+    dash = request.app[KEY]
+    state = dash.definitions
+    audit, audit_error = await _rows_or_error(dash, AUDIT_SQL)
+    backfills, backfill_error = await _rows_or_error(dash, BACKFILLS_SQL)
+    items = [{"kind": c.kind, "name": c.name, "version": c.version, "author": c.author, "via": c.via,
+              "at": _iso(c.at) if c.at else "", "text": orjson.dumps(c.spec).decode(),
+              "editable": c.kind in editor.KINDS and editor.editable(c.kind, c.spec)}
+             for c in sorted(_in_force(dash), key=lambda c: (c.kind, c.name))]
+    return _page(request, "definitions.html", current="definitions", items=items, kinds=editor.KINDS,
+                 source=state.describe() if state is not None else "the metrics file",
+                 differs=state.file_differs if state is not None else [], metrics_file=str(dash.settings.metrics),
+                 audit=audit, backfills=backfills, error=audit_error or backfill_error,
+                 saved=request.query.get("saved", ""))
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _editor_page(request: web.Request, kind: str, values: dict, *, existing: bool, error: str = "",
+                       preview: dict | None = None, status: int = 200) -> web.Response:
+    from flywheel.web import editor
+
+    dash = request.app[KEY]
+    seen_events, _ = await _rows_or_error(dash, editor.EVENTS_SQL)
+    seen_properties, _ = await _rows_or_error(dash, editor.PROPERTIES_SQL)
+    events, properties = editor.pickers(dash.plan, seen_events, seen_properties)
+    response = _page(request, "definition.html", current="definitions", kind=kind, label=editor.KINDS[kind],
+                     values=values, existing=existing, events=events, properties=properties, error=error,
+                     preview=preview, steps=range(1, editor.MAX_STEPS + 1),
+                     conditions=range(1, editor.MAX_CONDITIONS + 1), units=editor.UNITS)
+    response.set_status(status)
+    return response
+
+
+async def definition_form(request: web.Request) -> web.Response:
+    """Editor: a new definition (/definitions/new/{kind}) or a stored one (/definitions/edit/{kind}/{name})."""
+    from flywheel.web import editor
+
+    _require(request, "editor")
+    dash = request.app[KEY]
+    kind = request.match_info["kind"]
+    if kind not in editor.KINDS:
+        raise web.HTTPNotFound(text=f"no editor for {kind!r}: {', '.join(editor.KINDS)} (others: flywheel metrics "
+                                    "import)")
+    name = request.match_info.get("name")
+    if name is None:
+        defaults = {"window_n": "1", "window_unit": "d", "period": "day", "horizon": "7", "mode": "all"}
+        return await _editor_page(request, kind, defaults, existing=False)
+    found = next((c for c in _in_force(dash) if c.kind == kind and c.name == name), None)
+    if found is None:
+        raise web.HTTPNotFound(text=f"no {editor.KINDS[kind]} named {name!r}")
+    if not editor.editable(kind, found.spec):
+        raise web.HTTPConflict(text=f"{kind}/{name} has parts this form cannot show: edit it with flywheel metrics "
+                                    "export / import")
+    return await _editor_page(request, kind, editor.form_from_spec(kind, found.spec), existing=True)
+
+
+async def definition_change(request: web.Request) -> web.Response:
+    """Editor: preview a draft over history, save it (a new version, in force on every worker within seconds,
+    its history backfilled), or delete it. Every save and deletion is recorded with who and when."""
+    from flywheel import registry
+    from flywheel.metrics.definitions import MetricsError
+    from flywheel.metrics.store import Change, applied, spec_version
+    from flywheel.model.clock import wall_ms
+    from flywheel.web import editor
+
+    session = _require(request, "editor")
+    dash = request.app[KEY]
+    kind = request.match_info["kind"]
+    if kind not in editor.KINDS:
+        raise web.HTTPNotFound(text=f"no editor for {kind!r}")
+    form = await _checked_form(request)
+    action = form.get("action")
+    existing = form.get("existing") == "1"
+    loop = asyncio.get_running_loop()
+    try:
+        stored = await loop.run_in_executor(None, registry.read, dash.settings)
+    except registry.StoreUnavailable as exc:
+        return await _editor_page(request, kind, form, existing=existing, error=str(exc), status=503)
+    current = stored.mapping() if not stored.empty else registry.file_mapping(dash.settings.metrics)
+    name = str(form.get("name", "")).strip()
+    before = next((c.spec for c in stored.current.values() if c.kind == kind and c.name == name), None)
+    try:
+        if action == "delete":
+            if before is None:
+                raise editor.FormError(f"no stored {editor.KINDS[kind]} named {name!r}")
+            change = Change(kind=kind, name=name, spec=None, before=before, author=session.user.name, via="ui",
+                            at=wall_ms(), comment=str(form.get("comment", "")))
+        else:
+            spec = editor.spec_from_form(kind, form)
+            if not existing and before is not None:
+                raise editor.FormError(f"a {editor.KINDS[kind]} named {name!r} exists: edit it, or pick another name")
+            change = Change(kind=kind, name=name, spec=spec, before=before, version=spec_version(spec),
+                            author=session.user.name, via="ui", at=wall_ms(), comment=str(form.get("comment", "")))
+        metrics = registry.check(dash.settings, applied(current, [change]), source=f"{kind}/{name}")
+    except (editor.FormError, MetricsError) as exc:
+        return await _editor_page(request, kind, form, existing=existing, error=str(exc), status=400)
+    if action == "preview":
+        d = editor.definition(metrics, kind, name)
+        try:
+            rows = await dash.query(editor.preview_sql(kind, d, metrics, dash.settings.clock()()))
+        except Exception as exc:
+            return await _editor_page(request, kind, form, existing=existing, error=f"ClickHouse: {exc}",
+                                      status=503)
+        return await _editor_page(request, kind, form, existing=existing, preview=editor.preview_table(kind, d, rows))
+    if action not in ("save", "delete"):
+        raise web.HTTPBadRequest(text=f"unknown action {action!r}")
+    if stored.empty:  # nothing stored yet (no worker started): the file goes in first, then the change
+        changes = registry.diff({}, current, author=session.user.name, via="file", at=wall_ms(),
+                                comment=f"stored before the first edit: {dash.settings.metrics}")
+    else:
+        changes = []
+    revision = await loop.run_in_executor(None, registry.write, dash.settings, [*changes, change])
+    log.info("ui: %s %s %s/%s (revision %d)", session.user.name, "deleted" if change.spec is None else "saved",
+             kind, name, revision)
+    return web.Response(status=303, headers={"Location": f"/ui/definitions?saved={kind}/{name}@{revision}"})
+
+
 async def root(request: web.Request) -> web.Response:
     return web.Response(status=303, headers={"Location": "/ui/overview"})
 
@@ -527,6 +695,10 @@ def add_ui(app: web.Application, dashboard: Dashboard) -> None:
     ui.router.add_get("/users", users_page)
     ui.router.add_post("/users", users_change)
     ui.router.add_post("/quality/replay", replay)
+    ui.router.add_get("/definitions", definitions_page)
+    ui.router.add_get("/definitions/new/{kind}", definition_form)
+    ui.router.add_get("/definitions/edit/{kind}/{name}", definition_form)
+    ui.router.add_post("/definitions/{kind}", definition_change)
     ui.router.add_get("/stream/{page}", stream, allow_head=False)
     ui.router.add_static("/static/", HERE / "static", follow_symlinks=False)
     ui.router.add_get("/{page}", page)
@@ -546,18 +718,34 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     """`flywheel ui`: the UI (and /health) on its own listener, against the same Kafka and ClickHouse as the
     workers — a ClickHouse server directly, embedded ClickHouse through the running worker's /sql."""
     from flywheel import query as queries
-    from flywheel.metrics.definitions import load_metrics
+    from flywheel.registry import in_force
+    from flywheel.runtime.definitions import DefinitionsWatch
     from flywheel.web.admin import admin_app
     from flywheel.web.health import KafkaProbe
     from flywheel.web.server import Listener, serve
 
-    metrics = load_metrics(settings.metrics)
+    definitions = in_force(settings)
 
     async def query(sql: str) -> list:
         return (await asyncio.to_thread(queries.run, settings, sql, wait=10.0))[1]
 
     app = admin_app(role="ui", checks=[KafkaProbe(settings.kafka_bootstrap)])
-    add_ui(app, Dashboard(settings, metrics, Users(settings.data_dir), query))  # closes the users file at stop
+    dashboard = Dashboard(settings, definitions.metrics, Users(settings.data_dir), query)
+    dashboard.use(definitions)
+    add_ui(app, dashboard)  # closes the users file at stop
+
+    async def follow(metrics, stored) -> None:
+        dashboard.use(InForce(metrics, stored, "stored"))
+
+    watch = DefinitionsWatch(settings, definitions.stored, follow)
+
+    async def start_watch(_app) -> None:
+        await watch.start()
+
+    async def stop_watch(_app) -> None:
+        await watch.stop()
+    app.on_startup.append(start_watch)
+    app.on_cleanup.append(stop_watch)
     log.info("ui on http://%s:%d/ui (Kafka %s, ClickHouse %s)", host, port, settings.kafka_bootstrap,
              "server" if settings.clickhouse_url else f"embedded in {settings.data_dir}")
     asyncio.run(serve([Listener(app, host=host, port=port, name="ui")]))

@@ -1,0 +1,97 @@
+"""A running worker follows the stored definitions (docs/design.md §13).
+
+One aiokafka consumer without a group on the definitions topic's only partition, from the revision the
+worker started with. Whatever arrived in one fetch is folded in and compiled once (an import of ten
+definitions is one switch, not ten); the new set goes to every stage that holds definitions (`on_change`),
+in order. A set that does not compile — the writers check before they write, so only a hand-made record
+could do it — is logged and skipped: the worker keeps the set it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from mode import Service
+
+from flywheel.config import Settings
+from flywheel.metrics.definitions import Metrics, MetricsError
+from flywheel.metrics.store import Change, Stored
+from flywheel.registry import check
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[Metrics, Stored], Awaitable[None]]
+
+
+class DefinitionsWatch(Service):
+    def __init__(self, settings: Settings, stored: Stored, on_change: OnChange, **kwargs):
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.stored = stored
+        self.on_change = on_change
+        self._consumer: AIOKafkaConsumer | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.stored.revision
+
+    async def _connect(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                    client_id=f"{self.settings.app_id}-definitions-watch")
+        await consumer.start()
+        try:
+            tp = TopicPartition(self.settings.topics.definitions, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, self.stored.revision + 1)
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def on_stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    @Service.task
+    async def _follow(self) -> None:
+        failing = False
+        while not self.should_stop:
+            try:
+                if self._consumer is None:
+                    self._consumer = await self._connect()
+                fetched = await self._consumer.getmany(timeout_ms=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker away: the worker keeps its set and tries again
+                if not failing:
+                    log.warning("definitions: cannot follow %s (%s); trying again every 2 s",
+                                self.settings.topics.definitions, exc)
+                failing = True
+                await self.sleep(2.0)
+                continue
+            if failing:
+                log.info("definitions: following %s again", self.settings.topics.definitions)
+                failing = False
+            records = [r for batch in fetched.values() for r in batch if r.value is not None]
+            if records:
+                await self.take([(r.offset, Change.from_bytes(r.value)) for r in records])
+
+    async def take(self, records: list[tuple[int, Change]]) -> None:
+        """Fold records in; if the set compiles, hand it to the stages."""
+        candidate = self.stored.copy().fold_all(records)
+        try:
+            metrics = check(self.settings, candidate.mapping(),
+                            source=f"{self.settings.topics.definitions}@{candidate.revision}")
+        except MetricsError as exc:
+            log.error("definitions revision %d is not valid, keeping revision %d: %s", candidate.revision,
+                      self.stored.revision, exc)
+            self.stored.revision = candidate.revision  # not read again
+            return
+        changed = ", ".join(f"{c.key} ({'deleted' if c.spec is None else c.version}, by {c.author} via {c.via})"
+                            for _, c in records)
+        log.info("definitions revision %d in force: %s", candidate.revision, changed)
+        self.stored = candidate
+        await self.on_change(metrics, candidate)

@@ -1,0 +1,230 @@
+"""The definitions editor of the UI: forms ↔ definitions, pickers, previews (docs/design.md §13).
+
+Pure: no HTTP here (web/ui.py serves it). An editor builds a funnel, a retention or a segment from pickers —
+event names from the tracking plan and from what ClickHouse has seen, property names likewise — never from
+free-text YAML; the form becomes the definition as the metrics file writes it (`spec_from_form`), which
+the registry checks like any change. The preview runs the definition's oracle query (metrics/oracle.py)
+over the history in ClickHouse: what it would have said, before it is saved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flywheel.metrics import oracle
+from flywheel.metrics.definitions import ANY, Funnel, Metrics, Retention, Segment
+from flywheel.model.plan import TrackingPlan
+
+KINDS = {"funnels": "funnel", "retention": "retention", "segments": "segment"}  # editable here
+MAX_STEPS = 8  # step rows a funnel form offers
+MAX_CONDITIONS = 6  # condition rows a segment form offers
+UNITS = ("m", "h", "d")
+PREVIEW_DAYS = 30
+
+EVENTS_SQL = """
+SELECT event, count() AS n FROM flywheel.events
+WHERE event != '' AND timestamp >= now() - INTERVAL 30 DAY GROUP BY event ORDER BY n DESC, event LIMIT 500"""
+PROPERTIES_SQL = """
+SELECT key, count() AS n FROM flywheel.events ARRAY JOIN JSONExtractKeys(properties) AS key
+WHERE timestamp >= now() - INTERVAL 30 DAY GROUP BY key ORDER BY n DESC, key LIMIT 500"""
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+class FormError(ValueError):
+    """What is wrong with a submitted form, for the editor to fix."""
+
+
+def pickers(plan: TrackingPlan, seen_events: Sequence[Sequence], seen_properties: Sequence[Sequence]
+            ) -> tuple[list[str], list[str]]:
+    """(event names, property names): the tracking plan's first (alphabetically), then what ClickHouse has
+    seen in the last 30 days (most frequent first)."""
+    events = sorted(plan.events)
+    events += [str(r[0]) for r in seen_events if str(r[0]) not in plan.events]
+    planned = sorted({p.name for rule in plan.events.values() for p in rule.properties})
+    properties = planned + [str(r[0]) for r in seen_properties if str(r[0]) not in planned]
+    return events, properties
+
+
+def _text(form: Mapping[str, Any], key: str) -> str:
+    return str(form.get(key, "")).strip()
+
+
+def _duration(form: Mapping[str, Any], key: str, *, what: str) -> str:
+    amount, unit = _text(form, f"{key}_n"), _text(form, f"{key}_unit")
+    if not amount.isdigit() or int(amount) <= 0 or unit not in UNITS:
+        raise FormError(f"{what}: a whole number above 0 and a unit ({', '.join(UNITS)})")
+    return f"{int(amount)}{unit}"
+
+
+def _value(text: str) -> str | int | float | bool:
+    """A property value as typed: true/false, a number, else the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _where(form: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    prop, value = _text(form, f"{prefix}_prop"), _text(form, f"{prefix}_value")
+    if not prop:
+        return {}
+    if not value:
+        raise FormError(f"{prefix.replace('_', ' ')}: property {prop!r} needs a value")
+    return {prop: _value(value)}
+
+
+def spec_from_form(kind: str, form: Mapping[str, Any]) -> dict[str, Any]:
+    """A submitted form → the definition as the metrics file writes it (checked by the registry next)."""
+    name = _text(form, "name")
+    if not name:
+        raise FormError("the name is missing")
+    if kind == "funnels":
+        steps = []
+        for i in range(1, MAX_STEPS + 1):
+            event = _text(form, f"step{i}_event")
+            if event:
+                where = _where(form, f"step{i}")
+                steps.append({"event": event, **({"where": where} if where else {})})
+        if len(steps) < 2:
+            raise FormError("a funnel needs at least two steps")
+        return {"name": name, "window": _duration(form, "window", what="conversion window"), "steps": steps}
+    if kind == "retention":
+        horizon = _text(form, "horizon")
+        if not horizon.isdigit():
+            raise FormError("horizon: a whole number of periods")
+        return {"name": name, "cohort_event": _text(form, "cohort_event") or ANY,
+                "return_event": _text(form, "return_event") or ANY, "period": _text(form, "period") or "day",
+                "horizon": int(horizon)}
+    if kind == "segments":
+        conditions = []
+        for i in range(1, MAX_CONDITIONS + 1):
+            event = _text(form, f"cond{i}_event")
+            if not event:
+                continue
+            how = _text(form, f"cond{i}_kind") or "performed"
+            if how not in ("performed", "not_performed"):
+                raise FormError(f"condition {i}: performed or not performed")
+            condition: dict[str, Any] = {how: event}
+            where = _where(form, f"cond{i}")
+            if where:
+                condition["where"] = where
+            count = _text(form, f"cond{i}_count")
+            if how == "performed" and count and count != "1":
+                if not count.isdigit():
+                    raise FormError(f"condition {i}: at least how many times (a whole number)")
+                condition["count"] = {_text(form, f"cond{i}_op") or "gte": int(count)}
+            condition["within"] = _duration(form, f"cond{i}_within", what=f"condition {i}: within")
+            conditions.append(condition)
+        if not conditions:
+            raise FormError("a segment needs at least one condition")
+        mode = _text(form, "mode") or "all"
+        if mode not in ("all", "any"):
+            raise FormError("all or any of the conditions")
+        return {"name": name, mode: conditions}
+    raise FormError(f"{kind} cannot be edited here (use flywheel metrics import)")
+
+
+def _split_duration(value: Any) -> tuple[str, str]:
+    m = _DURATION.match(str(value).strip())
+    if m is None:  # seconds, as a bare number
+        seconds = int(value)
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds % size == 0:
+                return str(seconds // size), unit
+        return str(max(1, seconds // 60)), "m"
+    amount, unit = m.groups()
+    if unit == "s":
+        return str(max(1, int(amount) // 60)), "m"
+    return amount, unit
+
+
+def form_from_spec(kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """A stored definition → the form's values (to edit it)."""
+    out = {"name": str(spec["name"])}
+
+    def where(prefix: str, w: Mapping[str, Any] | None) -> None:
+        for prop, value in (w or {}).items():  # the form has room for one filter per row
+            out[f"{prefix}_prop"] = prop
+            out[f"{prefix}_value"] = str(value).lower() if isinstance(value, bool) else str(value)
+            break
+
+    if kind == "funnels":
+        out["window_n"], out["window_unit"] = _split_duration(spec["window"])
+        for i, step in enumerate(spec["steps"], start=1):
+            out[f"step{i}_event"] = step["event"]
+            where(f"step{i}", step.get("where"))
+    elif kind == "retention":
+        out.update(cohort_event=spec.get("cohort_event", ANY), return_event=spec.get("return_event", ANY),
+                   period=spec.get("period", "day"), horizon=str(spec.get("horizon", 7)))
+    elif kind == "segments":
+        mode = "all" if "all" in spec else "any"
+        out["mode"] = mode
+        for i, c in enumerate(spec.get(mode, ()), start=1):
+            how = "performed" if "performed" in c else "not_performed" if "not_performed" in c else None
+            if how is None:
+                continue  # a trait or a nested group: not in this form (metrics import edits it)
+            out[f"cond{i}_kind"], out[f"cond{i}_event"] = how, c[how]
+            where(f"cond{i}", c.get("where"))
+            if "count" in c:
+                (op, n), = c["count"].items()
+                out[f"cond{i}_op"], out[f"cond{i}_count"] = op, str(n)
+            out[f"cond{i}_within_n"], out[f"cond{i}_within_unit"] = _split_duration(c["within"])
+    return out
+
+
+def editable(kind: str, spec: Mapping[str, Any]) -> bool:
+    """Whether the form can show every part of this definition (else: flywheel metrics import)."""
+    if kind == "funnels":
+        return len(spec["steps"]) <= MAX_STEPS and all(len(s.get("where") or {}) <= 1 for s in spec["steps"])
+    if kind == "retention":
+        return True
+    if kind == "segments":
+        items = spec.get("all", spec.get("any"))
+        return (items is not None and len(items) <= MAX_CONDITIONS and "universe" not in spec
+                and all(("performed" in c or "not_performed" in c) and len(c.get("where") or {}) <= 1
+                        for c in items))
+    return False
+
+
+def definition(metrics: Metrics, kind: str, name: str) -> Funnel | Retention | Segment:
+    items = {"funnels": metrics.funnels, "retention": metrics.retention, "segments": metrics.segments}[kind]
+    return next(d for d in items if d.name == name)
+
+
+def preview_sql(kind: str, d: Funnel | Retention | Segment, metrics: Metrics, now_ms: int) -> str:
+    """The oracle query of a draft: what it would have said over the history in ClickHouse."""
+    if kind == "funnels":
+        return (f"SELECT toString(day), step, persons FROM ({oracle.funnel_sql(d)}) "
+                f"WHERE day >= today() - {PREVIEW_DAYS - 1} ORDER BY day, step")
+    if kind == "retention":
+        return (f"SELECT toString(cohort_day), period, persons, cohort_size FROM ({oracle.retention_sql(d)}) "
+                f"WHERE cohort_day >= today() - {PREVIEW_DAYS - 1} ORDER BY cohort_day, period")
+    return f"SELECT count() FROM ({oracle.segment_members_sql(d, metrics, now_ms)})"
+
+
+def preview_table(kind: str, d: Funnel | Retention | Segment, rows: Sequence[Sequence]) -> dict[str, Any]:
+    """The preview as a table: a funnel's days × steps, a retention's cohorts × periods, a segment's size."""
+    if kind == "funnels":
+        steps = len(d.steps)
+        by_day: dict[str, list[int]] = {}
+        for day, step, persons in rows:
+            by_day.setdefault(str(day), [0] * steps)[int(step) - 1] = int(persons)
+        return {"head": ["day", *(f"{i}. {s.event}" for i, s in enumerate(d.steps, start=1))],
+                "rows": [[day, *counts] for day, counts in sorted(by_day.items(), reverse=True)]}
+    if kind == "retention":
+        by_cohort: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
+        for cohort, period, persons, size in rows:
+            by_cohort.setdefault(str(cohort), [0] * d.horizon)
+            sizes[str(cohort)] = int(size)
+            if 1 <= int(period) <= d.horizon:
+                by_cohort[str(cohort)][int(period) - 1] = int(persons)
+        return {"head": ["cohort", "size", *(f"+{n}" for n in range(1, d.horizon + 1))],
+                "rows": [[c, sizes[c], *v] for c, v in sorted(by_cohort.items(), reverse=True)]}
+    return {"head": ["members now"], "rows": [[int(rows[0][0]) if rows else 0]]}

@@ -1,0 +1,103 @@
+"""web/editor.py: the UI's forms ↔ definitions (docs/design.md §13). A definition the form can show comes back
+from it unchanged (hypothesis); what the form cannot express is refused with a reason, never guessed."""
+
+from __future__ import annotations
+
+import pytest
+from flywheel.config import Settings
+from flywheel.metrics.definitions import parse_metrics
+from flywheel.model.plan import load_plan
+from flywheel.web import editor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+EVENTS = st.sampled_from(["Product Viewed", "Order Completed", "Signed Up", "Home"])
+VALUES = st.one_of(st.sampled_from(["shoes", "a b", "x"]), st.integers(-5, 500), st.booleans(),
+                   st.sampled_from([1.5, 0.25]))
+DURATIONS = st.builds(lambda n, u: f"{n}{u}", st.integers(1, 90), st.sampled_from(["m", "h", "d"]))
+WHERE = st.one_of(st.just({}), st.dictionaries(st.sampled_from(["category", "plan", "price"]), VALUES,
+                                               min_size=1, max_size=1))
+
+
+def step():
+    return st.builds(lambda e, w: {"event": e, **({"where": w} if w else {})}, EVENTS, WHERE)
+
+
+FUNNELS = st.builds(lambda steps, window: {"name": "f_1", "window": window, "steps": steps},
+                    st.lists(step(), min_size=2, max_size=editor.MAX_STEPS), DURATIONS)
+RETENTION = st.builds(lambda c, r, p, h: {"name": "r.2", "cohort_event": c, "return_event": r, "period": p,
+                                         "horizon": h},
+                      st.one_of(st.just("any"), EVENTS), st.one_of(st.just("any"), EVENTS),
+                      st.sampled_from(["day", "week"]), st.integers(1, 31))
+
+
+def condition():
+    def build(how, event, where, count, within):
+        c = {how: event}
+        if where:
+            c["where"] = where
+        if how == "performed" and count > 1:
+            c["count"] = {"gte": count}
+        c["within"] = within
+        return c
+    return st.builds(build, st.sampled_from(["performed", "not_performed"]), st.one_of(st.just("any"), EVENTS),
+                     WHERE, st.integers(1, 5), DURATIONS)
+
+
+SEGMENTS = st.builds(lambda mode, cs: {"name": "s-3", mode: cs}, st.sampled_from(["all", "any"]),
+                     st.lists(condition(), min_size=1, max_size=editor.MAX_CONDITIONS))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.tuples(st.just("funnels"), FUNNELS), st.tuples(st.just("retention"), RETENTION),
+                 st.tuples(st.just("segments"), SEGMENTS)))
+def test_a_definition_the_form_can_show_comes_back_unchanged(case):
+    kind, spec = case
+    assert editor.editable(kind, spec)
+    assert editor.spec_from_form(kind, editor.form_from_spec(kind, spec)) == spec
+    parse_metrics({kind: [spec]})  # and it is a valid definition
+
+
+@pytest.mark.parametrize(("kind", "form", "why"), [
+    ("funnels", {"name": "f", "step1_event": "A", "window_n": "1", "window_unit": "d"}, "at least two steps"),
+    ("funnels", {"name": "f", "step1_event": "A", "step2_event": "B", "window_n": "0", "window_unit": "d"},
+     "conversion window"),
+    ("funnels", {"name": "f", "step1_event": "A", "step1_prop": "category", "step2_event": "B", "window_n": "1",
+                 "window_unit": "d"}, "needs a value"),
+    ("funnels", {"step1_event": "A", "step2_event": "B", "window_n": "1", "window_unit": "d"}, "name is missing"),
+    ("retention", {"name": "r", "horizon": "x"}, "horizon"),
+    ("segments", {"name": "s"}, "at least one condition"),
+    ("segments", {"name": "s", "cond1_event": "A", "cond1_within_n": "1", "cond1_within_unit": "y"}, "within"),
+    ("alerts", {"name": "a"}, "cannot be edited here"),
+])
+def test_a_form_that_says_too_little_is_refused_with_the_reason(kind, form, why):
+    with pytest.raises(editor.FormError, match=why):
+        editor.spec_from_form(kind, form)
+
+
+def test_what_the_form_cannot_show_is_left_to_the_metrics_file():
+    two_filters = {"name": "f", "window": "1d", "steps": [{"event": "A", "where": {"a": 1, "b": 2}}, {"event": "B"}]}
+    assert not editor.editable("funnels", two_filters)
+    nested = {"name": "s", "all": [{"any": [{"performed": "A", "within": "1d"}]}]}
+    assert not editor.editable("segments", nested)
+    assert not editor.editable("segments", {"name": "s", "all": [{"trait": {"plan": "pro"}}]})
+
+
+def test_pickers_offer_the_tracking_plan_then_what_clickhouse_has_seen():
+    plan = load_plan(Settings().tracking_plan)
+    events, properties = editor.pickers(plan, [("Home", 9), ("Product Viewed", 5)], [("utm_source", 3),
+                                                                                      ("category", 2)])
+    assert events[:len(plan.events)] == sorted(plan.events) and events[len(plan.events):] == ["Home"]
+    assert "category" in properties and properties[-1] == "utm_source" and properties.count("category") == 1
+
+
+def test_previews_are_tables_of_what_the_oracle_said():
+    m = parse_metrics({"funnels": [{"name": "f", "window": "1d", "steps": [{"event": "A"}, {"event": "B"}]}],
+                       "retention": [{"name": "r", "cohort_event": "A", "return_event": "B", "horizon": 2}]})
+    f = editor.definition(m, "funnels", "f")
+    assert editor.preview_table("funnels", f, [("2026-11-30", 1, 5), ("2026-11-30", 2, 2), ("2026-12-01", 1, 1)]) == {
+        "head": ["day", "1. A", "2. B"], "rows": [["2026-12-01", 1, 0], ["2026-11-30", 5, 2]]}
+    r = editor.definition(m, "retention", "r")
+    assert editor.preview_table("retention", r, [("2026-11-30", 0, 4, 4), ("2026-11-30", 2, 1, 4)]) == {
+        "head": ["cohort", "size", "+1", "+2"], "rows": [["2026-11-30", 4, 0, 1]]}
+    assert "windowFunnel" in editor.preview_sql("funnels", f, m, 0)
