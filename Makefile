@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-ui bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-shutdown bench-soak sample stop lint clean
+.PHONY: run test bench bench-ui bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-definitions bench-shutdown bench-soak sample stop lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-restart: $(STAMP)
 	$(BIN)/python bench/restart.py $(BENCH_ARGS)
 
 # Segments: cost per event (in-process), the sweep at 1M persons (RocksDB), entry latency and exit delay live.
+# Options: make bench-definitions BENCH_ARGS="--persons 3000 --days 20"
+bench-definitions: $(STAMP)
+	$(BIN)/python bench/definitions.py $(BENCH_ARGS)
+
 # Options: make bench-alerts BENCH_ARGS="--parts detect --seeds 200"
 bench-alerts: $(STAMP)
 	$(BIN)/python bench/alerts.py $(BENCH_ARGS)

@@ -231,8 +231,8 @@ def run_feed(args) -> dict[str, Any]:
     rng = random.Random(7)
     cells = [(rng.choice(["checkout", "shoes_purchase"]), f"2026-11-{rng.randint(1, 30):02d}", rng.randint(1, 3))
              for _ in range(2000)]
-    metric = [(p, orjson.dumps({"funnel": f, "day": d, "step": st, "partition": p, "persons": rng.randint(0, 999),
-                                "version": v}))
+    metric = [(p, orjson.dumps({"funnel": f, "definitionVersion": "v1", "day": d, "step": st, "partition": p,
+                                "persons": rng.randint(0, 999), "version": v}))
               for v in range(1, 1 + max(1, len(events) // (len(cells) * args.partitions)))
               for f, d, st in cells for p in range(args.partitions)]
     metric_fetches = list(batches(metric, settings.topics.funnels, 500 * args.partitions))

@@ -413,6 +413,44 @@ def metrics_import(
     typer.echo(f"stored: revision {revision}; running workers take it up now")
 
 
+@metrics_cli.command("drop-version")
+def metrics_drop_version(
+    kind: Annotated[str, typer.Argument(help="funnels | retention")],
+    name: Annotated[str, typer.Argument(help="the definition's name")],
+    version: Annotated[str, typer.Argument(help="the version whose cells go (see flywheel.funnel_daily_versions)")],
+    yes: Annotated[bool, typer.Option("--yes", help="do it (without: say what would go)")] = False,
+) -> None:
+    """Delete an old version's cells of a funnel or a retention from ClickHouse. A changed definition counts
+    anew under its new version and keeps the old one's cells readable (flywheel.funnel_daily_versions,
+    retention_daily_versions) until this. The version in force cannot be dropped."""
+    from flywheel.metrics.oracle import quote
+    from flywheel.query import QueryError
+
+    tables = {"funnels": ("flywheel.funnel_partials", "funnel"), "retention": ("flywheel.retention_partials",
+                                                                               "retention")}
+    if kind not in tables:
+        _fail(f"kind must be one of {', '.join(tables)}, not {kind!r}")
+    table, column = tables[kind]
+    settings = _settings()
+    current = {d.name: d.version for d in getattr(_in_force(settings), kind)}
+    if current.get(name) == version:
+        _fail(f"{kind}/{name} version {version} is the one in force: change or delete the definition first")
+    query = _query(settings)
+    where = f"{column} = {quote(name)} AND definition_version = {quote(version)}"
+    try:
+        rows = int(query(f"SELECT count() FROM {table} WHERE {where}")[1][0][0])
+        if not rows:
+            _fail(f"no cells of {kind}/{name} version {version} (versions: SELECT DISTINCT definition_version FROM "
+                  f"{table} WHERE {column} = {quote(name)})")
+        if not yes:
+            typer.echo(f"{rows:,} rows of {kind}/{name} version {version} would be deleted: add --yes")
+            return
+        query(f"ALTER TABLE {table} DELETE WHERE {where} SETTINGS mutations_sync = 1")
+    except QueryError as exc:
+        _fail(str(exc))
+    typer.echo(f"deleted {rows:,} rows of {kind}/{name} version {version}")
+
+
 @metrics_cli.command("verify")
 def metrics_verify() -> None:
     """Compare the live views with ClickHouse's own functions over every event (metrics/oracle.py).

@@ -52,8 +52,12 @@ def read(settings: Settings, *, timeout: float = READ_SECONDS) -> Stored:
                                f"({exc}): start Kafka (make run starts a local one) or set FLYWHEEL_KAFKA_BOOTSTRAP"
                                ) from None
     try:
-        if not consumer.partitions_for_topic(topic):
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
             return Stored()
+        if len(partitions) != 1:  # offsets of several partitions order nothing: no revision
+            raise MetricsError(f"the definitions topic {topic} has {len(partitions)} partitions; it needs exactly one "
+                               "(and cleanup.policy=compact): recreate it, then `flywheel metrics import` an export")
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
@@ -140,13 +144,15 @@ class InForce:
     stored: Stored
     source: str  # "stored" | "file" (nothing stored yet)
     file_differs: list[str] = field(default_factory=list)  # keys where FLYWHEEL_METRICS says otherwise
+    broken: str = ""  # why the newest stored revision is not the one in force (it does not compile here)
 
     def describe(self) -> str:
         if self.source == "file":
             return "the metrics file (nothing stored yet)"
         last = self.stored.last
         when = f", last change by {last.author} via {last.via}" if last is not None else ""
-        return f"stored definitions, revision {self.stored.revision}{when}"
+        return f"stored definitions, revision {self.stored.revision}{when}" + (
+            f" — NOT the newest, which does not compile here: {self.broken}" if self.broken else "")
 
 
 def in_force(settings: Settings, *, stored: Stored | None = None, fallback: bool = False) -> InForce:
@@ -165,19 +171,52 @@ def in_force(settings: Settings, *, stored: Stored | None = None, fallback: bool
     if stored.empty:
         file = file_mapping(settings.metrics)
         return InForce(check(settings, file, source=str(settings.metrics)), stored, "file")
-    mapping = stored.mapping()
     try:
-        differs = [c.key for c in diff(mapping, file_mapping(settings.metrics), author="-", via="file", at=0)]
+        differs = [c.key for c in diff(stored.mapping(), file_mapping(settings.metrics), author="-", via="file",
+                                       at=0)]
     except MetricsError as exc:  # not in force: said, not fatal
         differs = [f"(unreadable: {exc})"]
-    return InForce(check(settings, mapping, source=f"{settings.topics.definitions}@{stored.revision}"), stored,
-                   "stored", differs)
+    metrics, usable, broken = newest_valid(settings, stored)
+    return InForce(metrics, usable, "stored", differs, broken)
 
 
-def seed(settings: Settings) -> InForce:
+def newest_valid(settings: Settings, stored: Stored) -> tuple[Metrics, Stored, str]:
+    """The newest revision of the stored set that compiles here, the set at it, and why newer ones do not
+    (""). Writers check before they write, but what compiles also depends on a process's environment (its
+    webhook allowlist and secrets): one process refusing a set keeps the last it can run, and says so."""
+    try:
+        return check(settings, stored.mapping(), source=f"{settings.topics.definitions}@{stored.revision}"), stored, ""
+    except MetricsError as exc:
+        broken = str(exc)
+    for offset, _ in reversed(stored.records[:-1]):
+        earlier = stored.upto(offset)
+        try:
+            metrics = check(settings, earlier.mapping(), source=f"{settings.topics.definitions}@{offset}")
+        except MetricsError:
+            continue
+        log.error("definitions revision %d does not compile here (%s): revision %d stays in force", stored.revision,
+                  broken, offset)
+        return metrics, earlier, broken
+    raise MetricsError(f"no revision of {settings.topics.definitions} compiles here; the newest: {broken}")
+
+
+def checked(settings: Settings, old: dict[str, Any], changes: list[Change], *, source: str) -> Metrics:
+    """What `changes` on `old` would put in force — as the store will give them back (a value JSON cannot
+    carry, say NaN, would not survive it) — compiled, or MetricsError."""
+    return check(settings, applied(old, [Change.from_bytes(c.to_bytes()) for c in changes]), source=source)
+
+
+def seed(settings: Settings, *, audited: int = 0) -> InForce:
     """At a worker's start: an empty store takes the metrics file (one change per definition, via "file");
-    otherwise the stored set stays in force and a differing file is logged."""
+    otherwise the stored set stays in force and a differing file is logged. `audited`: the changes ClickHouse's
+    audit trail holds — an empty store beside a trail was lost (a topic recreated, another cluster), and taking
+    the file then would silently undo every edit: refused."""
     stored = read(settings)
+    if stored.empty and audited:
+        raise MetricsError(f"the definitions topic {settings.topics.definitions} is empty, but "
+                           f"flywheel.definition_changes records {audited} changes: the stored definitions were lost "
+                           "(a topic deleted or recreated, another Kafka?). Put them back with `flywheel metrics "
+                           "import FILE` (an export, or rebuild one from definition_changes), then start again")
     if stored.empty:
         file = file_mapping(settings.metrics)
         check(settings, file, source=str(settings.metrics))
@@ -204,9 +243,9 @@ def changes_for(settings: Settings, new: dict[str, Any], *, author: str, via: st
     changes = diff(old, new, author=author, via=via, at=wall_ms(), comment=comment)
     if keep_others:
         changes = [c for c in changes if c.spec is not None]
-    check(settings, applied(old, changes), source="the changed definitions")
+    checked(settings, old, changes, source="the changed definitions")
     return stored, changes
 
 
-__all__ = ["Change", "InForce", "StoreUnavailable", "changes_for", "check", "file_mapping", "in_force", "key_of",
-           "read", "seed", "split", "write"]
+__all__ = ["Change", "InForce", "StoreUnavailable", "changes_for", "check", "checked", "file_mapping", "in_force",
+           "key_of", "newest_valid", "read", "seed", "split", "write"]

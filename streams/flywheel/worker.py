@@ -30,11 +30,7 @@ def run(settings: Settings) -> None:
     from flywheel.runtime.app import create_worker
     from flywheel.runtime.topics import ensure_topics
 
-    # fail before touching anything if the tracking plan is wrong; the definitions in force are the stored
-    # ones — or, on a first start, the metrics file's, stored now (docs/design.md §13)
-    load_plan(settings.tracking_plan)
-    definitions = _definitions(settings, registry)
-    log.info("definitions in force: %s", definitions.describe())
+    load_plan(settings.tracking_plan)  # fail before touching anything if the tracking plan is wrong
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token = None
     if not settings.clickhouse_url:
@@ -48,6 +44,15 @@ def run(settings: Settings) -> None:
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
+    # the definitions in force: the stored ones — or, on a first start, the metrics file's, stored now
+    # (docs/design.md §13); ClickHouse's audit trail tells a first start from a lost store
+    try:
+        audited = int(ch.rows("SELECT count() FROM flywheel.definition_changes")[1][0][0])
+        definitions = _definitions(settings, registry, audited=audited)
+    except BaseException:
+        ch.close()
+        raise
+    log.info("definitions in force: %s", definitions.describe())
     parts = create_worker(settings, ch, sql_token=token, definitions=definitions)
     tty = sys.stdout.isatty()
     worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
@@ -71,13 +76,13 @@ def run(settings: Settings) -> None:
     os._exit(code)
 
 
-def _definitions(settings: Settings, registry, *, sleep=time.sleep):
+def _definitions(settings: Settings, registry, *, audited: int, sleep=time.sleep):
     """registry.seed, waiting for Kafka as long as it takes (a worker started before the broker, as compose
     may do), one line when it starts waiting and one when Kafka answers."""
     waited = False
     while True:
         try:
-            definitions = registry.seed(settings)
+            definitions = registry.seed(settings, audited=audited)
         except registry.StoreUnavailable as exc:
             if not waited:
                 log.warning("waiting for Kafka to read the stored definitions: %s", exc)

@@ -2,7 +2,8 @@
 
 One worker starts on a metrics file (which its first start stores); while journeys stream in, `flywheel
 metrics import` adds a funnel, a retention and a segment whose conditions have no history in the person
-states (one of them served another role before: a cohort event becomes a funnel step). The worker takes
+states (one of them served another role before: a cohort event becomes a funnel step), and changes a funnel's
+window (a new version, counted anew; the old version's cells stay readable). The worker takes
 them up without a restart and backfills their history; it is killed (-9) in the middle of the backfill and
 started again. Afterwards every view equals its oracle under the new definitions, cell by cell — the old
 definitions' cells untouched, the new ones' history exact, no event counted twice at the seam — and the
@@ -32,6 +33,8 @@ ADDED = {
                                                      "within": "30d"}]}],
 }
 NEW = {**OLD, **{k: [*OLD.get(k, []), *v] for k, v in ADDED.items()}}
+# and one changed: a new version of checkout, counted anew; the old version's cells stay readable
+NEW["funnels"] = [{**f, "window": "12h"} if f["name"] == "checkout" else f for f in NEW["funnels"]]
 
 
 def cli(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess:
@@ -73,6 +76,9 @@ def test_definitions_added_while_events_flow_equal_the_oracles_after_a_kill_mid_
         assert "backfill of revision" in first and " done: " not in first, "killed in the middle of the backfill"
         sender.join()
         worker.start()
+        # the job goes on from its cursor, with the next owner of the leader partition
+        wait_until(lambda: " done: " in worker.log_path.read_text(errors="replace").rsplit("===== start", 1)[-1],
+                   timeout=300, what="the backfill to finish after the restart")
         wait_until(lambda: worker.scalar(count) == len(messages), timeout=300, what="every event in ClickHouse")
         send(late)
         wait_until(lambda: worker.scalar(count) == len(messages) + len(late), timeout=300, what="the late events")
@@ -90,12 +96,18 @@ def test_definitions_added_while_events_flow_equal_the_oracles_after_a_kill_mid_
         assert {c[0] for c in final["funnel_daily"]} >= {"checkout", "shoes", "signup_to_order"}
         assert any(c[0] == "adders_checkout" and int(c[2]) > 0 for c in final["retention_daily"])
         assert any(seg == "repeat_adders" for seg, _ in final["segment_members"])
-        assert "backfill of revision" in worker.log_path.read_text(errors="replace").rsplit("===== start", 1)[-1]
         assert worker.scalar("SELECT count() FROM flywheel.definition_backfills") >= 1
+        # checkout changed: funnel_daily shows the new version (== its oracle, above); the old one's cells stay
+        old_version = parse_metrics(OLD).funnels[0].version
+        assert parse_metrics(OLD).funnels[0].name == "checkout" and new.funnels[0].version != old_version
+        versions = {r[0] for r in worker.sql("SELECT DISTINCT definition_version FROM flywheel.funnel_daily_versions "
+                                             "WHERE funnel = 'checkout'")}
+        assert versions == {old_version, new.funnels[0].version}
         # audited: the import's changes, by whom and how; the first start's file before them
         audit = worker.sql("SELECT kind, name, change, author, via, comment FROM flywheel.definition_changes FINAL "
                            "WHERE via = 'cli' ORDER BY revision")
-        assert [tuple(r[:3]) for r in audit] == [("funnels", "signup_to_order", "added"),
+        assert [tuple(r[:3]) for r in audit] == [("funnels", "checkout", "changed"),
+                                                  ("funnels", "signup_to_order", "added"),
                                                   ("retention", "adders_checkout", "added"),
                                                   ("segments", "repeat_adders", "added")]
         assert all(r[3:] == ["ada", "cli", "growth review"] for r in audit)

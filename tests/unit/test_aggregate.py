@@ -97,10 +97,11 @@ def merge(anon: str, user: str) -> Record:
 
 
 def final_cells(kafka: Kafka, topic: str = TOPICS.retention) -> dict[tuple, int]:
-    """What ClickHouse's view would sum: per cell, the highest version per partition."""
+    """What ClickHouse's view would sum: per cell, the highest version per partition (one version of each
+    definition here: the key leaves it out)."""
     latest: dict[tuple, tuple[int, int]] = {}
     for r in kafka.cells(topic):
-        key = tuple(v for k, v in r.items() if k not in ("persons", "version", "correction"))
+        key = tuple(v for k, v in r.items() if k not in ("persons", "version", "correction", "definitionVersion"))
         if key not in latest or r["version"] > latest[key][0]:
             latest[key] = (r["version"], r["persons"])
     out: dict[tuple, int] = defaultdict(int)

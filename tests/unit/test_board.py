@@ -9,8 +9,10 @@ between its snapshot and its consumer. Page functions must equal the views cell 
 from __future__ import annotations
 
 import random
+import time
 from datetime import date, timedelta
 
+import orjson
 import pytest
 from flywheel.metrics.cells import KIND_BY_NAME, row
 from flywheel.metrics.definitions import parse_metrics
@@ -36,6 +38,15 @@ TABLES = {"funnels": "flywheel.funnel_partials", "retention": "flywheel.retentio
           "active_users": "flywheel.active_user_partials", "experiments": "flywheel.experiment_partials"}
 
 
+OLD = "0ld0ld00"  # a version the definitions had before: its cells stay in the tables, shown by no board
+
+
+def version_of(rng: random.Random, d) -> str:
+    """Mostly the definition's version in force; sometimes an older one, or none (a row written before
+    versions were recorded)."""
+    return rng.choices([d.version, OLD, ""], weights=[6, 2, 1])[0]
+
+
 def stream(rng: random.Random, n: int) -> list[tuple[str, dict]]:
     """Records of the four kinds: a few cells on three partitions, each published several times with growing
     versions (the latest wins) — and some republished with an old version (must be ignored)."""
@@ -57,15 +68,16 @@ def stream(rng: random.Random, n: int) -> list[tuple[str, dict]]:
         what = rng.randrange(4)
         if what == 0:
             f = rng.choice(METRICS.funnels)
-            publish("funnels", {"funnel": f.name, "day": day, "step": rng.randint(1, len(f.steps))}, partition,
-                    {"persons": rng.randint(0, 40)})
+            publish("funnels", {"funnel": f.name, "definitionVersion": version_of(rng, f), "day": day,
+                                "step": rng.randint(1, len(f.steps))}, partition, {"persons": rng.randint(0, 40)})
         elif what == 1:
             r = rng.choice(METRICS.retention)
             cohort = DAY0 + timedelta(days=rng.randrange(10))
             if r.period == "week":
                 cohort -= timedelta(days=cohort.weekday())
-            publish("retention", {"retention": r.name, "cohortDay": cohort.isoformat(),
-                                  "period": rng.randint(0, r.horizon)}, partition, {"persons": rng.randint(0, 40)})
+            publish("retention", {"retention": r.name, "definitionVersion": version_of(rng, r),
+                                  "cohortDay": cohort.isoformat(), "period": rng.randint(0, r.horizon)}, partition,
+                    {"persons": rng.randint(0, 40)})
         elif what == 2:
             publish("active_users", {"kind": rng.choice(["dau", "wau", "mau"]), "day": day}, partition,
                     {"persons": rng.randint(0, 60)})
@@ -80,6 +92,15 @@ def stream(rng: random.Random, n: int) -> list[tuple[str, dict]]:
                     {"n": n, "sy": str(sy), "syy": big, "sx": "0", "sxx": "0", "sxy": "0", "sp": "0", "spp": "0",
                      "spy": "0", "control": int(variation == "control"), "kind": metric.kind,
                      "scaleY": 1 if metric.kind == "conversion" else 1_000_000, "scaleX": 1})
+    # every definition has published under its version in force (the views take the newest version published;
+    # the board the registry's — they agree once the new version has published anything)
+    for f in METRICS.funnels:
+        publish("funnels", {"funnel": f.name, "definitionVersion": f.version, "day": DAY0.isoformat(), "step": 1},
+                rng.randrange(3), {"persons": rng.randint(0, 40)})
+    for r in METRICS.retention:
+        cohort = DAY0 - timedelta(days=DAY0.weekday()) if r.period == "week" else DAY0
+        publish("retention", {"retention": r.name, "definitionVersion": r.version, "cohortDay": cohort.isoformat(),
+                              "period": 0}, rng.randrange(3), {"persons": rng.randint(0, 40)})
     return out
 
 
@@ -93,6 +114,14 @@ def empty(ch):
 def fill(ch, records: list[tuple[str, dict]], seed: int) -> board.Partials:
     """All records into ClickHouse; the board: a snapshot after a prefix, then every record, shuffled."""
     rng = random.Random(seed)
+    # the views take a definition's current version from its newest row: the old version's rows were written
+    # first (while it was in force), a moment before the current one's
+    old = [(k, r) for k, r in records if r.get("definitionVersion") == OLD]
+    for kind, rec in old:
+        ch.insert(TABLES[kind], [row(KIND_BY_NAME[kind], rec)])
+    if old:
+        time.sleep(0.01)
+    records = [(k, r) for k, r in records if r.get("definitionVersion") != OLD]
     cut = rng.randrange(len(records) + 1)
     for kind, rec in records[:cut]:
         ch.insert(TABLES[kind], [row(KIND_BY_NAME[kind], rec)])
@@ -101,7 +130,7 @@ def fill(ch, records: list[tuple[str, dict]], seed: int) -> board.Partials:
         board.load_snapshot(partials, kind, ch.rows(board.snapshot_sql(kind))[1])
     for kind, rec in records[cut:]:
         ch.insert(TABLES[kind], [row(KIND_BY_NAME[kind], rec)])
-    replay = records[rng.randrange(cut + 1):]  # the consumer starts at or before the snapshot's end
+    replay = old + records[rng.randrange(cut + 1):]  # the consumer starts at or before the snapshot's end
     rng.shuffle(replay)
     for kind, rec in replay:
         partials.put_record(kind, rec)
@@ -189,3 +218,53 @@ def test_rate_counts_the_window_only():
     now[0] = 110.5  # the first 50 left the window
     assert rate.per_second() == 3.0
     assert rate.total == 80
+
+
+def test_a_changed_definition_counts_anew_and_its_old_version_stays_readable(empty):
+    """funnel_daily shows the current version (the one published last), a row of no version (written before
+    versions were recorded) standing in where it has none; funnel_daily_versions keeps every version."""
+    def put(version: str, day: str, persons: int, v: int) -> None:
+        empty.insert(TABLES["funnels"], [{"funnel": "f", "definition_version": version, "day": day, "step": 1,
+                                          "kafka_partition": 0, "persons": persons, "version": v}])
+        time.sleep(0.005)
+
+    put("", "2026-11-01", 5, 1)
+    put("", "2026-11-02", 7, 2)
+    put("v1", "2026-11-02", 8, 3)
+    put("v1", "2026-11-03", 2, 4)
+    daily = "SELECT toString(day), persons FROM flywheel.funnel_daily WHERE funnel = 'f' ORDER BY day"
+    assert empty.rows(daily)[1] == [("2026-11-01", 5), ("2026-11-02", 8), ("2026-11-03", 2)]
+    put("v2", "2026-11-03", 9, 5)  # changed: v2 counts anew
+    assert empty.rows(daily)[1] == [("2026-11-01", 5), ("2026-11-02", 7), ("2026-11-03", 9)]
+    versions = empty.rows("SELECT definition_version, toString(day), persons FROM flywheel.funnel_daily_versions "
+                          "WHERE funnel = 'f' ORDER BY definition_version, day")[1]
+    assert versions == [("", "2026-11-01", 5), ("", "2026-11-02", 7), ("v1", "2026-11-02", 8), ("v1", "2026-11-03", 2),
+                        ("v2", "2026-11-03", 9)]
+    empty.command("OPTIMIZE TABLE flywheel.funnel_partials FINAL")  # merges keep every version's rows
+    assert len(empty.rows("SELECT * FROM flywheel.funnel_partials WHERE funnel = 'f'")[1]) == 5
+
+
+def test_an_old_version_is_readable_until_dropped_and_the_one_in_force_cannot_be(empty, tmp_path, monkeypatch):
+    from flywheel import cli as cli_module
+    from flywheel.cli import cli
+    from typer.testing import CliRunner
+
+    current = next(f for f in METRICS.funnels if f.name == "checkout").version
+    for v, version in ((1, "0ld"), (2, current)):
+        empty.insert(TABLES["funnels"], [{"funnel": "checkout", "definition_version": version, "day": "2026-11-01",
+                                          "step": 1, "kafka_partition": 0, "persons": 3, "version": v}])
+    metrics_file = tmp_path / "metrics.yaml"
+    metrics_file.write_text(orjson.dumps({"funnels": [{"name": "checkout", "window": "6h", "steps": [
+        {"event": "Viewed"}, {"event": "Added"}, {"event": "Bought"}]}]}).decode())
+    monkeypatch.setenv("FLYWHEEL_METRICS", str(metrics_file))
+    monkeypatch.setenv("FLYWHEEL_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # no store: the file is in force
+    monkeypatch.setattr(cli_module, "_query", lambda settings: empty.rows)
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["metrics", "drop-version", "funnels", "checkout", current, "--yes"])
+    assert refused.exit_code == 1 and "in force" in refused.output
+    dry = runner.invoke(cli, ["metrics", "drop-version", "funnels", "checkout", "0ld"])
+    assert dry.exit_code == 0 and "would be deleted" in dry.output
+    done = runner.invoke(cli, ["metrics", "drop-version", "funnels", "checkout", "0ld", "--yes"])
+    assert done.exit_code == 0, done.output
+    versions = empty.rows("SELECT DISTINCT definition_version FROM flywheel.funnel_partials WHERE funnel = 'checkout'")
+    assert versions[1] == [(current,)]  # the command waits for the deletion to be done

@@ -96,16 +96,18 @@ def test_records_and_keys_are_documented_shapes():
         kind, key, rec = record(cell, partition=3, value=1, version=7)
         out.setdefault(kind.name, []).append(rec)
         keys.append(key.decode())
-    assert {"funnel": "f", "day": "2024-10-04", "step": 2, "partition": 3, "persons": 1, "version": 7} in out["funnels"]
-    assert {"retention": "r", "cohortDay": "2024-10-04", "period": 0, "partition": 3, "persons": 1,
-            "version": 7} in out["retention"]
+    f, r = METRICS.funnels[0].version, METRICS.retention[0].version  # a changed definition: a new version
+    assert {"funnel": "f", "definitionVersion": f, "day": "2024-10-04", "step": 2, "partition": 3, "persons": 1,
+            "version": 7} in out["funnels"]
+    assert {"retention": "r", "definitionVersion": r, "cohortDay": "2024-10-04", "period": 0, "partition": 3,
+            "persons": 1, "version": 7} in out["retention"]
     assert {"day": "2024-10-04", "kind": "dau", "partition": 3, "persons": 1, "version": 7} in out["active_users"]
-    assert "f|2024-10-04|2|3" in keys and "dau|2024-10-04|3" in keys and "r|2024-10-04|0|3" in keys
+    assert f"f|{f}|2024-10-04|2|3" in keys and "dau|2024-10-04|3" in keys and f"r|{r}|2024-10-04|0|3" in keys
     rows = {kind: [row(KIND_BY_NAME[kind], r) for r in recs] for kind, recs in out.items()}
-    assert {"funnel": "f", "day": date(2024, 10, 4), "step": 2, "kafka_partition": 3, "persons": 1,
-            "version": 7} in rows["funnels"]
-    assert {"retention": "r", "cohort_day": date(2024, 10, 4), "period": 0, "kafka_partition": 3, "persons": 1,
-            "version": 7} in rows["retention"]
+    assert {"funnel": "f", "definition_version": f, "day": date(2024, 10, 4), "step": 2, "kafka_partition": 3,
+            "persons": 1, "version": 7} in rows["funnels"]
+    assert {"retention": "r", "definition_version": r, "cohort_day": date(2024, 10, 4), "period": 0,
+            "kafka_partition": 3, "persons": 1, "version": 7} in rows["retention"]
 
 
 def test_cell_ids_round_trip_through_the_registry_and_name_the_version():

@@ -72,12 +72,17 @@ def _retention_open(cell: Cell, open_from: int) -> bool:
 
 
 KINDS: dict[type, Kind] = {
-    Funnel: Kind("funnels", "flywheel.funnel_partials", (("funnel", "funnel"), ("day", "day"), ("step", "step")),
+    # a funnel's and a retention's cells are per version of the definition: a changed one has its own history,
+    # and the old version's cells stay (docs/design.md §13)
+    Funnel: Kind("funnels", "flywheel.funnel_partials",
+                 (("funnel", "funnel"), ("definitionVersion", "definition_version"), ("day", "day"), ("step", "step")),
                  frozenset({"day"}), lambda c, open_from: c[1] >= open_from,
-                 lambda c: (c[0].name, day_text(c[1]), c[2]), "f"),
+                 lambda c: (c[0].name, c[0].version, day_text(c[1]), c[2]), "f"),
     Retention: Kind("retention", "flywheel.retention_partials",
-                    (("retention", "retention"), ("cohortDay", "cohort_day"), ("period", "period")),
-                    frozenset({"cohortDay"}), _retention_open, lambda c: (c[0].name, day_text(c[1]), c[2]), "r"),
+                    (("retention", "retention"), ("definitionVersion", "definition_version"),
+                     ("cohortDay", "cohort_day"), ("period", "period")),
+                    frozenset({"cohortDay"}), _retention_open,
+                    lambda c: (c[0].name, c[0].version, day_text(c[1]), c[2]), "r"),
     # the 30-day window ending on `day` must lie within the open days
     ActiveWindow: Kind("active_users", "flywheel.active_user_partials", (("kind", "kind"), ("day", "day")),
                        frozenset({"day"}), lambda c, open_from: c[1] >= open_from + 29,
@@ -127,8 +132,9 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
            correction: str = "") -> tuple[Kind, bytes, dict[str, Any]]:
     """A cell's absolute value on a partition → (kind, Kafka key, record). Documented in the README, "Topics":
 
-      metrics.funnels       {"funnel", "day", "step", "partition", "persons", "version"}
-      metrics.retention     {"retention", "cohortDay", "period", "partition", "persons", "version"}
+      metrics.funnels       {"funnel", "definitionVersion", "day", "step", "partition", "persons", "version"}
+      metrics.retention     {"retention", "definitionVersion", "cohortDay", "period", "partition", "persons",
+                             "version"}
       metrics.active_users  {"kind": "dau"|"wau"|"mau", "day", "partition", "persons", "version"}
       metrics.lifecycle     {"day", "status": "new"|"returning"|"resurrecting"|"dormant", "partition", "persons",
                              "version"}
@@ -139,7 +145,8 @@ def record(cell: Cell, partition: int, value: int | tuple[int, ...], version: in
                              and metric "" count the persons excluded (exposed to more than one variation) in n
 
     plus `"correction": <request id>` on a closed cell republished for a forgotten person.
-    The key names the cell and the partition (`checkout|2024-10-04|3|5`): a compacted topic keeps the latest.
+    The key names the cell and the partition (`checkout|42d0fd28|2024-10-04|3|5`): a compacted topic keeps the
+    latest.
     """
     kind = KINDS[type(cell[0])]
     values = kind.values(cell)

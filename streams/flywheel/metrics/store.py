@@ -83,6 +83,7 @@ class Stored:
         self.current: dict[str, Change] = {}  # key → latest change that is not a deletion, in first-put order
         self.revision = -1  # offset of the last record folded in (-1: none)
         self.last: Change | None = None
+        self.records: list[tuple[int, Change]] = []  # every record folded in (a set is small)
 
     def fold(self, offset: int, change: Change) -> None:
         if change.spec is None:
@@ -90,6 +91,11 @@ class Stored:
         else:
             self.current[change.key] = change
         self.revision, self.last = offset, change
+        self.records.append((offset, change))
+
+    def upto(self, revision: int) -> Stored:
+        """The set as it was at `revision`."""
+        return Stored().fold_all((o, c) for o, c in self.records if o <= revision)
 
     def fold_all(self, records: Iterable[tuple[int, Change]]) -> Stored:
         for offset, change in records:
@@ -99,6 +105,7 @@ class Stored:
     def copy(self) -> Stored:
         out = Stored()
         out.current, out.revision, out.last = dict(self.current), self.revision, self.last
+        out.records = list(self.records)
         return out
 
     @property

@@ -30,7 +30,7 @@ class DefinitionsWatch(Service):
     def __init__(self, settings: Settings, stored: Stored, on_change: OnChange, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
-        self.stored = stored
+        self.stored = stored.copy()  # its own: folded in place, while what is in force is handed on
         self.on_change = on_change
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -80,18 +80,17 @@ class DefinitionsWatch(Service):
                 await self.take([(r.offset, Change.from_bytes(r.value)) for r in records])
 
     async def take(self, records: list[tuple[int, Change]]) -> None:
-        """Fold records in; if the set compiles, hand it to the stages."""
-        candidate = self.stored.copy().fold_all(records)
+        """Fold records in (always: every process follows the same sequence); if the set compiles here, hand it
+        to the stages — else keep the set in force, say why, and try again with the next record."""
+        self.stored.fold_all(records)
         try:
-            metrics = check(self.settings, candidate.mapping(),
-                            source=f"{self.settings.topics.definitions}@{candidate.revision}")
+            metrics = check(self.settings, self.stored.mapping(),
+                            source=f"{self.settings.topics.definitions}@{self.stored.revision}")
         except MetricsError as exc:
-            log.error("definitions revision %d is not valid, keeping revision %d: %s", candidate.revision,
+            log.error("definitions revision %d does not compile here; the set in force stays until one does: %s",
                       self.stored.revision, exc)
-            self.stored.revision = candidate.revision  # not read again
             return
         changed = ", ".join(f"{c.key} ({'deleted' if c.spec is None else c.version}, by {c.author} via {c.via})"
                             for _, c in records)
-        log.info("definitions revision %d in force: %s", candidate.revision, changed)
-        self.stored = candidate
-        await self.on_change(metrics, candidate)
+        log.info("definitions revision %d in force: %s", self.stored.revision, changed)
+        await self.on_change(metrics, self.stored.copy())

@@ -177,6 +177,9 @@ class AggregateStage:
         async with self._batch:
             owned = set(self._repairs)
             self.stop()
+            # a repair in hand finishes first: cancelled mid-checkpoint, it could leave the changelog ahead of
+            # the store
+            await asyncio.gather(*(asyncio.shield(t) for t in self._repairs.values()), return_exceptions=True)
             self.revoked(owned)
             self._derive(metrics)
             self.revision = revision
@@ -472,7 +475,7 @@ class AggregateStage:
             return len((await self.outbox()).partitions(self.topics.identified))
 
         return BackfillJob(query=lambda sql: self.sink.query(sql), outbox=self.outbox, raw_topic=self.topics.raw,
-                           load=self._book,
+                           load=self._book, revision=lambda: self.revision,
                            persist=self._write_book, insert=lambda table, rows: self.sink.write(table, rows),
                            metrics=lambda: self.metrics,
                            partitions=partitions, clock=self.clock, page=self.backfill_page,

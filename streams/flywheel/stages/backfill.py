@@ -52,7 +52,7 @@ _COLUMNS = ("messageId", "type", "event", "anonymousId", "userId", "personId", "
 class Book:
     """The leader's record of the switches and of the backfill jobs (in its persons table)."""
 
-    switched: dict[int, int] = field(default_factory=dict)  # partition → newest revision it reported
+    switched: dict[int, int] = field(default_factory=dict)  # partition → the revision it reported last
     pending: dict[str, int] = field(default_factory=dict)  # predicate id → revision it came with
     job: dict[str, Any] | None = None  # revision, pids, events, from_ms, cursor, rows, started
     done: list[dict[str, Any]] = field(default_factory=list)
@@ -70,16 +70,19 @@ class Book:
                              "pending": self.pending, "job": self.job, "done": self.done[-KEEP_DONE:]})
 
     def report(self, partition: int, revision: int, new: Iterable[str]) -> None:
-        self.switched[partition] = max(revision, self.switched.get(partition, -1))
+        """The last report counts, not the highest: a partition taken over by a worker still on an older
+        revision applies that one again (until it catches up and reports anew)."""
+        self.switched[partition] = revision
         for pid in new:
             self.pending[pid] = max(revision, self.pending.get(pid, -1))
 
-    def ready(self, partitions: int) -> bool:
-        """A job can start: conditions wait, and every partition switched to the revision that brought them."""
+    def ready(self, partitions: int, revision: int) -> bool:
+        """A job can start: conditions wait, every partition follows the revision that brought them, and so
+        does the leader itself (`revision`: it must know every condition it reads for)."""
         if self.job is not None or not self.pending:
             return False
         wanted = max(self.pending.values())
-        return all(self.switched.get(p, -1) >= wanted for p in range(partitions))
+        return revision >= wanted and all(self.switched.get(p, -1) >= wanted for p in range(partitions))
 
     def start(self, metrics: Metrics, *, newest_ms: int, now_ms: int) -> dict[str, Any] | None:
         """The job for what waits (conditions since removed are dropped); None if nothing is left."""
@@ -149,7 +152,8 @@ class BackfillJob:
     each page landed. `persist(book_update)` writes the book under the stage's batch lock."""
 
     def __init__(self, *, query: Callable[[str], Awaitable[list]], outbox: Callable[[], Awaitable[Any]],
-                 raw_topic: str, load: Callable[[], Book], persist: Callable[[Callable[[Book], Any]], Awaitable[Any]],
+                 raw_topic: str, load: Callable[[], Book], revision: Callable[[], int],
+                 persist: Callable[[Callable[[Book], Any]], Awaitable[Any]],
                  insert: Callable[[str, list[dict]], Awaitable[None]], metrics: Callable[[], Metrics],
                  partitions: Callable[[], Awaitable[int]], clock: Callable[[], int], interval: float = 1.0,
                  page: int = PAGE, pause: float = 0.0):
@@ -157,6 +161,7 @@ class BackfillJob:
         self.outbox = outbox
         self.raw_topic = raw_topic
         self.load = load
+        self.revision = revision  # of the definitions the stage follows
         self.persist = persist
         self.insert = insert
         self.metrics = metrics
@@ -187,11 +192,13 @@ class BackfillJob:
         """Start a job if one is ready, then run the job there is to its end. Whether there was one."""
         book = self.load()
         if book.job is None:
-            if not book.ready(await self.partitions()):
+            partitions = await self.partitions()
+            if not book.ready(partitions, self.revision()):
                 return False
             rows = await self.query("SELECT toUnixTimestamp64Milli(max(timestamp)), count() FROM flywheel.events")
             newest = int(rows[0][0]) if rows and rows[0][1] else -1
-            job = await self.persist(lambda b: b.start(self.metrics(), newest_ms=newest, now_ms=self.clock()))
+            job = await self.persist(lambda b: b.start(self.metrics(), newest_ms=newest, now_ms=self.clock())
+                                     if b.ready(partitions, self.revision()) else b.job)
             if job is None:
                 return False
             log.info("backfill of revision %d starts: conditions %s, events %s from %s", job["revision"],

@@ -75,16 +75,18 @@ class Ingest:
         self.linked_users = linked_users
         self.outbox = outbox
         self.counted = Counting(alerts)
+        self._next_counted: Counting | None = None  # rules changed while running: from the next batch on
         self._republished: set[int] = set()  # partitions whose tallies were sent again since the start
 
     def use(self, alerts: Sequence[Alert]) -> None:
-        """Other alert rules, while running (between two batches: the event loop runs one at a time)."""
-        self.counted = Counting(alerts)
-        self._republished = set()
+        """Other alert rules, while running: from the next batch on (a batch counts under one set)."""
+        self._next_counted = Counting(alerts)
 
     async def handle(self, records: Sequence[Record]) -> None:
         """Process a batch; return only once all of its outputs are in Kafka. If that fails, the batch is
         retried from the tables as they were before it (stages/tables.py)."""
+        if self._next_counted is not None:
+            self.counted, self._next_counted, self._republished = self._next_counted, None, set()
         outbox = await self.outbox()
         first_seen, linked = Writes(self.first_seen, outbox), Writes(self.linked_users, outbox)
         dedup = self.dedup.batch(first_seen)

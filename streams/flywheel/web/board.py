@@ -51,6 +51,25 @@ class Partials:
         return self.put(kind_name, tuple(rec[name] for name, _ in kind.fields), int(rec["partition"]),
                         int(rec["version"]), tuple(int(rec[name]) for name, _ in kind.measures))
 
+    def current(self, kind_name: str, name: str, version: str) -> dict[Identity, tuple[int, ...]]:
+        """The cells of definition `name` at `version` summed over partitions, by the rest of their identity
+        (after name and version) — a cell of no version (written before versions were) standing in on a
+        partition where the version has none, as funnel_daily and retention_daily do."""
+        chosen: dict[tuple[Identity, int], tuple[bool, tuple[int, ...]]] = {}
+        for (identity, partition), (_, measures) in self._latest[kind_name].items():
+            if identity[0] != name or identity[1] not in (version, ""):
+                continue
+            key, versioned = (identity[2:], partition), identity[1] != ""
+            held = chosen.get(key)
+            if held is None or (versioned and not held[0]):
+                chosen[key] = (versioned, measures)
+        out: dict[Identity, list[int]] = {}
+        for (rest, _), (_, measures) in chosen.items():
+            acc = out.setdefault(rest, [0] * len(measures))
+            for i, m in enumerate(measures):
+                acc[i] += m
+        return {rest: tuple(v) for rest, v in out.items()}
+
     def sums(self, kind_name: str) -> dict[Identity, tuple[int, ...]]:
         out: dict[Identity, list[int]] = {}
         for (identity, _), (_, measures) in self._latest[kind_name].items():
@@ -86,15 +105,15 @@ def load_snapshot(partials: Partials, kind_name: str, rows: Iterable[Sequence[An
 # ---- the pages ------------------------------------------------------------------------------------------
 
 def funnels(metrics: Metrics, partials: Partials, first: str, last: str) -> list[dict[str, Any]]:
-    """Per funnel of the metrics file: persons per step summed over days first..last (days of step 1, UTC,
+    """Per funnel in force (its current version): persons per step summed over days first..last (days of step 1, UTC,
     'YYYY-MM-DD', inclusive) with conversion from step 1 and from the previous step — funnel_conversion
     summed over the range."""
-    totals: dict[tuple[str, int], int] = {}
-    for (name, day, step), (persons,) in partials.sums("funnels").items():
-        if first <= day <= last:
-            totals[(name, step)] = totals.get((name, step), 0) + persons
     out = []
     for f in metrics.funnels:
+        totals: dict[tuple[str, int], int] = {}
+        for (day, step), (persons,) in partials.current("funnels", f.name, f.version).items():
+            if first <= day <= last:
+                totals[(f.name, step)] = totals.get((f.name, step), 0) + persons
         steps, entered, previous = [], totals.get((f.name, 1), 0), None
         for i, predicate in enumerate(f.steps, start=1):
             persons = totals.get((f.name, i), 0)
@@ -110,12 +129,11 @@ def funnels(metrics: Metrics, partials: Partials, first: str, last: str) -> list
 def retention(metrics: Metrics, partials: Partials) -> list[dict[str, Any]]:
     """Per retention: cohorts (oldest first) with their size and persons returning n periods later —
     retention_daily, plus the cohorts nobody returned in yet."""
-    sums = partials.sums("retention")
     out = []
     for r in metrics.retention:
         cohorts: dict[str, dict[int, int]] = {}
-        for (name, cohort, period), (persons,) in sums.items():
-            if name == r.name and persons > 0:
+        for (cohort, period), (persons,) in partials.current("retention", r.name, r.version).items():
+            if persons > 0:
                 cohorts.setdefault(cohort, {})[period] = persons
         rows = []
         for cohort in sorted(cohorts):

@@ -64,9 +64,10 @@ def _value(text: str) -> str | int | float | bool:
         return text == "true"
     for kind in (int, float):
         try:
-            return kind(text)
+            number = kind(text)
         except ValueError:
-            pass
+            continue
+        return number if number == number and abs(number) != float("inf") else text  # nan, inf: as text
     return text
 
 
@@ -228,3 +229,14 @@ def preview_table(kind: str, d: Funnel | Retention | Segment, rows: Sequence[Seq
         return {"head": ["cohort", "size", *(f"+{n}" for n in range(1, d.horizon + 1))],
                 "rows": [[c, sizes[c], *v] for c, v in sorted(by_cohort.items(), reverse=True)]}
     return {"head": ["members now"], "rows": [[int(rows[0][0]) if rows else 0]]}
+
+
+def redacted(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A definition as a viewer may see it: an alert's webhook URLs (often credentials: a Slack hook's path
+    is its secret) cut to their host."""
+    if kind != "alerts":
+        return dict(spec)
+    out = dict(spec)
+    out["notify"] = [{**n, "webhook": re.sub(r"^(\w+://[^/]+).*$", r"\1/…", str(n.get("webhook", "")))}
+                     for n in spec.get("notify") or ()]
+    return out

@@ -561,10 +561,12 @@ async def definitions_page(request: web.Request) -> web.Response:
 
     dash = request.app[KEY]
     state = dash.definitions
+    editor_role = allows(_session_of(request).user.role, "editor")
     audit, audit_error = await _rows_or_error(dash, AUDIT_SQL)
     backfills, backfill_error = await _rows_or_error(dash, BACKFILLS_SQL)
     items = [{"kind": c.kind, "name": c.name, "version": c.version, "author": c.author, "via": c.via,
-              "at": _iso(c.at) if c.at else "", "text": orjson.dumps(c.spec).decode(),
+              "at": _iso(c.at) if c.at else "",
+              "text": orjson.dumps(c.spec if editor_role else editor.redacted(c.kind, c.spec)).decode(),
               "editable": c.kind in editor.KINDS and editor.editable(c.kind, c.spec)}
              for c in sorted(_in_force(dash), key=lambda c: (c.kind, c.name))]
     return _page(request, "definitions.html", current="definitions", items=items, kinds=editor.KINDS,
@@ -622,7 +624,7 @@ async def definition_change(request: web.Request) -> web.Response:
     its history backfilled), or delete it. Every save and deletion is recorded with who and when."""
     from flywheel import registry
     from flywheel.metrics.definitions import MetricsError
-    from flywheel.metrics.store import Change, applied, spec_version
+    from flywheel.metrics.store import Change, spec_version
     from flywheel.model.clock import wall_ms
     from flywheel.web import editor
 
@@ -654,7 +656,7 @@ async def definition_change(request: web.Request) -> web.Response:
                 raise editor.FormError(f"a {editor.KINDS[kind]} named {name!r} exists: edit it, or pick another name")
             change = Change(kind=kind, name=name, spec=spec, before=before, version=spec_version(spec),
                             author=session.user.name, via="ui", at=wall_ms(), comment=str(form.get("comment", "")))
-        metrics = registry.check(dash.settings, applied(current, [change]), source=f"{kind}/{name}")
+        metrics = registry.checked(dash.settings, current, [change], source=f"{kind}/{name}")
     except (editor.FormError, MetricsError) as exc:
         return await _editor_page(request, kind, form, existing=existing, error=str(exc), status=400)
     if action == "preview":
