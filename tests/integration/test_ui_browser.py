@@ -422,3 +422,32 @@ def test_an_editor_creates_a_funnel_with_pickers_sees_its_history_then_new_event
     after = {1: totals[1] + 1, 2: totals[2] + 1}
     wait_until(lambda: on_screen() == after, timeout=120, what="the new journey on the open page")
     site.converge(lambda: {1: view(1), 2: view(2)}, lambda: after, "funnel_daily after the new journey")
+
+
+def test_an_editor_writes_an_alert_rule_and_sees_when_it_would_have_fired(site):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = site.driver
+    site.login("ed")
+    driver.get(f"{site.base}/definitions/new/alerts")
+    driver.find_element(By.ID, "name").send_keys("few_orders")
+    Select(driver.find_element(By.ID, "series_kind")).select_by_visible_text("events")
+    Select(driver.find_element(By.ID, "series_event")).select_by_visible_text("Order Completed")
+    Select(driver.find_element(By.ID, "period")).select_by_visible_text("day")
+    Select(driver.find_element(By.ID, "rule_kind")).select_by_visible_text("threshold")
+    driver.find_element(By.ID, "rule_below").send_keys("1000")  # every day of the journeys has fewer
+    driver.find_element(By.ID, "preview-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "preview-summary"), timeout=60, what="the rule's preview")
+    transitions = [r[1] for r in site.table("#preview tbody tr")]
+    assert transitions[:1] == ["firing"] and "fired 1 times in 7 days" in driver.find_element(
+        By.ID, "preview-summary").text, transitions
+    site.screenshot("definition-alert")
+    driver.find_element(By.ID, "save-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "saved"), timeout=60, what="the saved notice")
+    rows = {(r[0], r[1]): r for r in site.table("#definitions tbody tr")}
+    assert rows[("alerts", "few_orders")][3].startswith("ed via ui")
+    site.login("vera")  # a viewer sees the rule, its webhook (none here) cut to the host, and no edit link
+    driver.get(f"{site.base}/definitions")
+    assert ("alerts", "few_orders") in {(r[0], r[1]) for r in site.table("#definitions tbody tr")}
+    assert not driver.find_elements(By.PARTIAL_LINK_TEXT, "edit")

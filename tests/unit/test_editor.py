@@ -68,7 +68,11 @@ def test_a_definition_the_form_can_show_comes_back_unchanged(case):
     ("retention", {"name": "r", "horizon": "x"}, "horizon"),
     ("segments", {"name": "s"}, "at least one condition"),
     ("segments", {"name": "s", "cond1_event": "A", "cond1_within_n": "1", "cond1_within_unit": "y"}, "within"),
-    ("alerts", {"name": "a"}, "cannot be edited here"),
+    ("experiments", {"name": "e"}, "cannot be edited here"),
+    ("alerts", {"name": "a"}, "what the rule watches"),
+    ("alerts", {"name": "a", "series_kind": "events", "rule_kind": "x"}, "the rule"),
+    ("alerts", {"name": "a", "series_kind": "funnel", "series_step": "two", "rule_kind": "threshold"}, "step"),
+    ("alerts", {"name": "a", "series_kind": "events", "rule_kind": "threshold", "rule_above": "nan"}, "finite"),
 ])
 def test_a_form_that_says_too_little_is_refused_with_the_reason(kind, form, why):
     with pytest.raises(editor.FormError, match=why):
@@ -101,3 +105,52 @@ def test_previews_are_tables_of_what_the_oracle_said():
     assert editor.preview_table("retention", r, [("2026-11-30", 0, 4, 4), ("2026-11-30", 2, 1, 4)]) == {
         "head": ["cohort", "size", "+1", "+2"], "rows": [["2026-11-30", 4, 0, 1]]}
     assert "windowFunnel" in editor.preview_sql("funnels", f, m, 0)
+
+
+def alert_spec():
+    series = st.one_of(
+        st.builds(lambda e, src: {"events": e, **({"source": src} if src else {})}, st.one_of(st.just("any"), EVENTS),
+                  st.sampled_from(["", "web"])),
+        st.just({"invalid_rate": True}),
+        st.builds(lambda step, rate: {"funnel": "f_1", "step": step, **({"rate": True} if rate else {})},
+                  st.integers(1, 2), st.booleans()),
+        st.builds(lambda n: {"retention": "r.2", "n": n}, st.integers(1, 3)),
+        st.builds(lambda a: {"active": a}, st.sampled_from(["dau", "wau", "mau"])))
+    bounds = st.dictionaries(st.sampled_from(["above", "below"]), st.one_of(st.integers(-5, 500),
+                                                                            st.sampled_from([0.05, 2.5])), min_size=1)
+    rule = st.one_of(
+        st.builds(lambda b: {"threshold": b}, bounds),
+        st.builds(lambda b, vs: {"relative": {**b, **({"vs": "last_week"} if vs else {})}}, bounds, st.booleans()),
+        st.builds(lambda s, d: {"anomaly": {**({"sensitivity": s} if s != 3.5 else {}),
+                                            **({"direction": d} if d != "both" else {})}},
+                  st.sampled_from([3.5, 2.0, 5.0]), st.sampled_from(["both", "up", "down"])))
+    return st.builds(
+        lambda series, rule, mc, fire, hook: {
+            "name": "a-1", "series": series, "rule": {**rule, **({"min_count": mc} if mc is not None else {})},
+            **({"fire_after": fire} if fire > 1 else {}),
+            **({"notify": [{"webhook": hook}]} if hook else {})},
+        series, rule, st.one_of(st.none(), st.integers(0, 50)), st.integers(1, 3),
+        st.sampled_from(["", "https://hooks.example.com/x/y"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(alert_spec())
+def test_an_alert_rule_the_form_can_show_comes_back_unchanged(spec):
+    assert editor.editable("alerts", spec)
+    assert editor.spec_from_form("alerts", editor.form_from_spec("alerts", spec)) == spec
+    parse_metrics({"funnels": [{"name": "f_1", "window": "1d", "steps": [{"event": "A"}, {"event": "B"}]}],
+                   "retention": [{"name": "r.2", "horizon": 3}], "alerts": [spec]})
+
+
+def test_an_alert_preview_judges_the_rule_over_the_last_week():
+    m = parse_metrics({"alerts": [{"name": "quiet", "series": {"events": "Buy", "period": "day"},
+                                   "rule": {"threshold": {"below": 2}}}]})
+    alert = editor.definition(m, "alerts", "quiet")
+    now = 20_400 * 86_400_000 + 3_600_000
+    sql, table = editor.alert_preview(alert, m, now)
+    assert "Buy" in sql
+    days = [20_400 - 7 + i for i in range(7)]
+    rows = [(d * 86_400_000, 1 if d in days[3:5] else 5, 0) for d in days]  # two quiet days
+    shown = table(rows)
+    assert [r[1] for r in shown["rows"]] == ["firing", "resolved"]
+    assert shown["summary"] == "fired 1 times in 7 days"

@@ -10,14 +10,18 @@ over the history in ClickHouse: what it would have said, before it is saved.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flywheel.metrics import oracle
-from flywheel.metrics.definitions import ANY, Funnel, Metrics, Retention, Segment
+from flywheel.metrics import alerts, oracle
+from flywheel.metrics.definitions import ANY, Alert, Funnel, Metrics, Retention, Segment
+from flywheel.model.clock import DAY_MS, iso_ms
 from flywheel.model.plan import TrackingPlan
 
-KINDS = {"funnels": "funnel", "retention": "retention", "segments": "segment"}  # editable here
+KINDS = {"funnels": "funnel", "retention": "retention", "segments": "segment", "alerts": "alert rule"}  # editable here
+SERIES_KINDS = ("events", "invalid_rate", "funnel", "retention", "active", "segment")
+RULE_KINDS = ("threshold", "relative", "anomaly")
+PREVIEW_ALERT_DAYS = 7
 MAX_STEPS = 8  # step rows a funnel form offers
 MAX_CONDITIONS = 6  # condition rows a segment form offers
 UNITS = ("m", "h", "d")
@@ -128,7 +132,77 @@ def spec_from_form(kind: str, form: Mapping[str, Any]) -> dict[str, Any]:
         if mode not in ("all", "any"):
             raise FormError("all or any of the conditions")
         return {"name": name, mode: conditions}
+    if kind == "alerts":
+        return _alert_from_form(form, name)
     raise FormError(f"{kind} cannot be edited here (use flywheel metrics import)")
+
+
+def _number(form: Mapping[str, Any], key: str, what: str, *, whole: bool = False) -> int | float | None:
+    text = _text(form, key)
+    if not text:
+        return None
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise FormError(f"{what}: {'a whole number' if whole else 'a number'}") from None
+    if value != value or abs(value) == float("inf"):
+        raise FormError(f"{what}: a finite number")
+    return int(value) if not whole and value == int(value) and "." not in text and "e" not in text.lower() else value
+
+
+def _alert_from_form(form: Mapping[str, Any], name: str) -> dict[str, Any]:
+    kind = _text(form, "series_kind")
+    series: dict[str, Any]
+    if kind == "events":
+        series = {"events": _text(form, "series_event") or "any"}
+    elif kind == "invalid_rate":
+        series = {"invalid_rate": True}
+    elif kind == "funnel":
+        series = {"funnel": _text(form, "series_funnel"), "step": _number(form, "series_step", "step", whole=True)}
+        if form.get("series_rate"):
+            series["rate"] = True
+    elif kind == "retention":
+        series = {"retention": _text(form, "series_retention"), "n": _number(form, "series_n", "n", whole=True)}
+    elif kind == "active":
+        series = {"active": _text(form, "series_active") or "dau"}
+    elif kind == "segment":
+        series = {"segment": _text(form, "series_segment")}
+    else:
+        raise FormError(f"what the rule watches: one of {', '.join(SERIES_KINDS)}")
+    if kind in ("events", "invalid_rate") and _text(form, "series_source"):
+        series["source"] = _text(form, "series_source")
+    if _text(form, "period"):
+        series["period"] = _text(form, "period")
+    rule_kind = _text(form, "rule_kind")
+    if rule_kind not in RULE_KINDS:
+        raise FormError(f"the rule: one of {', '.join(RULE_KINDS)}")
+    body: dict[str, Any] = {}
+    if rule_kind in ("threshold", "relative"):
+        for bound in ("above", "below"):
+            value = _number(form, f"rule_{bound}", bound)
+            if value is not None:
+                body[bound] = value
+        if rule_kind == "relative" and _text(form, "rule_vs") not in ("", "previous_period"):
+            body["vs"] = _text(form, "rule_vs")
+    else:
+        for key, whole, default in (("baseline", None, "previous_periods"), ("sensitivity", False, 3.5),
+                                    ("direction", None, "both"), ("weeks", True, 4), ("periods", True, 12)):
+            value = _text(form, f"rule_{key}") if whole is None else _number(form, f"rule_{key}", key, whole=whole)
+            if value not in (None, "", default):
+                body[key] = value
+    rule: dict[str, Any] = {rule_kind: body}
+    min_count = _number(form, "min_count", "min count", whole=True)
+    if min_count is not None:
+        rule["min_count"] = min_count
+    out: dict[str, Any] = {"name": name, "series": series, "rule": rule}
+    for key in ("fire_after", "resolve_after"):
+        value = _number(form, key, key.replace("_", " "), whole=True)
+        if value is not None and value != 1:
+            out[key] = value
+    webhook = _text(form, "webhook")
+    if webhook:
+        out["notify"] = [{"webhook": webhook, **({"slack": True} if form.get("slack") else {})}]
+    return out
 
 
 def _split_duration(value: Any) -> tuple[str, str]:
@@ -163,6 +237,8 @@ def form_from_spec(kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
     elif kind == "retention":
         out.update(cohort_event=spec.get("cohort_event", ANY), return_event=spec.get("return_event", ANY),
                    period=spec.get("period", "day"), horizon=str(spec.get("horizon", 7)))
+    elif kind == "alerts":
+        out.update(_alert_form(spec))
     elif kind == "segments":
         mode = "all" if "all" in spec else "any"
         out["mode"] = mode
@@ -179,12 +255,47 @@ def form_from_spec(kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _alert_form(spec: Mapping[str, Any]) -> dict[str, str]:
+    out = {"name": str(spec["name"])}
+    series = spec["series"]
+    kind = next(k for k in SERIES_KINDS if series.get(k) not in (None, False))
+    out["series_kind"] = kind
+    for field_, key in (("events", "series_event"), ("funnel", "series_funnel"), ("step", "series_step"),
+                        ("retention", "series_retention"), ("n", "series_n"), ("active", "series_active"),
+                        ("segment", "series_segment"), ("source", "series_source"), ("period", "period")):
+        if series.get(field_) is not None:
+            out[key] = str(series[field_])
+    if series.get("rate"):
+        out["series_rate"] = "1"
+    rule = spec["rule"]
+    rule_kind = next(k for k in RULE_KINDS if rule.get(k) is not None)
+    out["rule_kind"] = rule_kind
+    for key, value in rule[rule_kind].items():
+        out[f"rule_{key}"] = str(value)
+    if rule.get("min_count") is not None:
+        out["min_count"] = str(rule["min_count"])
+    for key in ("fire_after", "resolve_after"):
+        out[key] = str(spec.get(key, 1))
+    for n in spec.get("notify") or ():
+        out["webhook"] = n["webhook"]
+        if n.get("slack"):
+            out["slack"] = "1"
+    return out
+
+
 def editable(kind: str, spec: Mapping[str, Any]) -> bool:
     """Whether the form can show every part of this definition (else: flywheel metrics import)."""
     if kind == "funnels":
         return len(spec["steps"]) <= MAX_STEPS and all(len(s.get("where") or {}) <= 1 for s in spec["steps"])
     if kind == "retention":
         return True
+    if kind == "alerts":
+        notify = spec.get("notify") or []
+        rule = spec.get("rule", {})
+        return (len(notify) <= 1 and all(set(n) <= {"webhook", "slack"} for n in notify)
+                and not set(spec) - {"name", "series", "rule", "fire_after", "resolve_after", "notify"}
+                and "confidence" not in rule and not any(
+                    "min_count" in (rule.get(k) or {}) for k in RULE_KINDS))
     if kind == "segments":
         items = spec.get("all", spec.get("any"))
         return (items is not None and len(items) <= MAX_CONDITIONS and "universe" not in spec
@@ -193,9 +304,28 @@ def editable(kind: str, spec: Mapping[str, Any]) -> bool:
     return False
 
 
-def definition(metrics: Metrics, kind: str, name: str) -> Funnel | Retention | Segment:
-    items = {"funnels": metrics.funnels, "retention": metrics.retention, "segments": metrics.segments}[kind]
+def definition(metrics: Metrics, kind: str, name: str) -> Funnel | Retention | Segment | Alert:
+    items = {"funnels": metrics.funnels, "retention": metrics.retention, "segments": metrics.segments,
+             "alerts": metrics.alerts}[kind]
     return next(d for d in items if d.name == name)
+
+
+def alert_preview(alert: Alert, metrics: Metrics, now_ms: int) -> tuple[str, Callable[[Sequence], dict[str, Any]]]:
+    """(the series' oracle query over the last PREVIEW_ALERT_DAYS, the rows → the preview table): the rule
+    judged period by period with the stream's own code, as `flywheel alerts backtest` does."""
+    end = alert.series.period_of(now_ms)  # the periods closed by now
+    start = end - PREVIEW_ALERT_DAYS * DAY_MS
+    first = alert.series.period_of(start) - alerts.history_needed(alert)
+
+    def table(rows: Sequence) -> dict[str, Any]:
+        series = alerts.history_points(alert, rows, first, end)
+        periods = alerts.periods_between(alert, start, end)
+        out = [[iso_ms(v.period), t or "", v.value, v.baseline, v.reason]
+               for v, t in alerts.backtest(alert, series, periods) if t]
+        fired = sum(1 for r in out if r[1] == alerts.FIRING)
+        return {"head": ["period", "transition", "value", "baseline", "why"], "rows": out,
+                "summary": f"fired {fired} times in {len(periods)} {alert.series.period}s"}
+    return oracle.alert_series_sql(alert, metrics, first, end), table
 
 
 def preview_sql(kind: str, d: Funnel | Retention | Segment, metrics: Metrics, now_ms: int) -> str:

@@ -588,10 +588,19 @@ async def _editor_page(request: web.Request, kind: str, values: dict, *, existin
     seen_events, _ = await _rows_or_error(dash, editor.EVENTS_SQL)
     seen_properties, _ = await _rows_or_error(dash, editor.PROPERTIES_SQL)
     events, properties = editor.pickers(dash.plan, seen_events, seen_properties)
+    named: dict[str, list[str]] = {"funnels": [], "retention": [], "segments": []}  # what an alert may watch
+    for c in _in_force(dash):
+        if c.kind in named:
+            named[c.kind].append(c.name)
+        elif c.kind == "settings" and (c.spec or {}).get("churn_risk"):
+            named["segments"].append("churn_risk")
     response = _page(request, "definition.html", current="definitions", kind=kind, label=editor.KINDS[kind],
                      values=values, existing=existing, events=events, properties=properties, error=error,
                      preview=preview, steps=range(1, editor.MAX_STEPS + 1),
-                     conditions=range(1, editor.MAX_CONDITIONS + 1), units=editor.UNITS)
+                     conditions=range(1, editor.MAX_CONDITIONS + 1), units=editor.UNITS,
+                     funnels=named["funnels"], retentions=named["retention"], segments=named["segments"],
+                     series_kinds=editor.SERIES_KINDS,
+                     rule_kinds=editor.RULE_KINDS)
     response.set_status(status)
     return response
 
@@ -608,7 +617,9 @@ async def definition_form(request: web.Request) -> web.Response:
                                     "import)")
     name = request.match_info.get("name")
     if name is None:
-        defaults = {"window_n": "1", "window_unit": "d", "period": "day", "horizon": "7", "mode": "all"}
+        defaults = {"window_n": "1", "window_unit": "d", "period": "day" if kind == "retention" else "",
+                    "horizon": "7", "mode": "all", "series_kind": "events", "rule_kind": "threshold",
+                    "fire_after": "1", "resolve_after": "1"}
         return await _editor_page(request, kind, defaults, existing=False)
     found = next((c for c in _in_force(dash) if c.kind == kind and c.name == name), None)
     if found is None:
@@ -661,12 +672,17 @@ async def definition_change(request: web.Request) -> web.Response:
         return await _editor_page(request, kind, form, existing=existing, error=str(exc), status=400)
     if action == "preview":
         d = editor.definition(metrics, kind, name)
+        now = dash.settings.clock()()
+        if kind == "alerts":
+            sql, table = editor.alert_preview(d, metrics, now)
+        else:
+            sql, table = editor.preview_sql(kind, d, metrics, now), lambda rows: editor.preview_table(kind, d, rows)
         try:
-            rows = await dash.query(editor.preview_sql(kind, d, metrics, dash.settings.clock()()))
+            rows = await dash.query(sql)
         except Exception as exc:
             return await _editor_page(request, kind, form, existing=existing, error=f"ClickHouse: {exc}",
                                       status=503)
-        return await _editor_page(request, kind, form, existing=existing, preview=editor.preview_table(kind, d, rows))
+        return await _editor_page(request, kind, form, existing=existing, preview=table(rows))
     if action not in ("save", "delete"):
         raise web.HTTPBadRequest(text=f"unknown action {action!r}")
     if stored.empty:  # nothing stored yet (no worker started): the file goes in first, then the change
