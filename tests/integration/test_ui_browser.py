@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -451,3 +452,41 @@ def test_an_editor_writes_an_alert_rule_and_sees_when_it_would_have_fired(site):
     driver.get(f"{site.base}/definitions")
     assert ("alerts", "few_orders") in {(r[0], r[1]) for r in site.table("#definitions tbody tr")}
     assert not driver.find_elements(By.PARTIAL_LINK_TEXT, "edit")
+
+
+def test_an_editor_sets_up_an_experiment_previewed_then_live(site):
+    """The same exposure and metric as the file's checkout_button, under another name: the preview (the
+    oracle's statistics) and then the live arms equal checkout_button's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = site.driver
+    site.login("ed")
+    driver.get(f"{site.base}/definitions/new/experiments")
+    driver.find_element(By.ID, "name").send_keys("button_again")
+    driver.find_element(By.ID, "experiment_id").send_keys("checkout_button")
+    for i, (name, share) in enumerate((("control", "0.5"), ("green", "0.5")), start=1):
+        driver.find_element(By.ID, f"v{i}_name").send_keys(name)
+        driver.find_element(By.ID, f"v{i}_share").send_keys(share)
+    driver.find_element(By.ID, "control1").click()
+    driver.find_element(By.ID, "m1_name").send_keys("purchased")
+    Select(driver.find_element(By.ID, "m1_kind")).select_by_visible_text("conversion")
+    Select(driver.find_element(By.ID, "m1_event")).select_by_visible_text("Order Completed")
+    within = driver.find_element(By.ID, "m1_within_n")
+    within.send_keys("7")
+    Select(driver.find_element(By.ID, "m1_within_unit")).select_by_visible_text("days")
+    min_sample = driver.find_element(By.ID, "min_sample")
+    min_sample.clear()
+    min_sample.send_keys("5")
+    driver.find_element(By.ID, "preview-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "preview-text"), timeout=60, what="the experiment's preview")
+    arms = {v: int(n) for v, n in site.sql("SELECT variation, n FROM flywheel.experiment_stats WHERE experiment = "
+                                            "'checkout_button' AND metric = 'purchased'")}
+    text = driver.find_element(By.ID, "preview-text").text
+    exposed = re.search(r"exposed ([^;]+);", text).group(1)  # "exposed control 20, green 21; 2 excluded"
+    assert {v: int(n) for v, n in (part.rsplit(" ", 1) for part in exposed.split(", "))} == arms, (text, arms)
+    driver.find_element(By.ID, "save-button").click()
+    wait_until(lambda: driver.find_elements(By.ID, "saved"), timeout=60, what="the saved notice")
+    site.converge(lambda: {v: int(n) for v, n in site.sql(
+        "SELECT variation, n FROM flywheel.experiment_stats WHERE experiment = 'button_again' AND variation != ''")},
+        lambda: arms, "the new experiment's live arms")

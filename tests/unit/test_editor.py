@@ -68,7 +68,11 @@ def test_a_definition_the_form_can_show_comes_back_unchanged(case):
     ("retention", {"name": "r", "horizon": "x"}, "horizon"),
     ("segments", {"name": "s"}, "at least one condition"),
     ("segments", {"name": "s", "cond1_event": "A", "cond1_within_n": "1", "cond1_within_unit": "y"}, "within"),
-    ("experiments", {"name": "e"}, "cannot be edited here"),
+    ("settings", {"name": "e"}, "cannot be edited here"),
+    ("experiments", {"name": "e"}, "experiment id"),
+    ("experiments", {"name": "e", "experiment_id": "x", "v1_name": "a", "v1_share": "1"}, "two variations"),
+    ("experiments", {"name": "e", "experiment_id": "x", "v1_name": "a", "v1_share": "0.5", "v2_name": "b",
+                     "v2_share": "0.5"}, "control"),
     ("alerts", {"name": "a"}, "what the rule watches"),
     ("alerts", {"name": "a", "series_kind": "events", "rule_kind": "x"}, "the rule"),
     ("alerts", {"name": "a", "series_kind": "funnel", "series_step": "two", "rule_kind": "threshold"}, "step"),
@@ -154,3 +158,40 @@ def test_an_alert_preview_judges_the_rule_over_the_last_week():
     shown = table(rows)
     assert [r[1] for r in shown["rows"]] == ["firing", "resolved"]
     assert shown["summary"] == "fired 1 times in 7 days"
+
+
+EXPERIMENTS = st.builds(
+    lambda shares, control, metrics, guard, sample, cuped: {
+        "name": "e_1", "exposure": {"experiment_id": "checkout_button"},
+        "variations": {f"v{i}": s for i, s in enumerate(shares)}, "control": f"v{control % len(shares)}",
+        "metrics": metrics, **({"guardrails": [metrics[0]["name"]]} if guard else {}),
+        **({"min_sample": sample} if sample != 100 else {}), **({"cuped": cuped} if cuped else {})},
+    st.sampled_from([[0.5, 0.5], [0.34, 0.33, 0.33], [0.25, 0.25, 0.25, 0.25]]), st.integers(0, 3),
+    st.lists(st.builds(lambda i, kind, e, w: {"name": f"m{i}", kind: {"event": e, **({"property": "revenue"}
+                                                                                       if kind == "sum" else {}),
+                                                                     "within": w}},
+                       st.integers(0, 9), st.sampled_from(editor.METRIC_KINDS), EVENTS, DURATIONS),
+             min_size=1, max_size=editor.MAX_METRICS, unique_by=lambda m: m["name"]),
+    st.booleans(), st.sampled_from([100, 50]), st.sampled_from(["", "7d", "12h"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(EXPERIMENTS)
+def test_an_experiment_the_form_can_show_comes_back_unchanged(spec):
+    assert editor.editable("experiments", spec)
+    assert editor.spec_from_form("experiments", editor.form_from_spec("experiments", spec)) == spec
+    parse_metrics({"experiments": [spec]})
+
+
+def test_an_experiment_preview_is_its_results_over_history():
+    m = parse_metrics({"experiments": [{"name": "b", "exposure": {"experiment_id": "b"},
+                                        "variations": {"control": 0.5, "green": 0.5}, "control": "control",
+                                        "min_sample": 2,
+                                        "metrics": [{"name": "bought",
+                                                     "conversion": {"event": "Buy", "within": "7d"}}]}]})
+    e = editor.definition(m, "experiments", "b")
+    sql, table = editor.experiment_preview(e)
+    assert "Buy" in sql
+    shown = table([("control", "bought", 40, 10, 10, 0, 0, 0, 0, 0, 0, 2),
+                   ("green", "bought", 40, 20, 20, 0, 0, 0, 0, 0, 0, 2)])
+    assert shown["summary"] == "80 exposed persons" and "green" in shown["text"] and "2 excluded" in shown["text"]

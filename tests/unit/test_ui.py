@@ -296,7 +296,9 @@ def test_definitions_viewers_see_them_editors_edit_them(ui):
     assert ui.request("POST", "/ui/definitions/funnels", data={"action": "save"})[0] == 403
     status, _, form = ui.request("GET", "/ui/definitions/new/alerts")
     assert status == 200 and '<select name="series_funnel"' in form and '<option value="checkout">' in form
-    assert ui.request("GET", "/ui/definitions/new/experiments")[0] == 404
+    status, _, form = ui.request("GET", "/ui/definitions/new/experiments")
+    assert status == 200 and '<select name="m1_event"' in form
+    assert ui.request("GET", "/ui/definitions/new/settings")[0] == 404
 
 
 def test_the_live_events_page_shows_events_not_backfills_or_markers(tmp_path):

@@ -13,12 +13,16 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flywheel.metrics import alerts, oracle
-from flywheel.metrics.definitions import ANY, Alert, Funnel, Metrics, Retention, Segment
+from flywheel.metrics import alerts, oracle, results
+from flywheel.metrics.definitions import ANY, Alert, Experiment, Funnel, Metrics, Retention, Segment
 from flywheel.model.clock import DAY_MS, iso_ms
 from flywheel.model.plan import TrackingPlan
 
-KINDS = {"funnels": "funnel", "retention": "retention", "segments": "segment", "alerts": "alert rule"}  # editable here
+KINDS = {"funnels": "funnel", "retention": "retention", "segments": "segment", "alerts": "alert rule",
+         "experiments": "experiment"}  # editable here
+MAX_VARIATIONS = 4  # variation rows an experiment form offers
+MAX_METRICS = 4  # metric rows an experiment form offers
+METRIC_KINDS = ("conversion", "count", "sum")
 SERIES_KINDS = ("events", "invalid_rate", "funnel", "retention", "active", "segment")
 RULE_KINDS = ("threshold", "relative", "anomaly")
 PREVIEW_ALERT_DAYS = 7
@@ -134,7 +138,61 @@ def spec_from_form(kind: str, form: Mapping[str, Any]) -> dict[str, Any]:
         return {"name": name, mode: conditions}
     if kind == "alerts":
         return _alert_from_form(form, name)
+    if kind == "experiments":
+        return _experiment_from_form(form, name)
     raise FormError(f"{kind} cannot be edited here (use flywheel metrics import)")
+
+
+def _experiment_from_form(form: Mapping[str, Any], name: str) -> dict[str, Any]:
+    experiment_id = _text(form, "experiment_id")
+    if not experiment_id:
+        raise FormError("the experiment id (what the exposure events carry) is missing")
+    variations: dict[str, float] = {}
+    control = None
+    for i in range(1, MAX_VARIATIONS + 1):
+        v = _text(form, f"v{i}_name")
+        if not v:
+            continue
+        share = _number(form, f"v{i}_share", f"variation {i}: share")
+        if share is None:
+            raise FormError(f"variation {i}: its expected share (0.5 = half)")
+        variations[v] = float(share)
+        if _text(form, "control") == str(i):
+            control = v
+    if len(variations) < 2:
+        raise FormError("an experiment needs at least two variations")
+    if control is None:
+        raise FormError("which variation is the control")
+    metrics, guardrails = [], []
+    for i in range(1, MAX_METRICS + 1):
+        metric = _text(form, f"m{i}_name")
+        if not metric:
+            continue
+        kind, event = _text(form, f"m{i}_kind"), _text(form, f"m{i}_event")
+        if kind not in METRIC_KINDS or not event:
+            raise FormError(f"metric {i}: a kind ({', '.join(METRIC_KINDS)}) and an event")
+        body: dict[str, Any] = {"event": event}
+        if kind == "sum":
+            prop = _text(form, f"m{i}_property")
+            if not prop:
+                raise FormError(f"metric {i}: the property summed")
+            body["property"] = prop
+        body["within"] = _duration(form, f"m{i}_within", what=f"metric {i}: within")
+        metrics.append({"name": metric, kind: body})
+        if form.get(f"m{i}_guardrail"):
+            guardrails.append(metric)
+    if not metrics:
+        raise FormError("an experiment needs at least one metric")
+    out: dict[str, Any] = {"name": name, "exposure": {"experiment_id": experiment_id}, "variations": variations,
+                           "control": control, "metrics": metrics}
+    if guardrails:
+        out["guardrails"] = guardrails
+    min_sample = _number(form, "min_sample", "min sample", whole=True)
+    if min_sample is not None and min_sample != 100:
+        out["min_sample"] = min_sample
+    if _text(form, "cuped_n"):
+        out["cuped"] = _duration(form, "cuped", what="CUPED lookback")
+    return out
 
 
 def _number(form: Mapping[str, Any], key: str, what: str, *, whole: bool = False) -> int | float | None:
@@ -239,6 +297,8 @@ def form_from_spec(kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
                    period=spec.get("period", "day"), horizon=str(spec.get("horizon", 7)))
     elif kind == "alerts":
         out.update(_alert_form(spec))
+    elif kind == "experiments":
+        out.update(_experiment_form(spec))
     elif kind == "segments":
         mode = "all" if "all" in spec else "any"
         out["mode"] = mode
@@ -283,12 +343,37 @@ def _alert_form(spec: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _experiment_form(spec: Mapping[str, Any]) -> dict[str, str]:
+    out = {"name": str(spec["name"]), "experiment_id": str(spec["exposure"]["experiment_id"])}
+    for i, (v, share) in enumerate(spec["variations"].items(), start=1):
+        out[f"v{i}_name"], out[f"v{i}_share"] = v, str(share)
+        if v == spec["control"]:
+            out["control"] = str(i)
+    for i, m in enumerate(spec["metrics"], start=1):
+        kind = next(k for k in METRIC_KINDS if k in m)
+        out[f"m{i}_name"], out[f"m{i}_kind"], out[f"m{i}_event"] = m["name"], kind, m[kind]["event"]
+        if kind == "sum":
+            out[f"m{i}_property"] = m[kind]["property"]
+        out[f"m{i}_within_n"], out[f"m{i}_within_unit"] = _split_duration(m[kind]["within"])
+        if m["name"] in spec.get("guardrails", ()):
+            out[f"m{i}_guardrail"] = "1"
+    out["min_sample"] = str(spec.get("min_sample", 100))
+    if spec.get("cuped") is not None:
+        out["cuped_n"], out["cuped_unit"] = _split_duration(spec["cuped"])
+    return out
+
+
 def editable(kind: str, spec: Mapping[str, Any]) -> bool:
     """Whether the form can show every part of this definition (else: flywheel metrics import)."""
     if kind == "funnels":
         return len(spec["steps"]) <= MAX_STEPS and all(len(s.get("where") or {}) <= 1 for s in spec["steps"])
     if kind == "retention":
         return True
+    if kind == "experiments":
+        return (set(spec.get("exposure", {})) == {"experiment_id"} and len(spec.get("variations", {})) <= MAX_VARIATIONS
+                and len(spec.get("metrics", [])) <= MAX_METRICS
+                and all(set(m) == {"name", next((k for k in METRIC_KINDS if k in m), "")}
+                        and not m[next(k for k in METRIC_KINDS if k in m)].get("where") for m in spec["metrics"]))
     if kind == "alerts":
         notify = spec.get("notify") or []
         rule = spec.get("rule", {})
@@ -304,10 +389,22 @@ def editable(kind: str, spec: Mapping[str, Any]) -> bool:
     return False
 
 
-def definition(metrics: Metrics, kind: str, name: str) -> Funnel | Retention | Segment | Alert:
+def definition(metrics: Metrics, kind: str, name: str) -> Funnel | Retention | Segment | Alert | Experiment:
     items = {"funnels": metrics.funnels, "retention": metrics.retention, "segments": metrics.segments,
-             "alerts": metrics.alerts}[kind]
+             "alerts": metrics.alerts, "experiments": metrics.experiments}[kind]
     return next(d for d in items if d.name == name)
+
+
+def experiment_preview(experiment: Experiment) -> tuple[str, Callable[[Sequence], dict[str, Any]]]:
+    """(the experiment's oracle statistics over every stored event, the rows → its results as `flywheel
+    experiments results` prints them)."""
+    def table(rows: Sequence) -> dict[str, Any]:
+        stats = [tuple(r[:11]) for r in rows]
+        if rows and int(rows[0][11]):
+            stats.append(("", "", int(rows[0][11]), 0, 0, 0, 0, 0, 0, 0, 0))
+        return {"head": [], "rows": [], "text": results.text(results.from_stats(experiment, stats)),
+                "summary": f"{sum(int(r[2]) for r in rows if r[1] == experiment.metrics[0].name)} exposed persons"}
+    return oracle.experiment_stats_sql(experiment), table
 
 
 def alert_preview(alert: Alert, metrics: Metrics, now_ms: int) -> tuple[str, Callable[[Sequence], dict[str, Any]]]:

@@ -599,7 +599,8 @@ async def _editor_page(request: web.Request, kind: str, values: dict, *, existin
                      preview=preview, steps=range(1, editor.MAX_STEPS + 1),
                      conditions=range(1, editor.MAX_CONDITIONS + 1), units=editor.UNITS,
                      funnels=named["funnels"], retentions=named["retention"], segments=named["segments"],
-                     series_kinds=editor.SERIES_KINDS,
+                     series_kinds=editor.SERIES_KINDS, variations=range(1, editor.MAX_VARIATIONS + 1),
+                     experiment_metrics=range(1, editor.MAX_METRICS + 1), metric_kinds=editor.METRIC_KINDS,
                      rule_kinds=editor.RULE_KINDS)
     response.set_status(status)
     return response
@@ -619,7 +620,7 @@ async def definition_form(request: web.Request) -> web.Response:
     if name is None:
         defaults = {"window_n": "1", "window_unit": "d", "period": "day" if kind == "retention" else "",
                     "horizon": "7", "mode": "all", "series_kind": "events", "rule_kind": "threshold",
-                    "fire_after": "1", "resolve_after": "1"}
+                    "fire_after": "1", "resolve_after": "1", "control": "1", "min_sample": "100"}
         return await _editor_page(request, kind, defaults, existing=False)
     found = next((c for c in _in_force(dash) if c.kind == kind and c.name == name), None)
     if found is None:
@@ -675,6 +676,8 @@ async def definition_change(request: web.Request) -> web.Response:
         now = dash.settings.clock()()
         if kind == "alerts":
             sql, table = editor.alert_preview(d, metrics, now)
+        elif kind == "experiments":
+            sql, table = editor.experiment_preview(d)
         else:
             sql, table = editor.preview_sql(kind, d, metrics, now), lambda rows: editor.preview_table(kind, d, rows)
         try:
