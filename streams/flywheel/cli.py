@@ -386,12 +386,12 @@ def metrics_import(
     deletion of every stored one it leaves out (those made in the UI too). Checked first; recorded with
     who and when (flywheel.definition_changes). Running workers take it up without a restart; a new
     condition's history is backfilled from ClickHouse (README "Definitions")."""
-    from flywheel.metrics.definitions import MetricsError
-    from flywheel.registry import StoreUnavailable, changes_for, file_mapping, write
+    from flywheel.metrics.definitions import MetricsError, read_metrics_file
+    from flywheel.registry import StoreUnavailable, changes_for, write
 
     settings = _settings()
     try:
-        new = file_mapping(path)
+        new = read_metrics_file(path)
         stored, changes = changes_for(settings, new, author=author or _author(), via="cli",
                                       comment=comment or f"flywheel metrics import {path.name}",
                                       keep_others=keep_others)

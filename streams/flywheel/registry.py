@@ -16,13 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flywheel.config import Settings
-from flywheel.metrics.definitions import Metrics, MetricsError, parse_metrics
+from flywheel.metrics.definitions import Metrics, MetricsError, parse_metrics, read_metrics_file
 from flywheel.metrics.store import Change, Stored, applied, diff, key_of, split
 from flywheel.model.clock import wall_ms
 
@@ -120,22 +117,6 @@ def check(settings: Settings, mapping: dict[str, Any], *, source: str) -> Metric
     return metrics
 
 
-def file_mapping(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise MetricsError(f"{path}: no such metrics file (FLYWHEEL_METRICS)") from None
-    except yaml.YAMLError as exc:
-        raise MetricsError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise MetricsError(f"{path}: expected a mapping with `funnels:` and/or `retention:`")
-    return raw
-
-
 @dataclass
 class InForce:
     """The definitions in force and where they come from (the UI shows it)."""
@@ -166,13 +147,13 @@ def in_force(settings: Settings, *, stored: Stored | None = None, fallback: bool
                 raise
             log.warning("%s; using the metrics file %s instead, which may differ from what the workers use",
                         exc, settings.metrics)
-            return InForce(check(settings, file_mapping(settings.metrics), source=str(settings.metrics)), Stored(),
+            return InForce(check(settings, read_metrics_file(settings.metrics), source=str(settings.metrics)), Stored(),
                            "file")
     if stored.empty:
-        file = file_mapping(settings.metrics)
+        file = read_metrics_file(settings.metrics)
         return InForce(check(settings, file, source=str(settings.metrics)), stored, "file")
     try:
-        differs = [c.key for c in diff(stored.mapping(), file_mapping(settings.metrics), author="-", via="file",
+        differs = [c.key for c in diff(stored.mapping(), read_metrics_file(settings.metrics), author="-", via="file",
                                        at=0)]
     except MetricsError as exc:  # not in force: said, not fatal
         differs = [f"(unreadable: {exc})"]
@@ -218,7 +199,7 @@ def seed(settings: Settings, *, audited: int = 0) -> InForce:
                            "(a topic deleted or recreated, another Kafka?). Put them back with `flywheel metrics "
                            "import FILE` (an export, or rebuild one from definition_changes), then start again")
     if stored.empty:
-        file = file_mapping(settings.metrics)
+        file = read_metrics_file(settings.metrics)
         check(settings, file, source=str(settings.metrics))
         changes = diff({}, file, author="flywheel worker", via="file", at=wall_ms(),
                        comment=f"first start: {settings.metrics}")
@@ -247,5 +228,5 @@ def changes_for(settings: Settings, new: dict[str, Any], *, author: str, via: st
     return stored, changes
 
 
-__all__ = ["Change", "InForce", "StoreUnavailable", "changes_for", "check", "checked", "file_mapping", "in_force",
+__all__ = ["Change", "InForce", "StoreUnavailable", "changes_for", "check", "checked", "in_force",
            "key_of", "newest_valid", "read", "seed", "split", "write"]

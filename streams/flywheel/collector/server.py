@@ -201,7 +201,7 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     # keeps each full collection small.
     gc.freeze()
     from flywheel.registry import in_force
-    from flywheel.runtime.definitions import DefinitionsWatch
+    from flywheel.runtime.definitions import follow_in
 
     kafka = KafkaProbe(settings.kafka_bootstrap)
     definitions = in_force(settings, fallback=True)
@@ -211,15 +211,7 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     async def follow(metrics: Metrics, stored) -> None:  # experiments added or changed: assigned at once
         collector.use(metrics)
 
-    watch = DefinitionsWatch(settings, definitions.stored, follow)
-
-    async def start_watch(_app) -> None:
-        await watch.start()
-
-    async def stop_watch(_app) -> None:
-        await watch.stop()
-    app.on_startup.append(start_watch)
-    app.on_cleanup.append(stop_watch)
+    follow_in(app, settings, definitions.stored, follow)
     asyncio.run(serve([
         Listener(app, host=host, port=port, name="collector"),
         Listener(admin_app(role="collector", checks=[kafka]), host=settings.admin_host, port=settings.admin_port,

@@ -1164,17 +1164,26 @@ def legacy_bits(metrics: Metrics) -> tuple[Predicate, ...]:
     return tuple(seen.values())
 
 
-def load_metrics(path: Path | None) -> Metrics:
-    """Read and validate a metrics file; None = no metrics (the aggregates stage does nothing)."""
+def read_metrics_file(path: Path | None) -> dict[str, Any]:
+    """A metrics file's mapping, not yet validated; None = no metrics (an empty mapping)."""
     if path is None:
-        return compile_metrics(MetricsSpec())
+        return {}
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise MetricsError(f"{path}: no such metrics file (FLYWHEEL_METRICS)") from None
     except yaml.YAMLError as exc:
         raise MetricsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_metrics(raw if raw is not None else {}, source=str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MetricsError(f"{path}: expected a mapping with `funnels:` and/or `retention:`")
+    return raw
+
+
+def load_metrics(path: Path | None) -> Metrics:
+    """Read and validate a metrics file; None = no metrics (the aggregates stage does nothing)."""
+    return parse_metrics(read_metrics_file(path), source=str(path))
 
 
 def parse_metrics(data: Any, *, source: str = "<metrics>") -> Metrics:

@@ -38,10 +38,10 @@ from mode import Service
 from flywheel.clickhouse import ClickHouse
 from flywheel.collector.server import Collector, collector_app
 from flywheel.config import Settings
-from flywheel.metrics.definitions import Metrics
+from flywheel.metrics.definitions import Metrics, read_metrics_file
 from flywheel.metrics.store import Stored
 from flywheel.model.plan import load_plan
-from flywheel.registry import InForce, check, file_mapping
+from flywheel.registry import InForce, check
 from flywheel.runtime import faust_seams
 from flywheel.runtime.definitions import DefinitionsWatch
 from flywheel.runtime.delivery import BatchTopics
@@ -192,7 +192,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     nothing stored or followed — for tests that only look at the app)."""
     plan = load_plan(settings.tracking_plan)
     if definitions is None:
-        definitions = InForce(check(settings, file_mapping(settings.metrics), source=str(settings.metrics)),
+        definitions = InForce(check(settings, read_metrics_file(settings.metrics), source=str(settings.metrics)),
                               Stored(), "file")
     metrics = definitions.metrics
     batches = BatchTopics()

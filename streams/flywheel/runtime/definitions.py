@@ -94,3 +94,18 @@ class DefinitionsWatch(Service):
                             for _, c in records)
         log.info("definitions revision %d in force: %s", self.stored.revision, changed)
         await self.on_change(metrics, self.stored.copy())
+
+
+def follow_in(app, settings: Settings, stored: Stored, on_change: OnChange) -> DefinitionsWatch:
+    """A process without a Faust worker (`flywheel ui`, `flywheel collector`) follows the definitions for as
+    long as its aiohttp `app` runs."""
+    watch = DefinitionsWatch(settings, stored, on_change)
+
+    async def start(_app) -> None:
+        await watch.start()
+
+    async def stop(_app) -> None:
+        await watch.stop()
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return watch

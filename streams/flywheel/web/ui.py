@@ -33,7 +33,7 @@ import orjson
 from aiohttp import web
 
 from flywheel.config import Settings
-from flywheel.metrics.definitions import Metrics
+from flywheel.metrics.definitions import Metrics, read_metrics_file
 from flywheel.metrics.results import from_stats
 from flywheel.model.plan import TrackingPlan, load_plan
 from flywheel.registry import InForce
@@ -548,10 +548,8 @@ def _in_force(dash: Dashboard):
 
     state = dash.definitions
     if state is None or state.source == "file":  # nothing stored yet: the file, as the workers use it
-        from flywheel.registry import file_mapping
-
         return [Change(kind=k, name=n, spec=spec, author="-", via="file", at=0)
-                for k, n, spec in split(file_mapping(dash.settings.metrics)).values()]
+                for k, n, spec in split(read_metrics_file(dash.settings.metrics)).values()]
     return list(state.stored.current.values())
 
 
@@ -653,7 +651,7 @@ async def definition_change(request: web.Request) -> web.Response:
         stored = await loop.run_in_executor(None, registry.read, dash.settings)
     except registry.StoreUnavailable as exc:
         return await _editor_page(request, kind, form, existing=existing, error=str(exc), status=503)
-    current = stored.mapping() if not stored.empty else registry.file_mapping(dash.settings.metrics)
+    current = stored.mapping() if not stored.empty else read_metrics_file(dash.settings.metrics)
     name = str(form.get("name", "")).strip()
     before = next((c.spec for c in stored.current.values() if c.kind == kind and c.name == name), None)
     try:
@@ -740,7 +738,7 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     workers — a ClickHouse server directly, embedded ClickHouse through the running worker's /sql."""
     from flywheel import query as queries
     from flywheel.registry import in_force
-    from flywheel.runtime.definitions import DefinitionsWatch
+    from flywheel.runtime.definitions import follow_in
     from flywheel.web.admin import admin_app
     from flywheel.web.health import KafkaProbe
     from flywheel.web.server import Listener, serve
@@ -758,15 +756,7 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     async def follow(metrics, stored) -> None:
         dashboard.use(InForce(metrics, stored, "stored"))
 
-    watch = DefinitionsWatch(settings, definitions.stored, follow)
-
-    async def start_watch(_app) -> None:
-        await watch.start()
-
-    async def stop_watch(_app) -> None:
-        await watch.stop()
-    app.on_startup.append(start_watch)
-    app.on_cleanup.append(stop_watch)
+    follow_in(app, settings, definitions.stored, follow)
     log.info("ui on http://%s:%d/ui (Kafka %s, ClickHouse %s)", host, port, settings.kafka_bootstrap,
              "server" if settings.clickhouse_url else f"embedded in {settings.data_dir}")
     asyncio.run(serve([Listener(app, host=host, port=port, name="ui")]))
