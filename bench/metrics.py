@@ -283,8 +283,8 @@ class FakeTable(MemoryTable):
 
 
 class FakeOutbox:
-    """runtime/outbox.py's Outbox without Kafka: counts the records per topic; a state hand-off
-    (events.identified) is queued for the user's partition, where Kafka would deliver it later."""
+    """runtime/outbox.py's Outbox without Kafka: counts the records per topic; a state hand-off (or a switch
+    report) on events.identified is queued for its partition, where Kafka would deliver it later."""
 
     def __init__(self, published: Counter, handoffs: deque, identified: str, partitions: int):
         self.published, self.handoffs = published, handoffs
@@ -293,7 +293,8 @@ class FakeOutbox:
     def add(self, topic: str, key: bytes | None, value: bytes | None, *, partition: int | None = None) -> None:
         self.published[topic] += 1
         if topic == self.identified:
-            self.handoffs.append((partition_of(key, self.partitions), value, key))
+            self.handoffs.append((partition if partition is not None else partition_of(key, self.partitions), value,
+                                  key))
 
     async def send(self) -> dict:
         return {}

@@ -20,7 +20,7 @@ from typing import Any
 
 from flywheel.config import Settings
 from flywheel.metrics.definitions import Metrics, MetricsError, parse_metrics, read_metrics_file
-from flywheel.metrics.store import Change, Stored, applied, diff, key_of, split
+from flywheel.metrics.store import Change, Stored, applied, diff
 from flywheel.model.clock import wall_ms
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,3 @@ def changes_for(settings: Settings, new: dict[str, Any], *, author: str, via: st
     checked(settings, old, changes, source="the changed definitions")
     return stored, changes
 
-
-__all__ = ["Change", "InForce", "StoreUnavailable", "changes_for", "check", "checked", "in_force",
-           "key_of", "newest_valid", "read", "seed", "split", "write"]

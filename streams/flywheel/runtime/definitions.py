@@ -3,8 +3,9 @@
 One aiokafka consumer without a group on the definitions topic's only partition, from the revision the
 worker started with. Whatever arrived in one fetch is folded in and compiled once (an import of ten
 definitions is one switch, not ten); the new set goes to every stage that holds definitions (`on_change`),
-in order. A set that does not compile — the writers check before they write, so only a hand-made record
-could do it — is logged and skipped: the worker keeps the set it has.
+in order. Every record is folded in; a set that does not compile here (writers check, but a process's
+webhook allowlist and secrets are its own) is logged and not handed on — the set in force stays until a
+later revision compiles. `flywheel ui` and `flywheel collector` follow the topic the same way (`follow_in`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def ensure_topics(settings: Settings) -> list[str]:
             except TopicAlreadyExistsError:  # another worker was faster
                 pass
         if created:
-            log.info("created topics %s with %d partitions", created, settings.partitions)
+            log.info("created topics %s with %d partitions%s", created, settings.partitions,
+                     " (definitions: 1)" if names.definitions in created else "")
         return created
     finally:
         admin.close()

@@ -192,6 +192,8 @@ class BackfillJob:
         """Start a job if one is ready, then run the job there is to its end. Whether there was one."""
         book = self.load()
         if book.job is None:
+            if not book.pending:  # the common case, every second: nothing to ask Kafka
+                return False
             partitions = await self.partitions()
             if not book.ready(partitions, self.revision()):
                 return False
