@@ -509,7 +509,7 @@ def segments_list() -> None:
     for seg in metrics.segments:
         typer.echo(f"{seg.name}\t{sizes.pop(seg.name, 0)} members\tversion {seg.version}: {describe_segment(seg)}")
     for name, n in sorted(sizes.items()):  # members of a segment no longer in the file, not yet sent away
-        typer.echo(f"{name}\t{n} members\tnot in the metrics file any more")
+        typer.echo(f"{name}\t{n} members\tnot in the definitions any more")
 
 
 @segments_cli.command("members")

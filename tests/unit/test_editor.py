@@ -89,6 +89,8 @@ def test_what_the_form_cannot_show_is_left_to_the_metrics_file():
     nested = {"name": "s", "all": [{"any": [{"performed": "A", "within": "1d"}]}]}
     assert not editor.editable("segments", nested)
     assert not editor.editable("segments", {"name": "s", "all": [{"trait": {"plan": "pro"}}]})
+    assert not editor.editable("segments", {"name": "s", "all": [{"performed": "A", "count": {"lte": 2},
+                                                                   "within": "1d"}]})
 
 
 def test_pickers_offer_the_tracking_plan_then_what_clickhouse_has_seen():

@@ -385,7 +385,7 @@ def editable(kind: str, spec: Mapping[str, Any]) -> bool:
         items = spec.get("all", spec.get("any"))
         return (items is not None and len(items) <= MAX_CONDITIONS and "universe" not in spec
                 and all(("performed" in c or "not_performed" in c) and len(c.get("where") or {}) <= 1
-                        for c in items))
+                        and set(c.get("count") or {"gte": 1}) == {"gte"} for c in items))  # the form says "at least"
     return False
 
 
