@@ -743,7 +743,7 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
     from flywheel.web.health import KafkaProbe
     from flywheel.web.server import Listener, serve
 
-    definitions = in_force(settings)
+    definitions = in_force(settings, fallback=True)  # Kafka not up yet: the file, then the store once it is
 
     async def query(sql: str) -> list:
         return (await asyncio.to_thread(queries.run, settings, sql, wait=10.0))[1]
