@@ -171,11 +171,15 @@ def topics_for(tag: str, raw: str | None = None) -> Topics:
     )
 
 
+METRICS: Path | None = None  # --metrics: the definitions every run's worker stores and uses (default: the file's)
+
+
 def run_settings(bootstrap: str, partitions: int, raw_topic: str, tag: str, data_dir: Path) -> Settings:
     """One pipeline run: the given events.raw, everything else its own (group, topics, data, port)."""
     return Settings(
         kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-{tag}", data_dir=data_dir,
         http_port=free_port(), admin_port=free_port(), topics=topics_for(tag, raw_topic),
+        **({"metrics": METRICS} if METRICS is not None else {}),
     )
 
 
@@ -566,11 +570,16 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole invocation")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between count() polls")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help="metrics file of every run (default FLYWHEEL_METRICS's; the throughput issue's: "
+                             "bench/throughput-metrics.yaml)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of another revision (git worktree add DIR REV): each run also measures "
                              "its worker on the same topic, alternating which goes first")
     args = parser.parse_args()
+    global METRICS
+    METRICS = args.metrics.resolve() if args.metrics is not None else None
 
     started = datetime.now(UTC)
     budget_end = time.monotonic() + args.budget
@@ -584,6 +593,7 @@ def main() -> None:
         "started": started.isoformat(timespec="seconds"),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
         "config": {"events": args.events, "partitions": args.partitions, "topic": raw_topic,
+                   "metrics": str(METRICS or Settings().metrics),
                    "budget_s": args.budget, "sink_batch_size": Settings().sink_batch_size,
                    "baseline": str(args.baseline) if args.baseline else None},
         "runs": [],
