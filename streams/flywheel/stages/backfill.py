@@ -207,7 +207,9 @@ class BackfillJob:
                      ", ".join(job["pids"]), "any" if job["events"] is None else ", ".join(job["events"]),
                      iso_ms(job["from_ms"]))
         job = self.load().job
-        while job is not None:
+        if job is None:
+            return False
+        while True:
             page = await self.query(page_sql(job, self.page))
             if not page:
                 break
@@ -227,11 +229,14 @@ class BackfillJob:
                     b.job["rows"] += rows
                 return b.job
             job = await self.persist(advance)
+            if job is None:  # finished by another owner of the leader meanwhile
+                return True
             if self.pause:
                 await asyncio.sleep(self.pause)
-        done = await self.persist(lambda b: b.finish(self.clock()))
-        await self.insert(BACKFILLS, [{"revision": done["revision"], "predicates": done["pids"],
-                                       "events": done["rows"], "started": from_ms(done["started"]),
-                                       "finished": from_ms(done["finished"])}])
-        log.info("backfill of revision %d done: %d events sent to their persons", done["revision"], done["rows"])
+        finished = self.clock()
+        # the row first (one per job: a crash before the book says finished writes the same row again)
+        await self.insert(BACKFILLS, [{"revision": job["revision"], "predicates": job["pids"], "events": job["rows"],
+                                       "started": from_ms(job["started"]), "finished": from_ms(finished)}])
+        await self.persist(lambda b: b.finish(finished))
+        log.info("backfill of revision %d done: %d events sent to their persons", job["revision"], job["rows"])
         return True
