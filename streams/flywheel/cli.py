@@ -58,9 +58,9 @@ def _query(settings: config_mod.Settings):
 def _in_force(settings: config_mod.Settings):
     """The definitions in force (flywheel.registry: the stored ones, else the metrics file's; with Kafka
     unreachable, the file's with a warning on stderr)."""
-    from flywheel.registry import in_force
+    from flywheel.registry import metrics_in_force
 
-    return in_force(settings, fallback=True).metrics
+    return metrics_in_force(settings)
 
 
 @cli.command()

@@ -161,6 +161,16 @@ def in_force(settings: Settings, *, stored: Stored | None = None, fallback: bool
     return InForce(metrics, usable, "stored", differs, broken)
 
 
+def metrics_in_force(settings: Settings) -> Metrics:
+    """in_force's metrics for a process that only reads definitions (a command, a collector's assignment)."""
+    return in_force(settings, fallback=True).metrics
+
+
+def file_changes(settings: Settings, *, author: str, comment: str) -> list[Change]:
+    """The metrics file as changes onto an empty store (via "file"): what a first store holds."""
+    return diff({}, read_metrics_file(settings.metrics), author=author, via="file", at=wall_ms(), comment=comment)
+
+
 def newest_valid(settings: Settings, stored: Stored) -> tuple[Metrics, Stored, str]:
     """The newest revision of the stored set that compiles here, the set at it, and why newer ones do not
     (""). Writers check before they write, but what compiles also depends on a process's environment (its
@@ -199,10 +209,8 @@ def seed(settings: Settings, *, audited: int = 0) -> InForce:
                            "(a topic deleted or recreated, another Kafka?). Put them back with `flywheel metrics "
                            "import FILE` (an export, or rebuild one from definition_changes), then start again")
     if stored.empty:
-        file = read_metrics_file(settings.metrics)
-        check(settings, file, source=str(settings.metrics))
-        changes = diff({}, file, author="flywheel worker", via="file", at=wall_ms(),
-                       comment=f"first start: {settings.metrics}")
+        check(settings, read_metrics_file(settings.metrics), source=str(settings.metrics))
+        changes = file_changes(settings, author="flywheel worker", comment=f"first start: {settings.metrics}")
         if changes:
             write(settings, changes)
             stored = read(settings)

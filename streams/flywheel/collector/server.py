@@ -29,6 +29,7 @@ from flywheel.experiments import answer as assignment
 from flywheel.metrics.definitions import Metrics
 from flywheel.model.clock import wall_ms
 from flywheel.model.envelope import HEADER_RECEIVED_AT, HEADER_SOURCE, Limits
+from flywheel.registry import metrics_in_force
 from flywheel.web.admin import admin_app
 from flywheel.web.health import Check, KafkaProbe, add_health
 from flywheel.web.server import Listener, serve
@@ -79,7 +80,7 @@ class Collector:
             limits=settings.limits(),
             committer=committer,
             retry_after=settings.collector_retry_after_seconds,
-            experiments=variations(metrics if metrics is not None else _in_force(settings)),
+            experiments=variations(metrics if metrics is not None else metrics_in_force(settings)),
         )
 
     def use(self, metrics: Metrics) -> None:
@@ -221,9 +222,3 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
 
 def variations(metrics: Metrics) -> dict[str, dict[str, float]]:
     return {e.name: dict(e.variations) for e in metrics.experiments}
-
-
-def _in_force(settings: Settings) -> Metrics:
-    from flywheel.registry import in_force
-
-    return in_force(settings, fallback=True).metrics

@@ -353,6 +353,7 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
     experiments = add_experiments(admin, metrics=metrics, query=sink.query)
     services = [listeners, output, Progress(app), status, Stopping(aggregate.stop, webhooks.close),
                 DefinitionsWatch(settings, definitions.stored, on_change)]
-    # progress markers for alert rules: always, as rules may come while running (a few records a second)
-    services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds))
+    # progress markers for alert rules, while any is in force (rules may come and go while running)
+    services.append(Ticker(output.outbox, names.raw, clock=settings.clock(), seconds=settings.alert_tick_seconds,
+                           active=lambda: bool(alert_stage.alerts)))
     return Pipeline(app, services)

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 class Ticker(Service):
     def __init__(self, outbox: Callable[[], Awaitable[Outbox]], topic: str, *, clock: Callable[[], int],
-                 seconds: float, **kwargs):
+                 seconds: float, active: Callable[[], bool] = lambda: True, **kwargs):
         super().__init__(**kwargs)
         self.outbox = outbox
         self.topic = topic
         self.clock = clock
         self.seconds = seconds
+        self.active = active  # whether any alert rule is in force: no markers while none is
         self._failing = False
 
     async def tick(self) -> None:
@@ -43,6 +44,8 @@ class Ticker(Service):
     async def _run(self) -> None:
         while not self.should_stop:
             await self.sleep(self.seconds)
+            if not self.active():
+                continue
             try:
                 await self.tick()
             except Exception as exc:  # Kafka unreachable: alert periods wait; say so once

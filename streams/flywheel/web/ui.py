@@ -634,7 +634,7 @@ async def definition_change(request: web.Request) -> web.Response:
     its history backfilled), or delete it. Every save and deletion is recorded with who and when."""
     from flywheel import registry
     from flywheel.metrics.definitions import MetricsError
-    from flywheel.metrics.store import Change, diff, spec_version
+    from flywheel.metrics.store import Change, spec_version
     from flywheel.model.clock import wall_ms
     from flywheel.web import editor
 
@@ -687,8 +687,8 @@ async def definition_change(request: web.Request) -> web.Response:
     if action not in ("save", "delete"):
         raise web.HTTPBadRequest(text=f"unknown action {action!r}")
     if stored.empty:  # nothing stored yet (no worker started): the file goes in first, then the change
-        changes = diff({}, current, author=session.user.name, via="file", at=wall_ms(),
-                                comment=f"stored before the first edit: {dash.settings.metrics}")
+        changes = registry.file_changes(dash.settings, author=session.user.name,
+                                        comment=f"stored before the first edit: {dash.settings.metrics}")
     else:
         changes = []
     revision = await loop.run_in_executor(None, registry.write, dash.settings, [*changes, change])
