@@ -102,13 +102,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """`flywheel worker` as a child process (so it can be SIGKILLed like a real one)."""
+    """`flywheel worker` (or `flywheel store`: command="store") as a child process (so it can be SIGKILLed
+    like a real one)."""
 
-    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None):
+    READY = {"worker": "Worker ready", "store": "store ready"}
+
+    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None, command: str = "worker"):
         self.settings = settings
         self.env = settings_env(settings) | (extra_env or {})
         self.proc: subprocess.Popen | None = None
-        self.log_path = settings.data_dir / "worker.log"
+        self.command = command
+        self.log_path = settings.data_dir / f"{command}.log"
         self.starts = 0
 
     def start(self, *, wait_ready: bool = True) -> WorkerProcess:
@@ -118,7 +122,7 @@ class WorkerProcess:
         log.write(f"\n===== start {self.starts} =====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "worker"],
+            [sys.executable, "-m", "flywheel.cli", self.command],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
         )
         log.close()
@@ -129,11 +133,12 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 120.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return "Worker ready" in self.log_path.read_text(errors="replace").rsplit("===== start", 1)[-1]
+                raise AssertionError(f"{self.command} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            log = self.log_path.read_text(errors="replace").rsplit("===== start", 1)[-1]
+            return self.READY[self.command] in log
 
         try:
-            wait_until(ready, timeout=timeout, what="the worker to be ready")
+            wait_until(ready, timeout=timeout, what=f"the {self.command} to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
@@ -179,7 +184,7 @@ class WorkerProcess:
         terminate(self.proc)
 
     def log_tail(self, n: int = 60) -> str:
-        return tail(self.log_path, n, "worker")
+        return tail(self.log_path, n, self.command)
 
 
 CLICKHOUSE_CONFIG = """<?xml version="1.0"?>

@@ -70,8 +70,9 @@ def worker() -> None:
 
     Serves the Segment collector (/v1/*) on FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT and /health, /metrics and
     /sql on the admin listener, FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT (127.0.0.1:8089). Several workers
-    may run with the same FLYWHEEL_APP_ID against a ClickHouse server; with embedded ClickHouse, one
-    worker owns the data directory.
+    may run with the same FLYWHEEL_APP_ID, each with its own FLYWHEEL_DATA_DIR and ports, against a
+    ClickHouse server or a `flywheel store` (FLYWHEEL_CLICKHOUSE_URL=flywheel:///<its data dir>); with
+    embedded ClickHouse and no store, one worker owns the data directory.
     """
     from flywheel.metrics.definitions import MetricsError
     from flywheel.model.plan import PlanError
@@ -81,6 +82,20 @@ def worker() -> None:
         run(_settings())
     except (PlanError, MetricsError) as exc:
         _fail(str(exc))
+
+
+@cli.command()
+def store() -> None:
+    """Own the embedded ClickHouse (FLYWHEEL_DATA_DIR) for several workers on this machine.
+
+    Applies the migrations, then serves /store/insert, /sql, /health and /metrics on the admin listener
+    (FLYWHEEL_ADMIN_HOST:FLYWHEEL_ADMIN_PORT) until stopped. Start each worker with its own FLYWHEEL_DATA_DIR
+    and ports and FLYWHEEL_CLICKHOUSE_URL=flywheel:///<this data dir>; `flywheel sql` with this data dir
+    queries through the store. Across machines, use a ClickHouse server instead.
+    """
+    from flywheel.store import run
+
+    run(_settings())
 
 
 @cli.command()

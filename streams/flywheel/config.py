@@ -56,7 +56,8 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     clickhouse_url: str | None = Field(
-        None, description="clickhouse://user:pass@host:9000/flywheel for a server; unset = embedded (chdb)"
+        None, description="clickhouse://user:pass@host:9000/flywheel for a server; flywheel:///<data dir> for a "
+                          "`flywheel store` on this machine; unset = embedded (chdb) in this worker"
     )
     data_dir: Path = Field(Path(".flywheel"), description="embedded ClickHouse, local Kafka and state stores")
     http_port: int = Field(8088, description="public listener: the Segment collector /v1/* (and /health)")

@@ -40,7 +40,7 @@ def run(settings: Settings) -> None:
         except AnotherWorker as exc:
             log.error("%s", exc)
             sys.exit(1)
-    ch = _open_clickhouse(settings)
+    ch = open_clickhouse(settings)
     applied = migrate.apply(ch, paths.sql_dir() / "migrations")
     log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
     ensure_topics(settings)
@@ -94,10 +94,11 @@ def _definitions(settings: Settings, registry, *, audited: int, sleep=time.sleep
         return definitions
 
 
-def _open_clickhouse(settings: Settings, *, wait: float = BUSY_WAIT_SECONDS, clock=time.monotonic,
+def open_clickhouse(settings: Settings, *, wait: float = BUSY_WAIT_SECONDS, clock=time.monotonic,
                      sleep=time.sleep):
     """Embedded ClickHouse may be held for a moment by a command that opened it just before we
-    advertised ourselves (`flywheel sql`, `migrate`, `dlq replay`): wait for it, saying so."""
+    advertised ourselves (`flywheel sql`, `migrate`, `dlq replay`), and a store's may not be up yet
+    (started together): wait for it, saying so."""
     deadline, said = clock() + wait, None
     while True:
         try:
@@ -108,8 +109,7 @@ def _open_clickhouse(settings: Settings, *, wait: float = BUSY_WAIT_SECONDS, clo
                 raise ClickHouseBusy(f"{exc} — waited {wait:.0f} s; stop the process holding it (fuser -v "
                                      f"{settings.clickhouse_dir}/status names it) and start again") from exc
             if said is None or now - said >= 10:
-                log.warning("embedded ClickHouse at %s is held by another process (a flywheel command?): "
-                            "waiting for it", settings.clickhouse_dir)
+                log.warning("waiting for ClickHouse: %s", exc)
                 said = now
             sleep(0.2)
 

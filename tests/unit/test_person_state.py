@@ -6,19 +6,28 @@ from __future__ import annotations
 import orjson
 from flywheel.metrics.cells import is_open, kind_of
 from flywheel.metrics.definitions import Funnel, parse_metrics
-from flywheel.metrics.person import PersonState, apply, contributions, experiment_history_cut, join
+from flywheel.metrics.person import (
+    PersonState,
+    apply,
+    changed_contributions,
+    contributions,
+    experiment_history_cut,
+    join,
+)
 from flywheel.model.clock import DAY_MS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-METRICS = parse_metrics({
+SPEC = {
     "lateness": "1d",
     "funnels": [{"name": "f", "window": "2d", "steps": [{"event": "A"}, {"event": "B"}, {"event": "A"}]}],
     "retention": [
         {"name": "d", "cohort_event": "A", "return_event": "any", "period": "day", "horizon": 4},
         {"name": "w", "cohort_event": "any", "return_event": "B", "period": "week", "horizon": 3},
     ],
-})
+}
+METRICS = parse_metrics(SPEC)
+WITH_LIFECYCLE = parse_metrics({**SPEC, "lifecycle": {"period": "week"}})
 BASE = 20_000
 
 event_st = st.tuples(st.integers(0, 120), st.integers(0, 23), st.sampled_from(["A", "B", "C"]))
@@ -81,6 +90,25 @@ def test_pruning_never_changes_an_open_key(events):
     open_from = pruned.newest // DAY_MS - METRICS.horizon_days
     want = {k for k in contributions(full, METRICS, open_from=-(10**6)) if is_open(k, open_from)}
     assert contributions(pruned, METRICS, open_from) == want
+
+
+@settings(max_examples=200)
+@given(events_st, events_st, st.integers(-40, 140))
+def test_the_changed_families_give_the_whole_difference(a, b, open_from):
+    """The partials' delta computes only the families of cells whose part of the state changed: the cells it
+    adds and removes are exactly those of the whole contributions, for any event after any history."""
+    old = build(a)
+    for extra in b:  # one event at a time, as the stage may see it
+        new = old.copy()
+        day, hour, name = extra
+        ts = (BASE + day) * DAY_MS + hour * 3_600_000
+        apply(new, f"n{day}-{hour}-{name}", ts, WITH_LIFECYCLE.matching(name, {}), WITH_LIFECYCLE)
+        before, after = changed_contributions(old, new, WITH_LIFECYCLE, BASE + open_from)
+        full_before = contributions(old, WITH_LIFECYCLE, BASE + open_from)
+        full_after = contributions(new, WITH_LIFECYCLE, BASE + open_from)
+        assert before - after == full_before - full_after
+        assert after - before == full_after - full_before
+        old = new
 
 
 def test_state_is_bounded_by_the_horizon():

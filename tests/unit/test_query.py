@@ -187,7 +187,7 @@ def test_a_starting_worker_waits_for_a_held_directory_and_gives_up_saying_what_t
         now[0] += seconds
 
     monkeypatch.setattr(worker.clickhouse, "connect", connect)
-    assert worker._open_clickhouse(s, wait=60, clock=lambda: now[0], sleep=sleep) == "engine"
+    assert worker.open_clickhouse(s, wait=60, clock=lambda: now[0], sleep=sleep) == "engine"
     assert len(attempts) == 4
 
     attempts.clear()
@@ -195,4 +195,4 @@ def test_a_starting_worker_waits_for_a_held_directory_and_gives_up_saying_what_t
     monkeypatch.setattr(worker.clickhouse, "connect",
                         lambda **kw: (_ for _ in ()).throw(ClickHouseBusy("held by another process")))
     with pytest.raises(ClickHouseBusy, match=r"waited 60 s; stop the process holding it \(fuser -v"):
-        worker._open_clickhouse(s, wait=60, clock=lambda: now[0], sleep=sleep)
+        worker.open_clickhouse(s, wait=60, clock=lambda: now[0], sleep=sleep)

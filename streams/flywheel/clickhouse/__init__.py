@@ -2,7 +2,9 @@
 
 - `EmbeddedClickHouse`: chdb, the ClickHouse engine in-process, data under FLYWHEEL_DATA_DIR. Default.
 - `ServerClickHouse`: a server over the native protocol (clickhouse-driver), when FLYWHEEL_CLICKHOUSE_URL
-  is set.
+  is clickhouse://….
+- `StoreClickHouse`: the embedded ClickHouse of a `flywheel store` process on this machine, when
+  FLYWHEEL_CLICKHOUSE_URL is flywheel:///<its data directory> (several workers, one embedded store).
 
 Both take the same SQL and the same rows (dicts of Python values), so the sink, migrations and `flywheel sql` do not
 know which one they talk to. Calls are synchronous: async callers run them in an executor.
@@ -33,6 +35,10 @@ class ClickHouse(Protocol):
 
 
 def connect(*, url: str | None, data_dir) -> ClickHouse:
+    if url and url.startswith("flywheel:"):
+        from flywheel.clickhouse.store import StoreClickHouse
+
+        return StoreClickHouse(url)
     if url:
         from flywheel.clickhouse.server import ServerClickHouse
 

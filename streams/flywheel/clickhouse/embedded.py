@@ -70,15 +70,21 @@ class EmbeddedClickHouse:
         return names, [tuple(r) for r in doc.get("data", [])]
 
     def insert(self, table: str, rows: list[dict]) -> None:
-        if not rows:
-            return
-        lines = b"\n".join(_json(r) for r in rows)
+        if rows:
+            self.insert_lines(table, json_lines(rows))
+
+    def insert_lines(self, table: str, lines: bytes) -> None:
+        """Rows as `json_lines` wrote them (also a store's workers: clickhouse/store.py)."""
         sql = f"INSERT INTO {table} SETTINGS date_time_input_format = 'best_effort' FORMAT JSONEachRow\n"
         self._query(sql + lines.decode())
 
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+def json_lines(rows: list[dict]) -> bytes:
+    return b"\n".join(_json(r) for r in rows)
 
 
 def _json(row: dict) -> bytes:

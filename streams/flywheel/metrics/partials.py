@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from flywheel.metrics.cells import Cell, is_open, kind_of
 from flywheel.metrics.definitions import Metrics
 from flywheel.metrics.exposures import changed
-from flywheel.metrics.person import PersonState, contributions, weights
+from flywheel.metrics.person import PersonState, changed_contributions, contributions, weights
 from flywheel.model.clock import DAY_MS
 
 
@@ -103,8 +103,7 @@ class Partials:
         delta: Counter = Counter()
         weighted = bool(self.metrics.experiments)
         for old, new in persons:
-            before = contributions(old, self.metrics, open_from) if old is not None else set()
-            after = contributions(new, self.metrics, open_from) if new is not None else set()
+            before, after = changed_contributions(old, new, self.metrics, open_from)
             for c in before - after:
                 delta[c] -= 1
             for c in after - before:

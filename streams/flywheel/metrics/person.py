@@ -421,42 +421,43 @@ def _step_bits(funnel: Funnel, legend: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(sum(1 << i for i, step in enumerate(funnel.steps) if step.pid == pid) for pid in legend)
 
 
-def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[Cell]:
-    """The cells this person counts for, among the open ones (cells.py). A pure function of the state."""
-    out: set[Cell] = set()
-    if state.newest < 0:
-        return out
-    if state.funnel:
-        events = list(state.funnel.values())
-        legend = tuple(state.legend)
-        for f in metrics.funnels:
-            by_bit = _step_bits(f, legend)
-            if not any(by_bit):
-                continue
-            rows = []
-            for ts, bits in events:
-                sb = 0
-                for i, steps in enumerate(by_bit):
-                    if steps and bits >> i & 1:
-                        sb |= steps
-                if sb:
-                    rows.append((ts, sb))
-            if not rows:
-                continue
-            for day, level in levels_by_day(rows, len(f.steps), f.window_ms, from_day=open_from).items():
-                for k in range(1, level + 1):
-                    out.add((f, day, k))
-    if state.days:
-        # Active in a window ending on d: an active day within its last `days` days. Sets of days first,
-        # then the cells in one C-level pass (zip): a few hundred cells per person, every update.
-        active_from = open_from + 29
-        for window in ACTIVE_WINDOWS:
-            ending: set[int] = set()
-            for day in state.days:
-                ending.update(range(max(day, active_from), day + window.days))
-            out.update(zip(repeat(window), ending))
+def _funnel_cells(state: PersonState, metrics: Metrics, open_from: int, out: set[Cell]) -> None:
+    if not state.funnel:
+        return
+    events = list(state.funnel.values())
+    legend = tuple(state.legend)
+    for f in metrics.funnels:
+        by_bit = _step_bits(f, legend)
+        if not any(by_bit):
+            continue
+        rows = []
+        for ts, bits in events:
+            sb = 0
+            for i, steps in enumerate(by_bit):
+                if steps and bits >> i & 1:
+                    sb |= steps
+            if sb:
+                rows.append((ts, sb))
+        if not rows:
+            continue
+        for day, level in levels_by_day(rows, len(f.steps), f.window_ms, from_day=open_from).items():
+            for k in range(1, level + 1):
+                out.add((f, day, k))
+
+
+def _activity_cells(state: PersonState, metrics: Metrics, open_from: int, out: set[Cell]) -> None:
+    if not state.days:
+        return
+    # Active in a window ending on d: an active day within its last `days` days. Sets of days first,
+    # then the cells in one C-level pass (zip): a few hundred cells per person.
+    active_from = open_from + 29
+    for window in ACTIVE_WINDOWS:
+        ending: set[int] = set()
+        for day in state.days:
+            ending.update(range(max(day, active_from), day + window.days))
+        out.update(zip(repeat(window), ending))
     lifecycle = metrics.lifecycle
-    if lifecycle is not None and state.days:
+    if lifecycle is not None:
         # a period's status needs it and the previous one: open from open_from + a period on
         pd, first = lifecycle.period_days, lifecycle.period_of(state.first_active)
         periods = {lifecycle.period_of(d) for d in state.days}
@@ -465,6 +466,9 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
                 out.add((lifecycle, p, NEW if p == first else RETURNING if p - pd in periods else RESURRECTING))
             if p + pd not in periods and p >= open_from:
                 out.add((lifecycle, p + pd, DORMANT))
+
+
+def _retention_cells(state: PersonState, metrics: Metrics, open_from: int, out: set[Cell]) -> None:
     for r in metrics.retention:
         first = state.first.get(r.cohort.pid)
         if first is None:
@@ -479,7 +483,40 @@ def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[C
             period = cohort + n * r.period_days
             if period >= open_from and period in periods:
                 out.add((r, cohort, n))
+
+
+# Each family of cells with the part of the state it is a function of (besides the metrics and open_from).
+_FAMILIES = (
+    (lambda s: (s.legend, s.funnel), _funnel_cells),
+    (lambda s: (s.days, s.first_active), _activity_cells),
+    (lambda s: (s.first, s.returns), _retention_cells),
+)
+
+
+def contributions(state: PersonState, metrics: Metrics, open_from: int) -> set[Cell]:
+    """The cells this person counts for, among the open ones (cells.py). A pure function of the state."""
+    out: set[Cell] = set()
+    if state.newest >= 0:
+        for _, cells_of in _FAMILIES:
+            cells_of(state, metrics, open_from, out)
     return out
+
+
+def changed_contributions(old: PersonState | None, new: PersonState | None, metrics: Metrics,
+                          open_from: int) -> tuple[set[Cell], set[Cell]]:
+    """`contributions` of old and new (None: none), but only of the families whose part of the state differs
+    between the two: the others' cells are the same on both sides. Most events change one family or none
+    (a second event on an active day changes no activity cell), and the activity cells are most of a person's."""
+    if old is None or new is None or old.newest < 0 or new.newest < 0:
+        return (contributions(old, metrics, open_from) if old is not None else set(),
+                contributions(new, metrics, open_from) if new is not None else set())
+    before: set[Cell] = set()
+    after: set[Cell] = set()
+    for inputs, cells_of in _FAMILIES:
+        if inputs(old) != inputs(new):
+            cells_of(old, metrics, open_from, before)
+            cells_of(new, metrics, open_from, after)
+    return before, after
 
 
 def weights(state: PersonState, metrics: Metrics, experiments: Iterable[Experiment] | None = None) -> dict[Cell, int]:

@@ -514,6 +514,7 @@ class AggregateStage:
         watermarks: dict[int, int] = defaultdict(lambda: -1)
 
         changed: set[tuple[int, bytes]] = set()  # persons whose history this batch changes (not the sweep's)
+        stored: dict[tuple[int, bytes], bytes] = {}  # their values as read: a state unchanged is not written
 
         def state_of(part: int, key: bytes, history: bool = True) -> list:
             if history:
@@ -521,6 +522,8 @@ class AggregateStage:
             slot = touched.get((part, key))
             if slot is None:
                 raw = writes.get(part, key)
+                if raw is not None:
+                    stored[(part, key)] = raw
                 old = PersonState.from_json(orjson.loads(raw), self.metrics) if raw is not None else None
                 new = old.copy() if old is not None else PersonState()
                 slot = touched[(part, key)] = [old, new]
@@ -632,8 +635,8 @@ class AggregateStage:
                 if new is None:
                     if old is not None:
                         writes.put(part, key, None)
-                elif old is None or new.to_json() != old.to_json():
-                    writes.put(part, key, orjson.dumps(new.to_json()))
+                elif (value := orjson.dumps(new.to_json())) != stored.get((part, key)):
+                    writes.put(part, key, value)
             prefix = _cell_prefix(part)
             for cell, value in change.values.items():
                 writes.put(part, prefix + cell_id(cell).encode(), str(value).encode() if value else None)

@@ -16,6 +16,7 @@ import fcntl
 import hmac
 import logging
 import os
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -26,7 +27,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from flywheel.clickhouse import ClickHouse
+from flywheel.clickhouse import ClickHouse, is_bad_data
 from flywheel.metrics.definitions import Metrics
 from flywheel.web.health import Check, add_health
 
@@ -94,7 +95,7 @@ def running_worker(data_dir: Path) -> dict | None:
         return None
     try:  # a worker killed -9 leaves the file behind, and its pid may go to another program since
         args = Path(f"/proc/{int(info['pid'])}/cmdline").read_bytes().split(b"\0")
-        if b"worker" not in args or not any(b"flywheel" in a for a in args):
+        if not {b"worker", b"store"} & set(args) or not any(b"flywheel" in a for a in args):
             return None
     except OSError:
         pass  # no /proc here: trust the pid
@@ -146,7 +147,32 @@ def add_sql(app: web.Application, *, ch: ClickHouse, executor: Executor, token: 
         return web.Response(body=body, content_type="application/json")
 
     async def serving(_: web.Application) -> None:
-        log.info("worker %s serving /sql for %s on port %d", os.getpid(), ch.label, port)
+        log.info("%s serving /sql for %s on port %d", os.getpid(), ch.label, port)
 
     app.router.add_post("/sql", sql)
     app.on_startup.append(serving)
+
+
+def add_insert(app: web.Application, *, ch, executor: Executor, token: str) -> None:
+    """POST /store/insert?table=T, body: JSONEachRow lines — a `flywheel store`'s workers' inserts
+    (clickhouse/store.py). 400 when ClickHouse refuses the rows (its error, with its code: the worker's
+    sink bisects and dead-letters them), 503 when it fails otherwise (the worker retries)."""
+
+    async def insert(request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "missing or wrong token (see <data_dir>/worker.json)"}, status=401)
+        table = request.query.get("table", "")
+        if not _TABLE.fullmatch(table):
+            return web.json_response({"error": f"not a table name: {table[:100]!r}"}, status=400)
+        lines = await request.read()
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, ch.insert_lines, table, lines)
+        except Exception as exc:
+            return web.json_response({"error": str(exc)}, status=400 if is_bad_data(exc) else 503)
+        return web.Response(status=200)
+
+    app.router.add_post("/store/insert", insert)
+
+
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
