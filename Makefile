@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-ui bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-definitions bench-shutdown bench-soak sample stop lint clean
+.PHONY: run test bench bench-latency bench-ui bench-collector bench-identity bench-metrics bench-restart bench-segments bench-experiments bench-alerts bench-definitions bench-shutdown bench-soak sample stop lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,14 +28,22 @@ test: $(STAMP)
 	scripts/ensure-chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Throughput, in one run: a bare consumer, a minimal Python peer (bench/peer.py), Flywheel with 1 worker and
+# with 2 workers + a store, on the fixed metrics file of bench/throughput-metrics.yaml; then a profile.
+# Options: make bench BENCH_ARGS="--events 200000 --runs 2 --workers 1,2"
 bench: $(STAMP)
-	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+	$(BIN)/python bench/pipeline.py --metrics bench/throughput-metrics.yaml $(BENCH_ARGS)
 
 bench-collector: $(STAMP)
 	$(BIN)/python bench/collector.py
 
 bench-identity: $(STAMP)
 	$(BIN)/python bench/identity.py
+
+# Event -> live cell under sustained load, 1 and 2 workers (+ store).
+# Options: make bench-latency BENCH_ARGS="--rates 2000,5000 --seconds 60 --workers 1,2"
+bench-latency: $(STAMP)
+	$(BIN)/python bench/latency.py $(BENCH_ARGS)
 
 # Funnels/retention/active users: stage in-process, state size, pipeline on vs off, latency, 1 vs 2 workers.
 # Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"

@@ -652,17 +652,11 @@ def rocksdb_size(items: list[tuple[bytes, bytes]], path: Path) -> dict[str, Any]
 # --------------------------------------------------------------------------- workers on a local Kafka
 
 
-def topics_for(tag: str, raw: str | None = None) -> Topics:
-    """Every topic of one pipeline its own (pipeline.topics_for shares metrics.*, which the partial sinks
-    of different runs would then all read)."""
-    return Topics.prefixed(f"mb-{tag}.", **({"raw": raw} if raw else {}))
-
-
 def worker_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path, *,
                     metrics: Path, app_tag: str | None = None, **extra: Any) -> Settings:
     return Settings(kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"mb-{app_tag or tag}",
                     data_dir=data_dir, http_port=pl.free_port(), admin_port=pl.free_port(),
-                    topics=topics_for(app_tag or tag, raw_topic),
+                    topics=pl.topics_for(f"mb-{app_tag or tag}", raw_topic),
                     metrics=metrics, **extra)
 
 

@@ -1,4 +1,5 @@
-"""Pipeline throughput benchmark (issue 2): events.raw → rows in ClickHouse vs. a bare Kafka consumer.
+"""Pipeline throughput benchmark (issues 2, 19): events.raw → rows in ClickHouse vs. a bare Kafka consumer and
+a minimal Python pipeline, with one worker and with two.
 
     make bench                                    # = .venv/bin/python bench/pipeline.py
     .venv/bin/python bench/pipeline.py --events 200000 --runs 2 --budget 1200
@@ -13,10 +14,15 @@ One invocation, one machine, one topic:
 3. per run:
    - ceiling: a bare AIOKafkaConsumer (fresh group id, earliest, read_committed like the worker,
      getmany loop, no decoding) reads the same N records; rate = N / (first record → N-th record);
+   - peer (unless --no-peer): bench/peer.py, a minimal Python pipeline (aiokafka → orjson → pydantic
+     envelope → dedup in RocksDB → batch insert into its own chdb), in its own process, timing itself;
    - pipeline: one `flywheel worker` subprocess (embedded ClickHouse, its own data dir, group id and
      downstream topics) consumes the same events.raw; rate = N / ("Worker ready" in its log → count()
      in flywheel.events reaches N), count() polled through flywheel.query.run (the worker's /sql)
      every --poll s. At the end: N distinct message ids, no invalid rows;
+   - for each --workers count above 1: that many workers of one app id and a `flywheel store` owning
+     their embedded ClickHouse, on the same events.raw (pre-loaded: the workers' start-up rebalance is
+     inside the window); CPU per event counts every worker and the store;
 4. a profiled pipeline run (FLYWHEEL_PROFILE: pyinstrument, worker main thread, 1 ms samples) on a
    separate events.raw holding --profile-events events of the same generator (pyinstrument's
    per-call hook slows the worker several-fold, so it does not run on the measured topic); its
@@ -165,10 +171,9 @@ class Usage:
 
 
 def topics_for(tag: str, raw: str | None = None) -> Topics:
-    return Topics(
-        raw=raw or f"bench-{tag}.events.raw", invalid=f"bench-{tag}.events.invalid",
-        identified=f"bench-{tag}.events.identified", identity_changes=f"bench-{tag}.identity.changes",
-    )
+    """Every topic the run's own (a later run's sinks must not read an earlier run's metrics), but events.raw
+    when given."""
+    return Topics.prefixed(f"bench-{tag}.", **({"raw": raw} if raw else {}))
 
 
 METRICS: Path | None = None  # --metrics: the definitions every run's worker stores and uses (default: the file's)
@@ -291,48 +296,77 @@ def metric_sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
-def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
-             profile: Path | None = None, tree: Path | None = None) -> dict[str, Any]:
-    """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes). `tree`: run the
-    worker of another checkout (--baseline) instead of this one's."""
+def spawn(command: str, settings: Settings, extra: dict[str, str], tree: Path | None) -> tuple[subprocess.Popen, Path]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.data_dir / "worker.log"
+    log_path = settings.data_dir / f"{command}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", command], env=worker_env(settings, extra),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree or REPO,
+        )
+    return proc, log_path
+
+
+def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
+             profile: Path | None = None, tree: Path | None = None, workers: int = 1) -> dict[str, Any]:
+    """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes). `tree`: run the
+    worker of another checkout (--baseline) instead of this one's. `workers` > 1: that many workers of one
+    app id (own data dirs and ports) and a `flywheel store` owning the embedded ClickHouse they insert into
+    (FLYWHEEL_CLICKHOUSE_URL=flywheel:///<its dir>); the CPU per event counts every one of these processes."""
     extra = {"FLYWHEEL_PROFILE": str(profile)} if profile else {}
-    metrics_port = settings.admin_port
+    metrics_ports = [settings.admin_port]
     if tree is not None:
         extra |= {"PYTHONPATH": str(tree / "streams"), "FLYWHEEL_HOME": str(tree)}
         if "admin_port" not in (tree / "streams" / "flywheel" / "config.py").read_text():
-            metrics_port = settings.http_port  # a release before the admin listener: /metrics beside /v1/*
+            metrics_ports = [settings.http_port]  # a release before the admin listener: /metrics beside /v1/*
     spawned = time.monotonic()
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "worker"], env=worker_env(settings, extra),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree or REPO,
-        )
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def fail(why: str) -> SystemExit:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        return SystemExit(f"{why}\n--- worker log ({log_path}) ---\n{tail}")
+        tails = []
+        for name, (_, log_path) in procs.items():
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+            tails.append(f"--- {name} log ({log_path}) ---\n{tail}")
+        return SystemExit("\n".join([why, *tails]))
+
+    def wait_for(name: str, marker: str) -> None:
+        proc, log_path = procs[name]
+        while marker not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise fail(f"{name} exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise fail(f"{name} was not ready before the bench's budget ran out")
+            time.sleep(0.05)
 
     try:
-        while "Worker ready" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None:
-                raise fail(f"the worker exited with {proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise fail("the worker was not ready before the bench's budget ran out")
-            time.sleep(0.05)
+        if workers > 1:
+            store = settings.model_copy(update={"data_dir": settings.data_dir / "store", "admin_port": free_port()})
+            procs["store"] = spawn("store", store, {}, tree)
+            wait_for("store", "store ready")
+            settings = settings.model_copy(update={"clickhouse_url": f"flywheel://{store.data_dir.resolve()}"})
+        each = [settings] + [settings.model_copy(update={
+            "data_dir": settings.data_dir / f"w{i}", "http_port": free_port(), "admin_port": free_port()})
+            for i in range(2, workers + 1)]
+        if workers > 1:
+            metrics_ports = [s.admin_port for s in each]
+        for i, s in enumerate(each, 1):
+            procs[f"worker{i}" if i > 1 else "worker"] = spawn("worker", s, extra, tree)
+        for name in procs:
+            if name.startswith("worker"):
+                wait_for(name, "Worker ready")
         ready, ready_wall = time.monotonic(), time.time()
-        usage = Usage({"worker": proc.pid, "broker": broker_pid}).start()
+        usage = Usage({name: proc.pid for name, (proc, _) in procs.items()} | {"broker": broker_pid}).start()
         series: list[tuple[float, int, int]] = []  # (s since ready, raw records ingested, rows)
         first_row = ingested_at = None
         count = 0
         while count < n and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise fail(f"the worker exited with {proc.returncode} during the run")
+            for name, (proc, _) in procs.items():
+                if proc.poll() is not None:
+                    raise fail(f"{name} exited with {proc.returncode} during the run")
             try:
                 count = scalar(settings, "SELECT count() FROM flywheel.events")
-                metrics = metric_values(metrics_port)
-                received = int(metric_sum(metrics, "flywheel_events_received_total"))
+                received = int(sum(metric_sum(metric_values(p), "flywheel_events_received_total")
+                                   for p in metrics_ports))
             except (query.QueryError, OSError):  # /sql not advertised yet
                 count = received = 0
             now = time.monotonic()
@@ -345,28 +379,32 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
                 time.sleep(poll)
         done, done_wall = time.monotonic(), time.time()
         cpu = usage.stop()
+        rss = {f"{name}_rss_mb": round(rss_bytes(proc.pid) / 2**20) for name, (proc, _) in procs.items()}
         exact = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
         invalid = scalar(settings, "SELECT count() FROM flywheel.invalid_events")
-        metrics = metric_values(metrics_port)
+        metrics = [metric_values(p) for p in metrics_ports]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # a profiled worker writes its profile now
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc, _ in reversed(list(procs.values())):  # workers first, the store last
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # a profiled worker writes its profile now
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     complete = count >= n
     if count > n or exact != count or invalid:
         raise fail(f"expected {n} distinct valid rows; got {count} rows, {exact} distinct, {invalid} invalid")
-    inserts = metrics.get('flywheel_sink_insert_seconds_count{table="flywheel.events"}', 0.0)
-    insert_s = metrics.get('flywheel_sink_insert_seconds_sum{table="flywheel.events"}', 0.0)
+    inserts = sum(m.get('flywheel_sink_insert_seconds_count{table="flywheel.events"}', 0.0) for m in metrics)
+    insert_s = sum(m.get('flywheel_sink_insert_seconds_sum{table="flywheel.events"}', 0.0) for m in metrics)
     seconds = done - ready
     steady = None
     if first_row is not None and done > first_row[0]:
         steady = round((count - first_row[1]) / (done - first_row[0]))
+    flywheel_cpu = sum(v for k, v in cpu.items() if k.endswith("_cpu_seconds") and not k.startswith("broker"))
     return {
         "complete": complete,
+        "workers": workers,
         "rows": count,
         "events_per_s": round(count / seconds),
         "seconds": round(seconds, 2),
@@ -375,16 +413,39 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         "all_ingested_after_s": round(ingested_at - ready, 2) if ingested_at else None,
         "steady_events_per_s": steady,
         **cpu,
-        "worker_cpu_ms_per_event": round(cpu["worker_cpu_seconds"] / max(1, count) * 1e3, 3),
+        **rss,
+        "flywheel_cores": round(flywheel_cpu / seconds, 3),
+        "worker_cpu_ms_per_event": round(flywheel_cpu / max(1, count) * 1e3, 3),
+        "cpu_us_per_event": round(flywheel_cpu / max(1, count) * 1e6, 1),
         "inserts": int(inserts),
         "rows_per_insert": round(count / inserts) if inserts else None,
         "insert_seconds_total": round(insert_s, 2),
         "insert_share_of_window": round(insert_s / seconds, 3),
-        "duplicates_dropped": int(metric_sum(metrics, "flywheel_events_duplicate_total")),
+        "duplicates_dropped": int(sum(metric_sum(m, "flywheel_events_duplicate_total") for m in metrics)),
+        "partials_published": int(sum(metric_sum(m, "flywheel_partials_published_total") for m in metrics)),
+        "sink_rows": {k.split('"')[1]: int(sum(x.get(k, 0) for x in metrics)) for k in metrics[0]
+                      if k.startswith("flywheel_sink_rows_total{")},
         "window_wall": [ready_wall, done_wall],
         "series": series,
-        "log": str(log_path),
+        "logs": {name: str(log_path) for name, (_, log_path) in procs.items()},
     }
+
+
+# --------------------------------------------------------------------------- the peer
+
+
+def peer(settings: Settings, n: int, data_dir: Path, timeout: float) -> dict[str, Any]:
+    """bench/peer.py on the same events.raw, in its own process (it measures its own window and CPU)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "peer.py"), settings.kafka_bootstrap,
+                           settings.topics.raw, str(n), str(data_dir)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"the peer pipeline failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rows"] != n:
+        raise SystemExit(f"the peer pipeline stored {result['rows']} rows of {n}: {result}")
+    return result
 
 
 # --------------------------------------------------------------------------- the profile
@@ -518,6 +579,30 @@ def render(doc: dict[str, Any]) -> str:
             f"| {p['worker_cpu_ms_per_event']:>16} {c['cpu_us_per_event']:>18} | "
             f"{p['seconds']} s, {p['worker_cores']}, {p['broker_cores']}, {p['machine_busy']:.0%}{flag}"
         )
+    lines += ["", "side by side, per run (CPU: every process of the pipeline, the broker's apart; per core = "
+                  "1 / CPU per event):",
+              f"{'run':>3}  {'pipeline':<28} {'events/s':>9} {'CPU us/ev':>10} {'ev/s per core':>13} "
+              f"{'cores':>6} {'broker cores':>12}  ratios"]
+    for i, run in enumerate(doc["runs"], 1):
+        c, p = run["ceiling"], run["pipeline"]
+        rows = [("bare aiokafka consumer", c["events_per_s"], c["cpu_us_per_event"], c["consumer_cores"], None, "")]
+        if "peer" in run:
+            q = run["peer"]
+            rows.append(("peer (bench/peer.py)", q["events_per_s"], q["cpu_us_per_event"], q["cores"], None,
+                         f"{q['events_per_s'] / c['events_per_s']:.1%} of bare"))
+        ratios = f"{run['ratio']:.1%} of bare" + (f", {run['vs_peer']:.1%} of peer" if "vs_peer" in run else "")
+        rows.append(("Flywheel, 1 worker", p["events_per_s"], p["cpu_us_per_event"], p["flywheel_cores"],
+                     p["broker_cores"], ratios))
+        for key in sorted(k for k in run if k.startswith("workers_")):
+            x = run[key]
+            k = x["workers"]
+            rows.append((f"Flywheel, {k} workers + store", x["events_per_s"], x["cpu_us_per_event"],
+                         x["flywheel_cores"], x["broker_cores"],
+                         f"{x['vs_one']:.2f}x 1 worker" + ("" if x["complete"] else " INCOMPLETE")))
+        for name, rate, us, cores, broker, ratio in rows:
+            per_core = f"{1e6 / us:,.0f}" if us else "-"
+            lines.append(f"{i:>3}  {name:<28} {rate:>9,} {us:>10} {per_core:>13} {cores:>6} "
+                         f"{broker if broker is not None else '':>12}  {ratio}")
     base = [r for r in doc["runs"] if "baseline" in r]
     if base:
         lines += ["", f"baseline ({cfg['baseline']}) in the same runs, alternating with this tree:",
@@ -562,7 +647,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=50_000, help="records pre-loaded into events.raw")
+    parser.add_argument("--events", type=int, default=100_000, help="records pre-loaded into events.raw")
     parser.add_argument("--runs", type=int, default=2, help="ceiling + pipeline measurements")
     parser.add_argument("--partitions", type=int, default=8, help="partitions of the bench topics")
     parser.add_argument("--profile-events", type=int, default=15_000,
@@ -573,6 +658,9 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, default=None,
                         help="metrics file of every run (default FLYWHEEL_METRICS's; the throughput issue's: "
                              "bench/throughput-metrics.yaml)")
+    parser.add_argument("--workers", type=lambda v: [int(k) for k in v.split(",")], default=[1, 2],
+                        help="comma-separated worker counts per run (more than 1: with a `flywheel store`)")
+    parser.add_argument("--no-peer", action="store_true", help="skip the minimal peer pipeline (bench/peer.py)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of another revision (git worktree add DIR REV): each run also measures "
@@ -610,8 +698,13 @@ def main() -> None:
             settings = run_settings(broker.bootstrap, args.partitions, raw_topic, f"{tag}r{i}",
                                     tmp / f"run{i}")
             c = ceiling(settings, args.events, timeout=60)
-            log(f"run {i}: bare consumer {c['events_per_s']:,} ev/s")
+            log(f"run {i}: bare consumer {c['events_per_s']:,} ev/s ({c['cpu_us_per_event']} us CPU per event)")
             run: dict[str, Any] = {"ceiling": c}
+            if not args.no_peer:
+                run["peer"] = peer(settings, args.events, tmp / f"peer{i}",
+                                   timeout=max(60, budget_end - time.monotonic()))
+                log(f"run {i}: peer pipeline {run['peer']['events_per_s']:,} ev/s "
+                    f"({run['peer']['cpu_us_per_event']} us CPU per event)")
             trees = [None] if args.baseline is None else ([args.baseline, None] if i % 2 else [None, args.baseline])
             for tree in trees:
                 s = settings if tree is None else run_settings(broker.bootstrap, args.partitions, raw_topic,
@@ -623,7 +716,18 @@ def main() -> None:
                     f"{p['worker_cpu_ms_per_event']} ms worker CPU per event)")
                 run["pipeline" if tree is None else "baseline"] = p
             p = run["pipeline"]
+            for k in args.workers:
+                if k == 1 or not p["complete"]:
+                    continue
+                s = run_settings(broker.bootstrap, args.partitions, raw_topic, f"{tag}r{i}w{k}", tmp / f"run{i}w{k}")
+                run[f"workers_{k}"] = x = pipeline(s, args.events, deadline=budget_end - profile_reserve,
+                                                   poll=args.poll, broker_pid=broker_pid, workers=k)
+                x["vs_one"] = round(x["events_per_s"] / p["events_per_s"], 3)
+                log(f"run {i}: {k} workers + store {x['events_per_s']:,} ev/s ({x['vs_one']:.2f}x one; "
+                    f"{x['cpu_us_per_event']} us CPU per event over every Flywheel process)")
             run["ratio"] = round(p["events_per_s"] / c["events_per_s"], 5)
+            if "peer" in run:
+                run["vs_peer"] = round(p["events_per_s"] / run["peer"]["events_per_s"], 4)
             if "baseline" in run:
                 run["vs_baseline"] = round(p["events_per_s"] / run["baseline"]["events_per_s"], 3)
             log(f"run {i}: pipeline {run['ratio']:.2%} of the ceiling")

@@ -73,7 +73,7 @@ from typing import Any
 
 import orjson
 from flywheel import devkafka
-from flywheel.config import Settings, Topics
+from flywheel.config import Settings
 from flywheel.metrics.definitions import load_metrics
 from flywheel.metrics.person import PersonState, apply
 from flywheel.model.clock import DAY_MS
@@ -462,18 +462,10 @@ class Worker:
         return round(time.monotonic() - started, 2)
 
 
-def topics_for(prefix: str) -> Topics:
-    return Topics(raw=f"{prefix}.events.raw", invalid=f"{prefix}.events.invalid",
-                  identified=f"{prefix}.events.identified", identity_changes=f"{prefix}.identity.changes",
-                  funnels=f"{prefix}.metrics.funnels", retention=f"{prefix}.metrics.retention",
-                  active_users=f"{prefix}.metrics.active_users", lifecycle=f"{prefix}.metrics.lifecycle",
-                  segments=f"{prefix}.segments.changes", rfm=f"{prefix}.segments.rfm")
-
-
 def settings_for(bootstrap: str, tag: str, data_dir: Path, partitions: int, clickhouse_url: str) -> Settings:
     return Settings(kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-restart-{tag}",
                     data_dir=data_dir, http_port=free_port(), admin_port=free_port(),
-                    topics=topics_for(f"bench-restart-{tag}"), clickhouse_url=clickhouse_url,
+                    topics=pl.topics_for(f"restart-{tag}"), clickhouse_url=clickhouse_url,
                     http_host="127.0.0.1")
 
 

@@ -26,6 +26,8 @@ from flywheel.web.server import Listener, serve
 
 log = logging.getLogger(__name__)
 
+MAX_INSERT_BYTES = 1024**3  # one insert's rows (FLYWHEEL_SINK_BATCH_SIZE of them; a row is about a kilobyte)
+
 
 def run(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
@@ -55,7 +57,7 @@ def run(settings: Settings) -> None:
                 return f"clickhouse: {exc}"
             return None
 
-        app = admin_app(role="store", checks=[ready])
+        app = admin_app(role="store", checks=[ready], max_body=MAX_INSERT_BYTES)
         add_sql(app, ch=ch, executor=executor, token=token, port=settings.admin_port)
         add_insert(app, ch=ch, executor=executor, token=token)
         log.info("store ready: workers on this machine use FLYWHEEL_CLICKHOUSE_URL=flywheel://%s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from flywheel.web.admin import AnotherWorker, advertise
 log = logging.getLogger(__name__)
 
 BUSY_WAIT_SECONDS = 300.0
+GC_THRESHOLD = 200_000
 
 
 def run(settings: Settings) -> None:
@@ -54,6 +56,13 @@ def run(settings: Settings) -> None:
         raise
     log.info("definitions in force: %s", definitions.describe())
     parts = create_worker(settings, ch, sql_token=token, definitions=definitions)
+    # A batch allocates tens of thousands of objects that live until it ends (states, records, rows). With
+    # CPython's default thresholds (700, 10, 10) the cyclic collector ran all the time over them, and over the
+    # start-up heap: a quarter of the worker's CPU (make bench: ~230 → ~160 µs per event). The start-up heap
+    # is frozen out of collections; young objects are collected every 200,000 net allocations (refcounting
+    # frees almost everything before that: the collector is only for cycles).
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 10)
     tty = sys.stdout.isatty()
     worker = Worker(parts.app, *parts.services, loglevel=settings.log_level.upper(), quiet=not tty,
                     logging_config=logging_config(settings.log_level, settings.log_format))

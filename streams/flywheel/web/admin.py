@@ -40,10 +40,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
 
-def admin_app(*, role: str, checks: Sequence[Check]) -> web.Application:
+def admin_app(*, role: str, checks: Sequence[Check], max_body: int = 1024**2) -> web.Application:
     """/health (live, ready: web/health.py) and /metrics; a worker adds /status and, with embedded
-    ClickHouse, /sql (`add_sql`)."""
-    app = web.Application()
+    ClickHouse, /sql (`add_sql`); a store /sql and /store/insert, whose bodies are whole batches of rows."""
+    app = web.Application(client_max_size=max_body)
     add_health(app, role=role, checks=checks)
     app.router.add_get("/metrics", metrics)
     return app
