@@ -100,16 +100,16 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
 
     tag = f"{uuid.uuid4().hex[:6]}r{rate}w{workers}"
     settings = pl.run_settings(broker.bootstrap, args.partitions, f"lat-{tag}.events.raw", tag, tmp / tag)
-    if args.flush is not None:
-        settings = settings.model_copy(update={"sink_flush_seconds": args.flush})
-    procs: dict[str, subprocess.Popen] = {}
-    logs: dict[str, Path] = {}
+    if args.linger is not None:
+        settings = settings.model_copy(update={"aggregate_linger_seconds": args.linger})
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
 
-    def wait_for(name: str, marker: str, deadline: float) -> None:
-        while marker not in logs[name].read_text(errors="replace"):
-            if procs[name].poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(logs[name].read_text(errors="replace").splitlines()[-30:])
-                raise SystemExit(f"{name} not ready (exit {procs[name].poll()}):\n{tail}")
+    def wait_for(name: str, marker: str) -> None:
+        proc, log_path = procs[name]
+        while marker not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise SystemExit(f"{name} not ready (exit {proc.poll()}):\n{tail}")
             time.sleep(0.1)
 
     n = int(rate * args.seconds)
@@ -117,18 +117,8 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
     traffic = background(n, args.seed)
     try:
         deadline = time.monotonic() + 240
-        if workers > 1:
-            store = settings.model_copy(update={"data_dir": settings.data_dir / "store", "admin_port": pl.free_port()})
-            procs["store"], logs["store"] = pl.spawn("store", store, {}, None)
-            wait_for("store", "store ready", deadline)
-            settings = settings.model_copy(update={"clickhouse_url": f"flywheel://{store.data_dir.resolve()}"})
-        each = [settings] + [settings.model_copy(update={
-            "data_dir": settings.data_dir / f"w{i}", "http_port": pl.free_port(), "admin_port": pl.free_port()})
-            for i in range(2, workers + 1)]
-        for i, s in enumerate(each, 1):
-            procs[f"worker{i}"], logs[f"worker{i}"] = pl.spawn("worker", s, {}, None)
-        for i in range(1, workers + 1):
-            wait_for(f"worker{i}", "Worker ready", deadline)
+        each = pl.start(settings, workers, procs, wait_for)
+        settings = each[0]
         time.sleep(args.settle)  # the group's assignment settles before the load starts
 
         probe_day = (datetime.now(UTC) - timedelta(days=3)).replace(hour=12, minute=0, second=0, microsecond=0)
@@ -136,7 +126,7 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
         watch.start()
         probes: list[dict[str, Any]] = []  # partition, k, sent (monotonic), at (s since the load started)
         per_partition: dict[int, int] = {}
-        usage = pl.Usage({name: p.pid for name, p in procs.items()} | {"broker": broker_pid,
+        usage = pl.Usage({name: p.pid for name, (p, _) in procs.items()} | {"broker": broker_pid,
                                                                          "sender": os.getpid()}).start()
         with Producer(broker.bootstrap, topic=settings.topics.raw, source="bench", linger_ms=5,
                       max_in_flight_requests_per_connection=5) as producer:
@@ -172,7 +162,7 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
         received = sum(pl.metric_sum(pl.metric_values(s.admin_port), "flywheel_events_received_total")
                        for s in each)
     finally:
-        for p in reversed(list(procs.values())):
+        for p, _ in reversed(list(procs.values())):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
@@ -228,7 +218,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10, help="seconds of probes not counted at the start")
     parser.add_argument("--settle", type=float, default=8, help="seconds between the workers ready and the load")
     parser.add_argument("--drain", type=float, default=60, help="seconds to wait for the last probes after the load")
-    parser.add_argument("--flush", type=float, default=None, help="FLYWHEEL_SINK_FLUSH_SECONDS of the workers")
+    parser.add_argument("--linger", type=float, default=None, help="FLYWHEEL_AGGREGATE_LINGER_SECONDS of the workers")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--metrics", type=Path, default=pl.REPO / "bench" / "throughput-metrics.yaml")

@@ -307,6 +307,29 @@ def spawn(command: str, settings: Settings, extra: dict[str, str], tree: Path | 
     return proc, log_path
 
 
+def start(settings: Settings, workers: int, procs: dict[str, tuple[subprocess.Popen, Path]],
+          wait_for: Callable[[str, str], None], *, extra: dict[str, str] | None = None,
+          tree: Path | None = None) -> list[Settings]:
+    """`workers` workers of `settings`' app id, each its own data dir and ports — more than one with a `flywheel
+    store` owning the embedded ClickHouse they insert into — added to `procs` (name → process, log) and waited
+    for with `wait_for(name, what its log says when ready)`. Returns their settings; the first's are where
+    queries go (through the store, if any)."""
+    if workers > 1:
+        store = settings.model_copy(update={"data_dir": settings.data_dir / "store", "admin_port": free_port()})
+        procs["store"] = spawn("store", store, {}, tree)
+        wait_for("store", "store ready")
+        settings = settings.model_copy(update={"clickhouse_url": f"flywheel://{store.data_dir.resolve()}"})
+    each = [settings] + [settings.model_copy(update={
+        "data_dir": settings.data_dir / f"w{i}", "http_port": free_port(), "admin_port": free_port()})
+        for i in range(2, workers + 1)]
+    for i, s in enumerate(each, 1):
+        procs[f"worker{i}" if i > 1 else "worker"] = spawn("worker", s, extra or {}, tree)
+    for name in list(procs):
+        if name.startswith("worker"):
+            wait_for(name, "Worker ready")
+    return each
+
+
 def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
              profile: Path | None = None, tree: Path | None = None, workers: int = 1) -> dict[str, Any]:
     """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes). `tree`: run the
@@ -339,21 +362,10 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
             time.sleep(0.05)
 
     try:
-        if workers > 1:
-            store = settings.model_copy(update={"data_dir": settings.data_dir / "store", "admin_port": free_port()})
-            procs["store"] = spawn("store", store, {}, tree)
-            wait_for("store", "store ready")
-            settings = settings.model_copy(update={"clickhouse_url": f"flywheel://{store.data_dir.resolve()}"})
-        each = [settings] + [settings.model_copy(update={
-            "data_dir": settings.data_dir / f"w{i}", "http_port": free_port(), "admin_port": free_port()})
-            for i in range(2, workers + 1)]
+        each = start(settings, workers, procs, wait_for, extra=extra, tree=tree)
+        settings = each[0]
         if workers > 1:
             metrics_ports = [s.admin_port for s in each]
-        for i, s in enumerate(each, 1):
-            procs[f"worker{i}" if i > 1 else "worker"] = spawn("worker", s, extra, tree)
-        for name in procs:
-            if name.startswith("worker"):
-                wait_for(name, "Worker ready")
         ready, ready_wall = time.monotonic(), time.time()
         usage = Usage({name: proc.pid for name, (proc, _) in procs.items()} | {"broker": broker_pid}).start()
         series: list[tuple[float, int, int]] = []  # (s since ready, raw records ingested, rows)

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     )
     sink_batch_size: int = Field(5000, description="max rows per ClickHouse insert")
     sink_flush_seconds: float = Field(1.0, description="max seconds a row waits before its insert")
+    aggregate_linger_seconds: float = Field(
+        0.2, ge=0, description="max seconds an identified event waits for others to be aggregated with: its cells "
+                               "are published, and its row inserted, with that batch"
+    )
     sink_max_backoff_seconds: float = Field(
         30.0, description="cap of the back-off between retries of a failed batch (ClickHouse or Kafka down)"
     )

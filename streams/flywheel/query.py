@@ -22,8 +22,8 @@ import orjson
 
 from flywheel import clickhouse
 from flywheel.clickhouse import ClickHouseBusy, ClickHouseUnavailable
+from flywheel.clickhouse.owner import running_worker
 from flywheel.config import Settings
-from flywheel.web.admin import running_worker
 
 WAIT_SECONDS = 120.0
 _READ = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flywheel import paths
 from flywheel.clickhouse import migrate
+from flywheel.clickhouse.owner import AnotherWorker, advertise
 from flywheel.config import Settings
 from flywheel.observability import setup_logging
-from flywheel.web.admin import AnotherWorker, add_insert, add_sql, admin_app, advertise
+from flywheel.web.admin import add_insert, add_sql, admin_app
 from flywheel.web.server import Listener, serve
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def run(settings: Settings) -> None:
         asyncio.run(serve([Listener(app, host=settings.admin_host, port=settings.admin_port, name="store")]))
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
-            log.exception("store stopped: %s", exc)
+            log.exception("store failed: %s", exc)
             code = 1
     finally:
         ch.close()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from flywheel import clickhouse, paths
 from flywheel.clickhouse import ClickHouseBusy, migrate
+from flywheel.clickhouse.owner import AnotherWorker, advertise
 from flywheel.config import Settings
 from flywheel.observability import logging_config, setup_logging
-from flywheel.web.admin import AnotherWorker, advertise
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import orjson
 import pytest
 from flywheel import query, worker
 from flywheel.clickhouse import ClickHouseBusy
+from flywheel.clickhouse.owner import WORKER_FILE, AnotherWorker, advertise, running_worker
 from flywheel.config import Settings
-from flywheel.web.admin import WORKER_FILE, AnotherWorker, advertise, running_worker
 from helpers import free_port
 
 

@@ -22,6 +22,7 @@ import orjson
 
 from flywheel.clickhouse.embedded import json_lines
 from flywheel.clickhouse.errors import ClickHouseBusy, ClickHouseUnavailable
+from flywheel.clickhouse.owner import running_worker
 
 SCHEME = "flywheel"
 TIMEOUT_SECONDS = 300.0
@@ -40,17 +41,14 @@ def store_dir(url: str) -> Path:
 
 class StoreClickHouse:
     def __init__(self, url: str):
-        from flywheel.web.admin import running_worker
-
         self.path = store_dir(url)
-        self._running = running_worker
         self.label = f"the embedded ClickHouse of the store at {self.path}"
-        if self._running(self.path) is None:  # waited for (a store and its workers started together)
+        if running_worker(self.path) is None:  # waited for (a store and its workers started together)
             raise ClickHouseBusy(f"no `flywheel store` runs on {self.path} (yet): start one there "
                                  f"(FLYWHEEL_DATA_DIR={self.path} flywheel store)")
 
     def _post(self, path: str, body: bytes) -> bytes:
-        store = self._running(self.path)
+        store = running_worker(self.path)
         if store is None:
             raise ClickHouseUnavailable(f"{self.label}: no store process runs there (any more)")
         conn = http.client.HTTPConnection(store["host"], store["port"], timeout=TIMEOUT_SECONDS)

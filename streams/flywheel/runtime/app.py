@@ -302,9 +302,9 @@ def create_worker(settings: Settings, ch: ClickHouse, *, sql_token: str | None =
 
     flush = {"max_records": settings.sink_batch_size, "linger": settings.sink_flush_seconds}
     batches.add(app, topic["raw"], ingest.handle, name="ingest", retry=policy, max_records=BATCH_RECORDS)
-    # Lingers like the sinks: each batch inserts its events' rows.
+    # Lingers a little: each batch inserts its events' rows and publishes its cells (the live numbers' delay).
     batches.add(app, topic["identified"], aggregate.process, name="aggregate", retry=policy,
-                max_records=BATCH_RECORDS, linger=settings.sink_flush_seconds)
+                max_records=BATCH_RECORDS, linger=settings.aggregate_linger_seconds)
     for kind in ("funnels", "retention", "active_users", "lifecycle", "experiments"):
         batches.add(app, topic[kind], sinks.partials(kind), name=f"sink_{kind}", retry=policy, **flush)
     batches.add(app, topic["identity_changes"], sinks.identity, name="sink_identity", retry=policy, **flush)
