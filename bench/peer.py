@@ -108,7 +108,11 @@ async def run(bootstrap: str, topic: str, n: int, data_dir: str) -> dict[str, An
             "duplicates": duplicates}
 
 
-if __name__ == "__main__":
+def main() -> None:
     bootstrap, topic, n, data_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     result = asyncio.run(run(bootstrap, topic, n, data_dir))
     print(orjson.dumps(result).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
