@@ -376,7 +376,9 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
                 if proc.poll() is not None:
                     raise fail(f"{name} exited with {proc.returncode} during the run")
             try:
-                count = scalar(settings, "SELECT count() FROM flywheel.events")
+                # distinct: a rebalance (two workers starting) redelivers some records, whose rows come twice
+                # until ReplacingMergeTree merges them
+                count = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
                 received = int(sum(metric_sum(metric_values(p), "flywheel_events_received_total")
                                    for p in metrics_ports))
             except (query.QueryError, OSError):  # /sql not advertised yet
@@ -392,7 +394,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         done, done_wall = time.monotonic(), time.time()
         cpu = usage.stop()
         rss = {f"{name}_rss_mb": round(rss_bytes(proc.pid) / 2**20) for name, (proc, _) in procs.items()}
-        exact = scalar(settings, "SELECT uniqExact(message_id) FROM flywheel.events")
+        rows = scalar(settings, "SELECT count() FROM flywheel.events")
         invalid = scalar(settings, "SELECT count() FROM flywheel.invalid_events")
         metrics = [metric_values(p) for p in metrics_ports]
     finally:
@@ -405,8 +407,8 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
                     proc.kill()
                     proc.wait()
     complete = count >= n
-    if count > n or exact != count or invalid:
-        raise fail(f"expected {n} distinct valid rows; got {count} rows, {exact} distinct, {invalid} invalid")
+    if count > n or invalid:
+        raise fail(f"expected {n} distinct valid rows; got {count} distinct of {rows} rows, {invalid} invalid")
     inserts = sum(m.get('flywheel_sink_insert_seconds_count{table="flywheel.events"}', 0.0) for m in metrics)
     insert_s = sum(m.get('flywheel_sink_insert_seconds_sum{table="flywheel.events"}', 0.0) for m in metrics)
     seconds = done - ready
@@ -418,6 +420,7 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         "complete": complete,
         "workers": workers,
         "rows": count,
+        "rows_stored_twice": rows - count,  # redelivered after a rebalance, until merged
         "events_per_s": round(count / seconds),
         "seconds": round(seconds, 2),
         "startup_seconds": round(ready - spawned, 2),
