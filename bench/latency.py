@@ -181,7 +181,6 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
             if (pr["partition"], pr["k"]) in watch.seen]
     head = [watch.seen[(pr["partition"], pr["k"])] - pr["sent"] for pr in counted[:PROBES_PER_S * 5]
             if (pr["partition"], pr["k"]) in watch.seen]
-    flywheel_cpu = sum(v for k, v in cpu.items() if k.endswith("_cpu_seconds") and k.split("_")[0] in procs)
     return {
         "rate": rate, "workers": workers, "sent": n + len(probes), "load_seconds": round(load_seconds, 2),
         "sent_per_s": round((n + len(probes)) / load_seconds), "received_by_drain_end": int(received),
@@ -189,7 +188,7 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
         "p50_s": q(0.5), "p95_s": q(0.95), "p99_s": q(0.99), "max_s": round(lat[-1], 3) if lat else None,
         "first_5s_median_s": round(statistics.median(head), 3) if head else None,
         "last_5s_median_s": round(statistics.median(tail), 3) if tail else None,
-        "flywheel_cores": round(flywheel_cpu / load_seconds, 3), **cpu,
+        "flywheel_cores": round(sum(cpu[f"{name}_cores"] for name in procs), 3), **cpu,
     }
 
 

@@ -9,7 +9,8 @@ JSONEachRow rows into its own embedded ClickHouse (chdb) → offsets committed a
 tracking plan, no DLQ, no identity, no metrics, no second Kafka hop: that is the work Flywheel adds.
 
 It measures itself: events/s from its first record to the N-th row inserted, and its own CPU (every
-thread: chdb's included) per event over the same window.
+thread: chdb's included) per event over the same window. (Flywheel's window opens at "Worker ready", after
+its group join like the peer's; its first rows come ~2 s later, the pipeline's own latency, inside it.)
 """
 
 from __future__ import annotations

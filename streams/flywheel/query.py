@@ -1,7 +1,8 @@
 """`flywheel sql`: run a query on whichever ClickHouse is configured.
 
-Server URL set → straight to the server. Embedded → through the running worker's /sql endpoint when a
-worker holds the data directory, else open the directory directly.
+Server URL set → straight to the server; a store's URL (flywheel:///dir) → through that store's /sql,
+waited for while it starts. Embedded → through the running worker's /sql endpoint when a worker holds the
+data directory, else open the directory directly.
 
 Through a restart (docs/design.md §7): a starting worker names itself in <data_dir>/worker.json before it
 opens ClickHouse, and its /sql answers before its tables are recovered. So a query waits — saying so
@@ -41,11 +42,10 @@ def run(settings: Settings, sql: str, *, timeout: float = 300.0, wait: float = W
         on_wait: Callable[[str], None] | None = None) -> tuple[list[str], list[list]]:
     """Column names and rows. Waits up to `wait` seconds for a starting worker or a busy directory,
     calling `on_wait(why)` each time it does."""
-    if settings.clickhouse_url:
-        return _direct(settings, sql)
     deadline = time.monotonic() + wait
     while True:
-        worker = running_worker(settings.data_dir)
+        # a server URL: straight there; a store's (flywheel:///dir): waited for while it starts
+        worker = None if settings.clickhouse_url else running_worker(settings.data_dir)
         try:
             if worker is not None:
                 return _via_worker(worker, sql, timeout, retry_cut=bool(_READ.match(sql)))

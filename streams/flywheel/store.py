@@ -61,9 +61,12 @@ def run(settings: Settings) -> None:
         app = admin_app(role="store", checks=[ready], max_body=MAX_INSERT_BYTES)
         add_sql(app, ch=ch, executor=executor, token=token, port=settings.admin_port)
         add_insert(app, ch=ch, executor=executor, token=token)
-        log.info("store ready: workers on this machine use FLYWHEEL_CLICKHOUSE_URL=flywheel://%s",
-                 settings.data_dir.resolve())
-        asyncio.run(serve([Listener(app, host=settings.admin_host, port=settings.admin_port, name="store")]))
+        def ready() -> None:
+            log.info("store ready: workers on this machine use FLYWHEEL_CLICKHOUSE_URL=flywheel://%s",
+                     settings.data_dir.resolve())
+
+        asyncio.run(serve([Listener(app, host=settings.admin_host, port=settings.admin_port, name="store")],
+                          ready=ready))
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
             log.exception("store failed: %s", exc)

@@ -61,6 +61,7 @@ def run(settings: Settings) -> None:
     # start-up heap: a quarter of the worker's CPU (make bench: ~230 → ~160 µs per event). The start-up heap
     # is frozen out of collections; young objects are collected every 200,000 net allocations (refcounting
     # frees almost everything before that: the collector is only for cycles).
+    gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 10)
     tty = sys.stdout.isatty()

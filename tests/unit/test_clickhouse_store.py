@@ -94,9 +94,13 @@ def test_a_wrong_token_or_a_store_gone_is_unavailable_not_bad_data(store, tmp_pa
     with pytest.raises(ClickHouseUnavailable, match="401") as wrong:
         StoreClickHouse(advertised("forged", token="not-the-token")).rows("SELECT 1")
     assert not is_bad_data(wrong.value)
-    with pytest.raises(ClickHouseUnavailable, match="Connection refused"):  # nothing listens there
-        StoreClickHouse(advertised("gone", port=free_port())).insert(
-            "flywheel.store_test", [{"id": 9, "at": 0, "name": ""}])
+    with pytest.raises(ClickHouseBusy, match="is starting"):  # named, not listening yet: waited for
+        StoreClickHouse(advertised("starting", port=free_port()))
+    client = StoreClickHouse(advertised("gone"))
+    (tmp_path / "gone" / WORKER_FILE).write_bytes(orjson.dumps(info | {"port": free_port()}))
+    with pytest.raises(ClickHouseUnavailable, match="Connection refused") as gone:  # went away: retried
+        client.insert("flywheel.store_test", [{"id": 9, "at": 0, "name": ""}])
+    assert not isinstance(gone.value, ClickHouseBusy) and not is_bad_data(gone.value)
 
 
 def test_no_store_yet_is_waited_for_and_the_url_names_a_directory(tmp_path):

@@ -120,6 +120,19 @@ def test_waiting_gives_up_with_the_reason(tmp_path, flywheel_process):
         query.run(s, "SELECT 1", wait=0)
 
 
+def test_a_store_not_there_or_still_starting_is_waited_for(tmp_path, flywheel_process):
+    """FLYWHEEL_CLICKHOUSE_URL=flywheel:///<a store's data dir>: as for a starting worker, saying why."""
+    store = settings(tmp_path / "store")
+    s = Settings(data_dir=tmp_path / "data", clickhouse_url=f"flywheel://{store.data_dir}")
+    waits: list[str] = []
+    with pytest.raises(query.QueryError, match="no `flywheel store` runs on .*; gave up after 0 s"):
+        query.run(s, "SELECT 1", wait=0.3, on_wait=waits.append)
+    assert waits and "no `flywheel store` runs on" in waits[0]
+    name_worker(store, flywheel_process.pid, free_port())  # named, not listening yet
+    with pytest.raises(query.QueryError, match=r"is starting.*gave up after 0 s"):
+        query.run(s, "SELECT 1", wait=0)
+
+
 def test_a_directory_held_a_moment_is_waited_for(tmp_path, monkeypatch):
     s = settings(tmp_path)
     calls: list[str] = []

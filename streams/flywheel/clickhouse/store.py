@@ -43,17 +43,24 @@ class StoreClickHouse:
     def __init__(self, url: str):
         self.path = store_dir(url)
         self.label = f"the embedded ClickHouse of the store at {self.path}"
-        if running_worker(self.path) is None:  # waited for (a store and its workers started together)
+        # Both waited for (a store and its workers started together): no store yet, or one still starting
+        # (it names itself before it opens ClickHouse, applies the migrations and listens).
+        store = running_worker(self.path)
+        if store is None:
             raise ClickHouseBusy(f"no `flywheel store` runs on {self.path} (yet): start one there "
                                  f"(FLYWHEEL_DATA_DIR={self.path} flywheel store)")
+        try:
+            self._post("/health/live", b"", method="GET")
+        except ClickHouseUnavailable as exc:
+            raise ClickHouseBusy(f"the store at {self.path} (pid {store['pid']}) is starting: {exc}") from exc
 
-    def _post(self, path: str, body: bytes) -> bytes:
+    def _post(self, path: str, body: bytes, *, method: str = "POST") -> bytes:
         store = running_worker(self.path)
         if store is None:
             raise ClickHouseUnavailable(f"{self.label}: no store process runs there (any more)")
         conn = http.client.HTTPConnection(store["host"], store["port"], timeout=TIMEOUT_SECONDS)
         try:
-            conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {store['token']}"})
+            conn.request(method, path, body=body, headers={"Authorization": f"Bearer {store['token']}"})
             response = conn.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:

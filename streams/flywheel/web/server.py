@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -37,8 +38,9 @@ class Listener:
             await runner.cleanup()
 
 
-async def serve(listeners: list[Listener]) -> None:
-    """Run the listeners until SIGTERM/SIGINT (`flywheel collector`, `flywheel ui`)."""
+async def serve(listeners: list[Listener], *, ready: Callable[[], None] | None = None) -> None:
+    """Run the listeners until SIGTERM/SIGINT (`flywheel collector`, `flywheel ui`, `flywheel store`);
+    `ready()` once all of them listen."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,6 +48,8 @@ async def serve(listeners: list[Listener]) -> None:
     try:
         for listener in listeners:
             await listener.start()
+        if ready is not None:
+            ready()
         await stop.wait()
     finally:
         for listener in reversed(listeners):

@@ -758,5 +758,5 @@ def run_standalone(settings: Settings, *, host: str, port: int) -> None:
 
     follow_in(app, settings, definitions.stored, follow)
     log.info("ui on http://%s:%d/ui (Kafka %s, ClickHouse %s)", host, port, settings.kafka_bootstrap,
-             "server" if settings.clickhouse_url else f"embedded in {settings.data_dir}")
+             settings.clickhouse_url.split("@")[-1] if settings.clickhouse_url else f"embedded in {settings.data_dir}")
     asyncio.run(serve([Listener(app, host=host, port=port, name="ui")]))
