@@ -21,8 +21,10 @@ One invocation, one machine, one topic:
      in flywheel.events reaches N), count() polled through flywheel.query.run (the worker's /sql)
      every --poll s. At the end: N distinct message ids, no invalid rows;
    - for each --workers count above 1: that many workers of one app id and a `flywheel store` owning
-     their embedded ClickHouse, on the same events.raw (pre-loaded: the workers' start-up rebalance is
-     inside the window); CPU per event counts every worker and the store;
+     their embedded ClickHouse start on an empty events.raw of their own and settle (else the first one
+     ready would take a head start and the start-up rebalance would be measured); then the pre-loaded
+     records are copied into it in bulk (~1 s, inside the window, which opens at the copy); CPU per event
+     counts every worker and the store;
 4. a profiled pipeline run (FLYWHEEL_PROFILE: pyinstrument, worker main thread, 1 ms samples) on a
    separate events.raw holding --profile-events events of the same generator (pyinstrument's
    per-call hook slows the worker several-fold, so it does not run on the measured topic); its
@@ -122,6 +124,43 @@ class Batches:
         self.pending = []
 
 
+async def _copy(bootstrap: str, source: str, target: str, n: int) -> None:
+    """The n records of `source` into `target`, partition for partition, keys, values and headers as they are."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"bench-copy-{uuid.uuid4().hex[:8]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        out = Batches(producer, target, len(consumer.partitions_for_topic(source) or ()))
+        copied = 0
+        while copied < n:
+            for tp, records in (await consumer.getmany(timeout_ms=500, max_records=20_000)).items():
+                for r in records:
+                    await out.add(tp.partition, r.key, r.value, list(r.headers))
+                copied += len(records)
+        await out.flush()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def settled(procs: dict[str, tuple[subprocess.Popen, Path]]) -> str | None:
+    """The workers' last assignments, if they are all of one generation (else None)."""
+    last = {}
+    for name, (_, log_path) in procs.items():
+        if name.startswith("worker"):
+            text = log_path.read_text(errors="replace")
+            lines = [line for line in text.splitlines() if "assigned (generation" in line]
+            if not lines:
+                return None
+            last[name] = lines[-1].split("assigned (generation", 1)[1]
+    generations = {text.split(")", 1)[0] for text in last.values()}
+    return "\n".join(sorted(last.values())) if len(generations) == 1 else None
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS), 0 if it is gone."""
     try:
@@ -179,7 +218,7 @@ def topics_for(tag: str, raw: str | None = None) -> Topics:
 METRICS: Path | None = None  # --metrics: the definitions every run's worker stores and uses (default: the file's)
 
 
-def run_settings(bootstrap: str, partitions: int, raw_topic: str, tag: str, data_dir: Path) -> Settings:
+def run_settings(bootstrap: str, partitions: int, raw_topic: str | None, tag: str, data_dir: Path) -> Settings:
     """One pipeline run: the given events.raw, everything else its own (group, topics, data, port)."""
     return Settings(
         kafka_bootstrap=bootstrap, partitions=partitions, app_id=f"bench-{tag}", data_dir=data_dir,
@@ -335,11 +374,15 @@ def start(settings: Settings, workers: int, procs: dict[str, tuple[subprocess.Po
 
 
 def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker_pid: int,
-             profile: Path | None = None, tree: Path | None = None, workers: int = 1) -> dict[str, Any]:
+             profile: Path | None = None, tree: Path | None = None, workers: int = 1,
+             preloaded: str | None = None) -> dict[str, Any]:
     """Run one worker until flywheel.events holds n rows (or `deadline`, monotonic, passes). `tree`: run the
     worker of another checkout (--baseline) instead of this one's. `workers` > 1: that many workers of one
     app id (own data dirs and ports) and a `flywheel store` owning the embedded ClickHouse they insert into
-    (FLYWHEEL_CLICKHOUSE_URL=flywheel:///<its dir>); the CPU per event counts every one of these processes."""
+    (FLYWHEEL_CLICKHOUSE_URL=flywheel:///<its dir>); the CPU per event counts every one of these processes.
+    `preloaded`: the workers start on their own empty events.raw and settle (one generation's assignment,
+    unchanged for 3 s); the window opens when this topic's n records are copied into theirs (in bulk,
+    ~1 s: inside the window), so that no worker has a head start and no start-up rebalance is counted."""
     extra = {"FLYWHEEL_PROFILE": str(profile)} if profile else {}
     metrics_ports = [settings.admin_port]
     if tree is not None:
@@ -370,10 +413,19 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         settings = each[0]
         if workers > 1:
             metrics_ports = [s.admin_port for s in each]
-        # The window opens when the last worker is ready; rows the others inserted before are not its work.
-        before = distinct(settings) if workers > 1 else 0
+        if preloaded is not None:
+            seen, since = None, time.monotonic()
+            while time.monotonic() - since < 3.0:
+                now = settled(procs)
+                if now is None or now != seen:
+                    seen, since = now, time.monotonic()
+                if time.monotonic() > deadline:
+                    raise fail("the workers did not settle on one assignment before the budget ran out")
+                time.sleep(0.2)
         ready, ready_wall = time.monotonic(), time.time()
         usage = Usage({name: proc.pid for name, (proc, _) in procs.items()} | {"broker": broker_pid}).start()
+        if preloaded is not None:
+            asyncio.run(_copy(settings.kafka_bootstrap, preloaded, settings.topics.raw, n))
         series: list[tuple[float, int, int]] = []  # (s since ready, raw records ingested, rows)
         first_row = ingested_at = None
         count = 0
@@ -415,7 +467,6 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
     complete = count >= n
     if count > n or invalid or (workers == 1 and rows != count):  # one worker: no rebalance, no row twice
         raise fail(f"expected {n} distinct valid rows; got {count} distinct of {rows} rows, {invalid} invalid")
-    done_rows = count - before
     inserts = sum(m.get('flywheel_sink_insert_seconds_count{table="flywheel.events"}', 0.0) for m in metrics)
     insert_s = sum(m.get('flywheel_sink_insert_seconds_sum{table="flywheel.events"}', 0.0) for m in metrics)
     seconds = done - ready
@@ -427,9 +478,8 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         "complete": complete,
         "workers": workers,
         "rows": count,
-        "rows_before_window": before,  # inserted by the workers ready first
         "rows_stored_twice": rows - count,  # redelivered after a rebalance, until merged
-        "events_per_s": round(done_rows / seconds),
+        "events_per_s": round(count / seconds),
         "seconds": round(seconds, 2),
         "startup_seconds": round(ready - spawned, 2),
         "first_row_after_s": round(first_row[0] - ready, 2) if first_row else None,
@@ -438,8 +488,8 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
         **cpu,
         **rss,
         "flywheel_cores": round(flywheel_cpu / seconds, 3),
-        "worker_cpu_ms_per_event": round(flywheel_cpu / max(1, done_rows) * 1e3, 3),
-        "cpu_us_per_event": round(flywheel_cpu / max(1, done_rows) * 1e6, 1),
+        "worker_cpu_ms_per_event": round(flywheel_cpu / max(1, count) * 1e3, 3),
+        "cpu_us_per_event": round(flywheel_cpu / max(1, count) * 1e6, 1),
         "inserts": int(inserts),
         "rows_per_insert": round(count / inserts) if inserts else None,
         "insert_seconds_total": round(insert_s, 2),
@@ -742,9 +792,10 @@ def main() -> None:
             for k in args.workers:
                 if k == 1 or not p["complete"]:
                     continue
-                s = run_settings(broker.bootstrap, args.partitions, raw_topic, f"{tag}r{i}w{k}", tmp / f"run{i}w{k}")
+                s = run_settings(broker.bootstrap, args.partitions, None, f"{tag}r{i}w{k}", tmp / f"run{i}w{k}")
                 run[f"workers_{k}"] = x = pipeline(s, args.events, deadline=budget_end - profile_reserve,
-                                                   poll=args.poll, broker_pid=broker_pid, workers=k)
+                                                   poll=args.poll, broker_pid=broker_pid, workers=k,
+                                                   preloaded=raw_topic)
                 x["vs_one"] = round(x["events_per_s"] / p["events_per_s"], 3)
                 log(f"run {i}: {k} workers + store {x['events_per_s']:,} ev/s ({x['vs_one']:.2f}x one; "
                     f"{x['cpu_us_per_event']} us CPU per event over every Flywheel process)")
