@@ -136,6 +136,37 @@ def test_cells_are_published_only_after_the_states_that_explain_them_are_written
     assert final_cells(kafka) == {("daily", day_text(DAY0), 0): 1, ("daily", day_text(DAY0), 1): 1}
 
 
+def test_the_states_land_only_once_the_batchs_rows_are_in_clickhouse():
+    """A batch's states and cells are sent only once its rows are in ClickHouse: a row stored as counted is
+    what proves a redelivered event was applied (AggregateStage._run)."""
+    kafka = Kafka()
+    table = Table(kafka)
+
+    class SlowClickHouse(ClickHouse):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inserted = asyncio.Event()
+
+        async def write(self, table_: str, rows: list[dict]) -> None:
+            await self.inserted.wait()
+            await super().write(table_, rows)
+
+    async def go():
+        ch = SlowClickHouse()
+        s = stage(table, kafka, ch)
+        await repair(s)
+        changelog = len(kafka.log[CHANGELOG])
+        batch = asyncio.ensure_future(s.process([event("anon-1", "m1", 0), event("anon-2", "m2", 1)]))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not batch.done()
+        assert len(kafka.log[CHANGELOG]) == changelog and kafka.cells(TOPICS.active_users) == []
+        ch.inserted.set()
+        await batch
+        assert len(ch.rows) == 2 and len(kafka.log[CHANGELOG]) > changelog and kafka.cells(TOPICS.active_users)
+    run(go())
+
+
 async def clean_run(*batches) -> Kafka:
     kafka = Kafka()
     s = stage(Table(kafka), kafka)
