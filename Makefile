@@ -45,7 +45,7 @@ bench-identity: $(STAMP)
 bench-latency: $(STAMP)
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
 
-# Funnels/retention/active users: stage in-process, state size, pipeline on vs off, latency, 1 vs 2 workers.
+# Funnels/retention/active users: stage in-process, state size, pipeline on vs off, latency.
 # Options: make bench-metrics BENCH_ARGS="--parts stage,state --persons 100000"
 bench-metrics: $(STAMP)
 	$(BIN)/python bench/metrics.py $(BENCH_ARGS)

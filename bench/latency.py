@@ -104,20 +104,11 @@ def one(broker: devkafka.Broker, broker_pid: int, tmp: Path, rate: int, workers:
         settings = settings.model_copy(update={"aggregate_linger_seconds": args.linger})
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
 
-    def wait_for(name: str, marker: str) -> None:
-        proc, log_path = procs[name]
-        while marker not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-                raise SystemExit(f"{name} not ready (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.1)
-
     n = int(rate * args.seconds)
     pl.log(f"rate {rate}/s, {workers} worker(s): generating {n:,} background events")
     traffic = background(n, args.seed)
     try:
-        deadline = time.monotonic() + 240
-        each = pl.start(settings, workers, procs, wait_for)
+        each = pl.start(settings, workers, procs, time.monotonic() + 240)
         settings = each[0]
         time.sleep(args.settle)  # the group's assignment settles before the load starts
 

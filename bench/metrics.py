@@ -22,8 +22,7 @@ pipeline  A local Kafka and one `flywheel worker` (embedded ClickHouse), metrics
 latency   A worker idle on a running pipeline: a 4-step checkout journey of a fresh person (timestamps
           now) is sent; flywheel.funnel_daily is polled until step 4 of today grows. Per
           --latency-flush value (FLYWHEEL_SINK_FLUSH_SECONDS), --latency-reps times.
-scale     1 worker vs 2 workers (same app id and topics, own data dir, port and embedded ClickHouse):
-          events/s until the stores together hold every event (count() FINAL summed over the workers).
+(1 worker vs 2 workers, with a `flywheel store`: bench/pipeline.py, `make bench`.)
 
 The stream (all parts): --persons persons over --days days; each has 1-3 devices, about half return on
 later days, 40% sign up (identify + Signed Up) and log in on their other devices later (each first login
@@ -82,7 +81,7 @@ import pipeline as pl  # noqa: E402  (bench/pipeline.py: Kafka, worker and CPU m
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 METRICS_ON = REPO / "schemas" / "metrics.yaml"
-PARTS = ("stage", "state", "pipeline", "latency", "scale")
+PARTS = ("stage", "state", "pipeline", "latency")
 CATEGORIES = ["shoes", "shirts", "bags", "hats"]
 PAGES = ["Home", "Category", "Search", "Help"]
 log = pl.log
@@ -867,185 +866,6 @@ def run_latency(broker: devkafka.Broker, tmp: Path, flush: float, args, deadline
             "samples": samples, "loadavg_end": loadavg()}
 
 
-# --------------------------------------------------------------------------- scaling: 1 vs 2 workers
-
-
-def run_workers(broker: devkafka.Broker, broker_pid: int, messages: list[dict], k: int, tmp: Path, args,
-                deadline: float, run: int, *, backlog_topic: str | None = None) -> dict[str, Any]:
-    """k workers, one app id (consumer group) and one set of topics; each its own data dir, port and
-    embedded ClickHouse. Rate = n / (t0 → the stores together hold all n distinct events).
-
-    Default (warm): the workers start on an empty events.raw and settle (no new assignment for
-    --scale-settle s); then the bench sends the n events itself, t0 = the first send. With
-    `backlog_topic` (--scale-backlog): the events are already there, t0 = the first worker ready, so
-    the group's start-up rebalances happen during consumption."""
-    from flywheel.producer import Producer
-
-    n = len(messages)
-    app_tag = f"{args.tag}s{run}w{k}{'b' if backlog_topic else ''}"
-    workers = [Worker(worker_settings(broker.bootstrap, args.partitions, backlog_topic, app_tag,
-                                      tmp / f"{app_tag}-{i}", metrics=METRICS_ON, app_tag=app_tag))
-               for i in range(k)]
-    raw_topic = workers[0].settings.topics.raw
-
-    def assignments() -> list[int]:
-        return [w.log_path.read_text(errors="replace").count("Worker ready") for w in workers]
-
-    try:
-        for w in workers:
-            w.start()
-        while not any(w.ready() for w in workers):
-            if time.monotonic() > deadline:
-                raise SystemExit("scale: no worker ready in time:\n" + workers[0].tail())
-            time.sleep(0.05)
-        settled = None
-        if backlog_topic is None:
-            seen, since = assignments(), time.monotonic()
-            while not (all(seen) and time.monotonic() - since >= args.scale_settle):
-                for w in workers:
-                    w.check()
-                if time.monotonic() > deadline:
-                    raise SystemExit("scale: the workers did not settle in time:\n" + workers[-1].tail())
-                time.sleep(0.2)
-                now = assignments()
-                if now != seen:
-                    seen, since = now, time.monotonic()
-            settled = seen
-        t0, la = time.monotonic(), loadavg()
-        usage = pl.Usage({**{f"worker{i}": w.pid for i, w in enumerate(workers)}, "broker": broker_pid,
-                          "bench": os.getpid()}).start()
-        sent_s = None
-        if backlog_topic is None:
-            with Producer(broker.bootstrap, topic=raw_topic, source="bench", linger_ms=50, batch_size=512 * 1024,
-                          max_in_flight_requests_per_connection=5) as producer:
-                for m in messages:
-                    producer.send(m)
-            sent_s = round(time.monotonic() - t0, 2)
-        all_ready = None
-        series: list[tuple[float, list[int]]] = []
-        total = union = 0
-        progress_at, last_total, stalled = time.monotonic(), -1, False
-        while time.monotonic() < deadline:
-            if all_ready is None and all(w.ready() for w in workers):
-                all_ready = round(time.monotonic() - t0, 2)
-            counts = []
-            for w in workers:
-                try:
-                    counts.append(int(w.scalar("SELECT count() FROM flywheel.events FINAL")))
-                except (query.QueryError, OSError):
-                    counts.append(0)
-                w.check()
-            now = time.monotonic()
-            series.append((round(now - t0, 2), counts))
-            total = sum(counts)
-            if total != last_total:
-                progress_at, last_total = now, total
-            if total >= n:
-                union = distinct_union(workers)
-                if union >= n:
-                    break
-            if now - progress_at > args.scale_stall:
-                stalled = True  # nothing new for a while: whatever is missing is not coming
-                break
-            time.sleep(0.5)
-        done = progress_at if stalled else time.monotonic()
-        cpu = usage.stop()
-        union = distinct_union(workers)
-        lag = group_lag(broker.bootstrap, workers[0].settings.app_id)
-        late = 0
-        for w in workers:
-            try:
-                late += int(w.scalar("SELECT countIf(late = 1) FROM flywheel.events FINAL"))
-            except (query.QueryError, OSError):
-                pass
-    finally:
-        for w in workers:
-            w.stop()
-    seconds = done - t0
-    return {
-        "workers": k, "mode": "backlog" if backlog_topic else "warm", "complete": union >= n, "events": n,
-        "rows_in_stores": total, "distinct_in_stores": union, "missing": n - union, "stalled": stalled,
-        "events_per_s": round(union / seconds), "seconds": round(seconds, 2), "send_seconds": sent_s,
-        "steady_events_per_s": steady_rate(series, n), "all_ready_after_s": all_ready,
-        "assignments_before_t0": settled, "rows_per_worker": series[-1][1] if series else [],
-        "group_lag_at_end": lag, "late_events": late, **cpu, "loadavg_start": la,
-        "worker_cpu_ms_per_event": round(sum(v for key, v in cpu.items() if key.startswith("worker")
-                                             and key.endswith("_cpu_seconds")) / max(1, union) * 1e3, 3),
-    }
-
-
-def group_lag(bootstrap: str, group: str) -> dict[str, int] | str:
-    """Records not yet committed by the consumer group, per topic (0 everywhere = all consumed)."""
-    try:
-        from kafka import KafkaAdminClient, KafkaConsumer
-
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-        try:
-            committed = admin.list_group_offsets(group)[group]
-            ends = consumer.end_offsets(list(committed))
-        finally:
-            consumer.close()
-            admin.close()
-        lag: Counter[str] = Counter()
-        for tp, meta in committed.items():
-            lag[tp.topic.split(".", 1)[-1]] += ends[tp] - meta.offset
-        return dict(lag)
-    except Exception as exc:  # diagnostics only
-        return f"unavailable: {exc}"
-
-
-def distinct_union(workers: list[Worker]) -> int:
-    ids: set[str] = set()
-    for w in workers:
-        try:
-            ids.update(r[0] for r in w.sql("SELECT DISTINCT message_id FROM flywheel.events"))
-        except (query.QueryError, OSError):
-            pass
-    return len(ids)
-
-
-def steady_rate(series: list[tuple[float, list[int]]], n: int) -> int | None:
-    """Rows/s between the first poll at ≥10% and the first at ≥90% of n (leaves out start-up and tail)."""
-    lo = next(((t, sum(c)) for t, c in series if sum(c) >= 0.1 * n), None)
-    hi = next(((t, sum(c)) for t, c in series if sum(c) >= 0.9 * n), None)
-    if lo is None or hi is None or hi[0] <= lo[0]:
-        return None
-    return round((hi[1] - lo[1]) / (hi[0] - lo[0]))
-
-
-def run_scale(broker: devkafka.Broker, broker_pid: int, messages: list[dict], backlog_topic: str | None,
-              tmp: Path, args, deadline: float) -> dict[str, Any]:
-    runs: dict[int, list[dict]] = {1: [], 2: []}
-    for r in range(args.scale_runs):
-        for k in ((1, 2) if r % 2 == 0 else (2, 1)):
-            res = run_workers(broker, broker_pid, messages, k, tmp, args, deadline, r, backlog_topic=backlog_topic)
-            runs[k].append(res)
-            workers_cores = ", ".join(f"{res[f'worker{i}_cores']}" for i in range(k))
-            log(f"scale run {r + 1}, {k} worker(s): {res['events_per_s']:,} ev/s (steady {res['steady_events_per_s']}) "
-                f"in {res['seconds']} s, rows per worker {res['rows_per_worker']}, worker cores [{workers_cores}], "
-                f"broker {res['broker_cores']}, machine busy {res['machine_busy']:.0%}, load {res['loadavg_start'][0]}"
-                + ("" if res["complete"] else f"  INCOMPLETE: {res['missing']} events never reached a store "
-                   f"(group lag at the end: {res['group_lag_at_end']})"))
-    out: dict[str, Any] = {"events": len(messages), "mode": "backlog" if backlog_topic else "warm",
-                           "runs": {str(k): v for k, v in runs.items()},
-                           "missing_events": {str(k): [x["missing"] for x in v] for k, v in runs.items()}}
-    for k in runs:
-        for x in runs[k]:
-            x["worker_cores_total"] = round(sum(x[f"worker{i}_cores"] for i in range(k)), 3)
-            ms = x["worker_cpu_ms_per_event"]
-            x["events_per_worker_cpu_s"] = round(1000 / ms) if ms else None
-        out[f"{k}_worker"] = {key: spread([x[key] for x in runs[k]])
-                              for key in ("events_per_s", "steady_events_per_s", "machine_busy", "worker_cores_total",
-                                          "events_per_worker_cpu_s")}
-    out["ratio_2_over_1"] = round(out["2_worker"]["events_per_s"]["median"]
-                                  / out["1_worker"]["events_per_s"]["median"], 3)
-    steady1, steady2 = out["1_worker"]["steady_events_per_s"], out["2_worker"]["steady_events_per_s"]
-    if steady1 and steady2:
-        out["ratio_2_over_1_steady"] = round(steady2["median"] / steady1["median"], 3)
-    return out
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -1163,32 +983,6 @@ def render(doc: dict[str, Any]) -> str:
         for x in lat:
             lines.append(f"   FLYWHEEL_SINK_FLUSH_SECONDS={x['sink_flush_seconds']}: p50 {x['p50_s']} s, "
                          f"max {x['max_s']} s, min {x['min_s']} s ({x['reps']} journeys, polled every {x['poll_s']} s)")
-    sc = doc.get("scale")
-    if sc and "1_worker" in sc:
-        lines += [
-            "",
-            f"5. scaling, {sc['events']:,} events, metrics on, same app id and topics, one embedded ClickHouse "
-            f"per worker; {sc['mode']} start "
-            + ("(workers settled, then the events sent; t0 = first send):" if sc["mode"] == "warm"
-               else "(events pre-loaded; t0 = first worker ready):"),
-            *[f"   {k} worker(s): {_range(sc[f'{k}_worker']['events_per_s'])} ev/s "
-              f"(steady {_r(sc[f'{k}_worker']['steady_events_per_s'])}); workers used "
-              f"{_r(sc[f'{k}_worker']['worker_cores_total'])} cores in all, "
-              f"{_r(sc[f'{k}_worker']['events_per_worker_cpu_s'])} events per worker CPU-second" for k in (1, 2)],
-            f"   2/1: {sc['ratio_2_over_1']:.2f}x" + (f" (steady {sc['ratio_2_over_1_steady']:.2f}x)"
-                                                    if "ratio_2_over_1_steady" in sc else ""),
-        ]
-        for k in ("1", "2"):
-            for x in sc["runs"][k]:
-                cores = ", ".join(str(x[f"worker{i}_cores"]) for i in range(int(k)))
-                lines.append(f"     {k} worker(s): {x['seconds']} s, rows per store {x['rows_per_worker']}, worker "
-                             f"cores [{cores}], broker {x['broker_cores']}, bench (sender, polls) "
-                             f"{x.get('bench_cores')}, machine busy {x['machine_busy']:.0%}, "
-                             f"load {x['loadavg_start'][0]}; {x.get('late_events')} late"
-                             + (f"; MISSING {x['missing']} events (group lag {x['group_lag_at_end']})"
-                                if x["missing"] else ""))
-    elif sc:
-        lines += ["", "5. scaling: INCOMPLETE (budget)"]
     return "\n".join(lines)
 
 
@@ -1215,18 +1009,11 @@ def main() -> None:
     parser.add_argument("--profile-records", type=int, default=20000, help="records of the profiled pass (0: none)")
     parser.add_argument("--what-if-cache", action="store_true",
                         help="stage: one more on+off pass with Metrics' day bounds computed once (bench-only patch)")
-    parser.add_argument("--pipeline-events", type=int, default=30000, help="events in events.raw (pipeline, scale)")
+    parser.add_argument("--pipeline-events", type=int, default=30000, help="events in events.raw (pipeline)")
     parser.add_argument("--pipeline-runs", type=int, default=2, help="on+off worker runs")
     parser.add_argument("--latency-reps", type=int, default=10, help="journeys per flush setting")
     parser.add_argument("--latency-flush", default="1.0,0.1", help="FLYWHEEL_SINK_FLUSH_SECONDS values to measure")
     parser.add_argument("--latency-poll", type=float, default=0.1, help="seconds between funnel_daily polls")
-    parser.add_argument("--scale-runs", type=int, default=1, help="1-worker + 2-worker runs")
-    parser.add_argument("--scale-settle", type=float, default=5.0,
-                        help="seconds without a new assignment before the scale run sends its events")
-    parser.add_argument("--scale-stall", type=float, default=60.0,
-                        help="seconds without a new row after which a scale run stops and reports what is missing")
-    parser.add_argument("--scale-backlog", action="store_true",
-                        help="scale: workers start on the pre-loaded events (start-up rebalances during consumption)")
     parser.add_argument("--budget", type=float, default=1500, help="seconds before Kafka parts give up")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--metrics-on", type=Path, default=METRICS_ON, help="the metrics file of the 'on' runs")
@@ -1234,7 +1021,7 @@ def main() -> None:
                         help="the metrics file of the 'off' runs (default: none at all); e.g. the same file "
                              "without the feature being measured")
     parser.add_argument("--exposures", type=float, default=0.0,
-                        help="pipeline, scale: this share of the sessions opens with an `Experiment Viewed` of each "
+                        help="pipeline: this share of the sessions opens with an `Experiment Viewed` of each "
                              "experiment of the 'on' metrics file (bench/experiments.py)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     args = parser.parse_args()
@@ -1287,7 +1074,7 @@ def main() -> None:
                 doc["state"] = measure_state(last_on, on, args, tmp)
             del last_on
             gc.collect()
-        kafka_parts = [p for p in parts if p in ("pipeline", "latency", "scale")]
+        kafka_parts = [p for p in parts if p in ("pipeline", "latency")]
         if kafka_parts:
             broker = devkafka.Broker(data_dir=tmp / "kafka", port=pl.free_port(), controller_port=pl.free_port())
             log(f"starting Kafka at {broker.bootstrap} in {tmp}")
@@ -1295,7 +1082,7 @@ def main() -> None:
             doc["config"]["kafka"] = devkafka.kafka_version()
             raw_topic = f"mb-{args.tag}.events.raw"
             messages: list[dict] = []
-            if "pipeline" in kafka_parts or "scale" in kafka_parts:
+            if "pipeline" in kafka_parts:
                 persons = max(1, round(args.pipeline_events / 16))
                 messages = with_exposures(list(population(persons, days=args.days, seed=args.seed + 1)), on,
                                           args.exposures, args.seed)[:args.pipeline_events]
@@ -1312,9 +1099,6 @@ def main() -> None:
             if "latency" in kafka_parts:
                 doc["latency"] = [run_latency(broker, tmp, float(f), args, budget_end)
                                   for f in args.latency_flush.split(",") if f.strip()]
-            if "scale" in kafka_parts:
-                doc["scale"] = run_scale(broker, broker_pid, messages, raw_topic if args.scale_backlog else None,
-                                         tmp, args, budget_end)
     finally:
         if broker is not None:
             log("stopping Kafka")

@@ -350,17 +350,27 @@ def spawn(command: str, settings: Settings, extra: dict[str, str], tree: Path | 
     return proc, log_path
 
 
-def start(settings: Settings, workers: int, procs: dict[str, tuple[subprocess.Popen, Path]],
-          wait_for: Callable[[str, str], None], *, extra: dict[str, str] | None = None,
-          tree: Path | None = None) -> list[Settings]:
+def wait_ready(procs: dict[str, tuple[subprocess.Popen, Path]], name: str, marker: str, deadline: float) -> None:
+    """Until `marker` is in the process's log; SystemExit with its log's tail if it exits or `deadline` passes."""
+    proc, log_path = procs[name]
+    while marker not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+            why = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready within the budget"
+            raise SystemExit(f"{name} {why}\n--- {name} log ({log_path}) ---\n{tail}")
+        time.sleep(0.05)
+
+
+def start(settings: Settings, workers: int, procs: dict[str, tuple[subprocess.Popen, Path]], deadline: float, *,
+          extra: dict[str, str] | None = None, tree: Path | None = None) -> list[Settings]:
     """`workers` workers of `settings`' app id, each its own data dir and ports — more than one with a `flywheel
     store` owning the embedded ClickHouse they insert into — added to `procs` (name → process, log) and waited
-    for with `wait_for(name, what its log says when ready)`. Returns their settings; the first's are where
+    for (`wait_ready`). Returns their settings; the first's are where
     queries go (through the store, if any)."""
     if workers > 1:
         store = settings.model_copy(update={"data_dir": settings.data_dir / "store", "admin_port": free_port()})
         procs["store"] = spawn("store", store, {}, tree)
-        wait_for("store", "store ready")
+        wait_ready(procs, "store", "store ready", deadline)
         settings = settings.model_copy(update={"clickhouse_url": f"flywheel://{store.data_dir.resolve()}"})
     each = [settings] + [settings.model_copy(update={
         "data_dir": settings.data_dir / f"w{i}", "http_port": free_port(), "admin_port": free_port()})
@@ -369,7 +379,7 @@ def start(settings: Settings, workers: int, procs: dict[str, tuple[subprocess.Po
         procs[f"worker{i}" if i > 1 else "worker"] = spawn("worker", s, extra or {}, tree)
     for name in list(procs):
         if name.startswith("worker"):
-            wait_for(name, "Worker ready")
+            wait_ready(procs, name, "Worker ready", deadline)
     return each
 
 
@@ -399,17 +409,8 @@ def pipeline(settings: Settings, n: int, *, deadline: float, poll: float, broker
             tails.append(f"--- {name} log ({log_path}) ---\n{tail}")
         return SystemExit("\n".join([why, *tails]))
 
-    def wait_for(name: str, marker: str) -> None:
-        proc, log_path = procs[name]
-        while marker not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None:
-                raise fail(f"{name} exited with {proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise fail(f"{name} was not ready before the bench's budget ran out")
-            time.sleep(0.05)
-
     try:
-        each = start(settings, workers, procs, wait_for, extra=extra, tree=tree)
+        each = start(settings, workers, procs, deadline, extra=extra, tree=tree)
         settings = each[0]
         if workers > 1:
             metrics_ports = [s.admin_port for s in each]

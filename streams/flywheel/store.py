@@ -17,9 +17,6 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from flywheel import paths
-from flywheel.clickhouse import migrate
-from flywheel.clickhouse.owner import AnotherWorker, advertise
 from flywheel.config import Settings
 from flywheel.observability import setup_logging
 from flywheel.web.admin import add_insert, add_sql, admin_app
@@ -32,23 +29,18 @@ MAX_INSERT_BYTES = 1024**3  # one insert's rows (FLYWHEEL_SINK_BATCH_SIZE of the
 
 def run(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
-    from flywheel.worker import open_clickhouse
+    from flywheel.worker import claim, migrated, open_clickhouse
 
     if settings.clickhouse_url:
         log.error("FLYWHEEL_CLICKHOUSE_URL is set (%s): the store owns an embedded ClickHouse; unset it for "
                   "the store and give it to the workers", settings.clickhouse_url.split("@")[-1])
         sys.exit(2)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:  # first, as a worker does: from now on `flywheel sql` asks this process
-        token = advertise(settings.data_dir, host=settings.admin_host, port=settings.admin_port)
-    except AnotherWorker as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    token = claim(settings)
     ch = open_clickhouse(settings)
     code = 0
     try:
-        applied = migrate.apply(ch, paths.sql_dir() / "migrations")
-        log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
+        migrated(ch)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")  # chdb calls block
 
         async def ready() -> str | None:

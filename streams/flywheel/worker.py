@@ -34,17 +34,9 @@ def run(settings: Settings) -> None:
 
     load_plan(settings.tracking_plan)  # fail before touching anything if the tracking plan is wrong
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    token = None
-    if not settings.clickhouse_url:
-        # First, so that from now on `flywheel sql` waits for our /sql instead of opening the directory.
-        try:
-            token = advertise(settings.data_dir, host=settings.admin_host, port=settings.admin_port)
-        except AnotherWorker as exc:
-            log.error("%s", exc)
-            sys.exit(1)
+    token = None if settings.clickhouse_url else claim(settings)
     ch = open_clickhouse(settings)
-    applied = migrate.apply(ch, paths.sql_dir() / "migrations")
-    log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
+    migrated(ch)
     ensure_topics(settings)
     # the definitions in force: the stored ones — or, on a first start, the metrics file's, stored now
     # (docs/design.md §13); ClickHouse's audit trail tells a first start from a lost store
@@ -84,6 +76,21 @@ def run(settings: Settings) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def claim(settings: Settings) -> str:
+    """Name this process in <data_dir>/worker.json, first thing (from then on `flywheel sql` waits for its /sql
+    instead of opening the directory), and return the token /sql takes; exit if another process holds it."""
+    try:
+        return advertise(settings.data_dir, host=settings.admin_host, port=settings.admin_port)
+    except AnotherWorker as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+def migrated(ch) -> None:
+    applied = migrate.apply(ch, paths.sql_dir() / "migrations")
+    log.info("ClickHouse: %s (%s)", ch.label, f"applied {applied}" if applied else "schema up to date")
 
 
 def _definitions(settings: Settings, registry, *, audited: int, sleep=time.sleep):

@@ -78,8 +78,7 @@ def add_sql(app: web.Application, *, ch: ClickHouse, executor: Executor, token: 
     """POST /sql with the token `advertise` wrote to <data_dir>/worker.json."""
 
     async def sql(request: web.Request) -> web.Response:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not _authorized(request, token):
             return web.json_response({"error": "missing or wrong token (see <data_dir>/worker.json)"}, status=401)
         query = (await request.read()).decode("utf-8", "replace")
         try:
@@ -102,8 +101,7 @@ def add_insert(app: web.Application, *, ch, executor: Executor, token: str) -> N
     sink bisects and dead-letters them), 503 when it fails otherwise (the worker retries)."""
 
     async def insert(request: web.Request) -> web.Response:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not _authorized(request, token):
             return web.json_response({"error": "missing or wrong token (see <data_dir>/worker.json)"}, status=401)
         table = request.query.get("table", "")
         if not _TABLE.fullmatch(table):
@@ -116,6 +114,11 @@ def add_insert(app: web.Application, *, ch, executor: Executor, token: str) -> N
         return web.Response(status=200)
 
     app.router.add_post("/store/insert", insert)
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
